@@ -1,0 +1,131 @@
+"""``lumbar-ray``: the command line. Each command parses its options and makes one library call."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Train, tune, track and serve lumbar spine degeneration classifiers (RSNA 2024) on Ray and MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="config overrides such as synth.train_studies=20", show_default=False)
+]
+ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file", exists=True)]
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="folder to write the RSNA-format dataset into")],
+    studies: Annotated[int, typer.Option(help="training studies")] = 48,
+    test_studies: Annotated[int, typer.Option(help="test studies (test_images/, sample_submission.csv)")] = 4,
+    seed: Annotated[int, typer.Option(help="random seed; same seed, same bytes")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace whatever is in OUT")] = False,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Write a synthetic RSNA-format dataset of DICOM spine phantoms with planted severities."""
+    from lumbar_ray.config import load_config
+    from lumbar_ray.data.synthetic import write_dataset
+
+    options = [f"synth.train_studies={studies}", f"synth.test_studies={test_studies}", f"synth.seed={seed}"]
+    cfg = load_config(config, [*options, *(overrides or [])])
+    result = write_dataset(out, cfg.synth, overwrite=overwrite)
+    state = "reused" if result.reused else "written"
+    typer.echo(f"{result.files} DICOM files of {result.train_studies}+{result.test_studies} studies {state}: {out}")
+
+
+@app.command()
+def report(
+    data: Annotated[Path, typer.Option(help="RSNA-format folder", exists=True, file_okay=False)],
+    check_images: Annotated[bool, typer.Option(help="also check that every series folder exists")] = False,
+) -> None:
+    """Validate an RSNA-format folder and print its data report."""
+    from lumbar_ray.data.rsna import build_report, load_rsna
+
+    typer.echo(build_report(load_rsna(data), check_images=check_images).format())
+
+
+@app.command()
+def baseline(
+    data: Annotated[Path, typer.Option(help="RSNA-format folder with train.csv", exists=True, file_okay=False)],
+    folds: Annotated[int, typer.Option(help="number of folds")] = 5,
+    seed: Annotated[int, typer.Option(help="fold seed")] = 42,
+    out: Annotated[Path | None, typer.Option(help="write the out-of-fold submission here")] = None,
+    weighted: Annotated[bool, typer.Option(help="multiply frequencies by the metric's 1/2/4 weights")] = True,
+) -> None:
+    """Score the per-condition-and-level prior out of fold with the official metric."""
+    from lumbar_ray.baseline import run_baseline
+
+    result = run_baseline(data, n_folds=folds, seed=seed, out_csv=out, weighted=weighted)
+    typer.echo(result.score.format())
+
+
+@app.command()
+def score(
+    solution: Annotated[Path, typer.Option(help="train.csv-format labels", exists=True, dir_okay=False)],
+    submission: Annotated[Path, typer.Option(help="competition-format predictions", exists=True, dir_okay=False)],
+    drop_missing: Annotated[bool, typer.Option(help="score only the rows that have a prediction")] = False,
+) -> None:
+    """Score a submission against labels with the official competition metric."""
+    import pandas as pd
+
+    from lumbar_ray.metrics import score_submission
+
+    result = score_submission(
+        pd.read_csv(solution), pd.read_csv(submission), missing="drop" if drop_missing else "error"
+    )
+    typer.echo(result.format())
+
+
+@app.command()
+def quickstart(
+    workdir: Annotated[Path, typer.Option(help="where data, caches, checkpoints and mlflow.db go")] = Path(
+        "lumbar_ray_work"
+    ),
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Run the pipeline end to end on synthetic data with embedded defaults (no network, CPU)."""
+    from lumbar_ray.config import load_config
+    from lumbar_ray.quickstart import run_quickstart
+
+    cfg = load_config(config, [f"workdir={workdir}", *(overrides or [])])
+    result = run_quickstart(cfg)
+    typer.echo(result.report.format())
+    typer.echo("")
+    typer.echo(f"Prior baseline, {cfg.cv.n_folds}-fold out of fold (official metric):")
+    typer.echo(result.baseline.score.format())
+    typer.echo("")
+    typer.echo(f"data:     {result.data_root}")
+    typer.echo(f"workdir:  {result.workdir}")
+
+
+def main() -> None:
+    """Console entry point: input errors become one clear line on stderr and exit code 2, not a traceback."""
+    from lumbar_ray.config import ConfigError
+    from lumbar_ray.data.dicom import DicomReadError
+    from lumbar_ray.data.rsna import RsnaFormatError
+    from lumbar_ray.metrics import SubmissionError
+
+    try:
+        app()
+    except (ConfigError, RsnaFormatError, DicomReadError, SubmissionError, FileExistsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None

@@ -1,0 +1,107 @@
+"""The one vocabulary of the RSNA 2024 lumbar spine task.
+
+Every module names conditions, levels, severities, series types and submission rows through this module, so
+the column order of label arrays and of submissions is defined exactly once.
+"""
+
+from __future__ import annotations
+
+CONDITIONS: tuple[str, ...] = (
+    "spinal_canal_stenosis",
+    "left_neural_foraminal_narrowing",
+    "right_neural_foraminal_narrowing",
+    "left_subarticular_stenosis",
+    "right_subarticular_stenosis",
+)
+"""Conditions in the column order of ``train.csv``."""
+
+LEVELS: tuple[str, ...] = ("l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1")
+"""Intervertebral levels, cranial to caudal."""
+
+SEVERITIES: tuple[str, ...] = ("Normal/Mild", "Moderate", "Severe")
+"""Severity labels as written in ``train.csv``; their index is the class id."""
+
+SUBMISSION_COLUMNS: tuple[str, ...] = ("normal_mild", "moderate", "severe")
+"""Probability columns of a submission, in class-id order."""
+
+SEVERITY_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 4.0)
+"""Per-class sample weights of the official score (by the TRUE class)."""
+
+IGNORE_INDEX: int = -100
+"""Label value of an empty ``train.csv`` cell; equals ``torch.nn.CrossEntropyLoss``'s default ignore_index."""
+
+SERIES_TYPES: tuple[str, ...] = ("Sagittal T1", "Sagittal T2/STIR", "Axial T2")
+"""Values of ``series_description``."""
+
+TARGETS: tuple[str, ...] = tuple(f"{condition}_{level}" for condition in CONDITIONS for level in LEVELS)
+"""The 25 targets in ``train.csv`` column order: condition-major, level-minor."""
+
+CONDITION_TITLES: dict[str, str] = {
+    "spinal_canal_stenosis": "Spinal Canal Stenosis",
+    "left_neural_foraminal_narrowing": "Left Neural Foraminal Narrowing",
+    "right_neural_foraminal_narrowing": "Right Neural Foraminal Narrowing",
+    "left_subarticular_stenosis": "Left Subarticular Stenosis",
+    "right_subarticular_stenosis": "Right Subarticular Stenosis",
+}
+"""Condition names as written in ``train_label_coordinates.csv``."""
+
+LEVEL_TITLES: dict[str, str] = {
+    "l1_l2": "L1/L2",
+    "l2_l3": "L2/L3",
+    "l3_l4": "L3/L4",
+    "l4_l5": "L4/L5",
+    "l5_s1": "L5/S1",
+}
+"""Level names as written in ``train_label_coordinates.csv``."""
+
+CONDITION_GROUPS: dict[str, tuple[str, ...]] = {
+    "spinal": ("spinal_canal_stenosis",),
+    "foraminal": ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"),
+    "subarticular": ("left_subarticular_stenosis", "right_subarticular_stenosis"),
+}
+"""The three scored groups of the official metric (the fourth term, any_severe_spinal, derives from spinal)."""
+
+CONDITION_SERIES: dict[str, str] = {
+    "spinal_canal_stenosis": "Sagittal T2/STIR",
+    "left_neural_foraminal_narrowing": "Sagittal T1",
+    "right_neural_foraminal_narrowing": "Sagittal T1",
+    "left_subarticular_stenosis": "Axial T2",
+    "right_subarticular_stenosis": "Axial T2",
+}
+"""The series type on which each condition is read (and labelled in the coordinates file)."""
+
+
+def condition_group(condition: str) -> str:
+    """Return the scored group (``spinal``, ``foraminal`` or ``subarticular``) of a condition.
+
+    Raises:
+        KeyError: if ``condition`` is not one of :data:`CONDITIONS`.
+    """
+    for group, members in CONDITION_GROUPS.items():
+        if condition in members:
+            return group
+    raise KeyError(f"unknown condition {condition!r}; expected one of {CONDITIONS}")
+
+
+def row_id(study_id: int | str, condition: str, level: str) -> str:
+    """Build a submission ``row_id``: ``<study_id>_<condition>_<level>``."""
+    return f"{study_id}_{condition}_{level}"
+
+
+def parse_row_id(value: str) -> tuple[int, str, str]:
+    """Split a submission ``row_id`` into ``(study_id, condition, level)``.
+
+    Raises:
+        ValueError: if the id is not ``<int>_<condition>_<level>`` with a known condition and level.
+    """
+    study, _, rest = value.partition("_")
+    level = rest[-5:]
+    condition = rest[:-6]
+    if not study.isdigit() or condition not in CONDITIONS or level not in LEVELS or rest[-6:-5] != "_":
+        raise ValueError(f"malformed row_id {value!r}: expected <study_id>_<condition>_<level>")
+    return int(study), condition, level
+
+
+def target_index(condition: str, level: str) -> int:
+    """Column of ``(condition, level)`` in a label array of shape ``(n_studies, 25)``."""
+    return CONDITIONS.index(condition) * len(LEVELS) + LEVELS.index(level)

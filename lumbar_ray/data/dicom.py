@@ -1,0 +1,742 @@
+"""Read one DICOM series folder (``<study_id>/<series_id>/<instance_number>.dcm``) into stacks with geometry.
+
+Rules (every caller relies on them):
+
+* **Files.** A series is every ``*.dcm`` file (case-insensitive, hidden files skipped) directly in the folder,
+  read in natural file-name order (``2.dcm`` before ``10.dcm``). Each file is read once with
+  :func:`pydicom.dcmread`. The first unreadable file (not DICOM, truncated, no pixel data, undecodable, not a
+  single grayscale frame) raises :class:`DicomReadError` naming the file and the cause; an empty or missing
+  folder raises it naming the folder. Nothing is skipped silently: the caller (the Ray Data preprocessing job)
+  records the failure per series.
+* **Orientation groups.** Slices whose ImageOrientationPatient row and column direction cosines both lie
+  within :data:`ORIENTATION_TOLERANCE_DEG` degrees of a group's first slice (in InstanceNumber, then file-name
+  order) belong to that group; each group is one :class:`Stack`. Slices without a usable
+  ImagePositionPatient or ImageOrientationPatient form one extra stack with ``geometry_complete=False``.
+* **Sorting.** Inside a geometric stack, slices are sorted by ascending projection of ImagePositionPatient on
+  the unit normal ``row x column`` of the stack (mean direction cosines of its slices). Projections within
+  :data:`TIE_TOLERANCE_MM` of each other are ties, broken by InstanceNumber, then file name. InstanceNumber
+  and file name never order slices that have geometry. The incomplete stack is ordered by InstanceNumber
+  (missing last), then natural file name.
+* **Stack order.** Geometric stacks by their smallest InstanceNumber (missing counts as largest), then by
+  their smallest natural file name; the incomplete stack, if any, comes last.
+* **Intensities.** Output is float32 ``stored * RescaleSlope + RescaleIntercept`` (defaults 1 and 0).
+  MONOCHROME1 is inverted so bright means high signal, as in MONOCHROME2: ``stored`` is first replaced by
+  ``lo + hi - stored``, where ``[lo, hi]`` is the range allowed by BitsStored and PixelRepresentation (not the
+  slice's own min/max, so every slice of a series is inverted identically and the output stays in the same
+  rescaled range).
+* **Mixed shapes.** Inside one stack the modal (rows, cols) shape is the stack shape (ties: larger area,
+  then larger rows); other slices are resized to it by bilinear interpolation with pixel-centre alignment
+  (the field of view is kept; edge samples are clamped) and flagged in ``Stack.resized``. Their
+  :class:`SliceGeometry` keeps the original shape and PixelSpacing, because label coordinates are given in
+  each instance's own grid; :meth:`Stack.original_to_stack` and :meth:`Stack.stack_to_original` map points
+  (``x`` = column, ``y`` = row, pixel centres at integers) with
+  ``x_stack = (x + 0.5) * cols_stack / cols_orig - 0.5``.
+* **Privacy.** Only tags in :data:`WHITELISTED_TAGS` (geometry and acquisition parameters) leave this module,
+  converted to plain Python types; the pydicom ``Dataset`` is never returned. ``DicomSeries.meta`` holds the
+  whitelisted tags whose value is the same in every file of the series.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import struct
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.multival import MultiValue
+from pydicom.pixels import get_decoder
+
+logger = logging.getLogger(__name__)
+
+WHITELISTED_TAGS: tuple[str, ...] = (
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "SliceLocation",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "InstanceNumber",
+    "PhotometricInterpretation",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "WindowCenter",
+    "WindowWidth",
+    "Modality",
+    "MagneticFieldStrength",
+    "RepetitionTime",
+    "EchoTime",
+    "InversionTime",
+    "FlipAngle",
+    "EchoTrainLength",
+    "ScanningSequence",
+    "SequenceVariant",
+    "MRAcquisitionType",
+    "PatientPosition",
+    "SeriesDescription",
+)
+"""DICOM keywords allowed out of this module: geometry and acquisition only (no names, IDs, dates, UIDs,
+institutions or devices)."""
+
+ORIENTATION_TOLERANCE_DEG: float = 1.0
+"""Largest angle between row (and between column) direction cosines of slices in one orientation group."""
+
+TIE_TOLERANCE_MM: float = 1e-3
+"""Projections along the normal closer than this are equal positions (ties)."""
+
+_COS_TOLERANCE: float = math.cos(math.radians(ORIENTATION_TOLERANCE_DEG))
+_PIXEL_DATA_KEYWORDS: tuple[str, ...] = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_NOT_PARSED = object()
+
+
+class DicomReadError(ValueError):
+    """A DICOM file or series folder cannot be read; the message names the path and the cause.
+
+    Attributes:
+        path: The offending file or folder.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], cause: str) -> None:
+        self.path = str(path)
+        self.cause = cause
+        super().__init__(f"{self.path}: {cause}")
+
+
+@dataclass(frozen=True, slots=True)
+class SliceGeometry:
+    """Geometry of one instance, in its own (original) pixel grid.
+
+    Attributes:
+        instance_number: InstanceNumber, or None when absent.
+        position: ImagePositionPatient (mm, patient LPS) of the centre of pixel (0, 0), or None.
+        orientation: ImageOrientationPatient: row direction cosines then column direction cosines, or None.
+        pixel_spacing: PixelSpacing (row spacing, column spacing) in mm, or None.
+        shape: Original (rows, cols) of the instance.
+        slice_thickness: SliceThickness in mm, or None.
+        file_name: Base name of the file (no folder).
+    """
+
+    instance_number: int | None
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, float, float, float, float, float] | None
+    pixel_spacing: tuple[float, float] | None
+    shape: tuple[int, int]
+    slice_thickness: float | None
+    file_name: str
+
+    @property
+    def has_geometry(self) -> bool:
+        """Whether position and orientation are both known (the slice can be sorted along a normal)."""
+        return self.position is not None and self.orientation is not None
+
+    def pixel_to_patient(self, x: float, y: float) -> np.ndarray:
+        """Map a point of this instance's original grid (x = column, y = row) to patient coordinates (mm).
+
+        Raises:
+            ValueError: if position, orientation or pixel spacing is missing.
+        """
+        if self.position is None or self.orientation is None or self.pixel_spacing is None:
+            raise ValueError(f"{self.file_name}: position, orientation or pixel spacing missing")
+        row_dir = np.asarray(self.orientation[:3])
+        col_dir = np.asarray(self.orientation[3:])
+        # PixelSpacing is (between rows, between columns): a column step x moves along the row direction.
+        row_spacing, col_spacing = self.pixel_spacing
+        return np.asarray(self.position) + x * col_spacing * row_dir + y * row_spacing * col_dir
+
+
+@dataclass
+class DicomSlice:
+    """One decoded instance.
+
+    Attributes:
+        pixels: float32 (rows, cols), rescaled, MONOCHROME1 inverted.
+        geometry: The instance's geometry.
+        meta: Whitelisted tags of the file as plain Python values.
+    """
+
+    pixels: np.ndarray
+    geometry: SliceGeometry
+    meta: dict[str, Any]
+
+
+@dataclass
+class Stack:
+    """Slices of one orientation, sorted along their normal.
+
+    Attributes:
+        volume: float32 (n, rows, cols) in the stack's (modal) shape.
+        geometry: Per-slice geometry in volume order (original shapes and spacings).
+        orientation: (6,) mean direction cosines of the stack, or None when geometry is incomplete.
+        normal: (3,) unit normal ``row x column``, or None when geometry is incomplete.
+        positions_along_normal: (n,) projection of each position on ``normal`` (NaN when incomplete).
+        resized: (n,) bool, True where a slice was resized to the stack shape.
+        geometry_complete: False for the fallback stack of slices lacking position or orientation.
+    """
+
+    volume: np.ndarray
+    geometry: list[SliceGeometry]
+    orientation: np.ndarray | None
+    normal: np.ndarray | None
+    positions_along_normal: np.ndarray
+    resized: np.ndarray
+    geometry_complete: bool
+
+    def __repr__(self) -> str:
+        normal = None if self.normal is None else self.normal.tolist()
+        complete = self.geometry_complete
+        return (
+            f"Stack(n_slices={self.n_slices}, shape={self.shape}, geometry_complete={complete}, "
+            f"n_resized={int(self.resized.sum())}, normal={normal})"
+        )
+
+    @property
+    def n_slices(self) -> int:
+        """Number of slices."""
+        return int(self.volume.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Stack (rows, cols)."""
+        return int(self.volume.shape[1]), int(self.volume.shape[2])
+
+    @property
+    def instance_numbers(self) -> list[int | None]:
+        """InstanceNumber of each slice, in volume order."""
+        return [g.instance_number for g in self.geometry]
+
+    def index_of_instance(self, instance_number: int) -> int:
+        """Volume index of the slice with this InstanceNumber (the first one if duplicated).
+
+        Raises:
+            KeyError: if no slice of the stack has this InstanceNumber.
+        """
+        for index, geometry in enumerate(self.geometry):
+            if geometry.instance_number == instance_number:
+                return index
+        raise KeyError(f"instance {instance_number} is not in this stack")
+
+    def _scales(self, index: int) -> tuple[float, float]:
+        """(col, row) scale factors stack / original of slice ``index``."""
+        rows, cols = self.geometry[index].shape
+        stack_rows, stack_cols = self.shape
+        return stack_cols / cols, stack_rows / rows
+
+    def original_to_stack(self, index: int, x: float | np.ndarray, y: float | np.ndarray) -> tuple[Any, Any]:
+        """Map a point (x = column, y = row) of slice ``index``'s original grid to the stack grid.
+
+        Pixel centres sit at integer coordinates; the field of view is preserved (identity for slices that
+        were not resized). Works elementwise on arrays.
+        """
+        sx, sy = self._scales(index)
+        return (np.asarray(x) + 0.5) * sx - 0.5, (np.asarray(y) + 0.5) * sy - 0.5
+
+    def stack_to_original(self, index: int, x: float | np.ndarray, y: float | np.ndarray) -> tuple[Any, Any]:
+        """Inverse of :meth:`original_to_stack`: stack grid point of slice ``index`` to its original grid."""
+        sx, sy = self._scales(index)
+        return (np.asarray(x) + 0.5) / sx - 0.5, (np.asarray(y) + 0.5) / sy - 0.5
+
+    def stack_pixel_spacing(self, index: int) -> tuple[float, float] | None:
+        """(row, col) spacing in mm of slice ``index`` in the stack grid, or None when unknown."""
+        spacing = self.geometry[index].pixel_spacing
+        if spacing is None:
+            return None
+        sx, sy = self._scales(index)
+        return spacing[0] / sy, spacing[1] / sx
+
+
+@dataclass
+class DicomSeries:
+    """A decoded series: one stack per orientation group.
+
+    Attributes:
+        stacks: Stacks in the documented deterministic order.
+        meta: Whitelisted tags whose value is identical in every file, as plain Python values.
+        n_files: Number of files read.
+        series_dir: The series folder.
+    """
+
+    stacks: list[Stack]
+    meta: dict[str, Any] = field(default_factory=dict)
+    n_files: int = 0
+    series_dir: str = ""
+
+    def __repr__(self) -> str:
+        return (
+            f"DicomSeries(series_dir={self.series_dir!r}, n_files={self.n_files}, stacks={self.stacks!r}, "
+            f"meta={self.meta!r})"
+        )
+
+    @property
+    def volume(self) -> np.ndarray:
+        """The volume of the only stack.
+
+        Raises:
+            ValueError: if the series holds several stacks (use :attr:`stacks`).
+        """
+        if len(self.stacks) != 1:
+            raise ValueError(
+                f"{self.series_dir}: series has {len(self.stacks)} stacks (several orientations or "
+                "incomplete geometry); use .stacks"
+            )
+        return self.stacks[0].volume
+
+    @property
+    def n_slices(self) -> int:
+        """Total number of slices over all stacks."""
+        return sum(stack.n_slices for stack in self.stacks)
+
+    @property
+    def geometry_complete(self) -> bool:
+        """Whether every slice had position and orientation."""
+        return all(stack.geometry_complete for stack in self.stacks)
+
+    def locate_instance(self, instance_number: int) -> tuple[int, int]:
+        """(stack index, slice index) of the first slice with this InstanceNumber.
+
+        Raises:
+            KeyError: if no slice has this InstanceNumber.
+        """
+        for stack_index, stack in enumerate(self.stacks):
+            for slice_index, geometry in enumerate(stack.geometry):
+                if geometry.instance_number == instance_number:
+                    return stack_index, slice_index
+        raise KeyError(f"{self.series_dir}: instance {instance_number} is not in this series")
+
+
+@dataclass
+class _RawSlice:
+    """A file's stored pixels plus everything needed to turn them into float32 (internal)."""
+
+    stored: np.ndarray
+    geometry: SliceGeometry
+    meta: dict[str, Any]
+    slope: float
+    intercept: float
+
+
+# --------------------------------------------------------------------------------------------------
+# Tag conversion
+
+
+def _plain(value: Any) -> Any:
+    """Convert a pydicom value to plain Python (int/float/str/list); None for empty or binary values."""
+    if value is None or isinstance(value, (bytes, bytearray)):
+        return None
+    if isinstance(value, (MultiValue, list, tuple)):
+        items = [_plain(v) for v in value]
+        return None if any(v is None for v in items) or not items else items
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):  # covers pydicom IS
+        return int(value)
+    if isinstance(value, float):  # covers pydicom DSfloat
+        return float(value)
+    if isinstance(value, str):
+        return str(value) if value != "" else None
+    # DSdecimal and other numeric types.
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@functools.cache
+def _whitelisted_tags() -> tuple[tuple[str, int, str], ...]:
+    """(keyword, tag, dictionary VR) of :data:`WHITELISTED_TAGS`, resolved once per process."""
+    return tuple(
+        (keyword, int(tag_for_keyword(keyword)), dictionary_VR(tag_for_keyword(keyword)))
+        for keyword in WHITELISTED_TAGS
+    )
+
+
+def _parse_raw(raw: RawDataElement, dictionary_vr: str) -> Any:
+    """Fast conversion of a still-raw DS/IS/CS/US element to plain Python; ``_NOT_PARSED`` otherwise.
+
+    pydicom's generic conversion (value objects, validation, multi-value wrappers) costs about as much as
+    decoding an uncompressed slice; the few VRs of the whitelist are simple enough to parse directly. Other
+    VRs (text in a specific character set) and anything malformed go through pydicom.
+    """
+    vr = raw.VR or dictionary_vr
+    data = raw.value
+    if not isinstance(data, bytes):
+        return _NOT_PARSED
+    if not data:
+        return None
+    try:
+        if vr == "US":
+            count = len(data) // 2
+            values: list[Any] = list(
+                struct.unpack(("<" if raw.is_little_endian else ">") + "H" * count, data)
+            )
+        elif vr in ("DS", "IS", "CS"):
+            parts = [part.strip(" \0") for part in data.decode("ascii").split("\\")]
+            if vr == "DS":
+                values = [float(part) for part in parts]
+            elif vr == "IS":
+                values = [int(part) for part in parts]
+            else:
+                values = parts
+        else:
+            return _NOT_PARSED
+    except (UnicodeDecodeError, ValueError, struct.error):
+        return _NOT_PARSED
+    return values[0] if len(values) == 1 else values
+
+
+def _whitelisted_meta(ds: pydicom.Dataset) -> dict[str, Any]:
+    """Whitelisted tags present in ``ds`` with a non-empty value, as plain Python values."""
+    meta: dict[str, Any] = {}
+    for keyword, tag, dictionary_vr in _whitelisted_tags():
+        element = ds.get_item(tag)
+        if element is None:
+            continue
+        value = _parse_raw(element, dictionary_vr) if isinstance(element, RawDataElement) else _NOT_PARSED
+        if value is _NOT_PARSED:
+            value = _plain(ds[tag].value)
+        if value is not None and value != "" and value != []:
+            meta[keyword] = value
+    return meta
+
+
+def _floats(value: Any, length: int) -> tuple[float, ...] | None:
+    """``value`` as a tuple of ``length`` finite floats, or None when absent or malformed."""
+    if not isinstance(value, list) or len(value) != length:
+        return None
+    try:
+        result = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return result if all(math.isfinite(v) for v in result) else None
+
+
+def _orientation(value: Any) -> tuple[float, float, float, float, float, float] | None:
+    """Normalised IOP, or None when absent, malformed or degenerate (zero or parallel vectors)."""
+    cosines = _floats(value, 6)
+    if cosines is None:
+        return None
+    # Plain Python: numpy's per-call overhead dominates on 3-vectors and this runs once per file.
+    row_norm = math.hypot(*cosines[:3])
+    col_norm = math.hypot(*cosines[3:])
+    if row_norm < 1e-6 or col_norm < 1e-6:
+        return None
+    r = [v / row_norm for v in cosines[:3]]
+    c = [v / col_norm for v in cosines[3:]]
+    cross = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    if math.hypot(*cross) < 1e-3:
+        return None
+    return (r[0], r[1], r[2], c[0], c[1], c[2])
+
+
+def _geometry(meta: dict[str, Any], shape: tuple[int, int], file_name: str) -> SliceGeometry:
+    """Build a :class:`SliceGeometry` from whitelisted meta; malformed values become None."""
+    instance = meta.get("InstanceNumber")
+    thickness = meta.get("SliceThickness")
+    return SliceGeometry(
+        instance_number=instance if isinstance(instance, int) else None,
+        position=_floats(meta.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+        orientation=_orientation(meta.get("ImageOrientationPatient")),
+        pixel_spacing=_floats(meta.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+        shape=shape,
+        slice_thickness=float(thickness) if isinstance(thickness, (int, float)) else None,
+        file_name=file_name,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading one file
+
+
+def _stored_range(ds: pydicom.Dataset, stored: np.ndarray) -> tuple[int, int]:
+    """Range of stored values allowed by BitsStored and PixelRepresentation."""
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or stored.dtype.itemsize * 8)
+    signed = int(ds.get("PixelRepresentation", 1 if stored.dtype.kind == "i" else 0)) == 1
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _decode(ds: pydicom.Dataset) -> np.ndarray:
+    """Decode the pixel data of ``ds`` (as stored, before rescale).
+
+    Calls the transfer syntax's decoder directly with ``view_only=True``: native pixel data comes back as a
+    read-only view instead of pydicom's defensive copy, and the dataset's pixel-array caching is skipped. Both
+    are pure overhead here because the pixels are converted to float32 right after.
+    """
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if transfer_syntax is None:
+        return ds.pixel_array  # let pydicom infer the encoding
+    array, _ = get_decoder(transfer_syntax).as_array(ds, view_only=True)
+    return array
+
+
+def _read_raw(path: str | os.PathLike[str]) -> _RawSlice:
+    """Read and decode one file; the stored pixels are not converted yet (the caller writes them in place)."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises many types for garbage; all mean "not readable DICOM"
+        raise DicomReadError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+    if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):
+        raise DicomReadError(path, "DICOM file has no pixel data")
+    try:
+        stored = _decode(ds)
+    except Exception as exc:  # truncated data, missing decoder plug-in, bad group 0028 values
+        raise DicomReadError(path, f"cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
+    if stored.ndim != 2:
+        raise DicomReadError(path, f"expected one grayscale frame, got pixel array of shape {stored.shape}")
+
+    meta = _whitelisted_meta(ds)
+    slope = (
+        float(meta.get("RescaleSlope", 1.0)) if isinstance(meta.get("RescaleSlope"), (int, float)) else 1.0
+    )
+    intercept = meta.get("RescaleIntercept", 0.0)
+    intercept = float(intercept) if isinstance(intercept, (int, float)) else 0.0
+    if str(meta.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        # slope * (lo + hi - s) + intercept == -slope * s + (slope * (lo + hi) + intercept): one fused pass.
+        lo, hi = _stored_range(ds, stored)
+        slope, intercept = -slope, slope * (lo + hi) + intercept
+    geometry = _geometry(meta, (int(stored.shape[0]), int(stored.shape[1])), Path(path).name)
+    return _RawSlice(stored=stored, geometry=geometry, meta=meta, slope=slope, intercept=intercept)
+
+
+def _to_float(raw: _RawSlice, out: np.ndarray | None = None) -> np.ndarray:
+    """Write ``stored * slope + intercept`` as float32 into ``out`` (allocated when None), in place."""
+    if out is None:
+        out = raw.stored.astype(np.float32)
+    else:
+        out[...] = raw.stored
+    if raw.slope != 1.0:
+        out *= np.float32(raw.slope)
+    if raw.intercept != 0.0:
+        out += np.float32(raw.intercept)
+    return out
+
+
+def read_slice(path: str | os.PathLike[str]) -> DicomSlice:
+    """Read one DICOM file: float32 pixels (rescaled, MONOCHROME1 inverted), geometry and whitelisted meta.
+
+    Args:
+        path: The ``.dcm`` file.
+
+    Returns:
+        The decoded slice; no pydicom object is kept.
+
+    Raises:
+        DicomReadError: if the file is not DICOM, is truncated, has no pixel data or cannot be decoded.
+    """
+    raw = _read_raw(path)
+    return DicomSlice(pixels=_to_float(raw), geometry=raw.geometry, meta=raw.meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Grouping, sorting and stacking
+
+
+def _natural_key(name: str) -> tuple[int, int, str]:
+    """Order ``2.dcm`` before ``10.dcm``; non-numeric stems after numeric ones."""
+    stem = name.rsplit(".", 1)[0]
+    return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+
+
+def _instance_key(geometry: SliceGeometry) -> tuple[int, int, tuple[int, int, str]]:
+    """InstanceNumber (missing last), then natural file name."""
+    number = geometry.instance_number
+    return (number is None, number if number is not None else 0, _natural_key(geometry.file_name))
+
+
+def _same_orientation(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether row and column cosines of two (normalised) IOPs are within the angular tolerance."""
+    row_dot = a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+    col_dot = a[3] * b[3] + a[4] * b[4] + a[5] * b[5]
+    return row_dot >= _COS_TOLERANCE and col_dot >= _COS_TOLERANCE
+
+
+def _group_by_orientation(raws: Sequence[_RawSlice]) -> tuple[list[list[_RawSlice]], list[_RawSlice]]:
+    """Split slices into orientation groups (with geometry) and the slices lacking geometry."""
+    groups: list[list[_RawSlice]] = []
+    references: list[tuple[float, ...]] = []
+    incomplete: list[_RawSlice] = []
+    # Visiting in instance order makes the reference of each group (its first slice) deterministic.
+    for raw in sorted(raws, key=lambda r: _instance_key(r.geometry)):
+        orientation = raw.geometry.orientation
+        if not raw.geometry.has_geometry or orientation is None:
+            incomplete.append(raw)
+            continue
+        for reference, group in zip(references, groups, strict=True):
+            if _same_orientation(reference, orientation):
+                group.append(raw)
+                break
+        else:
+            references.append(orientation)
+            groups.append([raw])
+    return groups, incomplete
+
+
+def _mean_orientation(group: Sequence[_RawSlice]) -> tuple[np.ndarray, np.ndarray]:
+    """(6,) mean normalised direction cosines and (3,) unit normal ``row x column`` of a group."""
+    cosines = np.asarray([raw.geometry.orientation for raw in group], dtype=np.float64)
+    row, col = cosines[:, :3].mean(axis=0), cosines[:, 3:].mean(axis=0)
+    row /= np.linalg.norm(row)
+    col /= np.linalg.norm(col)
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    return np.concatenate([row, col]), normal
+
+
+def _sort_along_normal(group: Sequence[_RawSlice], normal: np.ndarray) -> tuple[list[_RawSlice], np.ndarray]:
+    """Sort by projection on ``normal``; ties (within TIE_TOLERANCE_MM) by InstanceNumber then file name."""
+    positions = np.asarray([raw.geometry.position for raw in group], dtype=np.float64)
+    projections = positions @ normal
+    order = np.argsort(projections, kind="stable")
+    # Consecutive sorted projections closer than the tolerance share a tie id; ids are monotonic in position.
+    tie_ids = np.concatenate([[0], np.cumsum(np.diff(projections[order]) > TIE_TOLERANCE_MM)])
+    tie_of = dict(zip(order.tolist(), tie_ids.tolist(), strict=True))
+    final = sorted(range(len(group)), key=lambda i: (tie_of[i], _instance_key(group[i].geometry)))
+    return [group[i] for i in final], projections[final]
+
+
+def _modal_shape(raws: Sequence[_RawSlice]) -> tuple[int, int]:
+    """Most common (rows, cols); ties broken by larger area, then larger rows."""
+    counts = Counter(raw.geometry.shape for raw in raws)
+    return max(counts, key=lambda s: (counts[s], s[0] * s[1], s[0], s[1]))
+
+
+def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower index, upper index and upper weight of pixel-centre-aligned linear interpolation on one axis."""
+    source = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    source = np.clip(source, 0.0, n_in - 1)
+    lower = np.floor(source).astype(np.intp)
+    upper = np.minimum(lower + 1, n_in - 1)
+    return lower, upper, (source - lower).astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a 2-D image to ``shape`` by bilinear interpolation with pixel-centre alignment.
+
+    Output pixel (i, j) samples the input at ``((i + 0.5) * rows_in / rows_out - 0.5, ...)`` clamped to the
+    image, the same mapping as :meth:`Stack.original_to_stack`.
+
+    Args:
+        image: (rows, cols) array.
+        shape: Target (rows, cols).
+
+    Returns:
+        float32 array of ``shape``.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    y0, y1, wy = _axis_weights(image.shape[0], shape[0])
+    x0, x1, wx = _axis_weights(image.shape[1], shape[1])
+    top, bottom = image[y0], image[y1]
+    wy = wy[:, None]
+    rows = top + (bottom - top) * wy
+    left, right = rows[:, x0], rows[:, x1]
+    return left + (right - left) * wx[None, :]
+
+
+def _build_stack(
+    ordered: Sequence[_RawSlice],
+    projections: np.ndarray,
+    orientation: np.ndarray | None,
+    normal: np.ndarray | None,
+) -> Stack:
+    """Convert sorted slices straight into one preallocated float32 volume, resizing off-shape slices."""
+    shape = _modal_shape(ordered)
+    volume = np.empty((len(ordered), *shape), dtype=np.float32)
+    resized = np.zeros(len(ordered), dtype=bool)
+    for index, raw in enumerate(ordered):
+        if raw.geometry.shape == shape:
+            _to_float(raw, out=volume[index])
+        else:
+            volume[index] = resize_bilinear(_to_float(raw), shape)
+            resized[index] = True
+    if resized.any():
+        logger.debug("resized %d of %d slices to the modal shape %s", int(resized.sum()), len(ordered), shape)
+    return Stack(
+        volume=volume,
+        geometry=[raw.geometry for raw in ordered],
+        orientation=orientation,
+        normal=normal,
+        positions_along_normal=projections,
+        resized=resized,
+        geometry_complete=normal is not None,
+    )
+
+
+def _stack_order_key(stack: Stack) -> tuple[bool, int, int, tuple[int, int, str]]:
+    """Geometric stacks first, then by smallest InstanceNumber (missing last), then smallest file name."""
+    numbers = [g.instance_number for g in stack.geometry if g.instance_number is not None]
+    first_number = min(numbers) if numbers else 0
+    first_file = min(_natural_key(g.file_name) for g in stack.geometry)
+    return (not stack.geometry_complete, not numbers, first_number, first_file)
+
+
+def _common_meta(raws: Sequence[_RawSlice]) -> dict[str, Any]:
+    """Whitelisted tags with the same value in every file."""
+    common = dict(raws[0].meta)
+    for raw in raws[1:]:
+        for key in [k for k, v in common.items() if raw.meta.get(k) != v]:
+            del common[key]
+    return common
+
+
+def _series_files(folder: Path) -> list[Path]:
+    """The ``*.dcm`` files of a series folder in natural name order."""
+    if not folder.is_dir():
+        raise DicomReadError(folder, "series folder does not exist or is not a directory")
+    files = [
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() == ".dcm" and not p.name.startswith(".") and p.is_file()
+    ]
+    if not files:
+        raise DicomReadError(folder, "series folder contains no .dcm files")
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def read_series(folder: str | os.PathLike[str]) -> DicomSeries:
+    """Read a series folder into one sorted stack per orientation (see the module docstring for the rules).
+
+    Args:
+        folder: ``<study_id>/<series_id>`` holding ``<instance_number>.dcm`` files.
+
+    Returns:
+        The series: stacks with float32 volumes and per-slice geometry, plus whitelisted series meta.
+
+    Raises:
+        DicomReadError: on the first unreadable file (naming it), or for a missing or empty folder. No file is
+            skipped: the caller records the failure for the whole series.
+    """
+    folder = Path(folder)
+    raws = [_read_raw(path) for path in _series_files(folder)]
+    groups, incomplete = _group_by_orientation(raws)
+
+    stacks: list[Stack] = []
+    for group in groups:
+        orientation, normal = _mean_orientation(group)
+        ordered, projections = _sort_along_normal(group, normal)
+        stacks.append(_build_stack(ordered, projections, orientation, normal))
+    if incomplete:
+        logger.warning(
+            "%s: %d slices lack position or orientation; ordered by InstanceNumber", folder, len(incomplete)
+        )
+        ordered = sorted(incomplete, key=lambda r: _instance_key(r.geometry))
+        stacks.append(_build_stack(ordered, np.full(len(ordered), np.nan), None, None))
+    stacks.sort(key=_stack_order_key)
+    if len(stacks) > 1:
+        logger.debug("%s: %d stacks", folder, len(stacks))
+    return DicomSeries(stacks=stacks, meta=_common_meta(raws), n_files=len(raws), series_dir=str(folder))

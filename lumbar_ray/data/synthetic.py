@@ -1,0 +1,618 @@
+"""A synthetic RSNA-format dataset: DICOM phantoms of a lumbar spine with planted, learnable severities.
+
+Every study is one analytic 3D phantom in patient coordinates (DICOM LPS, millimetres): six vertebral bodies
+(L1-S1) with five discs between them, the spinal canal (CSF), posterior elements, and a fat-filled neural
+foramen on each side of each level, inside a block of soft tissue. Each of the 25 targets is planted as a local
+lesion whose size grows with its severity, where the real task sees it:
+
+- spinal canal stenosis: a disc bulge filling the front of the canal at the level's disc; read on the mid-line
+  Sagittal T2/STIR slice (and visible on the axial slices of the level);
+- neural foraminal narrowing: tissue replacing the fat of the left or right foramen; read on the lateral
+  Sagittal T1 slices of that side (patient left is +x in LPS, whatever the slice order);
+- subarticular stenosis: an intrusion into the left or right lateral recess of the canal, on the Axial T2 slice
+  through the level's disc.
+
+Every series is rendered by sampling that same phantom on its own slice planes (from ImagePositionPatient,
+ImageOrientationPatient and PixelSpacing), so sagittal and axial series agree in patient space exactly and the
+coordinates file points at the lesions. Lesions only replace CSF or fat, so they narrow the canal or foramen
+rather than drawing blobs elsewhere.
+
+Severities follow the real per-condition-and-level class frequencies (an ordinal model with a per-study
+degeneration factor, so targets of a study are correlated like real ones). Realistic quirks appear at
+configurable rates: a missing series type, a second Axial T2 series, axial series made of tilted per-level
+blocks (several orientations in one series), instance numbers not in spatial order, empty label cells. The
+output is a deterministic function of the seed: same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import pandas as pd
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID
+
+from lumbar_ray.config import SynthConfig
+from lumbar_ray.constants import (
+    CONDITION_TITLES,
+    CONDITIONS,
+    LEVEL_TITLES,
+    LEVELS,
+    SEVERITIES,
+    SUBMISSION_COLUMNS,
+    TARGETS,
+    row_id,
+)
+
+logger = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+MANIFEST_NAME = "synthetic.json"
+
+# Class frequencies (Normal/Mild, Moderate, Severe) per condition and level, measured on the real train.csv.
+REAL_CLASS_FREQUENCIES: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "spinal_canal_stenosis": (
+        (0.955, 0.034, 0.011), (0.897, 0.076, 0.027), (0.822, 0.117, 0.062), (0.751, 0.120, 0.129),
+        (0.965, 0.026, 0.010),
+    ),
+    "left_neural_foraminal_narrowing": (
+        (0.967, 0.032, 0.001), (0.908, 0.087, 0.006), (0.771, 0.208, 0.020), (0.610, 0.319, 0.071),
+        (0.632, 0.264, 0.104),
+    ),
+    "right_neural_foraminal_narrowing": (
+        (0.961, 0.032, 0.007), (0.912, 0.085, 0.003), (0.769, 0.210, 0.021), (0.614, 0.320, 0.066),
+        (0.651, 0.252, 0.097),
+    ),
+    "left_subarticular_stenosis": (
+        (0.933, 0.051, 0.015), (0.821, 0.135, 0.044), (0.671, 0.230, 0.098), (0.450, 0.316, 0.234),
+        (0.717, 0.208, 0.075),
+    ),
+    "right_subarticular_stenosis": (
+        (0.926, 0.061, 0.013), (0.833, 0.128, 0.039), (0.670, 0.230, 0.100), (0.452, 0.315, 0.233),
+        (0.711, 0.201, 0.088),
+    ),
+}
+
+# Tissue classes of the phantom and their signal (0..1) on each sequence: CSF bright on T2 and dark on T1,
+# foraminal fat bright on T1, lesion tissue dark on both (like disc bulge or ligament).
+AIR, SOFT, BONE, DISC, POSTERIOR, CSF, FAT, LESION = range(8)
+TISSUE_SIGNAL = {
+    "T1": np.array([0.0, 0.35, 0.55, 0.30, 0.45, 0.12, 0.85, 0.15], dtype=np.float32),
+    "T2": np.array([0.0, 0.25, 0.35, 0.60, 0.30, 0.90, 0.55, 0.12], dtype=np.float32),
+}
+SERIES_SEQUENCE = {"Sagittal T1": "T1", "Sagittal T2/STIR": "T2", "Axial T2": "T2"}
+
+# Lesion size as a fraction of the structure it narrows: mean per severity, jittered per target so that the
+# classes overlap a little, as real gradings do.
+SEVERITY_FRACTION = (0.12, 0.55, 0.92)
+SEVERITY_JITTER = 0.07
+SAGITTAL_ORIENTATION = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+AXIAL_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Primitive:
+    """A region of the phantom: an ellipsoid, or an elliptic cylinder along z when ``half_height`` is set.
+
+    ``replaces`` restricts painting to pixels currently of those tissues (lesions only narrow CSF or fat).
+    """
+
+    center: tuple[float, float, float]
+    radii: tuple[float, float, float]
+    tissue: int
+    half_height: float | None = None
+    replaces: tuple[int, ...] = ()
+
+    @property
+    def bounding_radius(self) -> float:
+        rx, ry, rz = self.radii
+        extent_z = rz if self.half_height is None else self.half_height
+        return float(np.sqrt(rx * rx + ry * ry + extent_z * extent_z))
+
+
+@dataclass
+class Anatomy:
+    """Where the structures of one study's spine are, in patient millimetres."""
+
+    x0: float
+    body_y: float
+    disc_z: np.ndarray
+    pitch: float
+    canal_y: float
+    canal_radii: tuple[float, float]
+    foramen_offset: float
+    foramen_y: float
+
+    @property
+    def spinal_point(self) -> np.ndarray:
+        """Label points of spinal canal stenosis (canal centre at each disc), shape (5, 3)."""
+        return np.stack([[self.x0, self.canal_y, z] for z in self.disc_z])
+
+    def foramen_point(self, side: int) -> np.ndarray:
+        """Label points of the foramina of one side (+1 = patient left), shape (5, 3)."""
+        return np.stack([[self.x0 + side * self.foramen_offset, self.foramen_y, z] for z in self.disc_z])
+
+    def subarticular_point(self, side: int) -> np.ndarray:
+        """Label points of the lateral recesses of one side (+1 = patient left), shape (5, 3)."""
+        y = self.canal_y - 0.45 * self.canal_radii[1]
+        return np.stack([[self.x0 + side * 0.65 * self.canal_radii[0], y, z] for z in self.disc_z])
+
+
+@dataclass
+class SliceSpec:
+    """One slice to render: its DICOM geometry and instance number."""
+
+    position: np.ndarray
+    orientation: tuple[float, ...]
+    instance_number: int
+
+
+@dataclass
+class SeriesSpec:
+    """One series of a study: its description, pixel grid and slices."""
+
+    series_id: int
+    description: str
+    rows: int
+    cols: int
+    spacing: tuple[float, float]
+    thickness: float
+    slices: list[SliceSpec] = field(default_factory=list)
+
+
+@dataclass
+class StudySpec:
+    """Everything drawn for one study: labels, anatomy, series and the label coordinates."""
+
+    study_id: int
+    labels: np.ndarray
+    anatomy: Anatomy
+    primitives: list[Primitive]
+    series: list[SeriesSpec]
+    coordinates: list[dict]
+
+
+def sample_severities(rng: np.random.Generator, correlation: float = 0.5) -> np.ndarray:
+    """Draw the 25 severities of one study (TARGETS order) with the real marginal frequencies.
+
+    An ordinal probit model: a shared per-study degeneration factor plus independent noise, thresholded at the
+    quantiles of each target's real class frequencies, so marginals match exactly and targets co-vary.
+    """
+    study_factor = rng.standard_normal()
+    noise = rng.standard_normal(len(TARGETS))
+    latent = correlation * study_factor + np.sqrt(1 - correlation**2) * noise
+    labels = np.empty(len(TARGETS), dtype=np.int64)
+    for index, target in enumerate(TARGETS):
+        condition, level = target[:-6], target[-5:]
+        p_normal, p_moderate, _ = REAL_CLASS_FREQUENCIES[condition][LEVELS.index(level)]
+        low = NormalDist().inv_cdf(p_normal)
+        high = NormalDist().inv_cdf(min(p_normal + p_moderate, 1 - 1e-9))
+        labels[index] = 0 if latent[index] < low else (1 if latent[index] < high else 2)
+    return labels
+
+
+def _lesion_fraction(rng: np.random.Generator, severity: int, strength: float) -> float:
+    mean = SEVERITY_FRACTION[severity] * strength
+    return float(np.clip(mean + SEVERITY_JITTER * rng.standard_normal(), 0.0, 1.0))
+
+
+def sample_anatomy(rng: np.random.Generator) -> Anatomy:
+    """Draw one spine: position in the scanner, vertebral pitch, canal size."""
+    pitch = rng.uniform(31.0, 37.0)
+    centre_z = rng.uniform(-15.0, 15.0)
+    body_y = rng.uniform(-12.0, 12.0)
+    canal_radii = (rng.uniform(9.0, 11.0), rng.uniform(6.0, 7.5))
+    return Anatomy(
+        x0=rng.uniform(-4.0, 4.0),
+        body_y=body_y,
+        disc_z=centre_z + pitch * (2 - np.arange(len(LEVELS))),
+        pitch=pitch,
+        canal_y=body_y + 16.0 + canal_radii[1] + 1.0,
+        canal_radii=canal_radii,
+        foramen_offset=rng.uniform(15.0, 17.0),
+        foramen_y=body_y + 19.0,
+    )
+
+
+def build_primitives(anatomy: Anatomy, labels: np.ndarray, rng: np.random.Generator, strength: float) -> list:
+    """The phantom of one study, painted in list order (later primitives cover earlier ones)."""
+    a = anatomy
+    disc_height = 0.26 * a.pitch
+    parts = [
+        Primitive((a.x0, a.body_y + 15.0, 0.0), (95.0, 75.0, 0.0), SOFT, half_height=1e9),
+        Primitive((a.x0, a.canal_y + 11.0, 0.0), (15.0, 12.0, 0.0), POSTERIOR, half_height=1e9),
+    ]
+    body_z = np.concatenate([a.disc_z + a.pitch / 2, a.disc_z[-1:] - a.pitch / 2])
+    for z in body_z:
+        parts.append(Primitive((a.x0, a.body_y, z), (21.0, 15.0, 0.0), BONE, half_height=(a.pitch - disc_height) / 2))
+    for z in a.disc_z:
+        parts.append(Primitive((a.x0, a.body_y, z), (21.0, 15.0, 0.0), DISC, half_height=disc_height / 2))
+    parts.append(Primitive((a.x0, a.canal_y, 0.0), (*a.canal_radii, 0.0), CSF, half_height=1e9))
+    for side in (1, -1):
+        for point in a.foramen_point(side):
+            parts.append(Primitive(tuple(point), (5.0, 5.5, 6.5), FAT))
+    parts.extend(_lesions(a, labels, rng, strength))
+    return parts
+
+
+def _lesions(a: Anatomy, labels: np.ndarray, rng: np.random.Generator, strength: float) -> list[Primitive]:
+    """One lesion per target, its size a jittered fraction of the structure it narrows."""
+    lesions = []
+    front_y = a.canal_y - a.canal_radii[1]
+    for k, z in enumerate(a.disc_z):
+        grade = _lesion_fraction(rng, labels[k], strength)
+        if grade > 0:  # disc bulge from the front of the canal, filling `grade` of its depth
+            radii = (0.5 * a.canal_radii[0], 2 * grade * a.canal_radii[1], 5.0)
+            lesions.append(Primitive((a.x0, front_y, z), radii, LESION, replaces=(CSF,)))
+    for side, condition in ((1, "left_neural_foraminal_narrowing"), (-1, "right_neural_foraminal_narrowing")):
+        offset = CONDITIONS.index(condition) * len(LEVELS)
+        for k, point in enumerate(a.foramen_point(side)):
+            grade = _lesion_fraction(rng, labels[offset + k], strength)
+            if grade > 0:
+                lesions.append(Primitive(tuple(point), (5.5 * grade, 6.0 * grade, 7.0 * grade), LESION, replaces=(FAT,)))
+    for side, condition in ((1, "left_subarticular_stenosis"), (-1, "right_subarticular_stenosis")):
+        offset = CONDITIONS.index(condition) * len(LEVELS)
+        for k, point in enumerate(a.subarticular_point(side)):
+            grade = _lesion_fraction(rng, labels[offset + k], strength)
+            if grade > 0:
+                radius = 0.5 * a.canal_radii[0] * grade
+                lesions.append(Primitive(tuple(point), (radius, radius, 4.0), LESION, replaces=(CSF,)))
+    return lesions
+
+
+def render_slice(primitives: list[Primitive], spec: SliceSpec, series: SeriesSpec) -> np.ndarray:
+    """Sample the phantom's tissue classes on one slice plane, shape (rows, cols), uint8.
+
+    Pixel (r, c) lies at ``position + c * col_spacing * row_dir + r * row_spacing * col_dir`` (DICOM's
+    convention: the first three IOP cosines run along a row). Each primitive is evaluated only on the pixel
+    box its bounding sphere covers, which keeps rendering cheap.
+    """
+    row_dir = np.asarray(spec.orientation[:3])
+    col_dir = np.asarray(spec.orientation[3:])
+    normal = np.cross(row_dir, col_dir)
+    row_spacing, col_spacing = series.spacing
+    tissue = np.zeros((series.rows, series.cols), dtype=np.uint8)
+    for part in primitives:
+        offset = spec.position - np.asarray(part.center)
+        box = _pixel_box(part, offset, row_dir, col_dir, normal, series)
+        if box is None:
+            continue
+        r0, r1, c0, c1 = box
+        rr = np.arange(r0, r1, dtype=np.float32)[:, None] * row_spacing
+        cc = np.arange(c0, c1, dtype=np.float32)[None, :] * col_spacing
+        d = [offset[i] + cc * row_dir[i] + rr * col_dir[i] for i in range(3)]
+        inside = (d[0] / part.radii[0]) ** 2 + (d[1] / part.radii[1]) ** 2
+        if part.half_height is None:
+            inside = inside + (d[2] / part.radii[2]) ** 2 <= 1.0
+        else:
+            inside = (inside <= 1.0) & (np.abs(d[2]) <= part.half_height)
+        window = tissue[r0:r1, c0:c1]
+        if part.replaces:
+            inside &= np.isin(window, part.replaces)
+        window[inside] = part.tissue
+    return tissue
+
+
+def _pixel_box(part, offset, row_dir, col_dir, normal, series) -> tuple[int, int, int, int] | None:
+    """Pixel rows/cols that the primitive can cover on this plane, or None if it misses the plane."""
+    if part.half_height is not None and part.half_height > 1e6:
+        return 0, series.rows, 0, series.cols
+    radius = part.bounding_radius
+    if abs(float(offset @ normal)) > radius:
+        return None
+    row_spacing, col_spacing = series.spacing
+    centre_c = -float(offset @ row_dir) / col_spacing
+    centre_r = -float(offset @ col_dir) / row_spacing
+    r0 = max(int(np.floor(centre_r - radius / row_spacing)), 0)
+    r1 = min(int(np.ceil(centre_r + radius / row_spacing)) + 1, series.rows)
+    c0 = max(int(np.floor(centre_c - radius / col_spacing)), 0)
+    c1 = min(int(np.ceil(centre_c + radius / col_spacing)) + 1, series.cols)
+    if r0 >= r1 or c0 >= c1:
+        return None
+    return r0, r1, c0, c1
+
+
+def tissue_to_pixels(tissue: np.ndarray, sequence: str, rng: np.random.Generator, noise: float, gain: float) -> np.ndarray:
+    """Turn a tissue map into 12-bit MR-like pixels: signal table, smooth bias field, Rician-like noise."""
+    signal = TISSUE_SIGNAL[sequence][tissue]
+    rows, cols = tissue.shape
+    bias = 1.0 + 0.08 * np.linspace(-1, 1, rows, dtype=np.float32)[:, None] * rng.uniform(-1, 1)
+    noisy = np.abs(signal * bias + noise * rng.standard_normal((rows, cols), dtype=np.float32))
+    return np.clip(noisy * gain, 0, 4095).astype(np.uint16)
+
+
+def _sagittal_series(rng, anatomy: Anatomy, series_id: int, description: str, size: int) -> SeriesSpec:
+    n_slices = int(rng.integers(15, 19))
+    spacing_x = rng.uniform(3.3, 4.0)
+    fov = rng.uniform(210.0, 240.0)
+    rows = size
+    cols = size if rng.random() > 0.2 else int(size * 0.875)  # some sagittal grids are not square
+    series = SeriesSpec(series_id, description, rows, cols, (fov / rows, fov / rows), spacing_x * 0.9)
+    centre = np.array([anatomy.x0 + rng.uniform(-2, 2), anatomy.body_y + 14.0, anatomy.disc_z[2]])
+    row_spacing, col_spacing = series.spacing
+    top_left = centre + np.array([0.0, -(cols - 1) / 2 * col_spacing, (rows - 1) / 2 * row_spacing])
+    xs = (np.arange(n_slices) - (n_slices - 1) / 2) * spacing_x
+    for index, x in enumerate(xs[::-1]):  # instance 1 on the patient's left, as many scanners number them
+        position = top_left + np.array([x, 0.0, 0.0])
+        series.slices.append(SliceSpec(position, SAGITTAL_ORIENTATION, index + 1))
+    return series
+
+
+def _axial_orientation(tilt_degrees: float) -> tuple[float, ...]:
+    tilt = np.deg2rad(tilt_degrees)
+    return (1.0, 0.0, 0.0, 0.0, float(np.cos(tilt)), float(-np.sin(tilt)))
+
+
+def _axial_series(rng, anatomy: Anatomy, series_id: int, size: int, levels: range, tilted: bool) -> SeriesSpec:
+    """Axial T2 blocks of slices through the discs of ``levels``; tilted blocks follow each disc's angle."""
+    fov = rng.uniform(150.0, 180.0)
+    series = SeriesSpec(series_id, "Axial T2", size, size, (fov / size, fov / size), 4.0)
+    per_level = int(rng.integers(3, 5))
+    spacing = rng.uniform(3.6, 4.4)
+    instance = 1
+    for k in levels:
+        orientation = _axial_orientation(rng.uniform(-12, 12) if tilted else 0.0)
+        row_dir, col_dir = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+        normal = np.cross(row_dir, col_dir)
+        # The block's middle plane passes through the level's subarticular points (both sides lie on it).
+        anchor = anatomy.subarticular_point(1)[k] * np.array([0.0, 1.0, 1.0]) + np.array([anatomy.x0, 0.0, 0.0])
+        centre = anchor + (anatomy.body_y + 14.0 - anchor[1]) * col_dir  # in-plane shift: still on the plane
+        top_left = centre - (size - 1) / 2 * series.spacing[1] * row_dir - (size - 1) / 2 * series.spacing[0] * col_dir
+        offsets = (np.arange(per_level) - (per_level - 1) // 2) * spacing
+        for offset in offsets[::-1]:  # cranial slice first, as axial stacks are usually acquired
+            series.slices.append(SliceSpec(top_left + offset * normal, orientation, instance))
+            instance += 1
+    return series
+
+
+def _pixel_of(point: np.ndarray, series: SeriesSpec, spec: SliceSpec) -> tuple[float, float]:
+    """(x=column, y=row) of a patient-space point projected onto one slice."""
+    offset = point - spec.position
+    x = float(offset @ np.asarray(spec.orientation[:3])) / series.spacing[1]
+    y = float(offset @ np.asarray(spec.orientation[3:])) / series.spacing[0]
+    return x, y
+
+
+def _nearest_slice(point: np.ndarray, series: SeriesSpec) -> SliceSpec:
+    def distance(spec: SliceSpec) -> float:
+        normal = np.cross(spec.orientation[:3], spec.orientation[3:])
+        return abs(float((point - spec.position) @ normal))
+
+    return min(series.slices, key=distance)
+
+
+def label_coordinates(study_id: int, labels: np.ndarray, anatomy: Anatomy, series: list[SeriesSpec]) -> list[dict]:
+    """Rows of train_label_coordinates.csv: each labelled target's point on the slice nearest to it."""
+    by_type = {}
+    for spec in series:
+        by_type.setdefault(spec.description, spec)  # the first series of a type carries the labels
+    points = {
+        "spinal_canal_stenosis": ("Sagittal T2/STIR", anatomy.spinal_point),
+        "left_neural_foraminal_narrowing": ("Sagittal T1", anatomy.foramen_point(1)),
+        "right_neural_foraminal_narrowing": ("Sagittal T1", anatomy.foramen_point(-1)),
+        "left_subarticular_stenosis": ("Axial T2", anatomy.subarticular_point(1)),
+        "right_subarticular_stenosis": ("Axial T2", anatomy.subarticular_point(-1)),
+    }
+    rows = []
+    for c_index, condition in enumerate(CONDITIONS):
+        description, level_points = points[condition]
+        target_series = by_type.get(description)
+        for k, level in enumerate(LEVELS):
+            if target_series is None or labels[c_index * len(LEVELS) + k] < 0:
+                continue
+            spec = _nearest_slice(level_points[k], target_series)
+            x, y = _pixel_of(level_points[k], target_series, spec)
+            rows.append({
+                "study_id": study_id, "series_id": target_series.series_id,
+                "instance_number": spec.instance_number, "condition": CONDITION_TITLES[condition],
+                "level": LEVEL_TITLES[level], "x": round(x, 3), "y": round(y, 3),
+            })
+    return rows
+
+
+def _blank_cells(rng: np.random.Generator, labels: np.ndarray, rate: float) -> np.ndarray:
+    """Empty some label cells, mostly subarticular L1/L2 and L2/L3 as in the real data."""
+    weights = np.full(len(TARGETS), 0.5)
+    for condition in ("left_subarticular_stenosis", "right_subarticular_stenosis"):
+        for level in ("l1_l2", "l2_l3"):
+            weights[TARGETS.index(f"{condition}_{level}")] = 6.0
+    probability = np.clip(rate * weights / weights.mean(), 0, 1)
+    labels = labels.copy()
+    labels[rng.random(len(TARGETS)) < probability] = -1
+    return labels
+
+
+def plan_study(study_id: int, series_ids: list[int], rng: np.random.Generator, cfg: SynthConfig) -> StudySpec:
+    """Draw one study: severities, anatomy, phantom, series geometry (with quirks) and label coordinates."""
+    severities = sample_severities(rng)
+    anatomy = sample_anatomy(rng)
+    primitives = build_primitives(anatomy, severities, rng, cfg.signal_strength)
+    size = int(rng.choice(cfg.image_sizes))
+    series = [
+        _sagittal_series(rng, anatomy, series_ids[0], "Sagittal T1", size),
+        _sagittal_series(rng, anatomy, series_ids[1], "Sagittal T2/STIR", size),
+        _axial_series(rng, anatomy, series_ids[2], size, range(len(LEVELS)), rng.random() < cfg.tilted_axial_rate),
+    ]
+    if rng.random() < cfg.extra_axial_rate:  # a repeat acquisition over the lower levels
+        series.append(_axial_series(rng, anatomy, series_ids[3], size, range(2, len(LEVELS)), False))
+    if rng.random() < cfg.missing_series_rate:
+        series.pop(int(rng.integers(0, 3)))
+    for spec in series:
+        if rng.random() < cfg.shuffled_instances_rate:
+            numbers = rng.permutation([s.instance_number for s in spec.slices])
+            for slice_spec, number in zip(spec.slices, numbers, strict=True):
+                slice_spec.instance_number = int(number)
+    labels = _blank_cells(rng, severities, cfg.empty_label_rate)
+    coordinates = label_coordinates(study_id, labels, anatomy, series)
+    return StudySpec(study_id, labels, anatomy, primitives, series, coordinates)
+
+
+def _uid(*parts: int) -> str:
+    return PYDICOM_ROOT_UID + ".".join(str(p) for p in parts)
+
+
+def _series_dataset(study: StudySpec, series: SeriesSpec, study_index: int) -> Dataset:
+    """The tags shared by every slice of a series (identifying tags hold obvious fakes, to test the reader)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPClassUID = MR_IMAGE_STORAGE
+    ds.Modality = "MR"
+    ds.PatientName = "Synthetic^Phantom"
+    ds.PatientID = f"SYN{study.study_id}"
+    ds.PatientBirthDate = "19700101"
+    ds.StudyDate = "20240101"
+    ds.StudyInstanceUID = _uid(study.study_id)
+    ds.SeriesInstanceUID = _uid(study.study_id, series.series_id)
+    ds.FrameOfReferenceUID = _uid(study.study_id, 0)
+    ds.SeriesNumber = study_index
+    ds.SeriesDescription = series.description
+    ds.MagneticFieldStrength = 1.5
+    ds.RepetitionTime = 600.0 if SERIES_SEQUENCE[series.description] == "T1" else 3500.0
+    ds.EchoTime = 10.0 if SERIES_SEQUENCE[series.description] == "T1" else 100.0
+    ds.SliceThickness = round(series.thickness, 4)
+    ds.PixelSpacing = [round(series.spacing[0], 6), round(series.spacing[1], 6)]
+    ds.Rows, ds.Columns = series.rows, series.cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    return ds
+
+
+def write_study(root: Path, split: str, study: StudySpec, rng: np.random.Generator, cfg: SynthConfig) -> int:
+    """Render and write every slice of a study under ``root/<split>_images``; returns the number of files."""
+    written = 0
+    for number, series in enumerate(study.series, start=1):
+        folder = root / f"{split}_images" / str(study.study_id) / str(series.series_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        ds = _series_dataset(study, series, number)
+        gain = rng.uniform(1800.0, 3600.0)
+        sequence = SERIES_SEQUENCE[series.description]
+        for spec in series.slices:
+            tissue = render_slice(study.primitives, spec, series)
+            pixels = tissue_to_pixels(tissue, sequence, rng, cfg.noise, gain)
+            uid = _uid(study.study_id, series.series_id, spec.instance_number)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+            ds.InstanceNumber = spec.instance_number
+            ds.ImagePositionPatient = [round(float(v), 4) for v in spec.position]
+            ds.ImageOrientationPatient = [round(float(v), 6) for v in spec.orientation]
+            ds.PixelData = pixels.tobytes()
+            dcmwrite(folder / f"{spec.instance_number}.dcm", ds, enforce_file_format=True)
+            written += 1
+    return written
+
+
+def _draw_ids(rng: np.random.Generator, count: int) -> list[int]:
+    """Unique RSNA-like ids (up to 10 digits)."""
+    ids: set[int] = set()
+    while len(ids) < count:
+        ids.update(int(v) for v in rng.integers(1_000_000, 4_290_000_000, size=count - len(ids)))
+    return sorted(ids, key=lambda v: rng.random())
+
+
+def _severity_frame(studies: list[StudySpec]) -> pd.DataFrame:
+    table = {"study_id": [s.study_id for s in studies]}
+    for index, target in enumerate(TARGETS):
+        table[target] = [SEVERITIES[s.labels[index]] if s.labels[index] >= 0 else None for s in studies]
+    return pd.DataFrame(table)
+
+
+def _series_frame(studies: list[StudySpec]) -> pd.DataFrame:
+    rows = [(s.study_id, spec.series_id, spec.description) for s in studies for spec in s.series]
+    return pd.DataFrame(rows, columns=["study_id", "series_id", "series_description"])
+
+
+def _sample_submission(studies: list[StudySpec]) -> pd.DataFrame:
+    ids = [row_id(s.study_id, target[:-6], target[-5:]) for s in studies for target in TARGETS]
+    frame = pd.DataFrame({"row_id": ids})
+    for column in SUBMISSION_COLUMNS:
+        frame[column] = 1.0 / 3.0
+    return frame
+
+
+@dataclass
+class SynthResult:
+    """What :func:`write_dataset` produced."""
+
+    root: Path
+    train_studies: int
+    test_studies: int
+    files: int
+    reused: bool
+
+
+def _manifest(cfg: SynthConfig) -> dict:
+    return {"generator_version": GENERATOR_VERSION, "config": cfg.model_dump(mode="json")}
+
+
+def write_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bool = False) -> SynthResult:
+    """Write a complete RSNA-format folder of synthetic studies.
+
+    The manifest ``synthetic.json`` is written last, so a folder holding it is complete. A folder already
+    holding the same manifest is reused as is; anything else in the way is an error unless ``overwrite``.
+
+    Args:
+        out: destination folder.
+        cfg: generator settings (defaults: :class:`SynthConfig`).
+        overwrite: delete an existing different or incomplete folder first.
+
+    Raises:
+        FileExistsError: if ``out`` holds something else and ``overwrite`` is False.
+    """
+    cfg = cfg or SynthConfig()
+    root = Path(out)
+    manifest_path = root / MANIFEST_NAME
+    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("manifest") == _manifest(cfg):
+        summary = json.loads(manifest_path.read_text())
+        logger.info("synthetic dataset at %s is complete for this config; reusing it", root)
+        return SynthResult(root, cfg.train_studies, cfg.test_studies, summary["files"], reused=True)
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{root} exists and is not a synthetic dataset of this config; pass overwrite")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    total = cfg.train_studies + cfg.test_studies
+    master = np.random.default_rng(cfg.seed)
+    study_ids = _draw_ids(master, total)
+    series_ids = _draw_ids(master, 4 * total)
+    studies = {"train": [], "test": []}
+    files = 0
+    for index in _progress(range(total), "synthesising studies"):
+        rng = np.random.default_rng([cfg.seed, index])
+        study = plan_study(study_ids[index], series_ids[4 * index : 4 * index + 4], rng, cfg)
+        split = "train" if index < cfg.train_studies else "test"
+        files += write_study(root, split, study, rng, cfg)
+        studies[split].append(study)
+    _write_tables(root, studies["train"], studies["test"])
+    manifest_path.write_text(json.dumps({"manifest": _manifest(cfg), "files": files}, indent=2))
+    logger.info("wrote %d train + %d test synthetic studies (%d DICOM files) to %s",
+                cfg.train_studies, cfg.test_studies, files, root)
+    return SynthResult(root, cfg.train_studies, cfg.test_studies, files, reused=False)
+
+
+def _write_tables(root: Path, train: list[StudySpec], test: list[StudySpec]) -> None:
+    _severity_frame(train).to_csv(root / "train.csv", index=False)
+    _series_frame(train).to_csv(root / "train_series_descriptions.csv", index=False)
+    coordinates = [row for study in train for row in study.coordinates]
+    columns = ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+    pd.DataFrame(coordinates, columns=columns).to_csv(root / "train_label_coordinates.csv", index=False)
+    _series_frame(test).to_csv(root / "test_series_descriptions.csv", index=False)
+    _sample_submission(test).to_csv(root / "sample_submission.csv", index=False)
+
+
+def _progress(iterable, description: str):
+    """tqdm when available (it is a dependency); a plain iterator otherwise."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=description, unit="study", leave=False)

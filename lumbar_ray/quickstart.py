@@ -1,0 +1,52 @@
+"""The quickstart: the whole pipeline on built-in synthetic data, on one machine, with embedded defaults.
+
+For now it synthesises a small RSNA-format dataset, validates it, reports on it and scores the prior baseline;
+later stages (preprocessing, training, tuning, registry, inference) join as they land.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from lumbar_ray.baseline import BaselineResult, run_baseline
+from lumbar_ray.config import Config, save_config
+from lumbar_ray.data.rsna import DataReport, build_report, load_rsna
+from lumbar_ray.data.synthetic import write_dataset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuickstartResult:
+    """Where the quickstart put things and what it measured."""
+
+    workdir: Path
+    data_root: Path
+    report: DataReport
+    baseline: BaselineResult
+
+
+def data_root_for(config: Config) -> Path:
+    """The RSNA-format folder a config points at: ``data.root``, or the synthetic one under the workdir."""
+    return Path(config.data.root) if config.data.root else Path(config.workdir) / "data" / "synthetic"
+
+
+def run_quickstart(config: Config) -> QuickstartResult:
+    """Synthesise (or reuse) the dataset, validate it, build its report and score the prior baseline."""
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(config, workdir / "resolved_config.yaml")
+    root = data_root_for(config)
+    if config.data.root is None:
+        write_dataset(root, config.synth, overwrite=True)
+    data = load_rsna(root)
+    report = build_report(data, check_images=True)
+    (workdir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    baseline = run_baseline(
+        root, n_folds=config.cv.n_folds, seed=config.cv.seed, out_csv=workdir / "baseline_oof.csv"
+    )
+    logger.info("quickstart finished in %s", workdir)
+    return QuickstartResult(workdir=workdir, data_root=root, report=report, baseline=baseline)

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real RSNA label files from ``shared/`` and small synthetic datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shared_dir() -> Path:
+    """The project's ``shared/`` folder: ``$LUMBAR_RAY_SHARED`` or the sibling of the repository."""
+    return Path(os.environ.get("LUMBAR_RAY_SHARED", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``shared/`` beside the checkout (CI always has it); a missing one is a failure, not a skip."""
+    path = _shared_dir()
+    if not (path / "rsna" / "train.csv").is_file():
+        pytest.fail(f"real RSNA label files not found under {path}; set LUMBAR_RAY_SHARED")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_rsna_dir(shared_dir: Path) -> Path:
+    """Folder with the real competition CSVs (no images, no coordinates file)."""
+    return shared_dir / "rsna"
+
+
+@pytest.fixture(scope="session")
+def synthetic_config():
+    """A small synthetic dataset with every quirk at a rate that makes it appear."""
+    from lumbar_ray.config import SynthConfig
+
+    return SynthConfig(
+        train_studies=40,
+        test_studies=2,
+        seed=7,
+        image_sizes=[112, 128],
+        missing_series_rate=0.1,
+        extra_axial_rate=0.2,
+        tilted_axial_rate=0.2,
+        shuffled_instances_rate=0.2,
+        empty_label_rate=0.05,
+    )
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory, synthetic_config) -> Path:
+    """An RSNA-format synthetic dataset written once per test session (read-only for tests)."""
+    from lumbar_ray.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("synthetic") / "rsna", synthetic_config).root

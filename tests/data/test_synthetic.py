@@ -1,0 +1,177 @@
+"""The synthetic RSNA-format dataset: valid files, the real quirks, and a planted, measurable signal."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from lumbar_ray.config import SynthConfig
+from lumbar_ray.constants import CONDITION_TITLES, CONDITIONS, LEVEL_TITLES, LEVELS, SEVERITIES
+from lumbar_ray.data import synthetic
+from lumbar_ray.data.dicom import read_series, read_slice
+from lumbar_ray.data.rsna import build_report, encode_labels, load_rsna
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_same_seed_gives_same_bytes_and_another_seed_differs(tmp_path):
+    cfg = SynthConfig(train_studies=2, test_studies=1, seed=3, image_sizes=[96])
+    first = synthetic.write_dataset(tmp_path / "a", cfg)
+    second = synthetic.write_dataset(tmp_path / "b", cfg)
+    other = synthetic.write_dataset(tmp_path / "c", cfg.model_copy(update={"seed": 4}))
+    assert first.files == second.files > 0
+    assert _tree_digest(first.root) == _tree_digest(second.root)
+    assert _tree_digest(first.root) != _tree_digest(other.root)
+
+
+def test_existing_dataset_is_reused_and_foreign_folder_refused(tmp_path):
+    cfg = SynthConfig(train_studies=1, test_studies=0, image_sizes=[96])
+    synthetic.write_dataset(tmp_path / "d", cfg)
+    assert synthetic.write_dataset(tmp_path / "d", cfg).reused
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="foreign"):
+        synthetic.write_dataset(tmp_path / "foreign", cfg)
+
+
+def test_class_frequencies_match_the_real_ones():
+    rng = np.random.default_rng(0)
+    labels = np.stack([synthetic.sample_severities(rng) for _ in range(4000)])
+    for c_index, condition in enumerate(CONDITIONS):
+        for l_index in range(len(LEVELS)):
+            column = labels[:, c_index * len(LEVELS) + l_index]
+            observed = np.bincount(column, minlength=3) / len(column)
+            expected = np.array(synthetic.REAL_CLASS_FREQUENCIES[condition][l_index])
+            np.testing.assert_allclose(observed, expected, atol=0.025, err_msg=f"{condition} {l_index}")
+
+
+def test_dataset_round_trips_through_loader_and_reader(synthetic_dir, synthetic_config):
+    data = load_rsna(synthetic_dir)
+    study_ids, labels = encode_labels(data.train)
+    assert len(study_ids) == synthetic_config.train_studies
+    assert set(data.sample_submission["row_id"].str.split("_").str[0].astype(int)) == set(
+        data.test_series["study_id"]
+    )
+    report = build_report(data, check_images=True)
+    assert report.to_dict()["n_studies"] == synthetic_config.train_studies
+    for split, frame in (("train", data.train_series), ("test", data.test_series)):
+        for row in frame.itertuples():
+            series = read_series(synthetic_dir / f"{split}_images" / str(row.study_id) / str(row.series_id))
+            assert series.n_slices == series.n_files > 0
+            for stack in series.stacks:  # sorted along the normal even when instance numbers are shuffled
+                assert np.all(np.diff(stack.positions_along_normal) > 0)
+
+
+def test_coordinates_point_at_existing_instances_inside_the_image(synthetic_dir):
+    data = load_rsna(synthetic_dir)
+    coords = data.coordinates
+    assert len(coords) > 0
+    for row in coords.itertuples():
+        path = synthetic_dir / "train_images" / str(row.study_id) / str(row.series_id) / f"{row.instance_number}.dcm"
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert 0 <= row.x < ds.Columns and 0 <= row.y < ds.Rows, row
+        expected = {"Spinal": "Sagittal T2/STIR", "Neural": "Sagittal T1", "Subart": "Axial T2"}
+        kind = "Spinal" if row.condition.startswith("Spinal") else row.condition.split()[1][:6]
+        assert ds.SeriesDescription == expected[kind]
+
+
+def test_left_foramina_lie_on_the_patients_left(synthetic_dir):
+    """Patient left is +x in DICOM LPS: left-foramen slices have a larger x than right-foramen slices."""
+    coords = load_rsna(synthetic_dir).coordinates
+    foramina = coords[coords["condition"].str.contains("Foraminal")]
+    checked = 0
+    for (study, series), group in foramina.groupby(["study_id", "series_id"]):
+        x_of = {}
+        for row in group.itertuples():
+            path = synthetic_dir / "train_images" / str(study) / str(series) / f"{row.instance_number}.dcm"
+            x_of.setdefault(row.condition.split()[0], []).append(float(pydicom.dcmread(path).ImagePositionPatient[0]))
+        if {"Left", "Right"} <= x_of.keys():
+            assert min(x_of["Left"]) > max(x_of["Right"])
+            checked += 1
+    assert checked > 10
+
+
+def _window_means(root: Path) -> pd.DataFrame:
+    """Mean of a 3x3 window at each labelled point, scaled by the slice's 99th percentile."""
+    data = load_rsna(root)
+    study_ids, labels = encode_labels(data.train)
+    label_of = {sid: row for sid, row in zip(study_ids, labels, strict=True)}
+    rows = []
+    for row in data.coordinates.itertuples():
+        path = root / "train_images" / str(row.study_id) / str(row.series_id) / f"{row.instance_number}.dcm"
+        pixels = read_slice(path).pixels
+        x, y = round(row.x), round(row.y)
+        window = pixels[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2]
+        condition = next(c for c, title in CONDITION_TITLES.items() if title == row.condition)
+        level = next(lv for lv, title in LEVEL_TITLES.items() if title == row.level)
+        target = CONDITIONS.index(condition) * len(LEVELS) + LEVELS.index(level)
+        rows.append({
+            "group": condition.split("_")[-2] if "subarticular" in condition else condition.split("_")[-1],
+            "severity": int(label_of[row.study_id][target]),
+            "value": float(window.mean() / np.percentile(pixels, 99)),
+        })
+    return pd.DataFrame(rows)
+
+
+def test_planted_severity_is_measurable_at_the_labelled_points(synthetic_dir):
+    means = _window_means(synthetic_dir).groupby(["group", "severity"])["value"].agg(["mean", "count"])
+    for group in ("stenosis", "narrowing", "subarticular"):
+        by_severity = means.loc[group]
+        assert list(by_severity.index) == [0, 1, 2], f"{group}: every severity must occur in the fixture"
+        values = by_severity["mean"].to_numpy()
+        # Lesions replace bright CSF / fat with dark tissue: brightness falls with severity, clearly.
+        assert values[0] > values[1] > values[2], (group, by_severity)
+        assert values[0] - values[2] > 0.25, (group, by_severity)
+
+
+def test_without_planted_lesions_severity_is_not_visible(tmp_path, synthetic_config):
+    """Control: with signal_strength=0 the same windows no longer separate the severities."""
+    cfg = synthetic_config.model_copy(update={"signal_strength": 0.0, "train_studies": 25, "test_studies": 0})
+    means = _window_means(synthetic.write_dataset(tmp_path / "flat", cfg).root)
+    by_group = means.groupby(["group", "severity"])["value"].mean()
+    for group in ("stenosis", "narrowing", "subarticular"):
+        values = by_group.loc[group]
+        assert values.max() - values.min() < 0.1, (group, values)
+
+
+def test_quirks_appear_when_asked_for(tmp_path):
+    cfg = SynthConfig(
+        train_studies=4, test_studies=0, image_sizes=[96], extra_axial_rate=1.0, tilted_axial_rate=1.0,
+        shuffled_instances_rate=1.0, missing_series_rate=0.0, empty_label_rate=0.0,
+    )
+    root = synthetic.write_dataset(tmp_path / "quirks", cfg).root
+    data = load_rsna(root)
+    axial = data.train_series[data.train_series["series_description"] == "Axial T2"]
+    assert axial.groupby("study_id").size().eq(2).all()
+    first_axial = axial.groupby("study_id").head(1)
+    for row in first_axial.itertuples():  # tilted per-level blocks: several orientations in one series
+        series = read_series(root / "train_images" / str(row.study_id) / str(row.series_id))
+        assert len(series.stacks) > 1
+    sagittal = data.train_series[data.train_series["series_description"] == "Sagittal T1"].iloc[0]
+    folder = root / "train_images" / str(sagittal.study_id) / str(sagittal.series_id)
+    by_instance = sorted(folder.glob("*.dcm"), key=lambda p: int(p.stem))
+    xs = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[0]) for p in by_instance]
+    assert np.any(np.diff(xs) > 0) and np.any(np.diff(xs) < 0), "instance numbers should ignore space"
+
+
+def test_missing_series_and_empty_cells_are_reported(tmp_path):
+    cfg = SynthConfig(train_studies=6, test_studies=0, image_sizes=[96], missing_series_rate=1.0,
+                      empty_label_rate=0.2)
+    data = load_rsna(synthetic.write_dataset(tmp_path / "gaps", cfg).root)
+    report = build_report(data).to_dict()
+    assert report["n_series"] == len(data.train_series)
+    missing = sum(len(v) for v in report["studies_missing_series"].values())
+    assert missing == 6
+    assert report["empty_label_cells"] == int(data.train[list(data.train.columns[1:])].isna().sum().sum()) > 0
+    assert set(data.train.iloc[:, 1:].stack().dropna().astype(str).unique()) <= set(SEVERITIES)

@@ -1,0 +1,58 @@
+"""Typed config: defaults, YAML, overrides, and errors that name the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lumbar_ray.config import Config, ConfigError, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_quickstart():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.data.root is None and cfg.synth.train_studies > 0
+
+
+def test_yaml_then_overrides_with_typed_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("synth:\n  train_studies: 10\n  image_sizes: [96]\ncv:\n  n_folds: 3\n")
+    cfg = load_config(path, ["synth.train_studies=12", "cv.seed=5", "data.root=/data/rsna"])
+    assert cfg.synth.train_studies == 12 and cfg.synth.image_sizes == [96]
+    assert cfg.cv.n_folds == 3 and cfg.cv.seed == 5 and cfg.data.root == "/data/rsna"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [(["synth.train_studeis=3"], "synth.train_studeis"), (["nope=1"], "nope"), (["cv.folds.x=1"], "cv.folds")],
+)
+def test_unknown_override_key_is_named(overrides, key):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}"):
+        load_config(None, overrides)
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("synth:\n  studies: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'synth.studies'"):
+        load_config(path)
+
+
+def test_wrong_type_and_malformed_override_are_errors():
+    with pytest.raises(ConfigError, match="synth.train_studies"):
+        load_config(None, ["synth.train_studies=many"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["synth.train_studies"])
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    cfg = load_config(None, ["synth.seed=9", "workdir=w"])
+    assert load_config(save_config(cfg, tmp_path / "resolved.yaml")) == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)
