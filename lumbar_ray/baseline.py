@@ -40,13 +40,16 @@ class BaselineResult:
     oof_csv: Path | None = None
 
 
-def fit_prior(labels: np.ndarray, weighted: bool = True) -> np.ndarray:
+def fit_prior(labels: np.ndarray, weighted: bool = True, pseudo_count: float = 0.5) -> np.ndarray:
     """Per-target class distribution of the labelled cells.
 
     Args:
         labels: ``(n, 25)`` class ids, :data:`IGNORE_INDEX` for empty cells.
         weighted: multiply the class frequencies by the metric's class weights 1/2/4 and renormalise (the
             optimal constant under the weighted log loss); else the plain frequencies.
+        pseudo_count: added to every class count (Jeffreys-style smoothing). On a small training set a class
+            never seen would otherwise get probability ~0 and an unbounded loss when it does occur; on the
+            real ~1,600 training studies of a fold it moves the score by less than 1e-3.
 
     Returns:
         ``(25, 3)`` probabilities; a target without any labelled cell gets the uniform distribution.
@@ -57,6 +60,7 @@ def fit_prior(labels: np.ndarray, weighted: bool = True) -> np.ndarray:
     classes = np.arange(len(SEVERITIES))
     # (25, 3) counts; IGNORE_INDEX matches no class.
     counts = (labels[:, :, None] == classes[None, None, :]).sum(axis=0).astype(np.float64)
+    counts[counts.sum(axis=1) > 0] += pseudo_count
     if weighted:
         counts *= np.asarray(SEVERITY_WEIGHTS)
     totals = counts.sum(axis=1, keepdims=True)
@@ -64,13 +68,16 @@ def fit_prior(labels: np.ndarray, weighted: bool = True) -> np.ndarray:
     return np.divide(counts, totals, out=uniform, where=totals > 0)
 
 
-def prior_oof_probs(labels: np.ndarray, folds: np.ndarray, weighted: bool = True) -> np.ndarray:
+def prior_oof_probs(
+    labels: np.ndarray, folds: np.ndarray, weighted: bool = True, pseudo_count: float = 0.5
+) -> np.ndarray:
     """Out-of-fold prior: each study is predicted by the prior fitted on the studies of the other folds.
 
     Args:
         labels: ``(n, 25)`` class ids.
         folds: ``(n,)`` fold of each study (aligned with ``labels``).
         weighted: see :func:`fit_prior`.
+        pseudo_count: see :func:`fit_prior`.
 
     Returns:
         ``(n, 25, 3)`` probabilities.
@@ -82,7 +89,7 @@ def prior_oof_probs(labels: np.ndarray, folds: np.ndarray, weighted: bool = True
     probs = np.empty((len(labels), len(TARGETS), len(SEVERITIES)))
     for fold in np.unique(folds):
         held_out = folds == fold
-        probs[held_out] = fit_prior(labels[~held_out], weighted=weighted)
+        probs[held_out] = fit_prior(labels[~held_out], weighted=weighted, pseudo_count=pseudo_count)
     return probs
 
 

@@ -59,7 +59,7 @@ CONDITION_GROUPS: dict[str, tuple[str, ...]] = {
     "foraminal": ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"),
     "subarticular": ("left_subarticular_stenosis", "right_subarticular_stenosis"),
 }
-"""The three scored groups of the official metric (the fourth term, any_severe_spinal, derives from spinal)."""
+"""The three scored groups of the official metric (the fourth, any_severe_spinal, derives from spinal)."""
 
 CONDITION_SERIES: dict[str, str] = {
     "spinal_canal_stenosis": "Sagittal T2/STIR",

@@ -24,18 +24,22 @@ def test_fit_prior_by_hand() -> None:
     labels[:, 0] = [0, 0, 1, 2]  # frequencies 1/2, 1/4, 1/4
     labels[:, 1] = [0, 0, 0, IGNORE_INDEX]
     labels[:, 2] = IGNORE_INDEX
-    np.testing.assert_allclose(fit_prior(labels, weighted=False)[0], [0.5, 0.25, 0.25])
+    exact = fit_prior(labels, pseudo_count=0)
+    np.testing.assert_allclose(fit_prior(labels, weighted=False, pseudo_count=0)[0], [0.5, 0.25, 0.25])
     # x (1, 2, 4) = (0.5, 0.5, 1.0) -> / 2
-    np.testing.assert_allclose(fit_prior(labels)[0], [0.25, 0.25, 0.5])
-    np.testing.assert_allclose(fit_prior(labels)[1], [1.0, 0.0, 0.0])
-    np.testing.assert_allclose(fit_prior(labels)[2], [1 / 3] * 3)  # no labelled cell: uniform
-    assert fit_prior(labels).shape == (25, 3)
+    np.testing.assert_allclose(exact[0], [0.25, 0.25, 0.5])
+    np.testing.assert_allclose(exact[1], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(exact[2], [1 / 3] * 3)  # no labelled cell: uniform
+    assert exact.shape == (25, 3)
+    # default smoothing: counts (3.5, 0.5, 0.5) x (1, 2, 4) = (3.5, 1, 2) -> / 6.5; never a zero probability
+    np.testing.assert_allclose(fit_prior(labels)[1], [3.5 / 6.5, 1 / 6.5, 2 / 6.5])
+    np.testing.assert_allclose(fit_prior(labels)[2], [1 / 3] * 3)
 
 
 def test_weighted_prior_is_the_best_constant() -> None:
     rng = np.random.default_rng(0)
     labels = rng.choice(3, p=[0.7, 0.2, 0.1], size=(400, 25))
-    prior = fit_prior(labels)
+    prior = fit_prior(labels, pseudo_count=0)
     best = score_arrays(labels, np.broadcast_to(prior, (400, 25, 3)))
     for _ in range(5):
         noisy = prior * rng.uniform(0.8, 1.2, size=prior.shape)
@@ -48,7 +52,7 @@ def test_oof_uses_only_other_folds() -> None:
     labels = np.zeros((6, 25), dtype=np.int64)
     labels[3:] = 2  # fold 1 is all severe, fold 0 all normal
     folds = np.array([0, 0, 0, 1, 1, 1])
-    probs = prior_oof_probs(labels, folds, weighted=False)
+    probs = prior_oof_probs(labels, folds, weighted=False, pseudo_count=0)
     np.testing.assert_allclose(probs[0, 0], [0.0, 0.0, 1.0])
     np.testing.assert_allclose(probs[5, 7], [1.0, 0.0, 0.0])
 

@@ -27,7 +27,11 @@ def test_yaml_then_overrides_with_typed_values(tmp_path):
 
 @pytest.mark.parametrize(
     ("overrides", "key"),
-    [(["synth.train_studeis=3"], "synth.train_studeis"), (["nope=1"], "nope"), (["cv.folds.x=1"], "cv.folds")],
+    [
+        (["synth.train_studeis=3"], "synth.train_studeis"),
+        (["nope=1"], "nope"),
+        (["cv.folds.x=1"], "cv.folds"),
+    ],
 )
 def test_unknown_override_key_is_named(overrides, key):
     with pytest.raises(ConfigError, match=f"unknown config key '{key}"):

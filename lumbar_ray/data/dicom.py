@@ -365,6 +365,12 @@ def _whitelisted_tags() -> tuple[tuple[str, int, str], ...]:
     )
 
 
+@functools.cache
+def _whitelisted_tag_set() -> frozenset[int]:
+    """Tags of :data:`WHITELISTED_TAGS`."""
+    return frozenset(tag for _, tag, _ in _whitelisted_tags())
+
+
 def _parse_raw(raw: RawDataElement, dictionary_vr: str) -> Any:
     """Fast conversion of a still-raw DS/IS/CS/US element to plain Python; ``_NOT_PARSED`` otherwise.
 
@@ -402,10 +408,11 @@ def _parse_raw(raw: RawDataElement, dictionary_vr: str) -> Any:
 def _whitelisted_meta(ds: pydicom.Dataset) -> dict[str, Any]:
     """Whitelisted tags present in ``ds`` with a non-empty value, as plain Python values."""
     meta: dict[str, Any] = {}
+    present = ds.keys() & _whitelisted_tag_set()  # one set operation instead of a lookup per absent tag
     for keyword, tag, dictionary_vr in _whitelisted_tags():
-        element = ds.get_item(tag)
-        if element is None:
+        if tag not in present:
             continue
+        element = ds.get_item(tag)
         value = _parse_raw(element, dictionary_vr) if isinstance(element, RawDataElement) else _NOT_PARSED
         if value is _NOT_PARSED:
             value = _plain(ds[tag].value)

@@ -2,15 +2,15 @@
 
 Every study is one analytic 3D phantom in patient coordinates (DICOM LPS, millimetres): six vertebral bodies
 (L1-S1) with five discs between them, the spinal canal (CSF), posterior elements, and a fat-filled neural
-foramen on each side of each level, inside a block of soft tissue. Each of the 25 targets is planted as a local
-lesion whose size grows with its severity, where the real task sees it:
+foramen on each side of each level, inside a block of soft tissue. Each of the 25 targets is planted as a
+local lesion whose size grows with its severity, where the real task sees it:
 
 - spinal canal stenosis: a disc bulge filling the front of the canal at the level's disc; read on the mid-line
   Sagittal T2/STIR slice (and visible on the axial slices of the level);
 - neural foraminal narrowing: tissue replacing the fat of the left or right foramen; read on the lateral
   Sagittal T1 slices of that side (patient left is +x in LPS, whatever the slice order);
-- subarticular stenosis: an intrusion into the left or right lateral recess of the canal, on the Axial T2 slice
-  through the level's disc.
+- subarticular stenosis: an intrusion into the left or right lateral recess of the canal, on the Axial T2
+  slice through the level's disc.
 
 Every series is rendered by sampling that same phantom on its own slice planes (from ImagePositionPatient,
 ImageOrientationPatient and PixelSpacing), so sagittal and axial series agree in patient space exactly and the
@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, ExplicitVRLittleEndian
 
 from lumbar_ray.config import SynthConfig
 from lumbar_ray.constants import (
@@ -60,23 +60,38 @@ MANIFEST_NAME = "synthetic.json"
 # Class frequencies (Normal/Mild, Moderate, Severe) per condition and level, measured on the real train.csv.
 REAL_CLASS_FREQUENCIES: dict[str, tuple[tuple[float, float, float], ...]] = {
     "spinal_canal_stenosis": (
-        (0.955, 0.034, 0.011), (0.897, 0.076, 0.027), (0.822, 0.117, 0.062), (0.751, 0.120, 0.129),
+        (0.955, 0.034, 0.011),
+        (0.897, 0.076, 0.027),
+        (0.822, 0.117, 0.062),
+        (0.751, 0.120, 0.129),
         (0.965, 0.026, 0.010),
     ),
     "left_neural_foraminal_narrowing": (
-        (0.967, 0.032, 0.001), (0.908, 0.087, 0.006), (0.771, 0.208, 0.020), (0.610, 0.319, 0.071),
+        (0.967, 0.032, 0.001),
+        (0.908, 0.087, 0.006),
+        (0.771, 0.208, 0.020),
+        (0.610, 0.319, 0.071),
         (0.632, 0.264, 0.104),
     ),
     "right_neural_foraminal_narrowing": (
-        (0.961, 0.032, 0.007), (0.912, 0.085, 0.003), (0.769, 0.210, 0.021), (0.614, 0.320, 0.066),
+        (0.961, 0.032, 0.007),
+        (0.912, 0.085, 0.003),
+        (0.769, 0.210, 0.021),
+        (0.614, 0.320, 0.066),
         (0.651, 0.252, 0.097),
     ),
     "left_subarticular_stenosis": (
-        (0.933, 0.051, 0.015), (0.821, 0.135, 0.044), (0.671, 0.230, 0.098), (0.450, 0.316, 0.234),
+        (0.933, 0.051, 0.015),
+        (0.821, 0.135, 0.044),
+        (0.671, 0.230, 0.098),
+        (0.450, 0.316, 0.234),
         (0.717, 0.208, 0.075),
     ),
     "right_subarticular_stenosis": (
-        (0.926, 0.061, 0.013), (0.833, 0.128, 0.039), (0.670, 0.230, 0.100), (0.452, 0.315, 0.233),
+        (0.926, 0.061, 0.013),
+        (0.833, 0.128, 0.039),
+        (0.670, 0.230, 0.100),
+        (0.452, 0.315, 0.233),
         (0.711, 0.201, 0.088),
     ),
 }
@@ -232,7 +247,9 @@ def build_primitives(anatomy: Anatomy, labels: np.ndarray, rng: np.random.Genera
     ]
     body_z = np.concatenate([a.disc_z + a.pitch / 2, a.disc_z[-1:] - a.pitch / 2])
     for z in body_z:
-        parts.append(Primitive((a.x0, a.body_y, z), (21.0, 15.0, 0.0), BONE, half_height=(a.pitch - disc_height) / 2))
+        parts.append(
+            Primitive((a.x0, a.body_y, z), (21.0, 15.0, 0.0), BONE, half_height=(a.pitch - disc_height) / 2)
+        )
     for z in a.disc_z:
         parts.append(Primitive((a.x0, a.body_y, z), (21.0, 15.0, 0.0), DISC, half_height=disc_height / 2))
     parts.append(Primitive((a.x0, a.canal_y, 0.0), (*a.canal_radii, 0.0), CSF, half_height=1e9))
@@ -257,7 +274,9 @@ def _lesions(a: Anatomy, labels: np.ndarray, rng: np.random.Generator, strength:
         for k, point in enumerate(a.foramen_point(side)):
             grade = _lesion_fraction(rng, labels[offset + k], strength)
             if grade > 0:
-                lesions.append(Primitive(tuple(point), (5.5 * grade, 6.0 * grade, 7.0 * grade), LESION, replaces=(FAT,)))
+                lesions.append(
+                    Primitive(tuple(point), (5.5 * grade, 6.0 * grade, 7.0 * grade), LESION, replaces=(FAT,))
+                )
     for side, condition in ((1, "left_subarticular_stenosis"), (-1, "right_subarticular_stenosis")):
         offset = CONDITIONS.index(condition) * len(LEVELS)
         for k, point in enumerate(a.subarticular_point(side)):
@@ -320,7 +339,9 @@ def _pixel_box(part, offset, row_dir, col_dir, normal, series) -> tuple[int, int
     return r0, r1, c0, c1
 
 
-def tissue_to_pixels(tissue: np.ndarray, sequence: str, rng: np.random.Generator, noise: float, gain: float) -> np.ndarray:
+def tissue_to_pixels(
+    tissue: np.ndarray, sequence: str, rng: np.random.Generator, noise: float, gain: float
+) -> np.ndarray:
     """Turn a tissue map into 12-bit MR-like pixels: signal table, smooth bias field, Rician-like noise."""
     signal = TISSUE_SIGNAL[sequence][tissue]
     rows, cols = tissue.shape
@@ -351,7 +372,9 @@ def _axial_orientation(tilt_degrees: float) -> tuple[float, ...]:
     return (1.0, 0.0, 0.0, 0.0, float(np.cos(tilt)), float(-np.sin(tilt)))
 
 
-def _axial_series(rng, anatomy: Anatomy, series_id: int, size: int, levels: range, tilted: bool) -> SeriesSpec:
+def _axial_series(
+    rng, anatomy: Anatomy, series_id: int, size: int, levels: range, tilted: bool
+) -> SeriesSpec:
     """Axial T2 blocks of slices through the discs of ``levels``; tilted blocks follow each disc's angle."""
     fov = rng.uniform(150.0, 180.0)
     series = SeriesSpec(series_id, "Axial T2", size, size, (fov / size, fov / size), 4.0)
@@ -363,9 +386,15 @@ def _axial_series(rng, anatomy: Anatomy, series_id: int, size: int, levels: rang
         row_dir, col_dir = np.asarray(orientation[:3]), np.asarray(orientation[3:])
         normal = np.cross(row_dir, col_dir)
         # The block's middle plane passes through the level's subarticular points (both sides lie on it).
-        anchor = anatomy.subarticular_point(1)[k] * np.array([0.0, 1.0, 1.0]) + np.array([anatomy.x0, 0.0, 0.0])
+        anchor = anatomy.subarticular_point(1)[k] * np.array([0.0, 1.0, 1.0]) + np.array(
+            [anatomy.x0, 0.0, 0.0]
+        )
         centre = anchor + (anatomy.body_y + 14.0 - anchor[1]) * col_dir  # in-plane shift: still on the plane
-        top_left = centre - (size - 1) / 2 * series.spacing[1] * row_dir - (size - 1) / 2 * series.spacing[0] * col_dir
+        top_left = (
+            centre
+            - (size - 1) / 2 * series.spacing[1] * row_dir
+            - (size - 1) / 2 * series.spacing[0] * col_dir
+        )
         offsets = (np.arange(per_level) - (per_level - 1) // 2) * spacing
         for offset in offsets[::-1]:  # cranial slice first, as axial stacks are usually acquired
             series.slices.append(SliceSpec(top_left + offset * normal, orientation, instance))
@@ -389,7 +418,9 @@ def _nearest_slice(point: np.ndarray, series: SeriesSpec) -> SliceSpec:
     return min(series.slices, key=distance)
 
 
-def label_coordinates(study_id: int, labels: np.ndarray, anatomy: Anatomy, series: list[SeriesSpec]) -> list[dict]:
+def label_coordinates(
+    study_id: int, labels: np.ndarray, anatomy: Anatomy, series: list[SeriesSpec]
+) -> list[dict]:
     """Rows of train_label_coordinates.csv: each labelled target's point on the slice nearest to it."""
     by_type = {}
     for spec in series:
@@ -410,11 +441,17 @@ def label_coordinates(study_id: int, labels: np.ndarray, anatomy: Anatomy, serie
                 continue
             spec = _nearest_slice(level_points[k], target_series)
             x, y = _pixel_of(level_points[k], target_series, spec)
-            rows.append({
-                "study_id": study_id, "series_id": target_series.series_id,
-                "instance_number": spec.instance_number, "condition": CONDITION_TITLES[condition],
-                "level": LEVEL_TITLES[level], "x": round(x, 3), "y": round(y, 3),
-            })
+            rows.append(
+                {
+                    "study_id": study_id,
+                    "series_id": target_series.series_id,
+                    "instance_number": spec.instance_number,
+                    "condition": CONDITION_TITLES[condition],
+                    "level": LEVEL_TITLES[level],
+                    "x": round(x, 3),
+                    "y": round(y, 3),
+                }
+            )
     return rows
 
 
@@ -439,7 +476,9 @@ def plan_study(study_id: int, series_ids: list[int], rng: np.random.Generator, c
     series = [
         _sagittal_series(rng, anatomy, series_ids[0], "Sagittal T1", size),
         _sagittal_series(rng, anatomy, series_ids[1], "Sagittal T2/STIR", size),
-        _axial_series(rng, anatomy, series_ids[2], size, range(len(LEVELS)), rng.random() < cfg.tilted_axial_rate),
+        _axial_series(
+            rng, anatomy, series_ids[2], size, range(len(LEVELS)), rng.random() < cfg.tilted_axial_rate
+        ),
     ]
     if rng.random() < cfg.extra_axial_rate:  # a repeat acquisition over the lower levels
         series.append(_axial_series(rng, anatomy, series_ids[3], size, range(2, len(LEVELS)), False))
@@ -460,7 +499,7 @@ def _uid(*parts: int) -> str:
 
 
 def _series_dataset(study: StudySpec, series: SeriesSpec, study_index: int) -> Dataset:
-    """The tags shared by every slice of a series (identifying tags hold obvious fakes, to test the reader)."""
+    """The tags shared by every slice of a series (identifying tags hold fakes, to test the reader)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
@@ -579,7 +618,9 @@ def write_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bo
         return SynthResult(root, cfg.train_studies, cfg.test_studies, summary["files"], reused=True)
     if root.exists() and any(root.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{root} exists and is not a synthetic dataset of this config; pass overwrite")
+            raise FileExistsError(
+                f"{root} exists and is not a synthetic dataset of this config; pass overwrite"
+            )
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     total = cfg.train_studies + cfg.test_studies
@@ -596,8 +637,13 @@ def write_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bo
         studies[split].append(study)
     _write_tables(root, studies["train"], studies["test"])
     manifest_path.write_text(json.dumps({"manifest": _manifest(cfg), "files": files}, indent=2))
-    logger.info("wrote %d train + %d test synthetic studies (%d DICOM files) to %s",
-                cfg.train_studies, cfg.test_studies, files, root)
+    logger.info(
+        "wrote %d train + %d test synthetic studies (%d DICOM files) to %s",
+        cfg.train_studies,
+        cfg.test_studies,
+        files,
+        root,
+    )
     return SynthResult(root, cfg.train_studies, cfg.test_studies, files, reused=False)
 
 

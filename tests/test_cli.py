@@ -1,0 +1,86 @@
+"""The command line, run as a user would: a real subprocess of ``python -m lumbar_ray``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lumbar_ray", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+def test_help_lists_every_command_with_help_text():
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("synth", "report", "baseline", "score", "quickstart"):
+        assert command in result.stdout
+    assert "Write a synthetic RSNA-format dataset" in result.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_prints_report_and_baseline_score(tmp_path):
+    workdir = tmp_path / "work"
+    result = run_cli(
+        "quickstart",
+        "--workdir",
+        str(workdir),
+        "synth.train_studies=12",
+        "synth.test_studies=1",
+        "synth.image_sizes=[96]",
+        "cv.n_folds=3",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "RSNA data report" in result.stdout and "train: 12 studies" in result.stdout
+    assert "Prior baseline, 3-fold out of fold" in result.stdout
+    total = next(line for line in result.stdout.splitlines() if line.strip().startswith("total"))
+    assert 0.2 < float(total.split()[-1]) < 1.2
+    assert (workdir / "resolved_config.yaml").is_file() and (workdir / "baseline_oof.csv").is_file()
+    assert "train_studies: 12" in (workdir / "resolved_config.yaml").read_text()
+    # rerun with the same config reuses the dataset instead of writing it again
+    again = run_cli(
+        "quickstart",
+        "--workdir",
+        str(workdir),
+        "synth.train_studies=12",
+        "synth.test_studies=1",
+        "synth.image_sizes=[96]",
+        "cv.n_folds=3",
+    )
+    assert again.returncode == 0 and "reusing it" in again.stderr
+
+
+def test_synth_then_report_and_score(tmp_path):
+    out = tmp_path / "rsna"
+    result = run_cli(
+        "synth", "--out", str(out), "--studies", "3", "--test-studies", "1", "synth.image_sizes=[96]"
+    )
+    assert result.returncode == 0, result.stderr
+    assert (out / "train_label_coordinates.csv").is_file() and (out / "sample_submission.csv").is_file()
+    report = run_cli("report", "--data", str(out), "--check-images")
+    assert report.returncode == 0 and "train: 3 studies" in report.stdout
+    baseline = run_cli("baseline", "--data", str(out), "--folds", "3", "--out", str(tmp_path / "oof.csv"))
+    assert baseline.returncode == 0, baseline.stderr
+    scored = run_cli("score", "--solution", str(out / "train.csv"), "--submission", str(tmp_path / "oof.csv"))
+    assert scored.returncode == 0, scored.stderr
+    assert scored.stdout.split() == baseline.stdout.split()  # same figures from the written file
+
+
+def test_input_errors_are_one_clear_line(tmp_path):
+    bad_key = run_cli("quickstart", "--workdir", str(tmp_path), "synth.studies=3")
+    assert bad_key.returncode == 2
+    assert "unknown config key 'synth.studies'" in bad_key.stderr and "Traceback" not in bad_key.stderr
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    pd.DataFrame({"study_id": [1], "series_id": [2], "series_description": ["Coronal T9"]}).to_csv(
+        folder / "train_series_descriptions.csv", index=False
+    )
+    broken = run_cli("report", "--data", str(folder))
+    assert broken.returncode == 2
+    assert "train_series_descriptions.csv" in broken.stderr and "Coronal T9" in broken.stderr
