@@ -53,6 +53,22 @@ class DataConfig(_Strict):
     root: str | None = Field(None, description="RSNA-format folder; None = synthetic dataset under workdir")
 
 
+class PreprocessConfig(_Strict):
+    """DICOM -> cache: what the cached volumes look like, and how the Ray Data job is sized.
+
+    Only ``image_size``, ``clip_percentiles`` and the cache format version define the cache key; the resources
+    do not change a single cached byte.
+    """
+
+    image_size: int = Field(256, ge=16, description="in-plane size (square) of every cached slice")
+    clip_percentiles: tuple[float, float] = Field((0.5, 99.5), description="intensity window per series")
+    cache: str | None = Field(None, description="cache folder or URI (s3://...); None = <workdir>/cache")
+    workers: int = Field(2, ge=1, description="actor pool size: series decoded in parallel")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per preprocessing actor")
+    max_retries: int = Field(3, ge=0, description="restarts of a dead actor and retries of its tasks")
+    strict: bool = Field(False, description="exit non-zero when any series failed")
+
+
 class CVConfig(_Strict):
     """Cross-validation folds, grouped by study and stratified on the labels."""
 
@@ -66,6 +82,7 @@ class Config(_Strict):
     workdir: str = Field("lumbar_ray_work", description="cache, checkpoints and the local MLflow store")
     data: DataConfig = DataConfig()
     synth: SynthConfig = SynthConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
     cv: CVConfig = CVConfig()
 
     def to_yaml(self) -> str:

@@ -110,12 +110,19 @@ class DicomReadError(ValueError):
 
     Attributes:
         path: The offending file or folder.
+        cause: What is wrong, in words.
+        kind: A short category for failure tables: ``not_dicom``, ``no_pixels``, ``undecodable`` (truncated or
+            corrupt pixel data), ``not_grayscale``, ``missing_folder`` or ``empty_folder``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], cause: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], cause: str, kind: str = "unreadable") -> None:
         self.path = str(path)
         self.cause = cause
+        self.kind = kind
         super().__init__(f"{self.path}: {cause}")
+
+    def __reduce__(self):  # keep path/cause/kind when the error crosses a process boundary (Ray)
+        return (type(self), (self.path, self.cause, self.kind))
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,15 +504,21 @@ def _read_raw(path: str | os.PathLike[str]) -> _RawSlice:
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises many types for garbage; all mean "not readable DICOM"
-        raise DicomReadError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+        raise DicomReadError(
+            path, f"not a readable DICOM file ({type(exc).__name__}: {exc})", "not_dicom"
+        ) from exc
     if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):
-        raise DicomReadError(path, "DICOM file has no pixel data")
+        raise DicomReadError(path, "DICOM file has no pixel data", "no_pixels")
     try:
         stored = _decode(ds)
     except Exception as exc:  # truncated data, missing decoder plug-in, bad group 0028 values
-        raise DicomReadError(path, f"cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
+        raise DicomReadError(
+            path, f"cannot decode pixel data ({type(exc).__name__}: {exc})", "undecodable"
+        ) from exc
     if stored.ndim != 2:
-        raise DicomReadError(path, f"expected one grayscale frame, got pixel array of shape {stored.shape}")
+        raise DicomReadError(
+            path, f"expected one grayscale frame, got pixel array of shape {stored.shape}", "not_grayscale"
+        )
 
     meta = _whitelisted_meta(ds)
     slope = (
@@ -704,14 +717,14 @@ def _common_meta(raws: Sequence[_RawSlice]) -> dict[str, Any]:
 def _series_files(folder: Path) -> list[Path]:
     """The ``*.dcm`` files of a series folder in natural name order."""
     if not folder.is_dir():
-        raise DicomReadError(folder, "series folder does not exist or is not a directory")
+        raise DicomReadError(folder, "series folder does not exist or is not a directory", "missing_folder")
     files = [
         p
         for p in folder.iterdir()
         if p.suffix.lower() == ".dcm" and not p.name.startswith(".") and p.is_file()
     ]
     if not files:
-        raise DicomReadError(folder, "series folder contains no .dcm files")
+        raise DicomReadError(folder, "series folder contains no .dcm files", "empty_folder")
     return sorted(files, key=lambda p: _natural_key(p.name))
 
 
