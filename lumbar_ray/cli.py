@@ -102,6 +102,28 @@ def score(
 
 
 @app.command()
+def preprocess(
+    data: Annotated[Path, typer.Option(help="RSNA-format folder", exists=True, file_okay=False)],
+    cache: Annotated[str, typer.Option(help="cache root: a folder or a URI such as s3://bucket/cache")],
+    workers: Annotated[int | None, typer.Option(help="actor pool size (series decoded in parallel)")] = None,
+    strict: Annotated[bool, typer.Option(help="exit 1 when any series failed")] = False,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Decode every series into the cache with Ray Data (resumable; failures tabled, never fatal)."""
+    from lumbar_ray.config import load_config
+    from lumbar_ray.data.preprocess import run_preprocess
+
+    options = [f"preprocess.workers={workers}"] if workers is not None else []
+    cfg = load_config(config, [*options, *(overrides or [])])
+    summary = run_preprocess(data, cache, cfg.preprocess)
+    typer.echo(summary.format())
+    if (strict or cfg.preprocess.strict) and summary.failed:
+        typer.echo(f"error: {summary.failed} series failed (--strict)", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="where data, caches, checkpoints and mlflow.db go")] = Path(
         "lumbar_ray_work"
@@ -120,19 +142,26 @@ def quickstart(
     typer.echo(f"Prior baseline, {cfg.cv.n_folds}-fold out of fold (official metric):")
     typer.echo(result.baseline.score.format())
     typer.echo("")
+    typer.echo("Preprocessing (Ray Data):")
+    typer.echo(result.preprocess.format())
+    typer.echo("")
     typer.echo(f"data:     {result.data_root}")
     typer.echo(f"workdir:  {result.workdir}")
 
 
-def main() -> None:
-    """Console entry point: input errors become one clear line on stderr and exit code 2, not a traceback."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: input errors become one clear line on stderr and exit code 2, not a traceback.
+
+    Args:
+        argv: arguments instead of ``sys.argv[1:]`` (the ``jobs/*.py`` entrypoints pass theirs).
+    """
     from lumbar_ray.config import ConfigError
     from lumbar_ray.data.dicom import DicomReadError
     from lumbar_ray.data.rsna import RsnaFormatError
     from lumbar_ray.metrics import SubmissionError
 
     try:
-        app()
+        app(argv)
     except (ConfigError, RsnaFormatError, DicomReadError, SubmissionError, FileExistsError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None

@@ -65,7 +65,6 @@ class PreprocessConfig(_Strict):
     cache: str | None = Field(None, description="cache folder or URI (s3://...); None = <workdir>/cache")
     workers: int = Field(2, ge=1, description="actor pool size: series decoded in parallel")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per preprocessing actor")
-    max_retries: int = Field(3, ge=0, description="restarts of a dead actor and retries of its tasks")
     strict: bool = Field(False, description="exit non-zero when any series failed")
 
 

@@ -1,7 +1,8 @@
 """The quickstart: the whole pipeline on built-in synthetic data, on one machine, with embedded defaults.
 
-For now it synthesises a small RSNA-format dataset, validates it, reports on it and scores the prior baseline;
-later stages (preprocessing, training, tuning, registry, inference) join as they land.
+For now it synthesises a small RSNA-format dataset, validates it, reports on it, scores the prior baseline and
+preprocesses every series into the cache with Ray Data; later stages (training, tuning, registry, inference)
+join as they land.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from lumbar_ray.baseline import BaselineResult, run_baseline
 from lumbar_ray.config import Config, save_config
+from lumbar_ray.data.preprocess import PreprocessSummary, run_preprocess
 from lumbar_ray.data.rsna import DataReport, build_report, load_rsna
 from lumbar_ray.data.synthetic import write_dataset
 
@@ -27,6 +29,7 @@ class QuickstartResult:
     data_root: Path
     report: DataReport
     baseline: BaselineResult
+    preprocess: PreprocessSummary
 
 
 def data_root_for(config: Config) -> Path:
@@ -34,8 +37,13 @@ def data_root_for(config: Config) -> Path:
     return Path(config.data.root) if config.data.root else Path(config.workdir) / "data" / "synthetic"
 
 
+def cache_root_for(config: Config) -> str:
+    """The preprocessing cache root: ``preprocess.cache``, or ``<workdir>/cache``."""
+    return config.preprocess.cache or str(Path(config.workdir) / "cache")
+
+
 def run_quickstart(config: Config) -> QuickstartResult:
-    """Synthesise (or reuse) the dataset, validate it, build its report and score the prior baseline."""
+    """Synthesise (or reuse) the dataset, validate and report it, score the prior, preprocess into the cache."""
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(config, workdir / "resolved_config.yaml")
@@ -48,5 +56,8 @@ def run_quickstart(config: Config) -> QuickstartResult:
     baseline = run_baseline(
         root, n_folds=config.cv.n_folds, seed=config.cv.seed, out_csv=workdir / "baseline_oof.csv"
     )
+    preprocessed = run_preprocess(root, cache_root_for(config), config.preprocess)
     logger.info("quickstart finished in %s", workdir)
-    return QuickstartResult(workdir=workdir, data_root=root, report=report, baseline=baseline)
+    return QuickstartResult(
+        workdir=workdir, data_root=root, report=report, baseline=baseline, preprocess=preprocessed
+    )

@@ -54,3 +54,15 @@ def synthetic_dir(tmp_path_factory, synthetic_config) -> Path:
     from lumbar_ray.data.synthetic import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("synthetic") / "rsna", synthetic_config).root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs) shared by every in-process Ray test of the session."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

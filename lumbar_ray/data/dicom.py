@@ -495,7 +495,10 @@ def _decode(ds: pydicom.Dataset) -> np.ndarray:
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if transfer_syntax is None:
         return ds.pixel_array  # let pydicom infer the encoding
-    array, _ = get_decoder(transfer_syntax).as_array(ds, view_only=True)
+    # A view is impossible when unused high bits must be masked (BitsStored < BitsAllocated): asking for one
+    # then only makes pydicom log a warning per file before it copies anyway.
+    view_only = ds.get("BitsStored") == ds.get("BitsAllocated")
+    array, _ = get_decoder(transfer_syntax).as_array(ds, view_only=view_only)
     return array
 
 

@@ -1,0 +1,208 @@
+"""The preprocessed-series cache: format, atomic writes, reading back, and coordinate mapping.
+
+Layout under a cache root (a local folder or any URI pyarrow understands, e.g. ``s3://bucket/cache``)::
+
+    <root>/<key>/                       key = "pp-" + hash of the preprocessing settings and FORMAT_VERSION
+        config.json                     the settings that produced this version
+        series/<study_id>/<series_id>.npy    uint8 volume, shape (n_slices, size, size)
+        series/<study_id>/<series_id>.json   per-slice geometry, scale factors, intensity window, warnings
+        manifest.parquet                one row per cached series (rewritten at the end of each run)
+        failures.csv                    problems of the latest run: study, series, file, kind, error, outcome
+
+A changed setting gives a new key, so versions never mix. Each file is written to a temporary name and then
+renamed; the ``.json`` is written after the ``.npy`` and is the entry's commit marker: an entry exists only when
+its ``.json`` does, so a killed run never leaves a half-written entry behind (a stray ``.npy`` or temporary file
+is overwritten by the next run).
+
+Slices of a series with several orientations are concatenated stack after stack (each sorted along its own
+normal, see :mod:`lumbar_ray.data.dicom`); ``slices.stack`` says which stack a slice belongs to. Every slice
+is resized from its instance's own grid to ``size x size``; a point maps with pixel-centre alignment:
+``x_cache = (x + 0.5) * scale_x - 0.5`` with ``scale_x = size / original_columns`` (and the same for y).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.parquet"
+FAILURES_NAME = "failures.csv"
+FAILURE_COLUMNS = ("study_id", "series_id", "split", "file", "kind", "error", "outcome")
+
+
+def cache_key(settings: dict[str, Any]) -> str:
+    """Version key of a cache: a hash of the settings that change cached bytes, and the format version."""
+    payload = json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True)
+    return "pp-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path of a local folder (relative allowed) or a URI such as ``s3://b/p``."""
+    text = str(uri)
+    if "://" not in text:
+        return pafs.LocalFileSystem(), str(Path(text).resolve())
+    return pafs.FileSystem.from_uri(text)
+
+
+@dataclass
+class CachedSeries:
+    """One cached series: the volume and what is needed to map points to and from the original images."""
+
+    volume: np.ndarray
+    meta: dict[str, Any]
+
+    @property
+    def instance_numbers(self) -> np.ndarray:
+        return np.asarray(self.meta["slices"]["instance_number"])
+
+    @property
+    def scale(self) -> np.ndarray:
+        """Per-slice ``(scale_y, scale_x)``: cache pixels per original pixel."""
+        return np.asarray(self.meta["slices"]["scale"], dtype=np.float64)
+
+    def slice_of_instance(self, instance_number: int) -> int:
+        """Index in the cached volume of the slice with this InstanceNumber.
+
+        Raises:
+            KeyError: if the series has no such instance.
+        """
+        matches = np.flatnonzero(self.instance_numbers == instance_number)
+        if len(matches) == 0:
+            raise KeyError(f"series {self.meta['series_id']} has no instance {instance_number}")
+        return int(matches[0])
+
+    def original_to_cache(self, instance_number: int, x: float, y: float) -> tuple[int, float, float]:
+        """Map a point of an instance's own pixel grid (x = column, y = row) to ``(slice, x, y)`` in the cache."""
+        index = self.slice_of_instance(instance_number)
+        scale_y, scale_x = self.scale[index]
+        return index, (x + 0.5) * scale_x - 0.5, (y + 0.5) * scale_y - 0.5
+
+    def cache_to_original(self, index: int, x: float, y: float) -> tuple[int, float, float]:
+        """Map a cache point ``(slice, x, y)`` back to ``(instance_number, x, y)`` in that instance's grid."""
+        scale_y, scale_x = self.scale[index]
+        return int(self.instance_numbers[index]), (x + 0.5) / scale_x - 0.5, (y + 0.5) / scale_y - 0.5
+
+
+class SeriesCache:
+    """One version of the cache (root + key): atomic entry writes, existence checks, reads.
+
+    Args:
+        root: cache root folder or URI.
+        settings: the preprocessing settings that define the version (see :func:`cache_key`).
+    """
+
+    def __init__(self, root: str | Path, settings: dict[str, Any]) -> None:
+        self.root = str(root)
+        self.settings = dict(settings)
+        self.key = cache_key(self.settings)
+        self.fs, base = filesystem(root)
+        self.path = f"{base.rstrip('/')}/{self.key}"
+
+    def __reduce__(self):  # rebuild the filesystem on the worker rather than pickling it
+        return (SeriesCache, (self.root, self.settings))
+
+    def _entry(self, study_id: int, series_id: int, suffix: str) -> str:
+        return f"{self.path}/series/{study_id}/{series_id}.{suffix}"
+
+    def prepare(self) -> None:
+        """Create the version folder and write its ``config.json`` (idempotent)."""
+        self.fs.create_dir(f"{self.path}/series", recursive=True)
+        config = f"{self.path}/config.json"
+        if self.fs.get_file_info(config).type != pafs.FileType.File:  # a rerun changes nothing
+            self._write_bytes(config, json.dumps(self.settings, indent=2).encode())
+
+    def has(self, study_id: int, series_id: int) -> bool:
+        """Whether the entry is complete (its ``.json`` commit marker exists)."""
+        return self.fs.get_file_info(self._entry(study_id, series_id, "json")).type == pafs.FileType.File
+
+    def write(self, study_id: int, series_id: int, volume: np.ndarray, meta: dict[str, Any]) -> None:
+        """Write one entry atomically: the volume first, then the metadata that commits it."""
+        self.fs.create_dir(f"{self.path}/series/{study_id}", recursive=True)
+        buffer = io.BytesIO()
+        np.save(buffer, volume, allow_pickle=False)
+        self._write_bytes(self._entry(study_id, series_id, "npy"), buffer.getvalue())
+        self._write_bytes(self._entry(study_id, series_id, "json"), json.dumps(meta).encode())
+
+    def _write_bytes(self, path: str, data: bytes) -> None:
+        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(temporary) as stream:
+            stream.write(data)
+        self.fs.move(temporary, path)  # rename: readers see the old file or the whole new one
+
+    def read_meta(self, study_id: int, series_id: int) -> dict[str, Any]:
+        """The metadata of one entry."""
+        with self.fs.open_input_stream(self._entry(study_id, series_id, "json")) as stream:
+            return json.loads(stream.read())
+
+    def read(self, study_id: int, series_id: int, mmap: bool = False) -> CachedSeries:
+        """Load one entry; ``mmap`` memory-maps the volume of a local cache (crops read only what they need)."""
+        meta = self.read_meta(study_id, series_id)
+        path = self._entry(study_id, series_id, "npy")
+        if mmap and isinstance(self.fs, pafs.LocalFileSystem):
+            volume = np.load(path, mmap_mode="r")
+        else:
+            with self.fs.open_input_file(path) as handle:
+                volume = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+        return CachedSeries(volume=volume, meta=meta)
+
+    def read_manifest(self) -> pd.DataFrame:
+        """The manifest (empty frame when none was written yet)."""
+        path = f"{self.path}/{MANIFEST_NAME}"
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return pd.DataFrame(columns=list(MANIFEST_COLUMNS))
+        with self.fs.open_input_file(path) as handle:
+            return pd.read_parquet(io.BytesIO(handle.read()))
+
+    def write_manifest(self, manifest: pd.DataFrame) -> None:
+        """Replace the manifest atomically."""
+        buffer = io.BytesIO()
+        manifest.to_parquet(buffer, index=False)
+        self._write_bytes(f"{self.path}/{MANIFEST_NAME}", buffer.getvalue())
+
+    def write_failures(self, failures: pd.DataFrame) -> None:
+        """Replace the failures table of the latest run atomically."""
+        self._write_bytes(f"{self.path}/{FAILURES_NAME}", failures.to_csv(index=False).encode())
+
+    def read_failures(self) -> pd.DataFrame:
+        """The failures table of the latest run (empty when there is none)."""
+        path = f"{self.path}/{FAILURES_NAME}"
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return pd.DataFrame(columns=list(FAILURE_COLUMNS))
+        with self.fs.open_input_stream(path) as stream:
+            return pd.read_csv(io.BytesIO(stream.read()))
+
+
+MANIFEST_COLUMNS = (
+    "study_id",
+    "series_id",
+    "split",
+    "series_description",
+    "n_slices",
+    "n_stacks",
+    "size",
+    "warnings",
+)
+
+
+def manifest_row(meta: dict[str, Any]) -> dict[str, Any]:
+    """The manifest row of one entry, from its metadata."""
+    return {
+        "study_id": int(meta["study_id"]),
+        "series_id": int(meta["series_id"]),
+        "split": meta["split"],
+        "series_description": meta["series_description"],
+        "n_slices": len(meta["slices"]["instance_number"]),
+        "n_stacks": len(meta["stacks"]),
+        "size": int(meta["size"]),
+        "warnings": ";".join(meta["warnings"]),
+    }

@@ -1,0 +1,381 @@
+"""DICOM series -> the cache that training, tuning and inference read: a Ray Data job.
+
+The pure core (:func:`preprocess_series`) turns one series read by :func:`lumbar_ray.data.dicom.read_series`
+into a cache entry:
+
+- intensities: per series, clipped to the ``clip_percentiles`` of all its voxels (after rescale and
+  MONOCHROME1 inversion) and mapped linearly to uint8 0..255 (a constant series maps to 0); the window in
+  original units is kept in the metadata;
+- geometry: every slice resized from its instance's own grid to ``image_size x image_size`` (area averaging
+  when shrinking, bilinear when growing); the per-slice scale factors, positions, orientations, pixel spacings,
+  original shapes and instance numbers are kept, so label coordinates and predicted points map both ways
+  (see :mod:`lumbar_ray.data.cache`);
+- warnings, not failures: several orientations (stacks), slices of mixed shapes, incomplete geometry.
+
+The Ray layer (:func:`run_preprocess`) builds one row per series from the validated CSVs (no globbing of image
+files on the driver), skips series already in the manifest of this cache version, and runs the rest through
+``map_batches`` on an actor pool; each actor writes its entries straight to the cache (volumes never travel
+through the driver) and returns one small status row per series. A bad series becomes a row of the failures
+table naming study, series, file and kind; it never stops the job. Dead actors are restarted and their tasks
+retried (Ray Data's actor-pool defaults). Entries written by a run that was killed are found by the next run and reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from lumbar_ray.config import PreprocessConfig
+from lumbar_ray.data.cache import FAILURE_COLUMNS, MANIFEST_COLUMNS, SeriesCache, manifest_row
+from lumbar_ray.data.dicom import DicomReadError, DicomSeries, read_series
+from lumbar_ray.data.rsna import load_rsna
+
+logger = logging.getLogger(__name__)
+
+STATUS_COLUMNS = (
+    "study_id",
+    "series_id",
+    "split",
+    "series_description",
+    "status",
+    "n_slices",
+    "n_stacks",
+    "size",
+    "kind",
+    "file",
+    "error",
+    "warnings",
+)
+
+
+def cache_settings(cfg: PreprocessConfig) -> dict[str, Any]:
+    """The settings that change cached bytes (and so define the cache version)."""
+    return {"image_size": cfg.image_size, "clip_percentiles": list(cfg.clip_percentiles), "dtype": "uint8"}
+
+
+def intensity_window(volume: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """The series' clipping window: the given percentiles of all voxels.
+
+    A strided sample of at most ~1M voxels is used: the percentiles of a large series change by far less than
+    one output grey level, and a full sort would cost more than decoding.
+    """
+    flat = volume.reshape(-1)
+    step = max(1, flat.size // 1_000_000)
+    low, high = np.percentile(flat[::step], percentiles)
+    return float(low), float(high)
+
+
+def to_uint8(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip to ``[low, high]`` and map linearly to 0..255 (a flat window maps everything to 0)."""
+    if high <= low:
+        return np.zeros(image.shape, dtype=np.uint8)
+    scaled = (image - low) * (255.0 / (high - low))
+    return np.clip(scaled, 0.0, 255.0, out=scaled).round().astype(np.uint8)
+
+
+def resize_slice(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize one slice to ``size x size``: area averaging when shrinking (no aliasing), bilinear when growing."""
+    shrinking = image.shape[0] > size or image.shape[1] > size
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def series_warnings(series: DicomSeries) -> list[str]:
+    """Handled oddities worth reporting: several orientations, mixed slice shapes, incomplete geometry."""
+    warnings = []
+    if len(series.stacks) > 1:
+        warnings.append(f"multiple_orientations: {len(series.stacks)} stacks")
+    resized = sum(int(np.sum(stack.resized)) for stack in series.stacks)
+    if resized:
+        warnings.append(f"mixed_shapes: {resized} slices resized to their stack's modal shape")
+    if not series.geometry_complete:
+        warnings.append("incomplete_geometry: slices without position/orientation ordered by instance number")
+    return warnings
+
+
+def preprocess_series(series: DicomSeries, cfg: PreprocessConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """One series -> ``(uint8 volume (n, size, size), metadata)`` as stored in the cache."""
+    size = cfg.image_size
+    volumes = [stack.volume for stack in series.stacks]
+    low, high = intensity_window(np.concatenate([v.reshape(-1) for v in volumes]), cfg.clip_percentiles)
+    out = np.empty((series.n_slices, size, size), dtype=np.uint8)
+    slices: dict[str, list] = {
+        key: []
+        for key in (
+            "instance_number",
+            "stack",
+            "position",
+            "orientation",
+            "pixel_spacing",
+            "original_shape",
+            "scale",
+            "resized",
+            "position_along_normal",
+            "file_name",
+        )
+    }
+    stacks = []
+    index = 0
+    for stack_index, stack in enumerate(series.stacks):
+        stacks.append(
+            {
+                "start": index,
+                "stop": index + stack.n_slices,
+                "orientation": None if stack.orientation is None else [float(v) for v in stack.orientation],
+                "normal": None if stack.normal is None else [float(v) for v in stack.normal],
+            }
+        )
+        for i, geometry in enumerate(stack.geometry):
+            out[index] = resize_slice(to_uint8(stack.volume[i], low, high), size)
+            rows, cols = geometry.shape
+            slices["instance_number"].append(geometry.instance_number)
+            slices["stack"].append(stack_index)
+            slices["position"].append(None if geometry.position is None else list(geometry.position))
+            slices["orientation"].append(None if geometry.orientation is None else list(geometry.orientation))
+            slices["pixel_spacing"].append(
+                None if geometry.pixel_spacing is None else list(geometry.pixel_spacing)
+            )
+            slices["original_shape"].append([rows, cols])
+            slices["scale"].append([size / rows, size / cols])
+            slices["resized"].append(bool(stack.resized[i]))
+            slices["position_along_normal"].append(float(stack.positions_along_normal[i]))
+            slices["file_name"].append(geometry.file_name)
+            index += 1
+    meta = {
+        "size": size,
+        "intensity_window": [low, high],
+        "stacks": stacks,
+        "slices": slices,
+        "dicom": series.meta,
+        "warnings": series_warnings(series),
+    }
+    return out, meta
+
+
+def _failure_file(error: Exception, folder: Path) -> str:
+    path = getattr(error, "path", None)
+    return Path(path).name if path and Path(path) != folder else ""
+
+
+def process_row(row: dict[str, Any], cache: SeriesCache, cfg: PreprocessConfig) -> dict[str, Any]:
+    """Cache one series (or find it cached by an interrupted run); never raises for bad input."""
+    study_id, series_id = int(row["study_id"]), int(row["series_id"])
+    status = {key: None for key in STATUS_COLUMNS} | {
+        "study_id": study_id,
+        "series_id": series_id,
+        "split": row["split"],
+        "series_description": row["series_description"],
+        "n_slices": 0,
+        "n_stacks": 0,
+        "size": cfg.image_size,
+    }
+    if cache.has(study_id, series_id):  # written by a run that was killed before its manifest
+        return status | manifest_row(cache.read_meta(study_id, series_id)) | {"status": "recovered"}
+    folder = Path(row["folder"])
+    try:
+        series = read_series(folder)
+        volume, meta = preprocess_series(series, cfg)
+    except DicomReadError as error:
+        return status | {
+            "status": "failed",
+            "kind": error.kind,
+            "file": _failure_file(error, folder),
+            "error": error.cause,
+        }
+    except Exception as error:  # a bug or an exotic file must not kill the job: record it, name the series
+        logger.exception("unexpected error on series %s/%s", study_id, series_id)
+        return status | {"status": "failed", "kind": type(error).__name__, "file": "", "error": str(error)}
+    meta |= {
+        "study_id": study_id,
+        "series_id": series_id,
+        "split": row["split"],
+        "series_description": row["series_description"],
+    }
+    cache.write(study_id, series_id, volume, meta)
+    return status | manifest_row(meta) | {"status": "done"}
+
+
+class SeriesWorker:
+    """The Ray Data actor: caches the series of each batch and returns their status rows."""
+
+    def __init__(self, cache: SeriesCache, cfg: PreprocessConfig) -> None:
+        self.cache = cache
+        self.cfg = cfg
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        statuses = [process_row(row, self.cache, self.cfg) for row in rows]
+        return {key: [status[key] for status in statuses] for key in STATUS_COLUMNS}
+
+
+def series_items(data_root: str | Path) -> list[dict[str, Any]]:
+    """One item per series listed in the validated CSVs (train and test), with its expected folder."""
+    data = load_rsna(data_root)
+    items = []
+    for split, frame, images in (
+        ("train", data.train_series, data.train_images_dir),
+        ("test", data.test_series, data.test_images_dir),
+    ):
+        if frame is None:
+            continue
+        images = Path(images) if images is not None else Path(data_root) / f"{split}_images"
+        for row in frame.itertuples(index=False):
+            items.append(
+                {
+                    "study_id": int(row.study_id),
+                    "series_id": int(row.series_id),
+                    "split": split,
+                    "series_description": str(row.series_description),
+                    "folder": str(images / str(row.study_id) / str(row.series_id)),
+                }
+            )
+    return items
+
+
+@dataclass
+class PreprocessSummary:
+    """What a preprocessing run did."""
+
+    cache_path: str
+    key: str
+    total: int
+    done: int
+    recovered: int
+    skipped: int
+    failed: int
+    slices: int
+    seconds: float
+    failures: pd.DataFrame = field(repr=False)
+    warnings: int = 0
+
+    @property
+    def slices_per_second(self) -> float:
+        return self.slices / self.seconds if self.seconds > 0 else 0.0
+
+    def failure_counts(self) -> dict[str, int]:
+        """Failed series by kind."""
+        failed = self.failures[self.failures["outcome"] == "failed"]
+        return {str(k): int(v) for k, v in failed["kind"].value_counts().sort_index().items()}
+
+    def format(self) -> str:
+        """The end-of-run summary printed by the CLI."""
+        lines = [
+            f"cache {self.cache_path}",
+            f"  series: {self.total} listed; {self.done} done, {self.recovered} recovered from an interrupted "
+            f"run, {self.skipped} skipped (already cached), {self.failed} failed",
+            f"  slices written: {self.slices:,} in {self.seconds:.1f} s ({self.slices_per_second:.0f} slices/s)",
+            f"  series cached with warnings: {self.warnings}",
+        ]
+        counts = self.failure_counts()
+        if counts:
+            lines.append("  failures by kind: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            lines.append(f"  failures table: {self.cache_path}/failures.csv")
+        return "\n".join(lines)
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)  # joins RAY_ADDRESS inside `ray job submit`
+
+
+def run_on_ray(
+    items: list[dict[str, Any]], cache: SeriesCache, cfg: PreprocessConfig
+) -> list[dict[str, Any]]:
+    """Shard the items over an actor pool; each actor writes its entries, the driver gets status rows."""
+    import ray
+
+    _ensure_ray()
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+    statuses = dataset.map_batches(
+        SeriesWorker,
+        fn_constructor_kwargs={"cache": cache, "cfg": cfg},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+        num_cpus=cfg.num_cpus,
+        # Ray Data restarts a dead actor and retries its tasks by default (max_restarts=-1,
+        # max_task_retries=-1); setting them here is deprecated in Ray 2.60.
+    )
+    return statuses.take_all()
+
+
+def _failures_table(statuses: pd.DataFrame) -> pd.DataFrame:
+    failed = statuses[statuses["status"] == "failed"].assign(outcome="failed")
+    warned = statuses[(statuses["status"] != "failed") & statuses["warnings"].fillna("").ne("")]
+    warned = warned.assign(
+        kind=warned["warnings"].str.split(":").str[0], error=warned["warnings"], file="", outcome="cached"
+    )
+    table = (
+        pd.concat([failed, warned])[list(FAILURE_COLUMNS)]
+        if len(statuses)
+        else pd.DataFrame(columns=list(FAILURE_COLUMNS))
+    )
+    return table.sort_values(["outcome", "study_id", "series_id"]).reset_index(drop=True)
+
+
+def run_preprocess(data_root: str | Path, cache_root: str | Path, cfg: PreprocessConfig) -> PreprocessSummary:
+    """Cache every series of an RSNA-format folder that this cache version does not hold yet.
+
+    Args:
+        data_root: RSNA-format folder (validated with :func:`lumbar_ray.data.rsna.load_rsna`).
+        cache_root: cache root folder or URI; the version folder below it is keyed by the settings.
+        cfg: preprocessing settings and resources.
+
+    Returns:
+        The run's summary; the manifest and failures table are written beside the entries.
+    """
+    start = time.perf_counter()
+    cache = SeriesCache(cache_root, cache_settings(cfg))
+    cache.prepare()
+    items = series_items(data_root)
+    manifest = cache.read_manifest()
+    cached = set(zip(manifest["study_id"].astype(int), manifest["series_id"].astype(int), strict=True))
+    todo = [item for item in items if (item["study_id"], item["series_id"]) not in cached]
+    logger.info(
+        "cache %s: %d series listed, %d already cached, %d to do",
+        cache.path,
+        len(items),
+        len(items) - len(todo),
+        len(todo),
+    )
+    statuses = pd.DataFrame(run_on_ray(todo, cache, cfg) if todo else [], columns=list(STATUS_COLUMNS))
+    new_rows = statuses.loc[statuses["status"].isin(["done", "recovered"]), list(MANIFEST_COLUMNS)]
+    if len(new_rows):
+        manifest = pd.concat([manifest, new_rows]) if len(manifest) else new_rows
+        manifest = manifest.astype(
+            {
+                "study_id": "int64",
+                "series_id": "int64",
+                "n_slices": "int64",
+                "n_stacks": "int64",
+                "size": "int64",
+            }
+        )
+        cache.write_manifest(manifest.sort_values(["study_id", "series_id"]).reset_index(drop=True))
+    failures = _failures_table(statuses)
+    if todo:
+        cache.write_failures(failures)
+    counts = statuses["status"].value_counts()
+    summary = PreprocessSummary(
+        cache_path=cache.path,
+        key=cache.key,
+        total=len(items),
+        done=int(counts.get("done", 0)),
+        recovered=int(counts.get("recovered", 0)),
+        skipped=len(items) - len(todo),
+        failed=int(counts.get("failed", 0)),
+        slices=int(statuses.loc[statuses["status"] == "done", "n_slices"].sum()),
+        seconds=time.perf_counter() - start,
+        failures=failures,
+        warnings=int((failures["outcome"] == "cached").sum()),
+    )
+    logger.info("preprocessing summary:\n%s", summary.format())
+    return summary

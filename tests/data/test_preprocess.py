@@ -1,0 +1,248 @@
+"""Preprocessing: the pure core without Ray, then the Ray Data job (resume, faults, a real SIGKILL)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from lumbar_ray.config import PreprocessConfig, SynthConfig
+from lumbar_ray.data.cache import CachedSeries, SeriesCache
+from lumbar_ray.data.dicom import read_series
+from lumbar_ray.data.preprocess import (
+    cache_settings,
+    preprocess_series,
+    resize_slice,
+    run_preprocess,
+    to_uint8,
+)
+from lumbar_ray.data.rsna import load_rsna
+from lumbar_ray.data.synthetic import write_dataset
+
+CFG = PreprocessConfig(image_size=96, workers=2)
+
+
+def _series_folder(root: Path, description: str, index: int = 0) -> tuple[int, int, Path]:
+    series = load_rsna(root).train_series
+    row = series[series["series_description"] == description].iloc[index]
+    return (
+        int(row.study_id),
+        int(row.series_id),
+        root / "train_images" / str(row.study_id) / str(row.series_id),
+    )
+
+
+# --- pure core
+
+
+def test_entry_matches_the_reader(synthetic_dir):
+    _, _, folder = _series_folder(synthetic_dir, "Sagittal T2/STIR")
+    series = read_series(folder)
+    volume, meta = preprocess_series(series, CFG)
+    assert volume.dtype == np.uint8 and volume.shape == (series.n_slices, 96, 96)
+    low, high = meta["intensity_window"]
+    stack = series.stacks[0]
+    for i in (0, stack.n_slices // 2, stack.n_slices - 1):
+        np.testing.assert_array_equal(volume[i], resize_slice(to_uint8(stack.volume[i], low, high), 96))
+    assert meta["slices"]["instance_number"] == stack.instance_numbers
+    np.testing.assert_allclose(meta["slices"]["position"], [g.position for g in stack.geometry])
+    np.testing.assert_allclose(meta["slices"]["pixel_spacing"], [g.pixel_spacing for g in stack.geometry])
+    assert meta["slices"]["original_shape"] == [list(g.shape) for g in stack.geometry]
+    assert "PatientName" not in str(meta) and "Synthetic^Phantom" not in str(meta)
+
+
+def _write_dot_series(folder: Path, shapes: list[tuple[int, int]], dots: list[tuple[int, int]]) -> None:
+    """A sagittal series whose slices differ in shape, each with one bright pixel at (x, y)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    for i, ((rows, cols), (x, y)) in enumerate(zip(shapes, dots, strict=True)):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.Rows, ds.Columns = rows, cols
+        ds.PixelSpacing = [200 / rows, 200 / cols]
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        ds.ImagePositionPatient = [10.0 - 4 * i, -100.0, 100.0]
+        ds.InstanceNumber = i + 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        pixels = np.full((rows, cols), 100, dtype=np.uint16)
+        pixels[y - 1 : y + 2, x - 1 : x + 2] = 4000
+        ds.PixelData = pixels.tobytes()
+        pydicom.dcmwrite(folder / f"{i + 1}.dcm", ds, enforce_file_format=True)
+
+
+def test_points_map_both_ways_even_on_mixed_shapes(tmp_path):
+    shapes = [(128, 128), (160, 120), (128, 128)]
+    dots = [(30, 90), (100, 40), (64, 20)]
+    _write_dot_series(tmp_path / "s", shapes, dots)
+    # the full intensity range keeps the tiny dots visible (the default window would clip them away)
+    volume, meta = preprocess_series(
+        read_series(tmp_path / "s"), CFG.model_copy(update={"clip_percentiles": (0, 100)})
+    )
+
+    cached = CachedSeries(volume, meta)
+    for instance, (x, y) in enumerate(dots, start=1):
+        index, xc, yc = cached.original_to_cache(instance, x, y)
+        peak_y, peak_x = np.unravel_index(np.argmax(volume[index]), volume[index].shape)
+        assert abs(peak_x - xc) <= 1.0 and abs(peak_y - yc) <= 1.0, (instance, (xc, yc), (peak_x, peak_y))
+        back = cached.cache_to_original(index, xc, yc)
+        assert back[0] == instance and back[1:] == pytest.approx((x, y))
+    assert any(w.startswith("mixed_shapes") for w in meta["warnings"])
+
+
+# --- the Ray Data job
+
+
+def _entries(cache: SeriesCache) -> dict[tuple[int, int], tuple[np.ndarray, dict]]:
+    manifest = cache.read_manifest()
+    out = {}
+    for row in manifest.itertuples():
+        entry = cache.read(row.study_id, row.series_id)
+        out[(row.study_id, row.series_id)] = (entry.volume, entry.meta)
+    return out
+
+
+def _assert_same_cache(a: SeriesCache, b: SeriesCache) -> None:
+    left, right = _entries(a), _entries(b)
+    assert left.keys() == right.keys() and len(left) > 0
+    for key in left:
+        np.testing.assert_array_equal(left[key][0], right[key][0])
+        assert left[key][1] == right[key][1]
+    pd.testing.assert_frame_equal(a.read_manifest(), b.read_manifest())
+
+
+@pytest.mark.ray
+def test_cache_is_complete_then_rerun_skips_everything(ray_local, synthetic_dir, tmp_path):
+    first = run_preprocess(synthetic_dir, tmp_path / "cache", CFG)
+    n_series = len(load_rsna(synthetic_dir).train_series) + len(load_rsna(synthetic_dir).test_series)
+    assert first.total == n_series and first.done == n_series and first.failed == 0
+    cache = SeriesCache(tmp_path / "cache", cache_settings(CFG))
+    assert len(cache.read_manifest()) == n_series
+    study_id, series_id, folder = _series_folder(synthetic_dir, "Axial T2")
+    reference, _meta = preprocess_series(read_series(folder), CFG)
+    np.testing.assert_array_equal(cache.read(study_id, series_id, mmap=True).volume, reference)
+    stamps = {p: p.stat().st_mtime_ns for p in Path(cache.path).rglob("*") if p.is_file()}
+    second = run_preprocess(synthetic_dir, tmp_path / "cache", CFG)
+    assert (second.done, second.skipped, second.failed) == (0, n_series, 0)
+    assert {p: p.stat().st_mtime_ns for p in Path(cache.path).rglob("*") if p.is_file()} == stamps
+    # a setting that changes cached bytes writes a new version beside the old one
+    other = run_preprocess(synthetic_dir, tmp_path / "cache", CFG.model_copy(update={"image_size": 64}))
+    assert other.key != first.key and other.done == n_series
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.key, other.key])
+
+
+def _break_dataset(root: Path) -> dict[str, tuple[int, int]]:
+    """Seed one series with each kind of bad input; returns kind -> (study, series)."""
+    series = load_rsna(root).train_series
+    rows = [(int(r.study_id), int(r.series_id)) for r in series.itertuples()]
+    broken = dict(zip(["undecodable", "not_dicom", "empty_folder", "missing_folder"], rows[:4], strict=True))
+    folder = {kind: root / "train_images" / str(s) / str(r) for kind, (s, r) in broken.items()}
+    victim = sorted(folder["undecodable"].glob("*.dcm"))[0]
+    victim.write_bytes(victim.read_bytes()[:-500])  # truncated pixel data
+    sorted(folder["not_dicom"].glob("*.dcm"))[1].write_text("this is not a DICOM file")
+    for path in folder["empty_folder"].glob("*.dcm"):
+        path.unlink()
+    shutil.rmtree(folder["missing_folder"])
+    return broken
+
+
+@pytest.mark.ray
+def test_bad_input_is_tabled_and_everything_else_cached(ray_local, tmp_path):
+    cfg = SynthConfig(train_studies=6, test_studies=0, image_sizes=[96], tilted_axial_rate=0.5, seed=11)
+    root = write_dataset(tmp_path / "rsna", cfg).root
+    broken = _break_dataset(root)
+    summary = run_preprocess(root, tmp_path / "cache", CFG)
+    n_series = len(load_rsna(root).train_series)
+    assert summary.failed == 4 and summary.done == n_series - 4
+    assert summary.failure_counts() == {kind: 1 for kind in broken}
+    table = SeriesCache(tmp_path / "cache", cache_settings(CFG)).read_failures()
+    failed = table[table["outcome"] == "failed"].set_index("kind")
+    for kind, (study, series) in broken.items():
+        assert (failed.at[kind, "study_id"], failed.at[kind, "series_id"]) == (study, series)
+    assert failed.at["undecodable", "file"].endswith(".dcm") and failed.at["not_dicom", "file"].endswith(
+        ".dcm"
+    )
+    assert "multiple_orientations" in set(table.loc[table["outcome"] == "cached", "kind"])
+    assert "failures by kind" in summary.format()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_strict_exits_non_zero_on_failures(tmp_path):
+    root = write_dataset(
+        tmp_path / "rsna", SynthConfig(train_studies=2, test_studies=0, image_sizes=[96])
+    ).root
+    _break_dataset(root)
+    command = [
+        sys.executable,
+        "-m",
+        "lumbar_ray",
+        "preprocess",
+        "--data",
+        str(root),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--workers",
+        "1",
+        "preprocess.image_size=64",
+    ]
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    lenient = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert lenient.returncode == 0, lenient.stderr
+    strict = subprocess.run([*command, "--strict"], capture_output=True, text=True, env=env, timeout=300)
+    assert strict.returncode == 1 and "series failed (--strict)" in strict.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigkilled_run_then_rerun_equals_a_clean_run(ray_local, synthetic_dir, tmp_path):
+    killed_cache = tmp_path / "killed"
+    command = [
+        sys.executable,
+        "-m",
+        "lumbar_ray",
+        "preprocess",
+        "--data",
+        str(synthetic_dir),
+        "--cache",
+        str(killed_cache),
+        "--workers",
+        "1",
+        "preprocess.image_size=96",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=os.environ | {"RAY_AUTH_MODE": "disabled"},
+    )
+    cache = SeriesCache(killed_cache, cache_settings(CFG))
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(Path(cache.path).glob("series/*/*.json"))) < 5:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    process.wait()
+    written = len(list(Path(cache.path).glob("series/*/*.json")))
+    assert 5 <= written < 60, "the kill must land mid-run"
+    assert not (Path(cache.path) / "manifest.parquet").exists()
+    resumed = run_preprocess(synthetic_dir, killed_cache, CFG)
+    assert resumed.recovered >= written and resumed.done + resumed.recovered == resumed.total
+    clean = run_preprocess(synthetic_dir, tmp_path / "clean", CFG)
+    assert clean.done == clean.total
+    _assert_same_cache(cache, SeriesCache(tmp_path / "clean", cache_settings(CFG)))
