@@ -49,9 +49,7 @@ def synth(
     cfg = load_config(config, [*options, *(overrides or [])])
     result = write_dataset(out, cfg.synth, overwrite=overwrite)
     state = "reused" if result.reused else "written"
-    typer.echo(
-        f"{result.files} DICOM files of {result.train_studies}+{result.test_studies} studies {state}: {out}"
-    )
+    typer.echo(f"{result.files} DICOM files of {result.train_studies}+{result.test_studies} studies {state}: {out}")
 
 
 @app.command()
@@ -67,9 +65,7 @@ def report(
 
 @app.command()
 def baseline(
-    data: Annotated[
-        Path, typer.Option(help="RSNA-format folder with train.csv", exists=True, file_okay=False)
-    ],
+    data: Annotated[Path, typer.Option(help="RSNA-format folder with train.csv", exists=True, file_okay=False)],
     folds: Annotated[int, typer.Option(help="number of folds")] = 5,
     seed: Annotated[int, typer.Option(help="fold seed")] = 42,
     out: Annotated[Path | None, typer.Option(help="write the out-of-fold submission here")] = None,
@@ -85,9 +81,7 @@ def baseline(
 @app.command()
 def score(
     solution: Annotated[Path, typer.Option(help="train.csv-format labels", exists=True, dir_okay=False)],
-    submission: Annotated[
-        Path, typer.Option(help="competition-format predictions", exists=True, dir_okay=False)
-    ],
+    submission: Annotated[Path, typer.Option(help="competition-format predictions", exists=True, dir_okay=False)],
     drop_missing: Annotated[bool, typer.Option(help="score only the rows that have a prediction")] = False,
 ) -> None:
     """Score a submission against labels with the official competition metric."""

@@ -33,14 +33,10 @@ class SynthConfig(_Strict):
     train_studies: int = Field(48, ge=1, description="studies written under train_images/")
     test_studies: int = Field(4, ge=0, description="studies written under test_images/")
     seed: int = Field(0, description="everything in the dataset is a function of this seed")
-    image_sizes: list[int] = Field(
-        [128, 144, 160], min_length=1, description="in-plane sizes drawn per series"
-    )
+    image_sizes: list[int] = Field([128, 144, 160], min_length=1, description="in-plane sizes drawn per series")
     missing_series_rate: float = Field(0.02, ge=0, le=1, description="studies lacking one series type")
     extra_axial_rate: float = Field(0.15, ge=0, le=1, description="studies with a second Axial T2 series")
-    tilted_axial_rate: float = Field(
-        0.1, ge=0, le=1, description="axial series made of tilted per-level blocks"
-    )
+    tilted_axial_rate: float = Field(0.1, ge=0, le=1, description="axial series made of tilted per-level blocks")
     shuffled_instances_rate: float = Field(0.1, ge=0, le=1, description="series whose numbers ignore space")
     empty_label_rate: float = Field(0.01, ge=0, le=1, description="label cells left empty")
     signal_strength: float = Field(1.0, ge=0, description="0 removes the planted lesions (pure prior)")

@@ -112,9 +112,7 @@ def _check_arrays(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np
         raise ValueError(f"probs must have shape {(*labels.shape, n_classes)}, got {probs.shape}")
     valid = np.isin(labels, [*range(n_classes), IGNORE_INDEX])
     if not valid.all():
-        raise ValueError(
-            f"labels hold class id {labels[~valid][0]}; expected 0..{n_classes - 1} or {IGNORE_INDEX}"
-        )
+        raise ValueError(f"labels hold class id {labels[~valid][0]}; expected 0..{n_classes - 1} or {IGNORE_INDEX}")
     scored = labels != IGNORE_INDEX
     if not scored.any():
         raise ValueError("no scored label (every cell is IGNORE_INDEX)")
@@ -150,9 +148,7 @@ def score_arrays(labels: np.ndarray, probs: np.ndarray) -> ScoreResult:
         true_class = group_labels[scored]
         true_probs = np.take_along_axis(probs[:, columns][scored], true_class[:, None], axis=1)[:, 0]
         terms[group] = _weighted_log_loss(true_probs, _WEIGHTS[true_class])
-    terms["any_severe_spinal"] = _any_severe_loss(
-        labels[:, _SPINAL_COLUMNS], probs[:, _SPINAL_COLUMNS, _SEVERE]
-    )
+    terms["any_severe_spinal"] = _any_severe_loss(labels[:, _SPINAL_COLUMNS], probs[:, _SPINAL_COLUMNS, _SEVERE])
     values = np.array(list(terms.values()))
     if np.isnan(values).any():
         logger.warning(
@@ -231,9 +227,7 @@ def validate_submission(
     ids = result["row_id"]
     _, _, malformed = _parse_row_ids(ids)
     if malformed.any():
-        raise SubmissionError(
-            f"malformed row_id (expected <study_id>_<condition>_<level>): {_listed(ids[malformed])}"
-        )
+        raise SubmissionError(f"malformed row_id (expected <study_id>_<condition>_<level>): {_listed(ids[malformed])}")
     duplicated = ids.duplicated()
     if duplicated.any():
         raise SubmissionError(f"duplicate row_id: {_listed(ids[duplicated].unique())}")
@@ -277,9 +271,7 @@ def validate_submission(
 
 def _row_ids(study_ids: np.ndarray) -> list[str]:
     """Row ids of the given studies, study-major then :data:`TARGETS` order."""
-    return [
-        row_id(study, condition, level) for study in study_ids for condition in CONDITIONS for level in LEVELS
-    ]
+    return [row_id(study, condition, level) for study in study_ids for condition in CONDITIONS for level in LEVELS]
 
 
 def labels_to_submission(study_ids: np.ndarray, probs: np.ndarray) -> pd.DataFrame:

@@ -53,11 +53,7 @@ def run_quickstart(config: Config) -> QuickstartResult:
     data = load_rsna(root)
     report = build_report(data, check_images=True)
     (workdir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
-    baseline = run_baseline(
-        root, n_folds=config.cv.n_folds, seed=config.cv.seed, out_csv=workdir / "baseline_oof.csv"
-    )
+    baseline = run_baseline(root, n_folds=config.cv.n_folds, seed=config.cv.seed, out_csv=workdir / "baseline_oof.csv")
     preprocessed = run_preprocess(root, cache_root_for(config), config.preprocess)
     logger.info("quickstart finished in %s", workdir)
-    return QuickstartResult(
-        workdir=workdir, data_root=root, report=report, baseline=baseline, preprocess=preprocessed
-    )
+    return QuickstartResult(workdir=workdir, data_root=root, report=report, baseline=baseline, preprocess=preprocessed)

@@ -81,8 +81,6 @@ def test_real_uniform(real_labels) -> None:
 
 
 def test_run_baseline_needs_train_csv(tmp_path: Path, real_rsna_dir: Path) -> None:
-    (tmp_path / "test_series_descriptions.csv").write_text(
-        (real_rsna_dir / "test_series_descriptions.csv").read_text()
-    )
+    (tmp_path / "test_series_descriptions.csv").write_text((real_rsna_dir / "test_series_descriptions.csv").read_text())
     with pytest.raises(FileNotFoundError, match=r"train\.csv"):
         run_baseline(tmp_path)

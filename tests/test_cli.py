@@ -58,9 +58,7 @@ def test_quickstart_prints_report_and_baseline_score(tmp_path):
 
 def test_synth_then_report_and_score(tmp_path):
     out = tmp_path / "rsna"
-    result = run_cli(
-        "synth", "--out", str(out), "--studies", "3", "--test-studies", "1", "synth.image_sizes=[96]"
-    )
+    result = run_cli("synth", "--out", str(out), "--studies", "3", "--test-studies", "1", "synth.image_sizes=[96]")
     assert result.returncode == 0, result.stderr
     assert (out / "train_label_coordinates.csv").is_file() and (out / "sample_submission.csv").is_file()
     report = run_cli("report", "--data", str(out), "--check-images")

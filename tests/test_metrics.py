@@ -46,9 +46,7 @@ def _kaggle_score(solution: pd.DataFrame, submission: pd.DataFrame) -> dict[str,
     long = solution.melt(id_vars="study_id", var_name="target", value_name="severity").dropna()
     long["row_id"] = long["study_id"].astype(str) + "_" + long["target"].astype(str)
     merged = long.merge(submission, on="row_id", how="inner")  # missing predictions dropped from the solution
-    onehot = pd.get_dummies(merged["severity"].astype(str)).reindex(
-        columns=list(SEVERITIES), fill_value=False
-    )
+    onehot = pd.get_dummies(merged["severity"].astype(str)).reindex(columns=list(SEVERITIES), fill_value=False)
     onehot = onehot.to_numpy(dtype=float)
     merged["sample_weight"] = onehot @ np.array([1.0, 2.0, 4.0])
     merged["condition"] = merged["target"].astype(str).str.extract(r"(spinal|foraminal|subarticular)")[0]
@@ -62,9 +60,7 @@ def _kaggle_score(solution: pd.DataFrame, submission: pd.DataFrame) -> dict[str,
                 merged.loc[rows, list(SUBMISSION_COLUMNS)].to_numpy(),
                 sample_weight=merged.loc[rows, "sample_weight"].to_numpy(),
             )
-        spinal = merged[merged["condition"] == "spinal"].assign(
-            is_severe=onehot[merged["condition"] == "spinal", 2]
-        )
+        spinal = merged[merged["condition"] == "spinal"].assign(is_severe=onehot[merged["condition"] == "spinal", 2])
         grouped = spinal.groupby("study_id")
         losses["any_severe_spinal"] = sklearn.metrics.log_loss(
             grouped["is_severe"].max().to_numpy(),
@@ -95,9 +91,7 @@ def test_matches_sklearn_transcription(solution: pd.DataFrame, reference_submiss
 
 
 def test_missing_predictions_error(solution: pd.DataFrame, reference_submission: pd.DataFrame) -> None:
-    with pytest.raises(
-        ValueError, match=r"46 scored row\(s\) have no prediction: '64092030_left_subarticular"
-    ):
+    with pytest.raises(ValueError, match=r"46 scored row\(s\) have no prediction: '64092030_left_subarticular"):
         score_submission(solution, reference_submission)
 
 

@@ -394,9 +394,7 @@ def _parse_raw(raw: RawDataElement, dictionary_vr: str) -> Any:
     try:
         if vr == "US":
             count = len(data) // 2
-            values: list[Any] = list(
-                struct.unpack(("<" if raw.is_little_endian else ">") + "H" * count, data)
-            )
+            values: list[Any] = list(struct.unpack(("<" if raw.is_little_endian else ">") + "H" * count, data))
         elif vr in ("DS", "IS", "CS"):
             parts = [part.strip(" \0") for part in data.decode("ascii").split("\\")]
             if vr == "DS":
@@ -507,26 +505,20 @@ def _read_raw(path: str | os.PathLike[str]) -> _RawSlice:
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises many types for garbage; all mean "not readable DICOM"
-        raise DicomReadError(
-            path, f"not a readable DICOM file ({type(exc).__name__}: {exc})", "not_dicom"
-        ) from exc
+        raise DicomReadError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})", "not_dicom") from exc
     if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):
         raise DicomReadError(path, "DICOM file has no pixel data", "no_pixels")
     try:
         stored = _decode(ds)
     except Exception as exc:  # truncated data, missing decoder plug-in, bad group 0028 values
-        raise DicomReadError(
-            path, f"cannot decode pixel data ({type(exc).__name__}: {exc})", "undecodable"
-        ) from exc
+        raise DicomReadError(path, f"cannot decode pixel data ({type(exc).__name__}: {exc})", "undecodable") from exc
     if stored.ndim != 2:
         raise DicomReadError(
             path, f"expected one grayscale frame, got pixel array of shape {stored.shape}", "not_grayscale"
         )
 
     meta = _whitelisted_meta(ds)
-    slope = (
-        float(meta.get("RescaleSlope", 1.0)) if isinstance(meta.get("RescaleSlope"), (int, float)) else 1.0
-    )
+    slope = float(meta.get("RescaleSlope", 1.0)) if isinstance(meta.get("RescaleSlope"), (int, float)) else 1.0
     intercept = meta.get("RescaleIntercept", 0.0)
     intercept = float(intercept) if isinstance(intercept, (int, float)) else 0.0
     if str(meta.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
@@ -721,11 +713,7 @@ def _series_files(folder: Path) -> list[Path]:
     """The ``*.dcm`` files of a series folder in natural name order."""
     if not folder.is_dir():
         raise DicomReadError(folder, "series folder does not exist or is not a directory", "missing_folder")
-    files = [
-        p
-        for p in folder.iterdir()
-        if p.suffix.lower() == ".dcm" and not p.name.startswith(".") and p.is_file()
-    ]
+    files = [p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and not p.name.startswith(".") and p.is_file()]
     if not files:
         raise DicomReadError(folder, "series folder contains no .dcm files", "empty_folder")
     return sorted(files, key=lambda p: _natural_key(p.name))
@@ -754,9 +742,7 @@ def read_series(folder: str | os.PathLike[str]) -> DicomSeries:
         ordered, projections = _sort_along_normal(group, normal)
         stacks.append(_build_stack(ordered, projections, orientation, normal))
     if incomplete:
-        logger.warning(
-            "%s: %d slices lack position or orientation; ordered by InstanceNumber", folder, len(incomplete)
-        )
+        logger.warning("%s: %d slices lack position or orientation; ordered by InstanceNumber", folder, len(incomplete))
         ordered = sorted(incomplete, key=lambda r: _instance_key(r.geometry))
         stacks.append(_build_stack(ordered, np.full(len(ordered), np.nan), None, None))
     stacks.sort(key=_stack_order_key)

@@ -138,9 +138,7 @@ def preprocess_series(series: DicomSeries, cfg: PreprocessConfig) -> tuple[np.nd
             slices["stack"].append(stack_index)
             slices["position"].append(None if geometry.position is None else list(geometry.position))
             slices["orientation"].append(None if geometry.orientation is None else list(geometry.orientation))
-            slices["pixel_spacing"].append(
-                None if geometry.pixel_spacing is None else list(geometry.pixel_spacing)
-            )
+            slices["pixel_spacing"].append(None if geometry.pixel_spacing is None else list(geometry.pixel_spacing))
             slices["original_shape"].append([rows, cols])
             slices["scale"].append([size / rows, size / cols])
             slices["resized"].append(bool(stack.resized[i]))
@@ -286,9 +284,7 @@ def _ensure_ray() -> None:
         ray.init(ignore_reinit_error=True, log_to_driver=False)  # joins RAY_ADDRESS inside `ray job submit`
 
 
-def run_on_ray(
-    items: list[dict[str, Any]], cache: SeriesCache, cfg: PreprocessConfig
-) -> list[dict[str, Any]]:
+def run_on_ray(items: list[dict[str, Any]], cache: SeriesCache, cfg: PreprocessConfig) -> list[dict[str, Any]]:
     """Shard the items over an actor pool; each actor writes its entries, the driver gets status rows."""
     import ray
 

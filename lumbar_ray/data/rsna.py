@@ -208,9 +208,7 @@ def load_train(path: Path | str) -> pd.DataFrame:
     _require_columns(frame, path, ["study_id", *TARGETS])
     unknown = [column for column in frame.columns if column not in ("study_id", *TARGETS)]
     if unknown:
-        raise RsnaFormatError(
-            path, 1, unknown[0], f"unknown label column (expected study_id and {TARGETS[0]}...)"
-        )
+        raise RsnaFormatError(path, 1, unknown[0], f"unknown label column (expected study_id and {TARGETS[0]}...)")
     study_ids = _parse_int(frame, path, "study_id")
     targets = frame[list(TARGETS)]
     bad_cells = ~targets.isin(("", *SEVERITIES))
@@ -348,9 +346,7 @@ def load_rsna(root: Path | str) -> RsnaData:
     if COORDINATES_CSV in present:
         if train_series is None:
             # Without the series table the series ids cannot be checked; the rest of the file still is.
-            logger.warning(
-                "%s without %s: series ids of coordinates not checked", COORDINATES_CSV, TRAIN_SERIES_CSV
-            )
+            logger.warning("%s without %s: series ids of coordinates not checked", COORDINATES_CSV, TRAIN_SERIES_CSV)
         coordinates = load_coordinates(present[COORDINATES_CSV], train_series)
     data = RsnaData(
         root=root,
@@ -359,9 +355,7 @@ def load_rsna(root: Path | str) -> RsnaData:
         coordinates=coordinates,
         test_series=load_series(present[TEST_SERIES_CSV]) if TEST_SERIES_CSV in present else None,
         sample_submission=(
-            load_sample_submission(present[SAMPLE_SUBMISSION_CSV])
-            if SAMPLE_SUBMISSION_CSV in present
-            else None
+            load_sample_submission(present[SAMPLE_SUBMISSION_CSV]) if SAMPLE_SUBMISSION_CSV in present else None
         ),
         train_images_dir=root / TRAIN_IMAGES if (root / TRAIN_IMAGES).is_dir() else None,
         test_images_dir=root / TEST_IMAGES if (root / TEST_IMAGES).is_dir() else None,
@@ -479,9 +473,7 @@ class DataReport:
         result = {}
         for group, counts in self.class_counts.items():
             total = sum(counts.values())
-            result[group] = {
-                severity: (count / total if total else 0.0) for severity, count in counts.items()
-            }
+            result[group] = {severity: (count / total if total else 0.0) for severity, count in counts.items()}
         return result
 
     def to_dict(self) -> dict[str, Any]:
@@ -496,8 +488,7 @@ class DataReport:
             "studies_missing_series": {kind: list(ids) for kind, ids in self.studies_missing_series.items()},
             "studies_with_multiple_series": self.studies_with_multiple_series,
             "multi_series_counts": {
-                kind: {str(k): v for k, v in counts.items()}
-                for kind, counts in self.multi_series_counts.items()
+                kind: {str(k): v for k, v in counts.items()} for kind, counts in self.multi_series_counts.items()
             },
             "studies_without_series": list(self.studies_without_series),
             "series_without_study": list(self.series_without_study),
@@ -510,9 +501,7 @@ class DataReport:
             "missing_image_series": (
                 None
                 if self.missing_image_series is None
-                else {
-                    name: [list(pair) for pair in pairs] for name, pairs in self.missing_image_series.items()
-                }
+                else {name: [list(pair) for pair in pairs] for name, pairs in self.missing_image_series.items()}
             ),
         }
 
@@ -530,9 +519,7 @@ class DataReport:
         for kind, counts in self.multi_series_counts.items():
             detail = ", ".join(f"{k} series: {v:,}" for k, v in sorted(counts.items()))
             total = sum(counts.values())
-            lines.append(
-                f"  studies with more than one {kind} series: {total:,}" + (f" ({detail})" if total else "")
-            )
+            lines.append(f"  studies with more than one {kind} series: {total:,}" + (f" ({detail})" if total else ""))
         lines.append(
             f"  studies in train.csv without any series: {len(self.studies_without_series):,}"
             f"{_listed(self.studies_without_series)}"
@@ -630,9 +617,7 @@ def build_report(data: RsnaData, check_images: bool = False) -> DataReport:
         report.studies_with_empty_labels = int(empty.any(axis=1).sum())
         report.class_counts = _class_counts(labels)
         spinal = [TARGETS.index(f"spinal_canal_stenosis_{level}") for level in LEVELS]
-        report.any_severe_spinal_studies = int(
-            (labels[:, spinal] == SEVERITIES.index("Severe")).any(axis=1).sum()
-        )
+        report.any_severe_spinal_studies = int((labels[:, spinal] == SEVERITIES.index("Severe")).any(axis=1).sum())
     elif series is not None:
         study_ids = np.unique(series["study_id"].to_numpy())
     else:
@@ -640,9 +625,7 @@ def build_report(data: RsnaData, check_images: bool = False) -> DataReport:
     report.n_studies = len(study_ids)
     if series is not None:
         report.n_series = len(series)
-        report.series_by_type = {
-            kind: int((series["series_description"] == kind).sum()) for kind in SERIES_TYPES
-        }
+        report.series_by_type = {kind: int((series["series_description"] == kind).sum()) for kind in SERIES_TYPES}
         report.studies_missing_series, report.multi_series_counts = _series_gaps(study_ids, series)
         if data.train is not None:
             with_series = set(series["study_id"].tolist())

@@ -85,9 +85,7 @@ def make_folds(study_ids: np.ndarray, labels: np.ndarray, n_folds: int = 5, seed
     if len(np.unique(study_ids)) != len(study_ids):
         raise ValueError("study_ids must be unique (folds are grouped by study: one row per study)")
     if not 2 <= n_folds <= len(study_ids):
-        raise ValueError(
-            f"n_folds must be between 2 and the number of studies ({len(study_ids)}), got {n_folds}"
-        )
+        raise ValueError(f"n_folds must be between 2 and the number of studies ({len(study_ids)}), got {n_folds}")
     order = np.argsort(study_ids, kind="stable")
     study_ids, labels = study_ids[order], labels[order]
     strata = _merge_rare(_strata_levels(labels), n_folds)
@@ -120,7 +118,5 @@ def load_folds(path: Path | str) -> pd.DataFrame:
         raise ValueError(f"{path}: missing column(s) {missing}")
     folds = folds.astype({"study_id": "int64", "fold": "int64"})
     if folds["study_id"].duplicated().any():
-        raise ValueError(
-            f"{path}: study {folds.loc[folds['study_id'].duplicated(), 'study_id'].iloc[0]} twice"
-        )
+        raise ValueError(f"{path}: study {folds.loc[folds['study_id'].duplicated(), 'study_id'].iloc[0]} twice")
     return folds.loc[:, list(FOLD_COLUMNS)]

@@ -247,9 +247,7 @@ def build_primitives(anatomy: Anatomy, labels: np.ndarray, rng: np.random.Genera
     ]
     body_z = np.concatenate([a.disc_z + a.pitch / 2, a.disc_z[-1:] - a.pitch / 2])
     for z in body_z:
-        parts.append(
-            Primitive((a.x0, a.body_y, z), (21.0, 15.0, 0.0), BONE, half_height=(a.pitch - disc_height) / 2)
-        )
+        parts.append(Primitive((a.x0, a.body_y, z), (21.0, 15.0, 0.0), BONE, half_height=(a.pitch - disc_height) / 2))
     for z in a.disc_z:
         parts.append(Primitive((a.x0, a.body_y, z), (21.0, 15.0, 0.0), DISC, half_height=disc_height / 2))
     parts.append(Primitive((a.x0, a.canal_y, 0.0), (*a.canal_radii, 0.0), CSF, half_height=1e9))
@@ -372,9 +370,7 @@ def _axial_orientation(tilt_degrees: float) -> tuple[float, ...]:
     return (1.0, 0.0, 0.0, 0.0, float(np.cos(tilt)), float(-np.sin(tilt)))
 
 
-def _axial_series(
-    rng, anatomy: Anatomy, series_id: int, size: int, levels: range, tilted: bool
-) -> SeriesSpec:
+def _axial_series(rng, anatomy: Anatomy, series_id: int, size: int, levels: range, tilted: bool) -> SeriesSpec:
     """Axial T2 blocks of slices through the discs of ``levels``; tilted blocks follow each disc's angle."""
     fov = rng.uniform(150.0, 180.0)
     series = SeriesSpec(series_id, "Axial T2", size, size, (fov / size, fov / size), 4.0)
@@ -386,15 +382,9 @@ def _axial_series(
         row_dir, col_dir = np.asarray(orientation[:3]), np.asarray(orientation[3:])
         normal = np.cross(row_dir, col_dir)
         # The block's middle plane passes through the level's subarticular points (both sides lie on it).
-        anchor = anatomy.subarticular_point(1)[k] * np.array([0.0, 1.0, 1.0]) + np.array(
-            [anatomy.x0, 0.0, 0.0]
-        )
+        anchor = anatomy.subarticular_point(1)[k] * np.array([0.0, 1.0, 1.0]) + np.array([anatomy.x0, 0.0, 0.0])
         centre = anchor + (anatomy.body_y + 14.0 - anchor[1]) * col_dir  # in-plane shift: still on the plane
-        top_left = (
-            centre
-            - (size - 1) / 2 * series.spacing[1] * row_dir
-            - (size - 1) / 2 * series.spacing[0] * col_dir
-        )
+        top_left = centre - (size - 1) / 2 * series.spacing[1] * row_dir - (size - 1) / 2 * series.spacing[0] * col_dir
         offsets = (np.arange(per_level) - (per_level - 1) // 2) * spacing
         for offset in offsets[::-1]:  # cranial slice first, as axial stacks are usually acquired
             series.slices.append(SliceSpec(top_left + offset * normal, orientation, instance))
@@ -418,9 +408,7 @@ def _nearest_slice(point: np.ndarray, series: SeriesSpec) -> SliceSpec:
     return min(series.slices, key=distance)
 
 
-def label_coordinates(
-    study_id: int, labels: np.ndarray, anatomy: Anatomy, series: list[SeriesSpec]
-) -> list[dict]:
+def label_coordinates(study_id: int, labels: np.ndarray, anatomy: Anatomy, series: list[SeriesSpec]) -> list[dict]:
     """Rows of train_label_coordinates.csv: each labelled target's point on the slice nearest to it."""
     by_type = {}
     for spec in series:
@@ -476,9 +464,7 @@ def plan_study(study_id: int, series_ids: list[int], rng: np.random.Generator, c
     series = [
         _sagittal_series(rng, anatomy, series_ids[0], "Sagittal T1", size),
         _sagittal_series(rng, anatomy, series_ids[1], "Sagittal T2/STIR", size),
-        _axial_series(
-            rng, anatomy, series_ids[2], size, range(len(LEVELS)), rng.random() < cfg.tilted_axial_rate
-        ),
+        _axial_series(rng, anatomy, series_ids[2], size, range(len(LEVELS)), rng.random() < cfg.tilted_axial_rate),
     ]
     if rng.random() < cfg.extra_axial_rate:  # a repeat acquisition over the lower levels
         series.append(_axial_series(rng, anatomy, series_ids[3], size, range(2, len(LEVELS)), False))
@@ -618,9 +604,7 @@ def write_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bo
         return SynthResult(root, cfg.train_studies, cfg.test_studies, summary["files"], reused=True)
     if root.exists() and any(root.iterdir()):
         if not overwrite:
-            raise FileExistsError(
-                f"{root} exists and is not a synthetic dataset of this config; pass overwrite"
-            )
+            raise FileExistsError(f"{root} exists and is not a synthetic dataset of this config; pass overwrite")
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     total = cfg.train_studies + cfg.test_studies

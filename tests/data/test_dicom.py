@@ -277,9 +277,7 @@ def test_monochrome1_inverted_over_bits_stored_range(tmp_path: Path) -> None:
     path = write_mr(tmp_path / "1.dcm", pixels, photometric="MONOCHROME1", bits_stored=12)
     np.testing.assert_array_equal(read_slice(path).pixels, 4095.0 - pixels)
     # With rescale: slope * (lo + hi - stored) + intercept.
-    path = write_mr(
-        tmp_path / "2.dcm", pixels, photometric="MONOCHROME1", bits_stored=12, slope=2.0, intercept=10.0
-    )
+    path = write_mr(tmp_path / "2.dcm", pixels, photometric="MONOCHROME1", bits_stored=12, slope=2.0, intercept=10.0)
     np.testing.assert_allclose(read_slice(path).pixels, 2.0 * (4095.0 - pixels) + 10.0)
 
 

@@ -91,9 +91,7 @@ def test_points_map_both_ways_even_on_mixed_shapes(tmp_path):
     dots = [(30, 90), (100, 40), (64, 20)]
     _write_dot_series(tmp_path / "s", shapes, dots)
     # the full intensity range keeps the tiny dots visible (the default window would clip them away)
-    volume, meta = preprocess_series(
-        read_series(tmp_path / "s"), CFG.model_copy(update={"clip_percentiles": (0, 100)})
-    )
+    volume, meta = preprocess_series(read_series(tmp_path / "s"), CFG.model_copy(update={"clip_percentiles": (0, 100)}))
 
     cached = CachedSeries(volume, meta)
     for instance, (x, y) in enumerate(dots, start=1):
@@ -174,9 +172,7 @@ def test_bad_input_is_tabled_and_everything_else_cached(ray_local, tmp_path):
     failed = table[table["outcome"] == "failed"].set_index("kind")
     for kind, (study, series) in broken.items():
         assert (failed.at[kind, "study_id"], failed.at[kind, "series_id"]) == (study, series)
-    assert failed.at["undecodable", "file"].endswith(".dcm") and failed.at["not_dicom", "file"].endswith(
-        ".dcm"
-    )
+    assert failed.at["undecodable", "file"].endswith(".dcm") and failed.at["not_dicom", "file"].endswith(".dcm")
     assert "multiple_orientations" in set(table.loc[table["outcome"] == "cached", "kind"])
     assert "failures by kind" in summary.format()
 
@@ -184,9 +180,7 @@ def test_bad_input_is_tabled_and_everything_else_cached(ray_local, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_strict_exits_non_zero_on_failures(tmp_path):
-    root = write_dataset(
-        tmp_path / "rsna", SynthConfig(train_studies=2, test_studies=0, image_sizes=[96])
-    ).root
+    root = write_dataset(tmp_path / "rsna", SynthConfig(train_studies=2, test_studies=0, image_sizes=[96])).root
     _break_dataset(root)
     command = [
         sys.executable,

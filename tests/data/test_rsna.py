@@ -87,9 +87,7 @@ def test_report_checks_image_folders(tmp_path: Path, real_rsna_dir: Path) -> Non
     for study, series_id in zip(present["study_id"], present["series_id"], strict=True):
         (tmp_path / "train_images" / str(study) / str(series_id)).mkdir(parents=True)
     report = build_report(load_rsna(tmp_path), check_images=True)
-    expected = [
-        (int(s), int(r)) for s, r in zip(series["study_id"][4:], series["series_id"][4:], strict=True)
-    ]
+    expected = [(int(s), int(r)) for s, r in zip(series["study_id"][4:], series["series_id"][4:], strict=True)]
     assert report.missing_image_series == {"train_images": sorted(expected)}
     assert "series folders missing under train_images/: 2" in report.format()
 
@@ -203,9 +201,7 @@ def test_train_missing_column(tmp_path: Path, train_lines: list[str]) -> None:
 
 
 def test_train_unknown_label_column(tmp_path: Path, train_lines: list[str]) -> None:
-    lines = [train_lines[0] + ",spinal_canal_stenosis_l6_l7"] + [
-        line + ",Moderate" for line in train_lines[1:]
-    ]
+    lines = [train_lines[0] + ",spinal_canal_stenosis_l6_l7"] + [line + ",Moderate" for line in train_lines[1:]]
     _write(tmp_path / "train.csv", "\n".join(lines) + "\n")
     with pytest.raises(RsnaFormatError) as error:
         load_rsna(tmp_path)

@@ -60,9 +60,7 @@ def test_dataset_round_trips_through_loader_and_reader(synthetic_dir, synthetic_
     data = load_rsna(synthetic_dir)
     study_ids, _ = encode_labels(data.train)
     assert len(study_ids) == synthetic_config.train_studies
-    assert set(data.sample_submission["row_id"].str.split("_").str[0].astype(int)) == set(
-        data.test_series["study_id"]
-    )
+    assert set(data.sample_submission["row_id"].str.split("_").str[0].astype(int)) == set(data.test_series["study_id"])
     report = build_report(data, check_images=True)
     assert report.to_dict()["n_studies"] == synthetic_config.train_studies
     for split, frame in (("train", data.train_series), ("test", data.test_series)):
@@ -78,13 +76,7 @@ def test_coordinates_point_at_existing_instances_inside_the_image(synthetic_dir)
     coords = data.coordinates
     assert len(coords) > 0
     for row in coords.itertuples():
-        path = (
-            synthetic_dir
-            / "train_images"
-            / str(row.study_id)
-            / str(row.series_id)
-            / f"{row.instance_number}.dcm"
-        )
+        path = synthetic_dir / "train_images" / str(row.study_id) / str(row.series_id) / f"{row.instance_number}.dcm"
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert 0 <= row.x < ds.Columns and 0 <= row.y < ds.Rows, row
         expected = {"Spinal": "Sagittal T2/STIR", "Neural": "Sagittal T1", "Subart": "Axial T2"}
@@ -101,9 +93,7 @@ def test_left_foramina_lie_on_the_patients_left(synthetic_dir):
         x_of = {}
         for row in group.itertuples():
             path = synthetic_dir / "train_images" / str(study) / str(series) / f"{row.instance_number}.dcm"
-            x_of.setdefault(row.condition.split()[0], []).append(
-                float(pydicom.dcmread(path).ImagePositionPatient[0])
-            )
+            x_of.setdefault(row.condition.split()[0], []).append(float(pydicom.dcmread(path).ImagePositionPatient[0]))
         if {"Left", "Right"} <= x_of.keys():
             assert min(x_of["Left"]) > max(x_of["Right"])
             checked += 1
@@ -126,9 +116,7 @@ def _window_means(root: Path) -> pd.DataFrame:
         target = CONDITIONS.index(condition) * len(LEVELS) + LEVELS.index(level)
         rows.append(
             {
-                "group": condition.split("_")[-2]
-                if "subarticular" in condition
-                else condition.split("_")[-1],
+                "group": condition.split("_")[-2] if "subarticular" in condition else condition.split("_")[-1],
                 "severity": int(label_of[row.study_id][target]),
                 "value": float(window.mean() / np.percentile(pixels, 99)),
             }
@@ -184,9 +172,7 @@ def test_quirks_appear_when_asked_for(tmp_path):
 
 
 def test_missing_series_and_empty_cells_are_reported(tmp_path):
-    cfg = SynthConfig(
-        train_studies=6, test_studies=0, image_sizes=[96], missing_series_rate=1.0, empty_label_rate=0.2
-    )
+    cfg = SynthConfig(train_studies=6, test_studies=0, image_sizes=[96], missing_series_rate=1.0, empty_label_rate=0.2)
     data = load_rsna(synthetic.write_dataset(tmp_path / "gaps", cfg).root)
     report = build_report(data).to_dict()
     assert report["n_series"] == len(data.train_series)
