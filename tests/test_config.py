@@ -60,3 +60,8 @@ def test_saved_config_loads_back_equal(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_quickstart_yaml_spells_out_the_embedded_defaults():
+    # The file documents the defaults: a default changed in code but not in the file (or back) is caught here.
+    assert load_config(REPO / "configs" / "quickstart.yaml") == Config()

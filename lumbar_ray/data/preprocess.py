@@ -23,6 +23,7 @@ retried (Ray Data's actor-pool defaults). Entries written by a run that was kill
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,11 +64,11 @@ def cache_settings(cfg: PreprocessConfig) -> dict[str, Any]:
 def intensity_window(volume: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
     """The series' clipping window: the given percentiles of all voxels.
 
-    A strided sample of at most ~1M voxels is used: the percentiles of a large series change by far less than
-    one output grey level, and a full sort would cost more than decoding.
+    A strided sample of about 100k voxels is used: its percentiles differ from the full volume's by far less
+    than one output grey level, and partitioning every voxel cost more than decoding them (profiled).
     """
     flat = volume.reshape(-1)
-    step = max(1, flat.size // 1_000_000)
+    step = max(1, flat.size // 100_000)
     low, high = np.percentile(flat[::step], percentiles)
     return float(low), float(high)
 
@@ -76,8 +77,10 @@ def to_uint8(image: np.ndarray, low: float, high: float) -> np.ndarray:
     """Clip to ``[low, high]`` and map linearly to 0..255 (a flat window maps everything to 0)."""
     if high <= low:
         return np.zeros(image.shape, dtype=np.uint8)
-    scaled = (image - low) * (255.0 / (high - low))
-    return np.clip(scaled, 0.0, 255.0, out=scaled).round().astype(np.uint8)
+    scaled = np.subtract(image, np.float32(low), dtype=np.float32)
+    scaled *= np.float32(255.0 / (high - low))
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    return np.rint(scaled, out=scaled).astype(np.uint8)
 
 
 def resize_slice(image: np.ndarray, size: int) -> np.ndarray:
@@ -103,8 +106,9 @@ def preprocess_series(series: DicomSeries, cfg: PreprocessConfig) -> tuple[np.nd
     """One series -> ``(uint8 volume (n, size, size), metadata)`` as stored in the cache."""
     size = cfg.image_size
     volumes = [stack.volume for stack in series.stacks]
-    low, high = intensity_window(np.concatenate([v.reshape(-1) for v in volumes]), cfg.clip_percentiles)
-    out = np.empty((series.n_slices, size, size), dtype=np.uint8)
+    flat = volumes[0].reshape(-1) if len(volumes) == 1 else np.concatenate([v.reshape(-1) for v in volumes])
+    low, high = intensity_window(flat, cfg.clip_percentiles)
+    resized = np.empty((series.n_slices, size, size), dtype=np.float32)
     slices: dict[str, list] = {
         key: []
         for key in (
@@ -132,7 +136,7 @@ def preprocess_series(series: DicomSeries, cfg: PreprocessConfig) -> tuple[np.nd
             }
         )
         for i, geometry in enumerate(stack.geometry):
-            out[index] = resize_slice(to_uint8(stack.volume[i], low, high), size)
+            resized[index] = resize_slice(stack.volume[i], size)
             rows, cols = geometry.shape
             slices["instance_number"].append(geometry.instance_number)
             slices["stack"].append(stack_index)
@@ -145,6 +149,7 @@ def preprocess_series(series: DicomSeries, cfg: PreprocessConfig) -> tuple[np.nd
             slices["position_along_normal"].append(float(stack.positions_along_normal[i]))
             slices["file_name"].append(geometry.file_name)
             index += 1
+    out = to_uint8(resized, low, high)  # after resizing: fewer pixels to convert (and no double rounding)
     meta = {
         "size": size,
         "intensity_window": [low, high],
@@ -277,21 +282,38 @@ class PreprocessSummary:
         return "\n".join(lines)
 
 
-def _ensure_ray() -> None:
+def ensure_ray() -> None:
+    """Connect to Ray once: the cluster named by ``RAY_ADDRESS`` (set inside ``ray job submit``; ``auto`` joins
+    a node's running cluster), else a fresh local instance.
+
+    Never an implicit ``ray.init()``: it would try to join whatever cluster ``/tmp/ray`` last recorded, even a
+    dead one left by an earlier ``ray start``.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)  # joins RAY_ADDRESS inside `ray job submit`
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
 
 
-def run_on_ray(items: list[dict[str, Any]], cache: SeriesCache, cfg: PreprocessConfig) -> list[dict[str, Any]]:
-    """Shard the items over an actor pool; each actor writes its entries, the driver gets status rows."""
+def run_on_ray(
+    items: list[dict[str, Any]], cache: SeriesCache, cfg: PreprocessConfig, worker: type = SeriesWorker
+) -> list[dict[str, Any]]:
+    """Shard the items over an actor pool; each actor writes its entries, the driver gets status rows.
+
+    Args:
+        items: one dict per series (see :func:`series_items`).
+        cache: the cache version to write.
+        cfg: resources (pool size, CPUs per actor).
+        worker: the actor class (a :class:`SeriesWorker`; tests inject one that dies).
+    """
     import ray
 
-    _ensure_ray()
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+    ensure_ray()
+    # A few blocks per worker: each block is one Ray task (~tens of ms of scheduling on a small machine), and
+    # series inside a block are streamed one by one, so load still balances.
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * cfg.workers)))
     statuses = dataset.map_batches(
-        SeriesWorker,
+        worker,
         fn_constructor_kwargs={"cache": cache, "cfg": cfg},
         batch_size=1,
         batch_format="numpy",

@@ -52,7 +52,7 @@ def test_entry_matches_the_reader(synthetic_dir):
     low, high = meta["intensity_window"]
     stack = series.stacks[0]
     for i in (0, stack.n_slices // 2, stack.n_slices - 1):
-        np.testing.assert_array_equal(volume[i], resize_slice(to_uint8(stack.volume[i], low, high), 96))
+        np.testing.assert_array_equal(volume[i], to_uint8(resize_slice(stack.volume[i], 96), low, high))
     assert meta["slices"]["instance_number"] == stack.instance_numbers
     np.testing.assert_allclose(meta["slices"]["position"], [g.position for g in stack.geometry])
     np.testing.assert_allclose(meta["slices"]["pixel_spacing"], [g.pixel_spacing for g in stack.geometry])
@@ -240,3 +240,36 @@ def test_sigkilled_run_then_rerun_equals_a_clean_run(ray_local, synthetic_dir, t
     clean = run_preprocess(synthetic_dir, tmp_path / "clean", CFG)
     assert clean.done == clean.total
     _assert_same_cache(cache, SeriesCache(tmp_path / "clean", cache_settings(CFG)))
+
+
+class _DiesOnceWorker:
+    """A preprocessing actor whose process dies (os._exit) on its first batch, once per cache root."""
+
+    def __init__(self, cache: SeriesCache, cfg: PreprocessConfig) -> None:
+        from lumbar_ray.data.preprocess import SeriesWorker
+
+        self.inner = SeriesWorker(cache, cfg)
+        self.marker = Path(cache.root) / "died_once"
+
+    def __call__(self, batch):
+        if not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)  # a real process death, not an exception
+        return self.inner(batch)
+
+
+@pytest.mark.ray
+def test_a_dying_worker_is_restarted_and_its_series_retried(ray_local, tmp_path):
+    import ray
+
+    from lumbar_ray.data.preprocess import run_on_ray, series_items
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test module is not on workers' path
+    root = write_dataset(tmp_path / "rsna", SynthConfig(train_studies=2, test_studies=0, image_sizes=[96])).root
+    cache = SeriesCache(tmp_path / "cache", cache_settings(CFG))
+    cache.prepare()
+    items = series_items(root)
+    statuses = run_on_ray(items, cache, CFG, worker=_DiesOnceWorker)
+    assert (tmp_path / "cache" / "died_once").exists()
+    assert sorted(s["series_id"] for s in statuses) == sorted(i["series_id"] for i in items)
+    assert {s["status"] for s in statuses} == {"done"}

@@ -1,0 +1,86 @@
+"""``ray job submit`` of the jobs/ entrypoints against a real local Ray head on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lumbar_ray.config import PreprocessConfig, SynthConfig
+from lumbar_ray.data.cache import SeriesCache
+from lumbar_ray.data.preprocess import cache_settings
+from lumbar_ray.data.rsna import load_rsna
+from lumbar_ray.data.synthetic import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def local_head(tmp_path):
+    """A Ray head started with ``ray start --head --block`` on loopback; stopped by its own pid afterwards.
+
+    ``ray stop`` would end every Ray process of the machine, the test session's own instance included.
+    """
+    port, dashboard = _free_port(), _free_port()
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    command = [
+        RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    log = (tmp_path / "head.log").open("w")
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
+                json.load(response)
+            break
+        except OSError:
+            if time.time() > deadline or head.poll() is not None:
+                head.kill()
+                pytest.fail(f"local Ray head did not come up: {(tmp_path / 'head.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield address, env
+    head.send_signal(signal.SIGTERM)  # --block: the head stops the processes it started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_preprocess_job_submitted_to_a_local_head(local_head, tmp_path):
+    address, env = local_head
+    root = write_dataset(tmp_path / "rsna", SynthConfig(train_studies=3, test_studies=1, image_sizes=[96])).root
+    command = [
+        RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
+        "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "lumbar_ray_work"]}), "--",
+        "python", "jobs/preprocess.py", "--data", str(root), "--cache", str(tmp_path / "cache"), "--workers", "1",
+        "preprocess.image_size=64",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    data = load_rsna(root)
+    manifest = SeriesCache(tmp_path / "cache", cache_settings(PreprocessConfig(image_size=64))).read_manifest()
+    assert len(manifest) == len(data.train_series) + len(data.test_series)
+    assert set(manifest["split"]) == {"train", "test"}
