@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,82 @@ class PreprocessConfig(_Strict):
     strict: bool = Field(False, description="exit non-zero when any series failed")
 
 
+class CropConfig(_Strict):
+    """2.5D crops around each target's level point (one crop per target, 25 per study)."""
+
+    size: int = Field(32, ge=8, description="output side of every crop slice, pixels")
+    region: int = Field(48, ge=8, description="side of the square cut from the cache grid (cache pixels)")
+    slices: int = Field(5, ge=1, description="slices per crop, centred on the point's slice (odd)")
+
+    @field_validator("slices")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("crop.slices must be odd so that the point's slice is the centre")
+        return value
+
+
+class AugmentConfig(_Strict):
+    """Training augmentations; every strength is tunable and 0 switches that augmentation off."""
+
+    jitter_px: float = Field(6.0, ge=0, description="uniform in-plane shift of the point, +- cache pixels")
+    jitter_slices: int = Field(1, ge=0, description="uniform shift of the centre slice, +- slices")
+    rotate_deg: float = Field(10.0, ge=0, description="uniform in-plane rotation, +- degrees")
+    scale: float = Field(0.1, ge=0, lt=1, description="uniform zoom, 1 +- scale")
+    brightness: float = Field(0.1, ge=0, description="additive shift, +- fraction of the intensity range")
+    contrast: float = Field(0.15, ge=0, lt=1, description="multiplicative contrast, 1 +- contrast")
+    gamma: float = Field(0.15, ge=0, lt=1, description="gamma, exp(+- gamma)")
+    flip_p: float = Field(0.5, ge=0, le=1, description="probability of a left/right flip (swaps sided targets)")
+
+
+class ModelConfig(_Strict):
+    """The classifier: a timm encoder per slice, pooling over slices, 25 x 3 logits."""
+
+    arch: str = Field("tiny", description="a name of lumbar_ray.models.ARCHITECTURES")
+    encoder: str | None = Field(None, description="timm model name overriding the architecture's encoder")
+    pretrained: bool = Field(False, description="timm pretrained weights (needs network or a local cache)")
+    in_chans: int = Field(1, ge=1, description="adjacent slices fed to the encoder as channels, per slice")
+    pool: Literal["attention", "lstm", "mean"] | None = Field(None, description="slice pooling; None = arch's")
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class LossConfig(_Strict):
+    """Class-weighted cross-entropy (the metric's weights) plus an any-severe-spinal term."""
+
+    class_weights: tuple[float, float, float] = Field((1.0, 2.0, 4.0), description="by true class, as the metric")
+    any_severe_weight: float = Field(1.0, ge=0, description="weight of the any-severe-spinal BCE term")
+
+
+class TrainConfig(_Strict):
+    """k-fold training on Ray Train."""
+
+    run_id: str | None = Field(None, description="stable id of the CV run; None = a hash of the resolved config")
+    folds: list[int] | None = Field(None, description="subset of folds to train; None = all")
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(8, ge=1, description="studies per step per worker")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up, then cosine decay")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP processes) per fold")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    amp: Literal["off", "bf16", "fp16"] = Field("bf16", description="autocast dtype on GPU (ignored on CPU)")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
+    max_failures: int = Field(2, ge=0, description="worker restarts from the latest checkpoint, per fold")
+    storage: str | None = Field(None, description="Ray Train storage path or URI; None = <workdir>/ray_results")
+    seed: int = 0
+
+
+class TrackingConfig(_Strict):
+    """MLflow: where runs go and how the fold ensemble is registered."""
+
+    tracking_uri: str | None = Field(None, description="None = $MLFLOW_TRACKING_URI, else sqlite under workdir")
+    experiment: str = "lumbar_ray"
+    model_name: str = Field("lumbar_ray_ensemble", description="registered model name")
+    alias: str = Field("champion", description="alias moved to a new version when its CV score is better")
+    register_model: bool = Field(True, description="log and register the fold ensemble after the CV")
+
+
 class CVConfig(_Strict):
     """Cross-validation folds, grouped by study and stratified on the labels."""
 
@@ -79,6 +155,12 @@ class Config(_Strict):
     synth: SynthConfig = SynthConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     cv: CVConfig = CVConfig()
+    crop: CropConfig = CropConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def to_yaml(self) -> str:
         """Render the resolved config as YAML (what is logged and saved with runs)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,12 @@ def data_root_for(config: Config) -> Path:
 
 
 def cache_root_for(config: Config) -> str:
-    """The preprocessing cache root: ``preprocess.cache``, or ``<workdir>/cache``."""
-    return config.preprocess.cache or str(Path(config.workdir) / "cache")
+    """The preprocessing cache root: ``preprocess.cache``, else ``$LUMBAR_RAY_STORAGE/cache`` (the shared storage
+    that cluster.yaml sets on every node), else ``<workdir>/cache``."""
+    if config.preprocess.cache:
+        return config.preprocess.cache
+    shared = os.environ.get("LUMBAR_RAY_STORAGE")
+    return f"{shared.rstrip('/')}/cache" if shared else str(Path(config.workdir) / "cache")
 
 
 def run_quickstart(config: Config) -> QuickstartResult:
