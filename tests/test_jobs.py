@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -34,14 +36,19 @@ def _free_port() -> int:
 def local_head(tmp_path):
     """A Ray head started with ``ray start --head --block`` on loopback; stopped by its own pid afterwards.
 
-    ``ray stop`` would end every Ray process of the machine, the test session's own instance included.
+    ``ray stop`` would end every Ray process of the machine, the test session's own instance included. Every
+    port of the head's agents is a fresh one and its temp dir its own: the session's Ray instance already holds the
+    default agent ports, and a head whose job agent cannot bind never accepts a submission.
     """
     port, dashboard = _free_port(), _free_port()
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    temp_dir = tempfile.mkdtemp(prefix="rayhead_", dir="/tmp")  # short: Ray's unix socket paths are length-capped
     command = [
         RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-        "--disable-usage-stats",
+        "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+        "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+        "--temp-dir", temp_dir, "--disable-usage-stats",
     ]  # fmt: skip
     log = (tmp_path / "head.log").open("w")
     head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -64,6 +71,13 @@ def local_head(tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _agent_log_tail() -> str:
+    """The newest dashboard agent log of any test head, for the failure message."""
+    logs = sorted(Path("/tmp").glob("rayhead_*/session_latest/logs/dashboard_agent.log"), key=os.path.getmtime)
+    return "\n--- dashboard_agent.log ---\n" + logs[-1].read_text()[-3000:] if logs else ""
 
 
 @pytest.mark.ray
@@ -77,12 +91,12 @@ def test_preprocess_job_submitted_to_a_local_head(local_head, tmp_path):
         "python", "jobs/preprocess.py", "--data", str(root), "--cache", str(tmp_path / "cache"), "--workers", "1",
         "preprocess.image_size=64",
     ]  # fmt: skip
-    for _ in range(30):  # the dashboard answers before the node's job agent registers: retry only that
+    for _ in range(10):  # the dashboard answers before the node's job agent registers: retry only that
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
         if "No available agent to submit job" not in result.stderr + result.stdout:
             break
-        time.sleep(2)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        time.sleep(3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + _agent_log_tail()
     assert "succeeded" in result.stdout
     data = load_rsna(root)
     manifest = SeriesCache(tmp_path / "cache", cache_settings(PreprocessConfig(image_size=64))).read_manifest()
