@@ -118,6 +118,22 @@ def preprocess(
 
 
 @app.command()
+def train(
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """k-fold training on Ray Train, scored out of fold, tracked in MLflow, ensemble registered (resumable)."""
+    from lumbar_ray.config import load_config, save_config
+    from lumbar_ray.train.cv import run_cv
+
+    cfg = load_config(config, overrides or [])
+    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(cfg.workdir) / "resolved_config.yaml")
+    result = run_cv(cfg)
+    typer.echo(result.format())
+
+
+@app.command()
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="where data, caches, checkpoints and mlflow.db go")] = Path(
         "lumbar_ray_work"
@@ -138,6 +154,9 @@ def quickstart(
     typer.echo("")
     typer.echo("Preprocessing (Ray Data):")
     typer.echo(result.preprocess.format())
+    typer.echo("")
+    typer.echo("k-fold training (Ray Train), out of fold:")
+    typer.echo(result.cv.format())
     typer.echo("")
     typer.echo(f"data:     {result.data_root}")
     typer.echo(f"workdir:  {result.workdir}")

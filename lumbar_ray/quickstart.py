@@ -1,8 +1,9 @@
 """The quickstart: the whole pipeline on built-in synthetic data, on one machine, with embedded defaults.
 
-For now it synthesises a small RSNA-format dataset, validates it, reports on it, scores the prior baseline and
-preprocesses every series into the cache with Ray Data; later stages (training, tuning, registry, inference)
-join as they land.
+It synthesises a small RSNA-format dataset, validates it, reports on it, scores the prior baseline,
+preprocesses every series into the cache with Ray Data, then trains the k-fold CV on Ray Train (the tiny model
+on CPU workers), scores it out of fold against the prior, logs everything to MLflow (a SQLite file in the
+workdir) and registers the fold ensemble. Tuning and inference join as they land.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lumbar_ray.config import Config, save_config
 from lumbar_ray.data.preprocess import PreprocessSummary, run_preprocess
 from lumbar_ray.data.rsna import DataReport, build_report, load_rsna
 from lumbar_ray.data.synthetic import write_dataset
+from lumbar_ray.train.cv import CVResult, run_cv
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class QuickstartResult:
     report: DataReport
     baseline: BaselineResult
     preprocess: PreprocessSummary
+    cv: CVResult
 
 
 def data_root_for(config: Config) -> Path:
@@ -48,7 +51,7 @@ def cache_root_for(config: Config) -> str:
 
 
 def run_quickstart(config: Config) -> QuickstartResult:
-    """Synthesise (or reuse) the dataset, validate and report it, score the prior, preprocess into the cache."""
+    """Synthesise (or reuse) the dataset, validate and report it, score the prior, preprocess, train and register."""
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(config, workdir / "resolved_config.yaml")
@@ -60,5 +63,6 @@ def run_quickstart(config: Config) -> QuickstartResult:
     (workdir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
     baseline = run_baseline(root, n_folds=config.cv.n_folds, seed=config.cv.seed, out_csv=workdir / "baseline_oof.csv")
     preprocessed = run_preprocess(root, cache_root_for(config), config.preprocess)
+    cv = run_cv(config)  # resumable: a rerun skips the folds already trained
     logger.info("quickstart finished in %s", workdir)
-    return QuickstartResult(workdir=workdir, data_root=root, report=report, baseline=baseline, preprocess=preprocessed)
+    return QuickstartResult(workdir, root, report, baseline, preprocessed, cv)

@@ -16,15 +16,20 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     )
 
 
+# The quickstart trains too: keep its CV as small as a CV gets (1 worker, 1 epoch, 16 px crops).
+TINY_TRAINING = ("preprocess.image_size=96", "train.epochs=1", "train.num_workers=1", "crop.size=16", "crop.region=24")
+
+
 def test_help_lists_every_command_with_help_text():
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("synth", "report", "baseline", "score", "quickstart"):
+    for command in ("synth", "report", "baseline", "score", "preprocess", "train", "quickstart"):
         assert command in result.stdout
     assert "Write a synthetic RSNA-format dataset" in result.stdout
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_quickstart_prints_report_and_baseline_score(tmp_path):
     workdir = tmp_path / "work"
     result = run_cli(
@@ -35,6 +40,7 @@ def test_quickstart_prints_report_and_baseline_score(tmp_path):
         "synth.test_studies=1",
         "synth.image_sizes=[96]",
         "cv.n_folds=3",
+        *TINY_TRAINING,
     )
     assert result.returncode == 0, result.stderr
     assert "RSNA data report" in result.stdout and "train: 12 studies" in result.stdout
@@ -43,6 +49,8 @@ def test_quickstart_prints_report_and_baseline_score(tmp_path):
     assert 0.2 < float(total.split()[-1]) < 1.2
     assert (workdir / "resolved_config.yaml").is_file() and (workdir / "baseline_oof.csv").is_file()
     assert "train_studies: 12" in (workdir / "resolved_config.yaml").read_text()
+    assert "k-fold training (Ray Train)" in result.stdout and "3 trained now" in result.stdout
+    assert "registered: " in result.stdout and (workdir / "mlflow.db").is_file()
     # rerun with the same config reuses the dataset instead of writing it again
     again = run_cli(
         "quickstart",
@@ -52,8 +60,10 @@ def test_quickstart_prints_report_and_baseline_score(tmp_path):
         "synth.test_studies=1",
         "synth.image_sizes=[96]",
         "cv.n_folds=3",
+        *TINY_TRAINING,
     )
     assert again.returncode == 0 and "reusing it" in again.stderr
+    assert "0 trained now, 3 already done" in again.stdout  # the rerun resumed instead of training again
 
 
 def test_synth_then_report_and_score(tmp_path):

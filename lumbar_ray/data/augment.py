@@ -1,0 +1,175 @@
+"""Training augmentations of the 2.5D target crops, built from :class:`lumbar_ray.config.AugmentConfig`.
+
+One draw of :meth:`Augmenter.sample` holds every random parameter of one study item: per target a point
+jitter (in-plane and in slice), a rotation and a zoom (both applied by the crop itself, see
+:func:`lumbar_ray.data.crops.crop_stack`), brightness/contrast/gamma, and one left/right flip for the whole
+study. Geometry is applied while cropping (a jittered point is just another point); the photometric changes
+and the flip act on the finished crops, so the flip is an exact permutation/reversal and applying it twice
+restores the item bit for bit.
+
+The flip mirrors the patient, so it must move the sided targets with their pixels:
+
+- the crops, labels and masks of the left and right foraminal targets trade places, and so do those of the
+  left and right subarticular targets;
+- axial crops (subarticular) are mirrored along their columns: the column axis of an axial image runs across
+  the patient's left-right axis;
+- sagittal crops (spinal canal and foraminal) have their slice axis reversed: the slice axis of a sagittal
+  series runs along the patient's left-right axis, while their rows and columns (cranio-caudal, antero-posterior)
+  do not change side.
+
+Every strength 0 gives the identity. All of this runs in the data-loading workers (inside the dataset's
+``__getitem__``), never on the driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lumbar_ray.config import AugmentConfig
+from lumbar_ray.constants import CONDITION_SERIES, CONDITIONS, LEVELS, TARGETS
+
+
+def flip_permutation() -> np.ndarray:
+    """Target index -> the index of its mirror target (left <-> right; spinal targets map to themselves)."""
+    order = np.arange(len(TARGETS))
+    for index, condition in enumerate(CONDITIONS):
+        if condition.startswith("left_"):
+            mirror = CONDITIONS.index("right_" + condition.removeprefix("left_"))
+            for level in range(len(LEVELS)):
+                order[index * len(LEVELS) + level] = mirror * len(LEVELS) + level
+                order[mirror * len(LEVELS) + level] = index * len(LEVELS) + level
+    return order
+
+
+def axial_targets() -> np.ndarray:
+    """Boolean (25,): targets read on an axial series (their crops mirror in-plane under a flip)."""
+    return np.array([CONDITION_SERIES[target[:-6]].startswith("Axial") for target in TARGETS])
+
+
+def flip_targets(crops: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mirror one study left/right: swap the sided targets and mirror each crop along the patient's x axis.
+
+    Args:
+        crops: (25, slices, size, size) crops in :data:`TARGETS` order.
+        labels: (25,) labels.
+        mask: (25,) whether each target has a point.
+
+    Returns:
+        New ``(crops, labels, mask)``; the inputs are not modified.
+    """
+    order = flip_permutation()
+    axial = axial_targets()
+    flipped = crops[order]  # fancy indexing: a copy
+    flipped[axial] = flipped[axial][..., ::-1]
+    flipped[~axial] = flipped[~axial][:, ::-1]
+    return flipped, labels[order].copy(), mask[order].copy()
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """The random draw of one study item (arrays are per target, in :data:`TARGETS` order).
+
+    Attributes:
+        shift_xy: (n, 2) in-plane point shift (x, y), cache pixels.
+        shift_slice: (n,) integer shift of the centre slice.
+        angle_deg: (n,) in-plane rotation of the crop (content turns counter-clockwise as displayed).
+        zoom: (n,) magnification of the crop (> 1 cuts a smaller region).
+        brightness: (n,) additive shift, in units of the [0, 1] intensity range.
+        contrast: (n,) factor around the crop's mean.
+        gamma: (n,) exponent applied to the clipped intensities.
+        flip: whether the study is mirrored left/right.
+    """
+
+    shift_xy: np.ndarray
+    shift_slice: np.ndarray
+    angle_deg: np.ndarray
+    zoom: np.ndarray
+    brightness: np.ndarray
+    contrast: np.ndarray
+    gamma: np.ndarray
+    flip: bool
+
+    @classmethod
+    def identity(cls, n: int = len(TARGETS)) -> AugmentParams:
+        """Parameters that change nothing."""
+        zeros, ones = np.zeros(n), np.ones(n)
+        return cls(np.zeros((n, 2)), np.zeros(n, dtype=np.int64), zeros, ones, zeros, ones, ones, False)
+
+
+class Augmenter:
+    """Draws and applies the augmentations of :class:`AugmentConfig` (strength 0 switches one off).
+
+    Args:
+        cfg: the strengths.
+    """
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        self.cfg = cfg
+
+    def sample(self, rng: np.random.Generator, n: int = len(TARGETS)) -> AugmentParams:
+        """Draw the parameters of one study item.
+
+        Args:
+            rng: the item's generator.
+            n: number of targets.
+        """
+        cfg = self.cfg
+        return AugmentParams(
+            shift_xy=rng.uniform(-cfg.jitter_px, cfg.jitter_px, size=(n, 2)),
+            shift_slice=rng.integers(-cfg.jitter_slices, cfg.jitter_slices + 1, size=n),
+            angle_deg=rng.uniform(-cfg.rotate_deg, cfg.rotate_deg, size=n),
+            zoom=1.0 + rng.uniform(-cfg.scale, cfg.scale, size=n),
+            brightness=rng.uniform(-cfg.brightness, cfg.brightness, size=n),
+            contrast=1.0 + rng.uniform(-cfg.contrast, cfg.contrast, size=n),
+            gamma=np.exp(rng.uniform(-cfg.gamma, cfg.gamma, size=n)),
+            flip=bool(rng.random() < cfg.flip_p),
+        )
+
+    @staticmethod
+    def jitter_points(
+        slices: np.ndarray, xs: np.ndarray, ys: np.ndarray, params: AugmentParams
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Shift the per-target points ``(slice, x, y)`` by the drawn jitter (clamping is the crop's job)."""
+        return slices + params.shift_slice, xs + params.shift_xy[:, 0], ys + params.shift_xy[:, 1]
+
+    @staticmethod
+    def photometric(crops: np.ndarray, params: AugmentParams) -> np.ndarray:
+        """Brightness, contrast (around each crop's mean), gamma, clipped to [0, 1]; a new array.
+
+        An operation whose drawn parameters are all neutral is skipped, so zero strengths return the crops
+        unchanged bit for bit.
+        """
+        out = crops.astype(np.float32, copy=True)
+        shape = (-1,) + (1,) * (crops.ndim - 1)
+        if np.any(params.brightness != 0):
+            out += params.brightness.astype(np.float32).reshape(shape)
+        if np.any(params.contrast != 1):
+            mean = out.reshape(len(out), -1).mean(axis=1).reshape(shape)
+            out = (out - mean) * params.contrast.astype(np.float32).reshape(shape) + mean
+        # Clip before gamma: a negative base has no real power.
+        np.clip(out, 0.0, 1.0, out=out)
+        if np.any(params.gamma != 1):
+            np.power(out, params.gamma.astype(np.float32).reshape(shape), out=out)
+        return out
+
+    def apply(
+        self, crops: np.ndarray, labels: np.ndarray, mask: np.ndarray, params: AugmentParams
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The post-crop part: photometric changes, missing targets back to zero, then the flip.
+
+        Args:
+            crops: (25, slices, size, size) float32 crops cut at the jittered points.
+            labels: (25,) labels (IGNORE_INDEX where empty or missing).
+            mask: (25,) whether each target has a point.
+            params: this item's draw.
+
+        Returns:
+            ``(crops, labels, mask)``, new arrays.
+        """
+        out = self.photometric(crops, params)
+        out[~mask] = 0.0  # a missing target stays an all-zero crop whatever the brightness
+        if params.flip:
+            return flip_targets(out, labels, mask)
+        return out, labels.copy(), mask.copy()

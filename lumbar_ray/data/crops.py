@@ -1,0 +1,402 @@
+"""2.5D crops around each target's point: points from the label coordinates, the crop itself, the dataset.
+
+A study item is 25 crops in :data:`TARGETS` order, one per target, each ``slices`` adjacent slices of the series
+the target's point lies on, centred on the point's slice, a ``region`` cache-pixel square around the point
+resampled to ``size x size``. This is the 2.5D input of the strongest RSNA 2024 solutions: spinal canal crops
+come from the mid-line Sagittal T2/STIR slices of the point, foraminal crops from the lateral Sagittal T1 slices
+around the labelled point, subarticular crops from the Axial T2 slices around the level's point. Because the
+point carries its series and slice, the crop is simply cut around the point in its own series; where the points
+come from is an argument (a POINTS frame), so inference can pass predicted points instead of the labelled ones.
+
+POINTS frame: one row per ``(study_id, target)`` with ``study_id`` (int), ``target`` (int 0..24), ``series_id``
+(int), ``slice`` (int, index into the cached volume), ``x``, ``y`` (float, cache pixels; x = column, y = row).
+
+A target without a point gets an all-zero crop, ``mask`` False and an :data:`IGNORE_INDEX` label: it drops out
+of the loss, never its study.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from lumbar_ray.config import AugmentConfig, CropConfig
+from lumbar_ray.constants import (
+    CONDITION_SERIES,
+    CONDITION_TITLES,
+    IGNORE_INDEX,
+    LEVEL_TITLES,
+    TARGETS,
+    target_index,
+)
+from lumbar_ray.data.augment import Augmenter, AugmentParams
+from lumbar_ray.data.cache import CachedSeries, SeriesCache
+
+logger = logging.getLogger(__name__)
+
+POINT_COLUMNS = ("study_id", "target", "series_id", "slice", "x", "y")
+SKIPPED_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "reason")
+PROGRESS_MIN_SERIES = 50  # fewer series map in well under a second: no progress bar
+
+_CONDITION_KEYS = {title: key for key, title in CONDITION_TITLES.items()}
+_LEVEL_KEYS = {title: key for key, title in LEVEL_TITLES.items()}
+
+
+# --- points
+
+
+@dataclass
+class PointsResult:
+    """The mapped label points and the coordinate rows that could not be used.
+
+    Attributes:
+        points: POINTS frame (see the module docstring), sorted by study and target.
+        skipped: one row per unused coordinate row: ``study_id``, ``series_id``, ``instance_number``,
+            ``condition``, ``level`` (as in the coordinates file) and ``reason``.
+    """
+
+    points: pd.DataFrame
+    skipped: pd.DataFrame
+
+    def reasons(self) -> dict[str, int]:
+        """Skipped rows counted by reason."""
+        return {str(k): int(v) for k, v in self.skipped["reason"].value_counts().items()}
+
+
+def _empty_points() -> pd.DataFrame:
+    frame = pd.DataFrame({column: pd.Series(dtype="int64") for column in POINT_COLUMNS})
+    return frame.astype({"x": "float64", "y": "float64"})
+
+
+def _skip(row, reason: str) -> dict:
+    return {
+        "study_id": int(row.study_id),
+        "series_id": int(row.series_id),
+        "instance_number": int(row.instance_number),
+        "condition": str(row.condition),
+        "level": str(row.level),
+        "reason": reason,
+    }
+
+
+def _with_targets(coordinates: pd.DataFrame) -> pd.DataFrame:
+    """The coordinates with a ``target`` column (-1 where the condition or level is unknown), in file order."""
+    frame = coordinates.reset_index(drop=True).copy()
+    targets = []
+    for condition, level in zip(frame["condition"].astype(str), frame["level"].astype(str), strict=True):
+        key, lvl = _CONDITION_KEYS.get(condition), _LEVEL_KEYS.get(level)
+        targets.append(-1 if key is None or lvl is None else target_index(key, lvl))
+    frame["target"] = np.asarray(targets, dtype=np.int64)
+    return frame
+
+
+def _progress(iterable, total: int, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        iterable, total=total, desc=description, unit="series", leave=False, disable=total < PROGRESS_MIN_SERIES
+    )
+
+
+def points_from_coordinates(coordinates: pd.DataFrame, cache: SeriesCache, series: pd.DataFrame) -> PointsResult:
+    """Map the ground-truth label coordinates (original pixels) to POINTS in the cache grid.
+
+    Each series' metadata is read once. A row is skipped, with its reason, when its condition or level is
+    unknown, it repeats a ``(study, target)`` already seen (the first row in file order is kept), its series is
+    not in ``series`` or not in the cache, its instance is not in the cached series, or its point maps outside
+    the cached image.
+
+    Args:
+        coordinates: ``train_label_coordinates`` (study_id, series_id, instance_number, condition as
+            "Spinal Canal Stenosis", level as "L1/L2", x, y in the instance's original pixels).
+        cache: the cache version the crops will be cut from.
+        series: ``train_series_descriptions`` (study_id, series_id, series_description).
+
+    Returns:
+        The POINTS frame and the skipped rows.
+    """
+    frame = _with_targets(coordinates)
+    skipped: list[dict] = []
+    for row in frame[frame["target"] < 0].itertuples(index=False):
+        skipped.append(_skip(row, "unknown condition or level"))
+    frame = frame[frame["target"] >= 0]
+    duplicate = frame.duplicated(["study_id", "target"], keep="first")
+    if duplicate.any():
+        logger.info("%d coordinate rows repeat a (study, target): the first row of each is kept", int(duplicate.sum()))
+    for row in frame[duplicate].itertuples(index=False):
+        skipped.append(_skip(row, "duplicate (study, target): first row kept"))
+    frame = frame[~duplicate]
+
+    listed = set(zip(series["study_id"].astype(int), series["series_id"].astype(int), strict=True))
+    descriptions = dict(zip(series["series_id"].astype(int), series["series_description"].astype(str), strict=True))
+    manifest = cache.read_manifest()
+    cached = set(zip(manifest["study_id"].astype(int), manifest["series_id"].astype(int), strict=True))
+
+    rows: list[dict] = []
+    mismatched = 0
+    groups = frame.groupby(["study_id", "series_id"], sort=True)
+    for (study_id, series_id), group in _progress(groups, groups.ngroups, "mapping label points"):
+        study_id, series_id = int(study_id), int(series_id)
+        entry, reason = _series_entry(cache, study_id, series_id, listed, cached)
+        if entry is None:
+            skipped.extend(_skip(row, reason) for row in group.itertuples(index=False))
+            continue
+        size = int(entry.meta["size"])
+        for row in group.itertuples(index=False):
+            try:
+                index, x, y = entry.original_to_cache(int(row.instance_number), float(row.x), float(row.y))
+            except KeyError:
+                skipped.append(_skip(row, "instance not in the cached series"))
+                continue
+            if not (-0.5 <= x <= size - 0.5 and -0.5 <= y <= size - 0.5):
+                skipped.append(_skip(row, "point outside the image"))
+                continue
+            expected = CONDITION_SERIES[_CONDITION_KEYS[str(row.condition)]]
+            mismatched += descriptions.get(series_id) != expected
+            rows.append(
+                {
+                    "study_id": study_id,
+                    "target": int(row.target),
+                    "series_id": series_id,
+                    "slice": index,
+                    "x": x,
+                    "y": y,
+                }
+            )
+    if mismatched:
+        # Kept: the point is still a valid point of its own series; the crop just shows another contrast.
+        logger.warning("%d label points lie on a series of another type than their condition's", mismatched)
+    points = pd.DataFrame(rows, columns=list(POINT_COLUMNS)) if rows else _empty_points()
+    points = points.astype({"study_id": "int64", "target": "int64", "series_id": "int64", "slice": "int64"})
+    points = points.sort_values(["study_id", "target"], kind="stable").reset_index(drop=True)
+    result = PointsResult(points, pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)))
+    logger.info(
+        "label points: %d mapped, %d skipped %s", len(result.points), len(result.skipped), result.reasons() or ""
+    )
+    return result
+
+
+def _series_entry(
+    cache: SeriesCache, study_id: int, series_id: int, listed: set, cached: set
+) -> tuple[CachedSeries | None, str]:
+    """The series' cache entry for point mapping (metadata only), or ``None`` and the reason."""
+    if (study_id, series_id) not in listed:
+        return None, "series not in the series descriptions"
+    if (study_id, series_id) not in cached:
+        return None, "series not in the cache manifest"
+    try:
+        meta = cache.read_meta(study_id, series_id)
+    except (OSError, ValueError) as error:  # listed by the manifest but gone or damaged since
+        logger.warning("cache entry %s/%s unreadable: %s", study_id, series_id, error)
+        return None, "series entry missing from the cache"
+    # Mapping needs only the per-slice geometry: skip loading the volume (a download on a remote cache).
+    return CachedSeries(volume=np.zeros((0, 0, 0), dtype=np.uint8), meta=meta), ""
+
+
+# --- one crop
+
+
+def crop_affine(x: float, y: float, cfg: CropConfig, angle_deg: float = 0.0, zoom: float = 1.0) -> np.ndarray:
+    """The 2x3 matrix mapping crop pixels ``(u, v)`` to cache pixels ``(x, y)`` (cv2's inverse map).
+
+    The crop centre lands on the point; one crop pixel covers ``region / zoom / size`` cache pixels; a positive
+    angle turns the content counter-clockwise as displayed (rows down), like :func:`cv2.getRotationMatrix2D`.
+    """
+    step = cfg.region / zoom / cfg.size
+    theta = math.radians(angle_deg)
+    cos, sin = math.cos(theta) * step, math.sin(theta) * step
+    linear = np.array([[cos, -sin], [sin, cos]])
+    centre = (cfg.size - 1) / 2.0
+    offset = np.array([x, y]) - linear @ np.array([centre, centre])
+    return np.hstack([linear, offset[:, None]])
+
+
+def crop_stack(
+    volume: np.ndarray,
+    slice: int,
+    x: float,
+    y: float,
+    cfg: CropConfig,
+    angle_deg: float = 0.0,
+    zoom: float = 1.0,
+) -> np.ndarray:
+    """Cut the 2.5D crop of one target.
+
+    Args:
+        volume: uint8 ``(n, H, W)`` cached volume (a memory map is fine: only the rows needed are read).
+        slice: index of the centre slice; the stack is ``slice - S//2 .. slice + S//2``, indices outside the
+            volume repeat its edge slice.
+        x: point column, cache pixels (may lie outside the image: the outside is zero).
+        y: point row, cache pixels.
+        cfg: output size, region and number of slices.
+        angle_deg: in-plane rotation (content turns counter-clockwise as displayed).
+        zoom: magnification; > 1 cuts a smaller region.
+
+    Returns:
+        float32 ``(cfg.slices, cfg.size, cfg.size)`` in [0, 1].
+    """
+    n, height, width = volume.shape
+    out = np.zeros((cfg.slices, cfg.size, cfg.size), dtype=np.float32)
+    if n == 0:
+        return out
+    matrix = crop_affine(x, y, cfg, angle_deg, zoom)
+    # Read only the bounding box of the rotated square (plus the interpolation margin), not the whole slice.
+    half = 0.5 * cfg.region / zoom * math.sqrt(2.0) + 2.0
+    x0, x1 = max(0, math.floor(x - half)), min(width, math.ceil(x + half) + 1)
+    y0, y1 = max(0, math.floor(y - half)), min(height, math.ceil(y + half) + 1)
+    if x0 >= x1 or y0 >= y1:
+        return out  # the whole region lies outside the image
+    matrix[:, 2] -= (x0, y0)
+    indices = np.clip(np.arange(slice - cfg.slices // 2, slice + cfg.slices // 2 + 1), 0, n - 1)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    for k, index in enumerate(indices):
+        patch = np.ascontiguousarray(volume[index, y0:y1, x0:x1], dtype=np.float32)
+        out[k] = cv2.warpAffine(
+            patch, matrix, (cfg.size, cfg.size), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0
+        )
+    out *= 1.0 / 255.0
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+# --- the dataset
+
+
+def _point_arrays(study_ids: np.ndarray, points: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    """Per study and target: series id, slice, (x, y) and whether a point exists."""
+    n = len(study_ids)
+    series = np.full((n, len(TARGETS)), -1, dtype=np.int64)
+    slices = np.zeros((n, len(TARGETS)), dtype=np.int64)
+    xy = np.zeros((n, len(TARGETS), 2), dtype=np.float64)
+    mask = np.zeros((n, len(TARGETS)), dtype=bool)
+    row_of = {int(study): i for i, study in enumerate(study_ids)}
+    frame = points[points["study_id"].isin(row_of)]
+    frame = frame[frame[["x", "y"]].notna().all(axis=1)]
+    repeated = frame.duplicated(["study_id", "target"], keep="first")
+    if repeated.any():
+        logger.warning("POINTS frame repeats %d (study, target) pairs: the first of each is used", int(repeated.sum()))
+        frame = frame[~repeated]
+    rows = frame["study_id"].map(row_of).to_numpy(dtype=np.int64)
+    targets = frame["target"].to_numpy(dtype=np.int64)
+    series[rows, targets] = frame["series_id"].to_numpy(dtype=np.int64)
+    slices[rows, targets] = frame["slice"].to_numpy(dtype=np.int64)
+    xy[rows, targets] = frame[["x", "y"]].to_numpy(dtype=np.float64)
+    mask[rows, targets] = True
+    return series, slices, xy, mask
+
+
+class CropDataset(Dataset):
+    """One item per study: its 25 target crops, labels and point mask (see the module docstring).
+
+    Volumes are opened per item (memory-mapped on a local cache), so the dataset holds no file handle: it
+    pickles (Ray ships it, DataLoader workers may spawn) and forks safely.
+
+    Args:
+        cache: the cache version the points refer to.
+        study_ids: the studies of this dataset, in item order.
+        points: POINTS frame (may hold other studies; those are ignored).
+        crop: crop geometry.
+        labels: ``(n, 25)`` int64 labels aligned with ``study_ids`` (IGNORE_INDEX = empty); None = unlabelled.
+        augment: training augmentations; None = deterministic evaluation crops.
+        seed: base seed of the augmentation stream (per item ``[seed, epoch, index]``).
+    """
+
+    def __init__(
+        self,
+        cache: SeriesCache,
+        study_ids: Sequence[int] | np.ndarray,
+        points: pd.DataFrame,
+        crop: CropConfig,
+        labels: np.ndarray | None = None,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.cache = cache
+        self.study_ids = np.asarray(study_ids, dtype=np.int64).reshape(-1)
+        self.crop = crop
+        if labels is None:
+            labels = np.full((len(self.study_ids), len(TARGETS)), IGNORE_INDEX, dtype=np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (len(self.study_ids), len(TARGETS)):
+            raise ValueError(f"labels must have shape ({len(self.study_ids)}, {len(TARGETS)}), got {labels.shape}")
+        self.labels = labels
+        self.augmenter = Augmenter(augment) if augment is not None else None
+        self.seed = int(seed)
+        self.series, self.slices, self.xy, self.mask = _point_arrays(self.study_ids, points)
+        # Shared memory: DataLoader workers (forked, spawned or persistent) see the epoch set on the main copy.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        missing = int((~self.mask).sum())
+        logger.info("crop dataset: %d studies, %d of %d target points missing", len(self), missing, self.mask.size)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # A plain pickle (Ray shipping the dataset) copies the epoch tensor: share it again so that DataLoader
+        # workers forked from this copy still follow set_epoch. Torch's own pickler keeps it shared.
+        if not self._epoch.is_shared():
+            self._epoch.share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.item())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of an epoch (call before iterating it)."""
+        self._epoch.fill_(int(epoch))
+
+    def __len__(self) -> int:
+        return len(self.study_ids)
+
+    def params(self, index: int) -> AugmentParams:
+        """The augmentation draw of item ``index`` in the current epoch (identity without augmentation)."""
+        if self.augmenter is None:
+            return AugmentParams.identity()
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        return self.augmenter.sample(rng)
+
+    def _volumes(self, index: int, mask: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """The volumes of an item's series (each opened once); targets whose series is unreadable are dropped."""
+        study_id = int(self.study_ids[index])
+        volumes: dict[int, np.ndarray] = {}
+        mask = mask.copy()
+        for series_id in np.unique(self.series[index][mask]):
+            try:
+                volumes[int(series_id)] = self.cache.read(study_id, int(series_id), mmap=True).volume
+            except (OSError, ValueError) as error:  # lose the targets of that series, never the study
+                logger.warning(
+                    "study %s: series %s unreadable (%s); its targets are masked", study_id, series_id, error
+                )
+                mask &= self.series[index] != series_id
+        return volumes, mask
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = int(index)
+        params = self.params(index)
+        volumes, mask = self._volumes(index, self.mask[index])
+        slices, xs, ys = Augmenter.jitter_points(self.slices[index], self.xy[index, :, 0], self.xy[index, :, 1], params)
+        crops = np.zeros((len(TARGETS), self.crop.slices, self.crop.size, self.crop.size), dtype=np.float32)
+        for t in np.flatnonzero(mask):
+            crops[t] = crop_stack(
+                volumes[int(self.series[index, t])],
+                int(slices[t]),
+                float(xs[t]),
+                float(ys[t]),
+                self.crop,
+                angle_deg=float(params.angle_deg[t]),
+                zoom=float(params.zoom[t]),
+            )
+        labels = np.where(mask, self.labels[index], IGNORE_INDEX).astype(np.int64)
+        if self.augmenter is not None:
+            crops, labels, mask = self.augmenter.apply(crops, labels, mask, params)
+        return {
+            "crops": torch.from_numpy(np.ascontiguousarray(crops)),
+            "labels": torch.from_numpy(labels),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
+            "study_id": torch.tensor(int(self.study_ids[index]), dtype=torch.int64),
+        }

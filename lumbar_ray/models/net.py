@@ -1,0 +1,187 @@
+"""The 2.5D severity classifier: a shared per-slice encoder, pooling over slices, per-condition-group heads.
+
+Input: the 25 crops of a study, ``(B, 25, S, H, W)`` float32 in [0, 1] (one crop of ``S`` slices per target, in
+:data:`lumbar_ray.constants.TARGETS` order). Output: ``(B, 25, 3)`` logits.
+
+Per target crop:
+
+1. Slice windows. With ``in_chans = 1`` every slice is one grey image. With ``in_chans = c > 1`` slice ``s`` is
+   encoded together with its neighbours as a ``c``-channel image: the window holds slices
+   ``s - (c - 1) // 2 ... s + c // 2`` (a sliding window, stride 1, so there are still ``S`` windows), and indices
+   outside ``0 .. S - 1`` are clamped, i.e. the end slices are repeated (replicate padding).
+2. Encoder (shared by all targets and slices) -> one feature vector per window.
+3. Pooling over the ``S`` windows: ``attention`` (learned scores softmaxed over slices), ``lstm`` (a
+   bidirectional LSTM, then attention) or ``mean``.
+4. A learned target embedding (one per of the 25 targets) is added to the pooled feature, so the shared
+   encoder's output is read knowing the condition and level (the severity prior differs a lot by level).
+5. LayerNorm, dropout, then one linear head per condition group (spinal / foraminal / subarticular). The left
+   and right targets of a condition share their group's head, because the left/right flip augmentation swaps
+   them: a head per side would only learn what the embedding already can.
+
+The heads' biases start at ``log(class_prior)`` and their weights near zero, so a fresh model predicts about
+the class prior instead of a uniform 1/3 (which costs the weighted log loss a lot in the first steps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lumbar_ray.constants import CONDITION_GROUPS, CONDITIONS, LEVELS, SEVERITIES, TARGETS, condition_group
+
+DEFAULT_CLASS_PRIOR: tuple[float, float, float] = (0.75, 0.18, 0.07)
+"""Rough frequencies of Normal/Mild, Moderate and Severe in the RSNA 2024 training labels."""
+
+POOLS: tuple[str, ...] = ("attention", "lstm", "mean")
+"""Known slice poolings."""
+
+# Head weights start this small (times 1/sqrt(dim)) so the initial logits are the log prior plus ~0.05 noise.
+_HEAD_INIT_SCALE = 0.05
+_MAX_ATTENTION_HIDDEN = 128
+_MAX_LSTM_HIDDEN = 256
+
+
+def slice_windows(stacks: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Group each slice with its neighbours as channels (sliding window, stride 1, replicate padding).
+
+    Args:
+        stacks: ``(N, S, H, W)``.
+        in_chans: window length ``c``; the window of slice ``s`` holds slices ``s - (c-1)//2 .. s + c//2``,
+            clamped to the stack.
+
+    Returns:
+        ``(N, S, c, H, W)``.
+    """
+    if in_chans == 1:
+        return stacks.unsqueeze(2)
+    n_slices = stacks.shape[1]
+    before = (in_chans - 1) // 2
+    offsets = torch.arange(-before, in_chans - before, device=stacks.device)
+    index = (torch.arange(n_slices, device=stacks.device)[:, None] + offsets[None, :]).clamp(0, n_slices - 1)
+    # Advanced indexing with an (S, c) index on dim 1 yields (N, S, c, H, W) directly.
+    return stacks[:, index]
+
+
+class AttentionPool(nn.Module):
+    """Attention over slices: ``softmax_s(w . tanh(V x_s))`` weights, then the weighted sum of ``x_s``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        hidden = min(_MAX_ATTENTION_HIDDEN, dim)
+        self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.out_dim = dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(N, S, D)`` -> ``(N, D)``."""
+        weights = torch.softmax(self.score(features), dim=1)
+        return (weights * features).sum(dim=1)
+
+
+class MeanPool(nn.Module):
+    """Plain mean over slices."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.out_dim = dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(N, S, D)`` -> ``(N, D)``."""
+        return features.mean(dim=1)
+
+
+class LSTMPool(nn.Module):
+    """A bidirectional LSTM over the slices (context from both sides), then attention pooling."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        hidden = min(_MAX_LSTM_HIDDEN, max(8, dim // 2))
+        self.lstm = nn.LSTM(dim, hidden, batch_first=True, bidirectional=True)
+        self.attention = AttentionPool(2 * hidden)
+        self.out_dim = 2 * hidden
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(N, S, D)`` -> ``(N, out_dim)``."""
+        sequence, _ = self.lstm(features)
+        return self.attention(sequence)
+
+
+def make_pool(name: str, dim: int) -> nn.Module:
+    """The slice pooling called ``name`` for ``dim``-wide features (it has an ``out_dim`` attribute).
+
+    Raises:
+        ValueError: on an unknown name.
+    """
+    pools = {"attention": AttentionPool, "lstm": LSTMPool, "mean": MeanPool}
+    if name not in pools:
+        raise ValueError(f"unknown pool {name!r}; expected one of {POOLS}")
+    return pools[name](dim)
+
+
+class SeverityNet(nn.Module):
+    """Crops ``(B, 25, S, H, W)`` -> logits ``(B, 25, 3)``; see the module docstring for the recipe.
+
+    Args:
+        encoder: maps ``(N, in_chans, H, W)`` to ``(N, feature_dim)``.
+        feature_dim: width of the encoder's output.
+        in_chans: adjacent slices per encoder input (see :func:`slice_windows`).
+        pool: ``attention``, ``lstm`` or ``mean``.
+        dropout: before the heads.
+        class_prior: class frequencies the heads start at.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        feature_dim: int,
+        in_chans: int = 1,
+        pool: str = "attention",
+        dropout: float = 0.1,
+        class_prior: tuple[float, ...] = DEFAULT_CLASS_PRIOR,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.in_chans = in_chans
+        self.pool = make_pool(pool, feature_dim)
+        dim = self.pool.out_dim
+        self.target_embedding = nn.Embedding(len(TARGETS), dim)
+        nn.init.normal_(self.target_embedding.weight, std=0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict({group: nn.Linear(dim, len(SEVERITIES)) for group in CONDITION_GROUPS})
+        self.reset_heads(class_prior)
+        groups = [condition_group(CONDITIONS[t // len(LEVELS)]) for t in range(len(TARGETS))]
+        order = [t for group in CONDITION_GROUPS for t in range(len(TARGETS)) if groups[t] == group]
+        # Heads run group by group; `inverse` puts their concatenated outputs back into TARGETS order.
+        for group in CONDITION_GROUPS:
+            indices = torch.tensor([t for t in order if groups[t] == group], dtype=torch.long)
+            self.register_buffer(f"_targets_{group}", indices, persistent=False)
+        self.register_buffer("_inverse", torch.argsort(torch.tensor(order)), persistent=False)
+
+    def reset_heads(self, class_prior: tuple[float, ...]) -> None:
+        """Near-zero head weights and ``log(prior)`` biases: a fresh model predicts the (normalised) prior."""
+        prior = torch.tensor(class_prior, dtype=torch.float32)
+        if prior.shape != (len(SEVERITIES),) or (prior <= 0).any():
+            raise ValueError(f"class_prior must be {len(SEVERITIES)} positive values, got {class_prior}")
+        log_prior = torch.log(prior / prior.sum())
+        for head in self.heads.values():
+            nn.init.normal_(head.weight, std=_HEAD_INIT_SCALE / math.sqrt(head.in_features))
+            with torch.no_grad():
+                head.bias.copy_(log_prior)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        """``(B, 25, S, H, W)`` float crops -> ``(B, 25, 3)`` logits.
+
+        Raises:
+            ValueError: if ``crops`` is not 5-d with 25 targets.
+        """
+        if crops.ndim != 5 or crops.shape[1] != len(TARGETS):
+            raise ValueError(f"crops must have shape (B, {len(TARGETS)}, S, H, W), got {tuple(crops.shape)}")
+        batch, n_targets, n_slices, height, width = crops.shape
+        windows = slice_windows(crops.reshape(batch * n_targets, n_slices, height, width), self.in_chans)
+        features = self.encoder(windows.reshape(-1, self.in_chans, height, width))
+        pooled = self.pool(features.reshape(batch * n_targets, n_slices, -1)).reshape(batch, n_targets, -1)
+        hidden = self.dropout(self.norm(pooled + self.target_embedding.weight))
+        logits = [head(hidden[:, getattr(self, f"_targets_{group}")]) for group, head in self.heads.items()]
+        return torch.cat(logits, dim=1)[:, self._inverse]

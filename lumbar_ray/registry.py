@@ -1,0 +1,332 @@
+"""The fold ensemble as an MLflow pyfunc model: logged into the CV's parent run, registered, alias-promoted.
+
+A registered version is self-contained: one ``fold_<k>.pt`` state dict per fold, ``contract.json`` (the data
+contract: crop geometry, model config, input scaling, class and target order, versions) and the lumbar_ray
+package itself (``code_paths``), so ``mlflow.pyfunc.load_model("models:/<name>@champion")`` rebuilds the folds
+anywhere lumbar_ray's few requirements are installed. A pyfunc ``PythonModel`` rather than
+``mlflow.pytorch.log_model``: MLflow 3 exports PyTorch models with ``torch.export`` by default, which fixes the
+batch size to the input example's and cannot hold five folds plus the softmax averaging.
+
+Input: float32 crops ``(B, 25, S, H, W)`` in [0, 1] (the cache's uint8 / 255) in TARGETS order; output:
+``(B, 25, 3)`` probabilities in SEVERITIES order, the mean over folds of each fold's softmax. The ``fold``
+param selects one fold (to reproduce its out-of-fold predictions).
+
+The alias (``tracking.alias``, "champion") moves to a new version only when its CV score is lower than the
+current holder's ``cv_score`` tag (lower is better), so rerunning a worse config never demotes the best model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+from lumbar_ray.config import Config, TrackingConfig
+from lumbar_ray.constants import SEVERITIES, TARGETS
+
+logger = logging.getLogger(__name__)
+
+CONTRACT_VERSION = 1
+CONTRACT_FILE = "contract.json"
+MODEL_NAME_IN_RUN = "ensemble"
+SCORE_TAG = "cv_score"
+RUN_TAG = "mlflow_run_id"
+CV_RUN_TAG = "lumbar_ray.run_id"
+DEFAULT_BATCH = 16
+# What the served model imports: torch/timm (the networks), numpy, and pydantic/PyYAML (lumbar_ray.config, which
+# the model builders read). Given explicitly: MLflow's inference of requirements is slow and needs the network.
+PIP_REQUIREMENTS = ("torch", "timm", "numpy", "pydantic", "PyYAML")
+
+
+def _fold_key(fold: int) -> str:
+    return f"fold_{int(fold)}"
+
+
+def ensemble_contract(cfg: Config, folds: list[int]) -> dict[str, Any]:
+    """What a caller must know to feed the ensemble and read its output (saved as ``contract.json``).
+
+    Args:
+        cfg: the resolved config the folds were trained with.
+        folds: the folds in the ensemble.
+    """
+    import timm
+
+    from lumbar_ray.data.preprocess import cache_settings
+    from lumbar_ray.tracking import package_version
+
+    crop = cfg.crop
+    return {
+        "contract_version": CONTRACT_VERSION,
+        "crop": crop.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+        "preprocess": {
+            **cache_settings(cfg.preprocess),
+            "scaling": "cache uint8 / 255 -> float32 in [0, 1]",
+        },
+        "input": {
+            "dtype": "float32",
+            "shape": [-1, len(TARGETS), crop.slices, crop.size, crop.size],
+            "axes": ["batch", "target", "slice", "row", "column"],
+            "range": [0.0, 1.0],
+            "missing_target": "all-zero crop",
+        },
+        "output": {"dtype": "float32", "shape": [-1, len(TARGETS), len(SEVERITIES)], "kind": "probabilities"},
+        "classes": list(SEVERITIES),
+        "targets": list(TARGETS),
+        "folds": sorted(int(fold) for fold in folds),
+        "versions": {
+            "lumbar_ray": package_version(),
+            "torch": str(torch.__version__),  # a TorchVersion, which YAML (MLmodel metadata) cannot write
+            "timm": str(timm.__version__),
+            "mlflow": str(mlflow.__version__),
+        },
+    }
+
+
+def signature_for(contract: dict[str, Any]) -> ModelSignature:
+    """Tensor signature of the ensemble: float32 crops in, float32 probabilities out; ``fold`` and batch params."""
+    inputs = Schema([TensorSpec(np.dtype(np.float32), tuple(contract["input"]["shape"]))])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), tuple(contract["output"]["shape"]))])
+    params = ParamSchema([ParamSpec("fold", "long", -1), ParamSpec("batch_size", "long", DEFAULT_BATCH)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def build_fold_model(contract: dict[str, Any], state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+    """One fold's network from the contract's configs and its weights, in eval mode on ``device``."""
+    from lumbar_ray.config import CropConfig, ModelConfig
+    from lumbar_ray.models import build_model
+
+    # The weights come from the state dict: never download pretrained encoder weights to overwrite them.
+    model_cfg = ModelConfig(**{**contract["model"], "pretrained": False})
+    model = build_model(model_cfg, CropConfig(**contract["crop"]))
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+# MLflow 3 inspects predict's type hints when the class is created and warns that an ndarray hint is not
+# validated; the tensor signature given at logging is what checks the inputs.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*Any type hint", category=UserWarning)
+
+    class FoldEnsemble(mlflow.pyfunc.PythonModel):
+        """MLflow pyfunc: the mean over folds of each fold's softmax (or a single fold's, via the ``fold`` param)."""
+
+        def load_context(self, context: Any) -> None:
+            """Rebuild every fold named in the contract from its ``fold_<k>.pt`` artifact."""
+            self.contract = json.loads(Path(context.artifacts["contract"]).read_text())
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.models = {}
+            for fold in self.contract["folds"]:
+                state = torch.load(context.artifacts[_fold_key(fold)], map_location="cpu", weights_only=True)
+                self.models[int(fold)] = build_fold_model(self.contract, state, self.device)
+            logger.info("fold ensemble loaded: folds %s on %s", sorted(self.models), self.device)
+
+        def _selected(self, fold: int) -> list[torch.nn.Module]:
+            if fold < 0:
+                return list(self.models.values())
+            if fold not in self.models:
+                raise ValueError(f"fold {fold} is not in this ensemble (folds {sorted(self.models)})")
+            return [self.models[fold]]
+
+        def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
+            """``(B, 25, S, H, W)`` float32 crops -> ``(B, 25, 3)`` float32 probabilities.
+
+            Args:
+                context: MLflow's context (unused once loaded).
+                model_input: the crops (pyfunc has checked them against the signature).
+                params: ``fold`` (-1 = mean over all folds) and ``batch_size`` (studies per forward pass).
+            """
+            params = params or {}
+            models = self._selected(int(params.get("fold", -1)))
+            batch = max(1, int(params.get("batch_size", DEFAULT_BATCH)))
+            crops = np.ascontiguousarray(model_input, dtype=np.float32)
+            outputs = []
+            with torch.inference_mode():
+                for start in range(0, len(crops), batch):
+                    x = torch.from_numpy(crops[start : start + batch]).to(self.device)
+                    probs = torch.stack([torch.softmax(model(x).float(), dim=-1) for model in models]).mean(dim=0)
+                    outputs.append(probs.cpu().numpy())
+            shape = (0, len(self.contract["targets"]), len(self.contract["classes"]))
+            return np.concatenate(outputs) if outputs else np.zeros(shape, np.float32)
+
+
+@dataclass(frozen=True)
+class RegisteredEnsemble:
+    """What :func:`log_and_register` did."""
+
+    name: str
+    version: int
+    alias: str
+    alias_moved: bool
+    previous_alias_score: float | None
+    model_uri: str
+
+    def __str__(self) -> str:
+        held = "moved to it" if self.alias_moved else f"stays (holder scored {self.previous_alias_score})"
+        return f"{self.name} v{self.version} ({self.model_uri}); alias {self.alias!r} {held}"
+
+
+@contextmanager
+def _mlflow_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's global tracking and registry URIs at ``uri`` for the block, then restore them exactly.
+
+    The fluent ``log_model``/``register_model``/``load_model`` calls read the globals; restoring the module state
+    and the environment variables keeps other stores in the process (and their subprocesses) untouched.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def _in_run(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """Make ``run_id`` the active run for the block and leave its status as it was (the CV finishes it)."""
+    status = client.get_run(run_id).info.status
+    mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+    try:
+        yield
+    finally:
+        mlflow.end_run()
+        client.update_run(run_id, status=status)
+
+
+def _write_artifacts(states: dict[int, dict[str, torch.Tensor]], contract: dict[str, Any], folder: Path) -> dict:
+    artifacts = {"contract": str(folder / CONTRACT_FILE)}
+    (folder / CONTRACT_FILE).write_text(json.dumps(contract, indent=2))
+    for fold, state in states.items():
+        path = folder / f"{_fold_key(fold)}.pt"
+        torch.save({key: value.detach().cpu() for key, value in state.items()}, path)
+        artifacts[_fold_key(fold)] = str(path)
+    return artifacts
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str) -> Any:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such alias (or model) yet
+        return None
+
+
+def _should_move(holder: Any, cv_score: float) -> tuple[bool, float | None]:
+    """Whether the alias moves to a version scoring ``cv_score``, and the holder's score."""
+    if holder is None:
+        return True, None
+    text = holder.tags.get(SCORE_TAG)
+    if text is None:
+        logger.warning("alias holder v%s has no %s tag: the alias is left where it is", holder.version, SCORE_TAG)
+        return False, None
+    previous = float(text)
+    return bool(cv_score < previous), previous
+
+
+def log_and_register(
+    states: dict[int, dict[str, torch.Tensor]],
+    contract: dict[str, Any],
+    tracking_cfg: TrackingConfig,
+    uri: str,
+    parent_run_id: str,
+    cv_score: float,
+) -> RegisteredEnsemble:
+    """Log the fold ensemble into the CV's parent run, register it and promote the alias if it scores better.
+
+    Args:
+        states: fold -> state dict (CPU tensors) of that fold's best epoch.
+        contract: :func:`ensemble_contract` of the run; its ``folds`` must be the keys of ``states``.
+        tracking_cfg: ``model_name`` and ``alias``.
+        uri: the tracking (and registry) URI; it must be database-backed (SQLite, a server).
+        parent_run_id: the MLflow run the model is logged into.
+        cv_score: the ensemble's out-of-fold CV score (lower is better), tagged on the version.
+
+    Returns:
+        The registered version and whether the alias moved to it.
+    """
+    if sorted(int(fold) for fold in states) != contract["folds"]:
+        raise ValueError(f"states hold folds {sorted(states)} but the contract names {contract['folds']}")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name, alias = tracking_cfg.model_name, tracking_cfg.alias
+    cv_run_id = client.get_run(parent_run_id).data.tags.get(CV_RUN_TAG, "")
+    tags = {SCORE_TAG: repr(float(cv_score)), RUN_TAG: parent_run_id, CV_RUN_TAG: cv_run_id}
+    with tempfile.TemporaryDirectory() as folder, _mlflow_uri(uri):
+        artifacts = _write_artifacts(states, contract, Path(folder))
+        with _in_run(client, parent_run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN,
+                python_model=FoldEnsemble(),
+                artifacts=artifacts,
+                code_paths=[str(Path(__file__).resolve().parent)],
+                signature=signature_for(contract),
+                pip_requirements=list(PIP_REQUIREMENTS),
+                metadata={"contract": contract},
+            )
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
+    holder = _alias_holder(client, name, alias)
+    move, previous = _should_move(holder, float(cv_score))
+    if move:
+        client.set_registered_model_alias(name, alias, version.version)
+        logger.info("registered %s v%s (cv %.5f); alias %r moved to it (was %s)", name, version.version,
+                    cv_score, alias, "unset" if holder is None else f"v{holder.version}, {previous}")  # fmt: skip
+    else:
+        logger.info("registered %s v%s (cv %.5f); alias %r stays on v%s (%s)", name, version.version, cv_score,
+                    alias, holder.version, previous)  # fmt: skip
+    return RegisteredEnsemble(name, int(version.version), alias, move, previous, f"models:/{name}/{version.version}")
+
+
+@dataclass
+class LoadedEnsemble:
+    """A loaded registered ensemble: its data contract and a crops -> probabilities call."""
+
+    model: Any
+    contract: dict[str, Any]
+
+    def predict_crops(self, crops: np.ndarray, fold: int | None = None, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+        """``(B, 25, S, H, W)`` crops in [0, 1] (cast to float32) -> ``(B, 25, 3)`` probabilities.
+
+        Args:
+            crops: the crops, as described by ``contract["input"]``.
+            fold: one fold only (its out-of-fold model), or None for the mean over folds.
+            batch_size: studies per forward pass.
+        """
+        params = {"fold": -1 if fold is None else int(fold), "batch_size": int(batch_size)}
+        return np.asarray(self.model.predict(np.asarray(crops, dtype=np.float32), params=params))
+
+
+def load_ensemble(model_uri: str, tracking_uri: str) -> LoadedEnsemble:
+    """Load a logged or registered ensemble, e.g. ``models:/lumbar_ray_ensemble@champion``.
+
+    Args:
+        model_uri: any MLflow model URI of a :class:`FoldEnsemble`.
+        tracking_uri: the store (and registry) holding it.
+    """
+    with _mlflow_uri(tracking_uri):
+        model = mlflow.pyfunc.load_model(model_uri)
+    contract = model.unwrap_python_model().contract
+    logger.info("loaded %s: folds %s", model_uri, contract["folds"])
+    return LoadedEnsemble(model, contract)

@@ -1,0 +1,122 @@
+"""Augmentations of the 25 target crops: the left/right flip, the photometric part, the identity at zero strength."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lumbar_ray.config import AugmentConfig
+from lumbar_ray.constants import CONDITIONS, IGNORE_INDEX, LEVELS, TARGETS
+from lumbar_ray.data.augment import Augmenter, AugmentParams, axial_targets, flip_permutation, flip_targets
+
+N_LEVELS = len(LEVELS)
+OFF = AugmentConfig(jitter_px=0, jitter_slices=0, rotate_deg=0, scale=0, brightness=0, contrast=0, gamma=0, flip_p=0)
+
+
+def _index(condition: str, level: int) -> int:
+    return CONDITIONS.index(condition) * N_LEVELS + level
+
+
+def _item(seed: int = 0, missing: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random crops (25, 5, 8, 8) in [0, 1] with distinct labels and a few missing targets (zero crops)."""
+    rng = np.random.default_rng(seed)
+    crops = rng.random((len(TARGETS), 5, 8, 8), dtype=np.float32)
+    labels = rng.integers(0, 3, len(TARGETS)).astype(np.int64)
+    mask = np.ones(len(TARGETS), dtype=bool)
+    mask[rng.choice(len(TARGETS), missing, replace=False)] = False
+    crops[~mask] = 0.0
+    labels[~mask] = IGNORE_INDEX
+    return crops, labels, mask
+
+
+def test_flip_permutation_swaps_sides_and_keeps_spinal():
+    order = flip_permutation()
+    np.testing.assert_array_equal(order[order], np.arange(len(TARGETS)))  # an involution
+    for level in range(N_LEVELS):
+        spinal = _index("spinal_canal_stenosis", level)
+        assert order[spinal] == spinal
+        for kind in ("neural_foraminal_narrowing", "subarticular_stenosis"):
+            left, right = _index(f"left_{kind}", level), _index(f"right_{kind}", level)
+            assert order[left] == right and order[right] == left
+    axial = axial_targets()
+    assert [TARGETS[i] for i in np.flatnonzero(axial)] == [t for t in TARGETS if "subarticular" in t]
+
+
+def test_flip_twice_is_the_identity_bit_for_bit():
+    crops, labels, mask = _item()
+    once = flip_targets(crops, labels, mask)
+    twice = flip_targets(*once)
+    assert not np.array_equal(once[0], crops)
+    for before, after in zip((crops, labels, mask), twice, strict=True):
+        assert after.dtype == before.dtype
+        np.testing.assert_array_equal(after, before)
+
+
+def test_flip_moves_sided_crops_labels_and_masks_with_their_pixels():
+    crops, labels, mask = _item(seed=1)
+    mask[_index("left_neural_foraminal_narrowing", 3)] = False  # one sided target missing: its mask must move
+    crops_f, labels_f, mask_f = flip_targets(crops, labels, mask)
+    for level in range(N_LEVELS):
+        spinal = _index("spinal_canal_stenosis", level)
+        np.testing.assert_array_equal(crops_f[spinal], crops[spinal][::-1])  # slice axis reversed only
+        assert labels_f[spinal] == labels[spinal] and mask_f[spinal] == mask[spinal]
+        for kind, axial in (("neural_foraminal_narrowing", False), ("subarticular_stenosis", True)):
+            for here, there in ((f"left_{kind}", f"right_{kind}"), (f"right_{kind}", f"left_{kind}")):
+                a, b = _index(here, level), _index(there, level)
+                # sagittal: the slice axis runs left-right; axial: the columns do
+                expected = crops[b][..., ::-1] if axial else crops[b][::-1]
+                np.testing.assert_array_equal(crops_f[a], expected)
+                assert labels_f[a] == labels[b] and mask_f[a] == mask[b]
+    assert not mask_f[_index("right_neural_foraminal_narrowing", 3)]
+    assert np.shares_memory(crops_f, crops) is False  # inputs untouched
+
+
+def test_zero_strengths_are_the_identity():
+    crops, labels, mask = _item(seed=2)
+    augmenter = Augmenter(OFF)
+    params = augmenter.sample(np.random.default_rng(5))
+    assert not params.flip
+    slices, xs, ys = np.arange(25), np.linspace(1, 50, 25), np.linspace(3, 40, 25)
+    for before, after in zip((slices, xs, ys), Augmenter.jitter_points(slices, xs, ys, params), strict=True):
+        np.testing.assert_array_equal(after, before)
+    np.testing.assert_array_equal(params.angle_deg, 0.0)
+    np.testing.assert_array_equal(params.zoom, 1.0)
+    out = augmenter.apply(crops, labels, mask, params)
+    for before, after in zip((crops, labels, mask), out, strict=True):
+        np.testing.assert_array_equal(after, before)
+
+
+def test_sample_is_reproducible_and_respects_the_strengths():
+    cfg = AugmentConfig(jitter_px=4.0, jitter_slices=2, rotate_deg=15.0, scale=0.2, flip_p=1.0)
+    augmenter = Augmenter(cfg)
+    a, b = augmenter.sample(np.random.default_rng(9)), augmenter.sample(np.random.default_rng(9))
+    for field in ("shift_xy", "shift_slice", "angle_deg", "zoom", "brightness", "contrast", "gamma"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert a.flip is True
+    assert np.abs(a.shift_xy).max() <= 4.0 and np.abs(a.shift_slice).max() <= 2
+    assert np.abs(a.angle_deg).max() <= 15.0 and np.all((a.zoom >= 0.8) & (a.zoom <= 1.2))
+    assert len(np.unique(a.angle_deg)) == len(TARGETS)  # drawn per target, not once per study
+
+
+def test_brightness_shifts_each_target_by_its_own_amount():
+    crops = np.full((len(TARGETS), 3, 4, 4), 0.5, dtype=np.float32)
+    identity = AugmentParams.identity()
+    brightness = np.linspace(-0.2, 0.2, len(TARGETS))
+    params = AugmentParams(**{**identity.__dict__, "brightness": brightness})
+    out = Augmenter.photometric(crops, params)
+    np.testing.assert_allclose(out[:, 0, 0, 0], 0.5 + brightness, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_photometric_stays_in_unit_range_and_missing_targets_stay_zero(seed):
+    crops, labels, mask = _item(seed=seed, missing=6)
+    strong = AugmentConfig(brightness=0.6, contrast=0.9, gamma=0.9, flip_p=0.5)
+    augmenter = Augmenter(strong)
+    params = augmenter.sample(np.random.default_rng(seed))
+    out, labels_out, mask_out = augmenter.apply(crops, labels, mask, params)
+    assert out.dtype == np.float32 and out.shape == crops.shape
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert not np.allclose(out[mask_out], (flip_targets(crops, labels, mask)[0] if params.flip else crops)[mask_out])
+    assert np.all(out[~mask_out] == 0.0)
+    assert np.all(labels_out[~mask_out] == IGNORE_INDEX)
+    assert mask_out.sum() == mask.sum()

@@ -1,0 +1,354 @@
+"""2.5D target crops: the crop geometry, label points mapped into the cache, the study dataset, the planted signal."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lumbar_ray.config import AugmentConfig, CropConfig, PreprocessConfig
+from lumbar_ray.constants import CONDITION_TITLES, CONDITIONS, IGNORE_INDEX, LEVEL_TITLES, LEVELS, TARGETS
+from lumbar_ray.data.augment import flip_targets
+from lumbar_ray.data.cache import SeriesCache, manifest_row
+from lumbar_ray.data.crops import POINT_COLUMNS, CropDataset, crop_stack, points_from_coordinates
+from lumbar_ray.data.preprocess import cache_settings, process_row, series_items
+from lumbar_ray.data.rsna import RsnaData, encode_labels, load_rsna
+
+CROP = CropConfig(size=16, region=24, slices=3)
+ONE_TO_ONE = CropConfig(size=17, region=17, slices=3)  # one crop pixel per cache pixel, centre pixel (8, 8)
+OFF = AugmentConfig(jitter_px=0, jitter_slices=0, rotate_deg=0, scale=0, brightness=0, contrast=0, gamma=0, flip_p=0)
+
+
+# --- crop_stack geometry
+
+
+def _marked_volume(marks: list[tuple[int, int, int]], shape=(7, 64, 64)) -> np.ndarray:
+    volume = np.zeros(shape, dtype=np.uint8)
+    for index, x, y in marks:
+        volume[index, y, x] = 255
+    return volume
+
+
+def _peak(image: np.ndarray) -> tuple[int, int]:
+    row, col = np.unravel_index(np.argmax(image), image.shape)
+    return int(row), int(col)
+
+
+def test_point_lands_at_the_crop_centre_and_identity_crop_is_a_plain_cut():
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 256, (7, 64, 64), dtype=np.uint8)
+    out = crop_stack(volume, 3, 30.0, 20.0, ONE_TO_ONE)
+    assert out.shape == (3, 17, 17) and out.dtype == np.float32
+    for k, index in enumerate((2, 3, 4)):
+        np.testing.assert_allclose(out[k], volume[index, 12:29, 22:39] / 255.0, atol=1e-6)
+
+    marked = crop_stack(_marked_volume([(3, 30, 20)]), 3, 30.0, 20.0, CROP)
+    assert marked[0].max() == 0 and marked[2].max() == 0  # the mark is on the centre slice only
+    # even output size: the centre lies between pixels 7 and 8, so the mark is shared by the central 2x2
+    row, col = _peak(marked[1])
+    assert row in (7, 8) and col in (7, 8)
+    assert marked[1, 7:9, 7:9].sum() == pytest.approx(marked[1].sum(), rel=1e-5)
+
+
+def test_rotation_by_90_degrees_turns_an_off_centre_mark_counter_clockwise():
+    volume = _marked_volume([(3, 34, 20)])  # 4 px right of the point (30, 20)
+    assert _peak(crop_stack(volume, 3, 30.0, 20.0, ONE_TO_ONE)[1]) == (8, 12)
+    assert _peak(crop_stack(volume, 3, 30.0, 20.0, ONE_TO_ONE, angle_deg=90.0)[1]) == (4, 8)  # right -> up
+    assert _peak(crop_stack(volume, 3, 30.0, 20.0, ONE_TO_ONE, angle_deg=-90.0)[1]) == (12, 8)  # right -> down
+
+
+def test_zoom_magnifies_around_the_point():
+    volume = _marked_volume([(3, 33, 20)])
+    volume[3, 30:33, 40:43] = 255  # a 3x3 square elsewhere (x 40..42, y 30..32)
+    plain = crop_stack(volume, 3, 30.0, 20.0, ONE_TO_ONE)
+    zoomed = crop_stack(volume, 3, 30.0, 20.0, ONE_TO_ONE, zoom=2.0)
+    assert _peak(plain[1]) == (8, 11) and _peak(zoomed[1]) == (8, 14)  # 3 cache px = 6 crop px at zoom 2
+    square = crop_stack(volume, 3, 41.0, 31.0, ONE_TO_ONE)
+    square_zoomed = crop_stack(volume, 3, 41.0, 31.0, ONE_TO_ONE, zoom=2.0)
+    assert (square_zoomed[1] > 0.5).sum() >= 2.5 * (square[1] > 0.5).sum()  # 5x5 vs 3x3 (linear)
+
+
+def test_edge_slices_repeat():
+    volume = np.broadcast_to((np.arange(7) * 30).astype(np.uint8)[:, None, None], (7, 32, 32)).copy()
+
+    def levels(centre: int) -> list[float]:
+        return [round(float(v) * 255) for v in crop_stack(volume, centre, 16.0, 16.0, ONE_TO_ONE)[:, 8, 8]]
+
+    assert levels(0) == [0, 0, 30]
+    assert levels(6) == [150, 180, 180]
+    assert levels(-4) == [0, 0, 0]  # a jittered slice beyond the volume clamps too
+    assert levels(3) == [60, 90, 120]
+    wide = crop_stack(volume, 0, 16.0, 16.0, CropConfig(size=8, region=8, slices=5))
+    np.testing.assert_allclose(wide[:, 4, 4] * 255, [0, 0, 0, 30, 60], atol=1e-3)
+
+
+def test_outside_the_image_is_zero():
+    volume = np.full((3, 32, 32), 200, dtype=np.uint8)
+    out = crop_stack(volume, 1, -3.0, 16.0, ONE_TO_ONE)  # crop column u samples x = u - 11
+    assert np.all(out[:, :, :10] == 0.0)
+    np.testing.assert_allclose(out[:, :, 11:], 200 / 255, atol=1e-6)
+    assert not crop_stack(volume, 1, -500.0, 16.0, ONE_TO_ONE).any()
+    assert not crop_stack(volume, 1, 16.0, 1e4, ONE_TO_ONE, angle_deg=30.0).any()
+
+
+def test_output_is_float32_in_unit_range_under_any_geometry():
+    rng = np.random.default_rng(3)
+    volume = rng.integers(0, 256, (9, 48, 48), dtype=np.uint8)
+    volume[:, 10:20, 10:20] = 255
+    for angle, zoom, x, y in ((0.0, 1.0, 15.0, 15.0), (33.0, 1.3, 2.5, 40.2), (-170.0, 0.7, 47.9, 0.1)):
+        out = crop_stack(volume, 4, x, y, CROP, angle_deg=angle, zoom=zoom)
+        assert out.dtype == np.float32 and out.shape == (CROP.slices, CROP.size, CROP.size)
+        assert out.min() >= 0.0 and out.max() <= 1.0 and out.max() > 0.5
+
+
+# --- the synthetic cache
+
+
+@dataclass
+class CacheEnv:
+    data: RsnaData
+    cache: SeriesCache
+    size: int
+    removed: tuple[int, int]  # never cached
+    vanished: tuple[int, int]  # in the manifest, entry deleted afterwards
+
+
+@pytest.fixture(scope="module")
+def cache_env(synthetic_dir: Path, tmp_path_factory) -> CacheEnv:
+    """The train series of the synthetic dataset cached without Ray, less one series and one lost entry."""
+    data = load_rsna(synthetic_dir)
+    cfg = PreprocessConfig(image_size=96)
+    cache = SeriesCache(tmp_path_factory.mktemp("crops_cache"), cache_settings(cfg))
+    cache.prepare()
+    labelled = data.coordinates.drop_duplicates(["study_id", "series_id"])
+    removed = (int(labelled.iloc[0].study_id), int(labelled.iloc[0].series_id))
+    vanished = (int(labelled.iloc[-1].study_id), int(labelled.iloc[-1].series_id))
+    rows = []
+    for item in series_items(synthetic_dir):
+        if item["split"] != "train" or (item["study_id"], item["series_id"]) == removed:
+            continue
+        status = process_row(item, cache, cfg)
+        assert status["status"] == "done", status
+        rows.append(manifest_row(cache.read_meta(item["study_id"], item["series_id"])))
+    cache.write_manifest(pd.DataFrame(rows))
+    Path(cache._entry(*vanished, "json")).unlink()
+    return CacheEnv(data, cache, cfg.image_size, removed, vanished)
+
+
+@pytest.fixture(scope="module")
+def points(cache_env: CacheEnv):
+    return points_from_coordinates(cache_env.data.coordinates, cache_env.cache, cache_env.data.train_series)
+
+
+# --- points_from_coordinates
+
+
+def test_every_coordinate_row_is_mapped_or_skipped_with_a_reason(cache_env, points):
+    coordinates = cache_env.data.coordinates
+    assert tuple(points.points.columns) == POINT_COLUMNS
+    assert len(points.points) + len(points.skipped) == len(coordinates)
+    assert points.skipped["reason"].str.len().gt(0).all()
+    assert not points.points.duplicated(["study_id", "target"]).any()
+    assert points.points["target"].between(0, len(TARGETS) - 1).all()
+    for column in ("study_id", "target", "series_id", "slice"):
+        assert points.points[column].dtype == np.int64
+
+
+def test_removed_and_vanished_series_are_skipped_and_named(cache_env, points):
+    skipped = points.skipped.set_index(["study_id", "series_id"])
+    for pair, reason in ((cache_env.removed, "manifest"), (cache_env.vanished, "missing")):
+        expected = (cache_env.data.coordinates.study_id == pair[0]) & (cache_env.data.coordinates.series_id == pair[1])
+        assert pair in skipped.index and len(skipped.loc[[pair]]) == expected.sum() > 0
+        assert skipped.loc[[pair], "reason"].str.contains(reason).all()
+    mapped = set(zip(points.points.study_id, points.points.series_id, strict=True))
+    assert cache_env.removed not in mapped and cache_env.vanished not in mapped
+
+
+def test_mapped_points_lie_inside_the_image_and_map_back(cache_env, points):
+    frame = points.points
+    assert len(frame) > 0.9 * len(cache_env.data.coordinates)
+    assert frame["x"].between(0, cache_env.size - 1).all() and frame["y"].between(0, cache_env.size - 1).all()
+    coordinates = cache_env.data.coordinates
+    sample = frame.iloc[:: max(1, len(frame) // 40)]
+    for row in sample.itertuples(index=False):
+        entry = cache_env.cache.read(row.study_id, row.series_id, mmap=True)
+        assert 0 <= row.slice < entry.volume.shape[0]
+        instance, x, y = entry.cache_to_original(row.slice, row.x, row.y)
+        condition, level = TARGETS[row.target][:-6], TARGETS[row.target][-5:]
+        source = coordinates[
+            (coordinates.study_id == row.study_id)
+            & (coordinates.condition == CONDITION_TITLES[condition])
+            & (coordinates.level == LEVEL_TITLES[level])
+        ].iloc[0]
+        assert instance == source.instance_number and (x, y) == pytest.approx((source.x, source.y), abs=1e-6)
+
+
+def test_duplicates_unknown_instances_and_conditions_are_skipped(cache_env, points):
+    coordinates = cache_env.data.coordinates
+    kept = points.points.iloc[0]
+    first = coordinates[(coordinates.study_id == kept.study_id) & (coordinates.series_id == kept.series_id)].iloc[0]
+    duplicate = first.copy()
+    duplicate["x"] = first.x + 10.0
+    orphan = coordinates[coordinates.study_id == kept.study_id].iloc[-1].copy()
+    bad_instance = orphan.copy()
+    bad_instance["instance_number"] = 9999
+    bad_condition = first.copy()
+    bad_condition["condition"] = "Cervical Stenosis"
+    edited = pd.concat(
+        [coordinates[~coordinates.index.isin([orphan.name])], pd.DataFrame([duplicate, bad_instance, bad_condition])]
+    )
+    result = points_from_coordinates(edited, cache_env.cache, cache_env.data.train_series)
+    assert len(result.points) + len(result.skipped) == len(edited)
+    reasons = result.reasons()
+    assert reasons.get("duplicate (study, target): first row kept") == 1
+    assert reasons.get("instance not in the cached series") == 1
+    assert reasons.get("unknown condition or level") == 1
+    before = points.points.set_index(["study_id", "target"])
+    after = result.points.set_index(["study_id", "target"])
+    key = (int(kept.study_id), int(kept.target))
+    assert after.loc[key, "x"] == before.loc[key, "x"]  # the first row wins, not the shifted duplicate
+    assert len(after) == len(before) - 1
+
+
+# --- CropDataset
+
+
+@pytest.fixture(scope="module")
+def labelled(cache_env, points):
+    study_ids, labels = encode_labels(cache_env.data.train)
+    return study_ids, labels, points.points
+
+
+def test_items_have_the_contract_shapes_masks_and_labels(cache_env, labelled):
+    study_ids, labels, frame = labelled
+    dataset = CropDataset(cache_env.cache, study_ids, frame, CROP, labels=labels)
+    assert len(dataset) == len(study_ids)
+    present = {(int(s), int(t)) for s, t in zip(frame.study_id, frame.target, strict=True)}
+    some_missing = False
+    for index in range(0, len(dataset), 5):
+        item = dataset[index]
+        assert item["crops"].dtype == torch.float32 and item["crops"].shape == (25, 3, 16, 16)
+        assert item["labels"].dtype == torch.int64 and item["labels"].shape == (25,)
+        assert item["mask"].dtype == torch.bool and item["mask"].shape == (25,)
+        assert item["study_id"].dtype == torch.int64 and item["study_id"].ndim == 0
+        study = int(item["study_id"])
+        assert study == study_ids[index]
+        mask = item["mask"].numpy()
+        np.testing.assert_array_equal(mask, [(study, t) in present for t in range(25)])
+        crops, item_labels = item["crops"].numpy(), item["labels"].numpy()
+        assert np.all(crops[~mask] == 0) and np.all(crops[mask].reshape(mask.sum(), -1).max(axis=1) > 0)
+        np.testing.assert_array_equal(item_labels[~mask], IGNORE_INDEX)
+        np.testing.assert_array_equal(item_labels[mask], labels[index][mask])
+        some_missing |= not mask.all()
+    assert some_missing  # missing series and empty cells exist in the synthetic data
+
+
+def test_a_study_without_any_point_is_kept_with_everything_ignored(cache_env, labelled):
+    study_ids, labels, frame = labelled
+    lonely = int(study_ids[0])
+    dataset = CropDataset(cache_env.cache, study_ids[:2], frame[frame.study_id != lonely], CROP, labels=labels[:2])
+    assert len(dataset) == 2
+    item = dataset[0]
+    assert not item["mask"].any() and not item["crops"].any()
+    assert (item["labels"] == IGNORE_INDEX).all() and int(item["study_id"]) == lonely
+    unlabelled = CropDataset(cache_env.cache, study_ids[:2], frame, CROP)
+    assert (unlabelled[1]["labels"] == IGNORE_INDEX).all() and unlabelled[1]["mask"].any()
+    with pytest.raises(ValueError, match="shape"):
+        CropDataset(cache_env.cache, study_ids[:2], frame, CROP, labels=labels[:3])
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[key], b[key]) for key in ("crops", "labels", "mask", "study_id"))
+
+
+def test_eval_crops_are_deterministic_and_augmented_ones_follow_seed_epoch_index(cache_env, labelled):
+    study_ids, labels, frame = labelled
+    ids, lab = study_ids[:4], labels[:4]
+    evaluation = CropDataset(cache_env.cache, ids, frame, CROP, labels=lab)
+    assert _same(evaluation[1], evaluation[1])
+    evaluation.set_epoch(5)
+    assert _same(evaluation[1], CropDataset(cache_env.cache, ids, frame, CROP, labels=lab)[1])
+
+    train = CropDataset(cache_env.cache, ids, frame, CROP, labels=lab, augment=AugmentConfig(), seed=3)
+    first = train[1]
+    assert not torch.equal(first["crops"], evaluation[1]["crops"])
+    train.set_epoch(1)
+    assert not torch.equal(train[1]["crops"], first["crops"])
+    again = CropDataset(cache_env.cache, ids, frame, CROP, labels=lab, augment=AugmentConfig(), seed=3)
+    assert _same(again[1], first)  # same (seed, epoch 0, index)
+    again.set_epoch(1)
+    assert _same(again[1], train[1])
+    other_seed = CropDataset(cache_env.cache, ids, frame, CROP, labels=lab, augment=AugmentConfig(), seed=4)
+    assert not torch.equal(other_seed[1]["crops"], first["crops"])
+
+
+def test_dataset_flip_and_zero_strengths_match_the_eval_item(cache_env, labelled):
+    study_ids, labels, frame = labelled
+    ids, lab = study_ids[:3], labels[:3]
+    evaluation = CropDataset(cache_env.cache, ids, frame, CROP, labels=lab)
+    off = CropDataset(cache_env.cache, ids, frame, CROP, labels=lab, augment=OFF)
+    flip = CropDataset(cache_env.cache, ids, frame, CROP, labels=lab, augment=OFF.model_copy(update={"flip_p": 1.0}))
+    for index in range(3):
+        reference = evaluation[index]
+        assert _same(off[index], reference)
+        expected = flip_targets(*(reference[key].numpy() for key in ("crops", "labels", "mask")))
+        flipped = flip[index]
+        for key, value in zip(("crops", "labels", "mask"), expected, strict=True):
+            np.testing.assert_array_equal(flipped[key].numpy(), value)
+
+
+def test_pickling_round_trip_keeps_items_and_epoch(cache_env, labelled):
+    study_ids, labels, frame = labelled
+    dataset = CropDataset(cache_env.cache, study_ids[:3], frame, CROP, labels=labels[:3], augment=AugmentConfig())
+    dataset.set_epoch(2)
+    dataset[0]  # opened volumes must not leak into the pickle
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert clone.epoch == 2 and len(clone) == 3
+    for index in range(3):
+        assert _same(clone[index], dataset[index])
+
+
+def test_persistent_loader_workers_follow_set_epoch(cache_env, labelled):
+    study_ids, labels, frame = labelled
+    dataset = CropDataset(cache_env.cache, study_ids[:4], frame, CROP, labels=labels[:4], augment=AugmentConfig())
+    dataset = pickle.loads(pickle.dumps(dataset))  # as Ray ships it to a training worker
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, persistent_workers=True)
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        batches = list(loader)
+        expected = torch.stack([dataset[i]["crops"] for i in range(4)])
+        assert torch.equal(torch.cat([batch["crops"] for batch in batches]), expected), epoch
+
+
+# --- the planted signal
+
+
+def _central_mean(crops: np.ndarray) -> np.ndarray:
+    """Mean of the centre slice's central 4x4 crop pixels (6x6 cache pixels) per target crop."""
+    centre = CROP.slices // 2
+    return crops[:, centre, 6:10, 6:10].mean(axis=(1, 2))
+
+
+@pytest.mark.parametrize("condition", ["spinal_canal_stenosis", "left_neural_foraminal_narrowing"])
+def test_crops_are_centred_on_the_planted_lesions(cache_env, labelled, condition):
+    """Lesions replace bright CSF (T2) or foraminal fat (T1) by dark tissue: severe centres are darker."""
+    study_ids, labels, frame = labelled
+    dataset = CropDataset(cache_env.cache, study_ids, frame, CROP, labels=labels)
+    targets = [CONDITIONS.index(condition) * len(LEVELS) + level for level in range(len(LEVELS))]
+    by_class: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    for index in range(len(dataset)):
+        item = dataset[index]
+        means = _central_mean(item["crops"].numpy()[targets])
+        present = item["mask"].numpy()[targets]
+        for value, label in zip(means[present], item["labels"].numpy()[targets][present], strict=True):
+            by_class[int(label)].append(float(value))
+    normal, lesion = np.mean(by_class[0]), np.mean(by_class[1] + by_class[2])
+    assert len(by_class[0]) >= 20 and len(by_class[1] + by_class[2]) >= 5
+    assert lesion < normal - 0.1, (normal, lesion, {k: len(v) for k, v in by_class.items()})
+    if len(by_class[2]) >= 3:
+        assert np.mean(by_class[2]) < np.mean(by_class[1]) + 0.05

@@ -1,0 +1,169 @@
+"""The fold ensemble in the MLflow registry: alias promotion by CV score, loading by alias, the data contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from lumbar_ray.config import Config
+from lumbar_ray.constants import SEVERITIES, TARGETS
+from lumbar_ray.models import build_model
+from lumbar_ray.registry import ensemble_contract, load_ensemble, log_and_register
+from lumbar_ray.tracking import Tracker
+
+FOLDS = [0, 1]
+
+
+def _states(cfg: Config, seed: int) -> dict[int, dict[str, torch.Tensor]]:
+    states = {}
+    for fold in FOLDS:
+        torch.manual_seed(seed * 10 + fold)
+        model = build_model(cfg.model, cfg.crop)
+        with torch.no_grad():  # move the heads away from the prior, so folds really differ in their outputs
+            for parameter in model.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        states[fold] = {key: value.clone() for key, value in model.state_dict().items()}
+    return states
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """Three CVs registered one after another with CV scores 0.5, 0.6 and 0.4 (lower is better)."""
+    root = tmp_path_factory.mktemp("registry")
+    cfg = Config.model_validate({
+        "workdir": str(root / "work"),
+        "crop": {"size": 32, "slices": 3},
+        "model": {"arch": "tiny"},
+        "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "registry-tests"},
+    })  # fmt: skip
+    tracker = Tracker(cfg)
+    contract = ensemble_contract(cfg, FOLDS)
+    global_uri = mlflow.get_tracking_uri()
+    results, states, parents = [], [], []
+    for i, score in enumerate((0.5, 0.6, 0.4)):
+        parent = tracker.parent_run(f"cv-{i}")
+        state = _states(cfg, seed=i)
+        results.append(log_and_register(state, contract, cfg.tracking, tracker.uri, parent, score))
+        states.append(state)
+        parents.append(parent)
+    return {
+        "cfg": cfg,
+        "uri": tracker.uri,
+        "contract": contract,
+        "results": results,
+        "states": states,
+        "parents": parents,
+        "global_uri": global_uri,
+    }
+
+
+def test_alias_moves_only_to_a_better_score(registered) -> None:
+    first, worse, better = registered["results"]
+    assert (first.version, first.alias_moved, first.previous_alias_score) == (1, True, None)
+    assert (worse.version, worse.alias_moved, worse.previous_alias_score) == (2, False, 0.5)
+    assert (better.version, better.alias_moved, better.previous_alias_score) == (3, True, 0.5)
+    client = MlflowClient(tracking_uri=registered["uri"], registry_uri=registered["uri"])
+    cfg = registered["cfg"]
+    holder = client.get_model_version_by_alias(cfg.tracking.model_name, cfg.tracking.alias)
+    assert int(holder.version) == 3
+    version2 = client.get_model_version(cfg.tracking.model_name, "2")
+    assert float(version2.tags["cv_score"]) == 0.6
+    assert version2.tags["mlflow_run_id"] == registered["parents"][1]
+    assert version2.tags["lumbar_ray.run_id"] == "cv-1"
+    assert version2.run_id == registered["parents"][1]  # logged into the CV's parent run
+
+
+def test_registration_leaves_runs_and_globals_alone(registered) -> None:
+    client = MlflowClient(tracking_uri=registered["uri"])
+    assert all(client.get_run(parent).info.status == "RUNNING" for parent in registered["parents"])
+    assert mlflow.active_run() is None
+    assert mlflow.get_tracking_uri() == registered["global_uri"]
+
+
+def _direct(cfg: Config, state: dict[str, torch.Tensor], crops: np.ndarray) -> np.ndarray:
+    model = build_model(cfg.model, cfg.crop)
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        return torch.softmax(model(torch.from_numpy(crops)), dim=-1).numpy()
+
+
+def test_load_by_alias_reproduces_the_folds(registered) -> None:
+    cfg = registered["cfg"]
+    loaded = load_ensemble(f"models:/{cfg.tracking.model_name}@{cfg.tracking.alias}", registered["uri"])
+    assert loaded.contract == registered["contract"]
+    crops = np.random.default_rng(0).random((3, 25, 3, 32, 32), dtype=np.float32)
+    state = registered["states"][2]  # the champion: the third registration
+    fold0, fold1 = _direct(cfg, state[0], crops), _direct(cfg, state[1], crops)
+    assert np.abs(fold0 - fold1).max() > 1e-3  # the mean below is not trivially one fold's output
+    np.testing.assert_allclose(loaded.predict_crops(crops, fold=0), fold0, atol=1e-5)
+    np.testing.assert_allclose(loaded.predict_crops(crops, fold=1), fold1, atol=1e-5)
+    mean = loaded.predict_crops(crops.astype(np.float64), batch_size=2)  # cast to the signature's float32
+    assert mean.shape == (3, 25, 3)
+    np.testing.assert_allclose(mean, (fold0 + fold1) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="fold 7"):
+        loaded.predict_crops(crops, fold=7)
+    with pytest.raises(MlflowException):  # the raw pyfunc enforces the float32 tensor signature
+        loaded.model.predict(crops.astype(np.float64))
+
+
+def test_contract(registered, tmp_path: Path) -> None:
+    contract = registered["contract"]
+    assert json.loads(json.dumps(contract)) == contract
+    assert contract["input"]["shape"] == [-1, 25, 3, 32, 32]
+    assert contract["classes"] == list(SEVERITIES) and contract["targets"] == list(TARGETS)
+    assert contract["folds"] == FOLDS
+    assert contract["crop"] == {"size": 32, "region": 48, "slices": 3}
+    assert contract["model"]["arch"] == "tiny"
+    assert contract["preprocess"]["dtype"] == "uint8" and contract["preprocess"]["image_size"] == 256
+    assert set(contract["versions"]) == {"lumbar_ray", "torch", "timm", "mlflow"}
+    # the registered artifact holds the same contract, readable without lumbar_ray
+    client = MlflowClient(tracking_uri=registered["uri"], registry_uri=registered["uri"])
+    cfg = registered["cfg"]
+    source = client.get_model_version_download_uri(cfg.tracking.model_name, "1")
+    folder = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path), tracking_uri=registered["uri"]))
+    assert json.loads((folder / "artifacts" / "contract.json").read_text()) == contract
+    assert {path.name for path in (folder / "artifacts").glob("fold_*.pt")} == {"fold_0.pt", "fold_1.pt"}
+    assert (folder / "code" / "lumbar_ray" / "registry.py").is_file()  # self-contained code
+
+
+def test_mismatched_folds_are_refused(registered) -> None:
+    cfg = registered["cfg"]
+    with pytest.raises(ValueError, match="contract names"):
+        log_and_register({0: {}}, registered["contract"], cfg.tracking, registered["uri"], "unused", 0.1)
+
+
+def test_registered_model_loads_in_a_fresh_process_from_its_own_code(registered, tmp_path: Path) -> None:
+    """The version carries lumbar_ray (``code_paths``): a fresh process loads it from there, not from the checkout."""
+    script = (
+        "import sys, numpy as np, mlflow\n"
+        "mlflow.set_tracking_uri(sys.argv[1])\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[2])\n"
+        "print(sys.modules['lumbar_ray'].__file__)\n"
+        "print(model.predict(np.zeros((2, 25, 3, 32, 32), np.float32)).shape)\n"
+    )
+    cfg = registered["cfg"]
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    completed = subprocess.run(
+        [sys.executable, "-c", script, registered["uri"], f"models:/{cfg.tracking.model_name}@{cfg.tracking.alias}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    module_file, shape = completed.stdout.strip().splitlines()[-2:]
+    assert Path(module_file).parts[-3:] == ("code", "lumbar_ray", "__init__.py")
+    assert shape == "(2, 25, 3)"

@@ -1,0 +1,111 @@
+"""End to end on the real Ray Train, MLflow and pydicom code: k-fold CV with 2-worker DDP on CPU (gloo),
+resume of an interrupted CV, the MLflow record, and the registered ensemble pulled back by alias.
+
+One module-scoped CV serves every test here: a TorchTrainer start costs 10-20 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lumbar_ray.train.cv import resolve_run_id, run_cv, storage_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(ray_local, tmp_path_factory, small_config):
+    """Fold 0 alone (an interrupted CV), then the full CV under the same run id, then a rerun of it."""
+    workdir = tmp_path_factory.mktemp("cv")
+    cfg = small_config(workdir)
+    first = run_cv(cfg.model_copy(update={"train": cfg.train.model_copy(update={"folds": [0]})}))
+    second = run_cv(cfg)
+    third = run_cv(cfg)
+    return cfg, first, second, third
+
+
+def test_fold_ran_ddp_on_two_workers_with_one_checkpoint(interrupted_then_resumed):
+    cfg, first, _, _ = interrupted_then_resumed
+    outcome = first.outcomes[0]
+    assert [entry["world_size"] for entry in outcome.history] == [2, 2]
+    samples = outcome.ranks["samples"]
+    assert len(samples) == 2 and min(samples) > 0  # both ranks trained on their shard
+    n_train = int((first.folds["fold"] != 0).sum())
+    assert sum(samples) >= n_train  # the distributed sampler covers the whole training fold
+    checksum = outcome.ranks["checksum"]
+    assert checksum[0] == pytest.approx(checksum[1], rel=1e-9)  # DDP kept the replicas identical
+    fold_dir = storage_for(cfg).rstrip("/") + f"/{resolve_run_id(cfg)}-fold0"
+    from pathlib import Path
+
+    checkpoints = sorted(p.name for p in Path(fold_dir).rglob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 1, checkpoints  # num_to_keep=1: the latest, carrying the best weights
+    assert outcome.checkpoint_path is not None and Path(outcome.checkpoint_path).name == checkpoints[0]
+
+
+def test_interrupted_cv_rerun_trains_only_missing_folds(interrupted_then_resumed):
+    _, first, second, third = interrupted_then_resumed
+    assert (first.trained_folds, first.skipped_folds, first.registered) == ([0], [], None)
+    assert (second.trained_folds, second.skipped_folds) == ([1], [0])
+    assert (third.trained_folds, third.skipped_folds) == ([], [0, 1])
+    assert first.run_id == second.run_id == third.run_id
+    torch.testing.assert_close(second.outcomes[0].model_state, first.outcomes[0].model_state)
+    assert third.score.total == pytest.approx(second.score.total, abs=1e-12)
+    assert len(second.oof) == 24 * 25  # every training study predicted out of fold, every target
+    assert "registered earlier" in str(third.registered)  # no duplicate model version
+
+
+def test_mlflow_holds_runs_metrics_plots_and_the_version(interrupted_then_resumed):
+    from mlflow import MlflowClient
+
+    cfg, _, second, _ = interrupted_then_resumed
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [
+        run for run in runs
+        if run.data.tags.get("lumbar_ray.run_id") == second.run_id and run.data.tags.get("lumbar_ray.kind") == "cv"
+    ]  # fmt: skip
+    assert len(parents) == 1  # the rerun found its parent again
+    parent = parents[0]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(run.data.tags["lumbar_ray.fold"] for run in children) == ["0", "1"]
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val_score")
+        assert [m.step for m in history] == [0, 1]
+    assert parent.data.metrics["cv_total"] == pytest.approx(second.score.total)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"oof.csv", "folds.csv", "config.yaml"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/confusion_matrices.png", "plots/level_scores.png"} <= plots
+    curves = {a.path for a in client.list_artifacts(children[0].info.run_id, "plots")}
+    assert "plots/training_curves.png" in curves
+    version = client.get_model_version_by_alias(cfg.tracking.model_name, cfg.tracking.alias)
+    assert version.run_id == parent.info.run_id
+
+
+def test_model_loaded_by_alias_reproduces_a_folds_oof(interrupted_then_resumed):
+    from lumbar_ray.data.cache import SeriesCache
+    from lumbar_ray.data.crops import CropDataset
+    from lumbar_ray.registry import load_ensemble
+    from lumbar_ray.train.cv import prepare_inputs, run_dir_for
+
+    cfg, _, second, _ = interrupted_then_resumed
+    uri = f"models:/{cfg.tracking.model_name}@{cfg.tracking.alias}"
+    ensemble = load_ensemble(uri, cfg.tracking.tracking_uri)
+    inputs = prepare_inputs(cfg, run_dir_for(cfg, second.run_id))
+    fold = 1
+    outcome = second.outcomes[fold]
+    held_out = inputs.folds["fold"].to_numpy() == fold
+    dataset = CropDataset(
+        SeriesCache(inputs.cache_root, inputs.cache_settings), inputs.study_ids[held_out], inputs.points, cfg.crop
+    )
+    items = [dataset[i] for i in range(len(dataset))]
+    crops = np.stack([item["crops"].numpy() for item in items])
+    mask = np.stack([item["mask"].numpy() for item in items])
+    probs = ensemble.predict_crops(crops, fold=fold)
+    order = {int(s): i for i, s in enumerate(outcome.study_ids)}
+    expected = outcome.probs[[order[int(item["study_id"])] for item in items]]
+    assert mask.any()
+    np.testing.assert_allclose(probs[mask], expected[mask], atol=1e-5)

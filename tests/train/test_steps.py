@@ -1,0 +1,132 @@
+"""The plain-torch train/eval steps, without Ray."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lumbar_ray.config import CropConfig, LossConfig, ModelConfig, TrainConfig
+from lumbar_ray.constants import IGNORE_INDEX
+from lumbar_ray.losses import SeverityLoss
+from lumbar_ray.models import build_model
+from lumbar_ray.train.steps import (
+    Predictions,
+    autocast,
+    fill_missing,
+    make_grad_scaler,
+    make_optimizer,
+    make_scheduler,
+    predict,
+    score_predictions,
+    train_epoch,
+)
+
+CROP = CropConfig(size=16, region=24, slices=3)
+
+
+class BrightnessDataset(Dataset):
+    """Crops whose brightness is the label: a signal any working train step must pick up."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.labels = rng.integers(0, 3, size=(n, 25))
+        self.labels[:, 0] = IGNORE_INDEX  # an empty cell
+        self.mask = np.ones((n, 25), dtype=bool)
+        self.mask[:, 1] = False  # a target without a point
+        level = np.where(self.labels < 0, 0, self.labels) / 2.0
+        noise = rng.normal(0, 0.05, size=(n, 25, CROP.slices, CROP.size, CROP.size))
+        self.crops = (level[:, :, None, None, None] * 0.8 + 0.1 + noise).astype(np.float32)
+        self.crops[~self.mask] = 0.0
+        self.labels[~self.mask] = IGNORE_INDEX
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {
+            "crops": torch.from_numpy(self.crops[i]),
+            "labels": torch.as_tensor(self.labels[i]),
+            "mask": torch.as_tensor(self.mask[i]),
+            "study_id": torch.as_tensor(1000 + i),
+        }
+
+
+def test_scheduler_warms_up_linearly_then_decays_to_one_percent():
+    parameter = torch.nn.Parameter(torch.zeros(2, 2))
+    cfg = TrainConfig(epochs=4, lr=1.0, warmup_epochs=1)
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1 / 11)
+    assert np.all(np.diff(lrs[:11]) > 0)  # warm-up rises
+    assert max(lrs) == pytest.approx(1.0, abs=1e-6)
+    assert np.all(np.diff(lrs[11:]) <= 1e-12)  # cosine only falls
+    assert lrs[-1] == pytest.approx(0.01, abs=0.01)
+
+
+def test_optimizer_exempts_biases_and_norms_from_weight_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.05))
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    exempt = {id(p) for p in optimizer.param_groups[1]["params"]}
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert decayed == {id(model[0].weight)}
+    assert exempt == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
+
+
+def test_no_mixed_precision_on_cpu():
+    cpu = torch.device("cpu")
+    assert isinstance(autocast(cpu, "bf16"), contextlib.nullcontext)
+    assert not make_grad_scaler(cpu, "fp16").is_enabled()
+
+
+def test_train_epochs_learn_a_planted_signal_and_predict_aligns_outputs():
+    torch.manual_seed(0)
+    data = BrightnessDataset(48)
+    loader = DataLoader(data, batch_size=8, shuffle=True)
+    eval_loader = DataLoader(data, batch_size=8, shuffle=False)
+    model = build_model(ModelConfig(arch="tiny"), CROP)
+    cfg = TrainConfig(epochs=8, lr=3e-3, warmup_epochs=0.5)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(loader))
+    loss_fn = SeverityLoss(LossConfig())
+    cpu = torch.device("cpu")
+    before = score_predictions(predict(model, eval_loader, cpu).probs, data.labels).total
+    losses = [train_epoch(model, loader, loss_fn, optimizer, scheduler, cpu)["loss"] for _ in range(cfg.epochs)]
+    predictions = predict(model, eval_loader, cpu)
+    after = score_predictions(predictions.probs, data.labels).total
+    assert losses[-1] < 0.6 * losses[0]
+    assert after < 0.6 * before, (before, after)
+    np.testing.assert_array_equal(predictions.study_ids, 1000 + np.arange(48))
+    np.testing.assert_array_equal(predictions.labels, data.labels)
+    np.testing.assert_allclose(predictions.probs.sum(-1), 1.0, atol=1e-6)
+
+
+def test_train_epoch_reports_samples_and_loss_parts():
+    data = BrightnessDataset(10)
+    model = build_model(ModelConfig(arch="tiny"), CROP)
+    optimizer = make_optimizer(model, TrainConfig())
+    loss_fn, cpu = SeverityLoss(LossConfig()), torch.device("cpu")
+    out = train_epoch(model, DataLoader(data, batch_size=4), loss_fn, optimizer, None, cpu)
+    assert out["samples"] == 10 and out["seconds"] > 0
+    assert {"loss", "spinal", "foraminal", "subarticular", "any_severe"} <= set(out)
+    assert np.isfinite(out["loss"])
+
+
+def test_fill_missing_puts_the_prior_where_no_crop_was_cut():
+    probs = np.full((2, 25, 3), 1 / 3)
+    mask = np.ones((2, 25), dtype=bool)
+    mask[1, 4] = False
+    prior = np.tile([0.7, 0.2, 0.1], (25, 1))
+    filled = fill_missing(Predictions(np.array([1, 2]), probs, np.zeros((2, 25), int), mask), prior)
+    np.testing.assert_allclose(filled[1, 4], [0.7, 0.2, 0.1])
+    np.testing.assert_allclose(np.delete(filled.reshape(50, 3), 29, axis=0), 1 / 3)
+    assert probs[1, 4, 0] == pytest.approx(1 / 3)  # the input is left alone
