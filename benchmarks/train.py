@@ -13,7 +13,7 @@ Figures, steady state (the first epoch is warm-up and left out):
 
 Target (issue 4): Ray's overhead under 10 % on 1 worker. The bare loop runs before and after Ray; its mean is used.
 
-    python benchmarks/train.py --studies 60 --epochs 4 --threads 2
+    python benchmarks/train.py --studies 150 --epochs 4 --threads 2
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--studies", type=int, default=60)
+    parser.add_argument("--studies", type=int, default=150)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each side (= Ray worker CPUs)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
@@ -99,6 +99,7 @@ def ray_loop(cfg, inputs, prior) -> tuple[dict[str, list[float]], float]:
     result = build_trainer(cfg, config, cfg.train.run_id).fit()
     wall = time.perf_counter() - start
     history = _load_state(result.checkpoint)["history"]
+    print(f"Ray worker: {history[0]['torch_threads']} torch threads")
     figures = {
         "train": [entry["train_samples_per_s"] for entry in history],
         "epoch_start": [entry["epoch_started_at"] for entry in history],

@@ -39,17 +39,17 @@ def test_quickstart_prints_report_and_baseline_score(tmp_path):
         "synth.train_studies=12",
         "synth.test_studies=1",
         "synth.image_sizes=[96]",
-        "cv.n_folds=3",
+        "cv.n_folds=2",
         *TINY_TRAINING,
     )
     assert result.returncode == 0, result.stderr
     assert "RSNA data report" in result.stdout and "train: 12 studies" in result.stdout
-    assert "Prior baseline, 3-fold out of fold" in result.stdout
+    assert "Prior baseline, 2-fold out of fold" in result.stdout
     total = next(line for line in result.stdout.splitlines() if line.strip().startswith("total"))
     assert 0.2 < float(total.split()[-1]) < 1.2
     assert (workdir / "resolved_config.yaml").is_file() and (workdir / "baseline_oof.csv").is_file()
     assert "train_studies: 12" in (workdir / "resolved_config.yaml").read_text()
-    assert "k-fold training (Ray Train)" in result.stdout and "3 trained now" in result.stdout
+    assert "k-fold training (Ray Train)" in result.stdout and "2 trained now" in result.stdout
     assert "registered: " in result.stdout and (workdir / "mlflow.db").is_file()
     # rerun with the same config reuses the dataset instead of writing it again
     again = run_cli(
@@ -59,11 +59,11 @@ def test_quickstart_prints_report_and_baseline_score(tmp_path):
         "synth.train_studies=12",
         "synth.test_studies=1",
         "synth.image_sizes=[96]",
-        "cv.n_folds=3",
+        "cv.n_folds=2",
         *TINY_TRAINING,
     )
     assert again.returncode == 0 and "reusing it" in again.stderr
-    assert "0 trained now, 3 already done" in again.stdout  # the rerun resumed instead of training again
+    assert "0 trained now, 2 already done" in again.stdout  # the rerun resumed instead of training again
 
 
 def test_synth_then_report_and_score(tmp_path):

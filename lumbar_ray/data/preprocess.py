@@ -292,7 +292,8 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
+        # log_to_driver: training workers' per-epoch lines and actors' warnings reach the console / job logs.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
 def run_on_ray(

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,7 +305,12 @@ def run_cv(cfg: Config) -> CVResult:
             logger.info("fold %d already finished (%s): skipped", fold, path)
             continue
         child = tracker.fold_run(parent, fold)
+        logger.info("fold %d (%d of %d): training on %d workers", fold, len(trained) + len(skipped) + 1,
+                    len(wanted), cfg.train.num_workers)  # fmt: skip
+        started = time.perf_counter()
         outcome = run_fold(cfg, inputs, fold, run_id, {"tracking_uri": tracker.uri, "run_id": child})
+        logger.info("fold %d done in %.0f s: best val score %.5f at epoch %d", fold, time.perf_counter() - started,
+                    outcome.best_score, outcome.best_epoch)  # fmt: skip
         outcome.save(path)
         tracker.finish_fold(child, outcome)
         outcomes[fold] = outcome

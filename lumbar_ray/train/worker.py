@@ -164,6 +164,7 @@ def train_fold_loop(config: dict[str, Any]) -> None:
             "train_loss": trained["loss"],
             "train_samples": trained["samples"],
             "world_size": context.get_world_size(),
+            "torch_threads": torch.get_num_threads(),
             "train_seconds": trained["seconds"],
             "train_samples_per_s": trained["samples"] / max(trained["seconds"], 1e-9),
             "val_loss": float(val_loss.total),
@@ -189,6 +190,8 @@ def train_fold_loop(config: dict[str, Any]) -> None:
                 "labels": predictions.labels,
             }
         metrics["best_val_score"] = best["score"]
+        if rank == 0:
+            _log_progress(config["fold"], epoch, cfg.train.epochs, metrics)
         if run_logger is not None:
             run_logger.log_epoch(epoch, {k: v for k, v in metrics.items() if k not in ("epoch", "epoch_started_at")})
         _report(rank, metrics, {
@@ -201,6 +204,20 @@ def train_fold_loop(config: dict[str, Any]) -> None:
             "starts": starts,
             "ranks": ranks,
         })  # fmt: skip
+
+
+def _log_progress(fold: int, epoch: int, epochs: int, metrics: dict[str, Any]) -> None:
+    """One line per epoch from rank 0; Ray forwards worker output to the driver (and to ``ray job logs``)."""
+    if not logger.handlers:  # a Ray worker process has no logging set up: give this module a plain handler
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    logger.info(
+        "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val score %.5f (best %.5f), %.1f samples/s",
+        fold, epoch + 1, epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_score"],
+        metrics["best_val_score"], metrics["train_samples_per_s"],
+    )  # fmt: skip
 
 
 def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
