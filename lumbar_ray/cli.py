@@ -134,19 +134,39 @@ def train(
 
 
 @app.command()
+def tune(
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    num_samples: Annotated[int | None, typer.Option(help="trials in all (overrides tune.num_samples)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the interrupted experiment tune.name")] = False,
+    register_best: Annotated[bool, typer.Option(help="retrain the best config and register it")] = False,
+) -> None:
+    """Ray Tune + Optuna (TPE) + ASHA over the k-fold CV; writes the best config; resumable."""
+    from lumbar_ray.config import load_config, save_config
+    from lumbar_ray.tune.run import run_tune
+
+    extra = [f"tune.num_samples={num_samples}"] if num_samples is not None else []
+    cfg = load_config(config, [*(overrides or []), *extra])
+    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(cfg.workdir) / "resolved_config.yaml")
+    typer.echo(run_tune(cfg, resume=resume, register_best=register_best).format())
+
+
+@app.command()
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="where data, caches, checkpoints and mlflow.db go")] = Path(
         "lumbar_ray_work"
     ),
     config: ConfigFile = None,
     overrides: Overrides = None,
+    tune: Annotated[bool, typer.Option(help="end with the short tuning stage (tune.*)")] = True,
 ) -> None:
     """Run the pipeline end to end on synthetic data with embedded defaults (no network, CPU)."""
     from lumbar_ray.config import load_config
     from lumbar_ray.quickstart import run_quickstart
 
     cfg = load_config(config, [f"workdir={workdir}", *(overrides or [])])
-    result = run_quickstart(cfg)
+    result = run_quickstart(cfg, tune=tune)
     typer.echo(result.report.format())
     typer.echo("")
     typer.echo(f"Prior baseline, {cfg.cv.n_folds}-fold out of fold (official metric):")
@@ -158,6 +178,10 @@ def quickstart(
     typer.echo("k-fold training (Ray Train), out of fold:")
     typer.echo(result.cv.format())
     typer.echo("")
+    if result.tuning is not None:
+        typer.echo("Tuning (Ray Tune + Optuna + ASHA):")
+        typer.echo(result.tuning.format())
+        typer.echo("")
     typer.echo(f"data:     {result.data_root}")
     typer.echo(f"workdir:  {result.workdir}")
 

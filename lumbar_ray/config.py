@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class _Strict(BaseModel):
 class SynthConfig(_Strict):
     """The built-in synthetic RSNA-format dataset (DICOM phantoms with planted severities)."""
 
-    train_studies: int = Field(48, ge=1, description="studies written under train_images/")
+    train_studies: int = Field(150, ge=1, description="studies written under train_images/")
     test_studies: int = Field(4, ge=0, description="studies written under test_images/")
     seed: int = Field(0, description="everything in the dataset is a function of this seed")
     image_sizes: list[int] = Field([128, 144, 160], min_length=1, description="in-plane sizes drawn per series")
@@ -143,8 +143,61 @@ class TrackingConfig(_Strict):
 class CVConfig(_Strict):
     """Cross-validation folds, grouped by study and stratified on the labels."""
 
-    n_folds: int = Field(5, ge=2)
+    n_folds: int = Field(3, ge=2)
     seed: int = 42
+
+
+class SearchDim(_Strict):
+    """One searched setting: a distribution over the values of one config key.
+
+    ``uniform`` / ``loguniform`` (floats) and ``int`` (inclusive) need ``low`` < ``high``; ``choice`` needs
+    ``values``.
+    """
+
+    dist: Literal["uniform", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchDim:
+        if self.dist == "choice":
+            if not self.values:
+                raise ValueError("a 'choice' needs a non-empty 'values' list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a '{self.dist}' needs low < high (got low={self.low}, high={self.high})")
+        elif self.dist == "loguniform" and self.low <= 0:
+            raise ValueError("a 'loguniform' needs low > 0")
+        return self
+
+
+def _default_space() -> dict[str, SearchDim]:
+    return {
+        "loss.class_weights.1": SearchDim(dist="uniform", low=1.0, high=4.0),
+        "loss.class_weights.2": SearchDim(dist="uniform", low=2.0, high=8.0),
+        "loss.any_severe_weight": SearchDim(dist="uniform", low=0.0, high=2.0),
+        "augment.jitter_px": SearchDim(dist="uniform", low=0.0, high=10.0),
+        "augment.rotate_deg": SearchDim(dist="uniform", low=0.0, high=20.0),
+        "train.lr": SearchDim(dist="loguniform", low=5e-4, high=5e-3),
+    }
+
+
+class TuneConfig(_Strict):
+    """Ray Tune + Optuna over the k-fold CV: the search space, the budget, early stopping and storage."""
+
+    name: str = Field("tune", description="experiment name: names the Tune run folder and the MLflow parent run")
+    num_samples: int = Field(2, ge=1, description="trials in all (a resumed run completes the same number)")
+    space: dict[str, SearchDim] = Field(
+        default_factory=_default_space, description="config key (a list item by index: a.b.1) -> distribution"
+    )
+    folds: list[int] | None = Field([0], description="folds each trial trains; None = all (cv.n_folds)")
+    grace_period: int = Field(1, ge=1, description="ASHA: folds every trial completes before it may be stopped")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep the best 1/reduction_factor at each rung")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None = cluster resources / trial's")
+    seed: int = Field(0, description="OptunaSearch (TPE) seed")
+    storage: str | None = Field(None, description="Tune storage path; None = $LUMBAR_RAY_STORAGE or <workdir>")
+    optuna_storage: str | None = Field(None, description="e.g. sqlite:///optuna.db: keep the Optuna study")
+    trial_max_failures: int = Field(1, ge=0, description="retries of a failed trial")
 
 
 class Config(_Strict):
@@ -161,6 +214,23 @@ class Config(_Strict):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _space_keys_exist(self) -> Config:
+        tree = self.model_dump(mode="python", exclude={"tune"})
+        for key in self.tune.space:
+            node: Any = tree
+            for part in key.split("."):
+                if isinstance(node, dict) and part in node:
+                    node = node[part]
+                elif isinstance(node, list | tuple) and part.isdigit() and int(part) < len(node):
+                    node = node[int(part)]
+                else:
+                    raise ValueError(f"tune.space names an unknown config key {key!r}")
+            if isinstance(node, dict):
+                raise ValueError(f"tune.space key {key!r} is a section, not a setting")
+        return self
 
     def to_yaml(self) -> str:
         """Render the resolved config as YAML (what is logged and saved with runs)."""

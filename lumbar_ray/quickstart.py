@@ -3,7 +3,8 @@
 It synthesises a small RSNA-format dataset, validates it, reports on it, scores the prior baseline,
 preprocesses every series into the cache with Ray Data, then trains the k-fold CV on Ray Train (the tiny model
 on CPU workers), scores it out of fold against the prior, logs everything to MLflow (a SQLite file in the
-workdir) and registers the fold ensemble. Tuning and inference join as they land.
+workdir), registers the fold ensemble, and runs a short Ray Tune + Optuna search (``tune.*``: 2 trials on fold 0).
+Inference joins when it lands.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lumbar_ray.data.preprocess import PreprocessSummary, run_preprocess
 from lumbar_ray.data.rsna import DataReport, build_report, load_rsna
 from lumbar_ray.data.synthetic import write_dataset
 from lumbar_ray.train.cv import CVResult, run_cv
+from lumbar_ray.tune.run import TuneResult, experiment_exists, run_tune
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class QuickstartResult:
     baseline: BaselineResult
     preprocess: PreprocessSummary
     cv: CVResult
+    tuning: TuneResult | None = None
 
 
 def data_root_for(config: Config) -> Path:
@@ -50,7 +53,7 @@ def cache_root_for(config: Config) -> str:
     return f"{shared.rstrip('/')}/cache" if shared else str(Path(config.workdir) / "cache")
 
 
-def run_quickstart(config: Config) -> QuickstartResult:
+def run_quickstart(config: Config, tune: bool = True) -> QuickstartResult:
     """Synthesise (or reuse) the dataset, validate and report it, score the prior, preprocess, train and register."""
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -64,5 +67,6 @@ def run_quickstart(config: Config) -> QuickstartResult:
     baseline = run_baseline(root, n_folds=config.cv.n_folds, seed=config.cv.seed, out_csv=workdir / "baseline_oof.csv")
     preprocessed = run_preprocess(root, cache_root_for(config), config.preprocess)
     cv = run_cv(config)  # resumable: a rerun skips the folds already trained
+    tuning = run_tune(config, resume=experiment_exists(config)) if tune else None  # a rerun resumes (or just reads)
     logger.info("quickstart finished in %s", workdir)
-    return QuickstartResult(workdir, root, report, baseline, preprocessed, cv)
+    return QuickstartResult(workdir, root, report, baseline, preprocessed, cv, tuning)

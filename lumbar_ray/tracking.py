@@ -109,7 +109,8 @@ def flatten_config(cfg: Config) -> dict[str, str]:
     flat: dict[str, str] = {}
 
     def visit(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
+        # tune.space is keyed by dotted config paths: one JSON param, or its keys would read as nested sections.
+        if isinstance(node, dict) and prefix != "tune.space":
             for key, value in node.items():
                 visit(f"{prefix}.{key}" if prefix else key, value)
             return
@@ -181,11 +182,12 @@ class Tracker:
         logger.info("MLflow: reusing %s run %s (was %s)", what, run_id, run.info.status)
         return run_id
 
-    def parent_run(self, run_id: str) -> str:
+    def parent_run(self, run_id: str, nest_under: str | None = None) -> str:
         """Find or create the CV's parent run; a new one gets the resolved config as params and ``config.yaml``.
 
         Args:
             run_id: the CV's stable run id (:func:`lumbar_ray.train.cv.resolve_run_id`).
+            nest_under: an MLflow run (a tuning run) to hang this CV under as a child; None = top level.
 
         Returns:
             The MLflow run id, with the run RUNNING.
@@ -194,6 +196,8 @@ class Tracker:
         if found is not None:
             return self._resume(found, f"CV {run_id!r}")
         tags = {RUN_ID_TAG: run_id, KIND_TAG: "cv", VERSION_TAG: package_version()}
+        if nest_under:
+            tags[PARENT_TAG] = nest_under
         commit = git_commit()
         if commit:
             tags |= {COMMIT_TAG: commit, "mlflow.source.git.commit": commit}

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ _RESOURCE_KEYS = {
         "storage",
     },
     "tracking": None,
+    "tune": None,
 }
 
 
@@ -274,14 +276,49 @@ def assemble_oof(inputs: CVInputs, outcomes: dict[int, FoldOutcome]) -> np.ndarr
     return probs
 
 
-def run_cv(cfg: Config) -> CVResult:
-    """Train every fold (skipping finished ones), score out of fold against the prior, log and register.
+def wanted_folds(cfg: Config) -> list[int]:
+    """The folds a run trains: ``train.folds`` or all of ``cv.n_folds``."""
+    return list(cfg.train.folds) if cfg.train.folds is not None else list(range(cfg.cv.n_folds))
+
+
+def train_folds(
+    cfg: Config, inputs: CVInputs, run_id: str, run_dir: Path, tracker: Any, parent: str
+) -> Iterator[tuple[int, FoldOutcome, bool]]:
+    """Train the wanted folds one after another, each with its own ``TorchTrainer``; skip finished ones.
+
+    Yields after every fold, so that a caller (a Tune trial) can report the running score between folds.
+
+    Yields:
+        ``(fold, outcome, trained_now)``; ``trained_now`` is False for a fold found finished on disk.
+    """
+    wanted = wanted_folds(cfg)
+    for index, fold in enumerate(wanted):
+        path = run_dir / f"fold{fold}.pt"
+        if path.is_file():
+            logger.info("fold %d already finished (%s): skipped", fold, path)
+            yield fold, FoldOutcome.load(path), False
+            continue
+        child = tracker.fold_run(parent, fold)
+        logger.info("fold %d (%d of %d): training on %d workers", fold, index + 1, len(wanted), cfg.train.num_workers)
+        started = time.perf_counter()
+        outcome = run_fold(cfg, inputs, fold, run_id, {"tracking_uri": tracker.uri, "run_id": child})
+        logger.info("fold %d done in %.0f s: best val score %.5f at epoch %d", fold, time.perf_counter() - started,
+                    outcome.best_score, outcome.best_epoch)  # fmt: skip
+        outcome.save(path)
+        tracker.finish_fold(child, outcome)
+        yield fold, outcome, True
+
+
+def start_cv(cfg: Config, inputs: CVInputs | None = None, nest_under: str | None = None) -> tuple:
+    """Everything a CV needs before its first fold: run id and folder, inputs, Ray, the MLflow parent run.
 
     Args:
-        cfg: the resolved config (``train``, ``model``, ``crop``, ``augment``, ``loss``, ``cv``, ``tracking``).
+        cfg: the resolved config.
+        inputs: prepared inputs to reuse (Tune trials get them from the tuning driver); None = prepare here.
+        nest_under: an MLflow run to hang the CV's parent run under (a tuning run); None = top level.
 
     Returns:
-        The CV result, also written under ``<workdir>/runs/<run_id>/`` and to MLflow.
+        ``(run_id, run_dir, inputs, tracker, parent)``.
     """
     from lumbar_ray.data.preprocess import ensure_ray
     from lumbar_ray.tracking import Tracker
@@ -291,30 +328,28 @@ def run_cv(cfg: Config) -> CVResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     logger.info("CV run %s: folds under %s, checkpoints under %s", run_id, run_dir, storage_for(cfg))
-    inputs = prepare_inputs(cfg, run_dir)
+    if inputs is None:
+        inputs = prepare_inputs(cfg, run_dir)
     ensure_ray()
     tracker = Tracker(cfg)
-    parent = tracker.parent_run(run_id)
-    wanted = cfg.train.folds if cfg.train.folds is not None else list(range(cfg.cv.n_folds))
+    parent = tracker.parent_run(run_id, nest_under=nest_under)
+    return run_id, run_dir, inputs, tracker, parent
+
+
+def run_cv(cfg: Config) -> CVResult:
+    """Train every fold (skipping finished ones), score out of fold against the prior, log and register.
+
+    Args:
+        cfg: the resolved config (``train``, ``model``, ``crop``, ``augment``, ``loss``, ``cv``, ``tracking``).
+
+    Returns:
+        The CV result, also written under ``<workdir>/runs/<run_id>/`` and to MLflow.
+    """
+    run_id, run_dir, inputs, tracker, parent = start_cv(cfg)
     outcomes, trained, skipped = {}, [], []
-    for fold in wanted:
-        path = run_dir / f"fold{fold}.pt"
-        if path.is_file():
-            outcomes[fold] = FoldOutcome.load(path)
-            skipped.append(fold)
-            logger.info("fold %d already finished (%s): skipped", fold, path)
-            continue
-        child = tracker.fold_run(parent, fold)
-        logger.info("fold %d (%d of %d): training on %d workers", fold, len(trained) + len(skipped) + 1,
-                    len(wanted), cfg.train.num_workers)  # fmt: skip
-        started = time.perf_counter()
-        outcome = run_fold(cfg, inputs, fold, run_id, {"tracking_uri": tracker.uri, "run_id": child})
-        logger.info("fold %d done in %.0f s: best val score %.5f at epoch %d", fold, time.perf_counter() - started,
-                    outcome.best_score, outcome.best_epoch)  # fmt: skip
-        outcome.save(path)
-        tracker.finish_fold(child, outcome)
+    for fold, outcome, trained_now in train_folds(cfg, inputs, run_id, run_dir, tracker, parent):
         outcomes[fold] = outcome
-        trained.append(fold)
+        (trained if trained_now else skipped).append(fold)
     return finish_cv(cfg, inputs, run_id, run_dir, outcomes, trained, skipped, tracker, parent)
 
 

@@ -16,6 +16,7 @@ by the validation score.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -113,6 +114,7 @@ def train_fold_loop(config: dict[str, Any]) -> None:
     )
 
     cfg = Config.model_validate(config["cfg"])
+    _quiet_ray_train_info()
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(cfg.train.seed + rank)
@@ -206,6 +208,14 @@ def train_fold_loop(config: dict[str, Any]) -> None:
         })  # fmt: skip
 
 
+def _quiet_ray_train_info() -> None:
+    """One progress line per epoch (ours) instead of Ray Train's INFO line per report and per checkpoint, which
+    ``log_to_driver`` would forward; some of Ray Train's loggers are named by file path, not module."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("ray.train") or f"{os.sep}ray{os.sep}train{os.sep}" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _log_progress(fold: int, epoch: int, epochs: int, metrics: dict[str, Any]) -> None:
     """One line per epoch from rank 0; Ray forwards worker output to the driver (and to ``ray job logs``)."""
     if not logger.handlers:  # a Ray worker process has no logging set up: give this module a plain handler
@@ -213,6 +223,7 @@ def _log_progress(fold: int, epoch: int, epochs: int, metrics: dict[str, Any]) -
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # Ray's own root handler would print every line a second time
     logger.info(
         "fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val score %.5f (best %.5f), %.1f samples/s",
         fold, epoch + 1, epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_score"],
