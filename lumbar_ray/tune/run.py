@@ -23,7 +23,7 @@ from lumbar_ray.tune.trainable import METRIC, TIME_ATTR, cv_trial
 
 logger = logging.getLogger(__name__)
 
-TRIAL_DRIVER_CPUS = 0.001
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1}
 
 
 @dataclass
@@ -69,7 +69,7 @@ def max_concurrency(cfg: Config, resources: dict[str, float]) -> int:
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     workers = cfg.train.num_workers
-    fits = [resources.get("CPU", 1.0) // (workers * cfg.train.cpus_per_worker + TRIAL_DRIVER_CPUS)]
+    fits = [resources.get("CPU", 1.0) // (workers * cfg.train.cpus_per_worker)]
     if cfg.train.use_gpu:
         fits.append(resources.get("GPU", 0.0) // workers)
     return max(1, int(min(fits)))
@@ -188,8 +188,9 @@ def run_tune(cfg: Config, resume: bool = False, register_best: bool = False) -> 
     tracker = Tracker(cfg)
     parent = tune_parent_run(tracker, cfg)
     trainable = tune.with_parameters(cv_trial, base=cfg.model_dump(mode="json"), inputs=inputs, tune_parent=parent)
-    # The trial only waits on its TorchTrainers, which hold the CPUs; Tune refuses an empty request, hence a sliver.
-    trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
+    # The trial only waits on its TorchTrainers, which hold the CPUs. Tune refuses an empty request, and any CPU
+    # fraction would leave a trial's workers one CPU short on a full machine: so one byte of memory, and no CPU.
+    trainable = tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
     if resume:
         logger.info("resuming tuning experiment %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)

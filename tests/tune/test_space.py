@@ -62,7 +62,7 @@ def test_trial_config_trains_the_tuned_folds_and_never_registers():
 
 def test_concurrency_comes_from_cluster_resources():
     cpu = load_config(None, ["train.num_workers=2", "train.cpus_per_worker=4"])
-    assert max_concurrency(cpu, {"CPU": 32.0}) == 3  # 32 // (8 + the trial's sliver)
+    assert max_concurrency(cpu, {"CPU": 32.0}) == 4
     gpu = load_config(None, ["train.num_workers=4", "train.use_gpu=true", "train.cpus_per_worker=8"])
     assert max_concurrency(gpu, {"CPU": 192.0, "GPU": 8.0}) == 2
     assert max_concurrency(gpu, {"CPU": 4.0, "GPU": 0.0}) == 1  # never below one
