@@ -22,7 +22,7 @@ SMALL = [
     "synth.train_studies=20", "synth.test_studies=1", "synth.image_sizes=[96]", "synth.seed=5",
     "preprocess.image_size=96", "preprocess.workers=1", "cv.n_folds=2", "crop.size=16", "crop.region=24",
     "crop.slices=3", "train.epochs=1", "train.num_workers=1", "train.batch_size=4", "tune.name=resume-test",
-    "tune.num_samples=2", "tune.max_concurrent_trials=1",
+    "tune.num_samples=2", "tune.max_concurrent_trials=1", "tune.folds=null",
 ]  # fmt: skip
 
 
