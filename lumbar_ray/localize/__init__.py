@@ -1,1 +1,2 @@
-"""Level localisation: geometry between series (this module's ``geometry``); the YOLO detector comes next."""
+"""Level localisation: geometry between series (``geometry``), detections to ordered levels (``levels``); the YOLO
+detector comes next."""

@@ -1,0 +1,117 @@
+"""From a detector's raw boxes to exactly one point per spinal level, ordered head to feet.
+
+A detector can miss a level, report one twice, or swap two. The anatomy fixes all three: the five disc levels
+L1/L2 ... L5/S1 follow each other along the spine, cranial to caudal, at roughly even spacing. So instead of
+dropping a study with an imperfect detection (the seed approach lost ~8 % of studies), :func:`resolve_levels`
+
+1. keeps, per level, the most confident detection;
+2. drops detections that break the cranio-caudal order (the less confident of a conflicting pair goes);
+3. fills a missing level by linear interpolation between its nearest kept neighbours, or extrapolation from the
+   two nearest on one side (one kept level alone: the median spacing of a lumbar spine, ``default_spacing``),
+   with confidence 0 so that callers can see and count what was filled.
+
+Pure numpy; coordinates are whatever the caller uses (cache pixels on one sagittal series: rows grow caudally).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lumbar_ray.constants import LEVELS
+
+
+@dataclass(frozen=True)
+class LevelPoints:
+    """One point per level in :data:`LEVELS` order.
+
+    Attributes:
+        xy: ``(5, 2)`` (x, y) per level.
+        slice: ``(5,)`` slice index per level (float: filled levels interpolate it too).
+        confidence: ``(5,)`` the detection's confidence, 0 where the level was filled.
+        filled: ``(5,)`` whether the level was filled from its neighbours.
+        dropped: number of detections discarded (duplicates or out of order).
+    """
+
+    xy: np.ndarray
+    slice: np.ndarray
+    confidence: np.ndarray
+    filled: np.ndarray
+    dropped: int
+
+
+def _ordered_subset(levels: np.ndarray, ys: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """Boolean mask over kept detections (one per level, sorted by level) that leaves y increasing with level.
+
+    The less confident member of each out-of-order pair is removed until the order holds (greedy, at most five).
+    """
+    keep = np.ones(len(levels), dtype=bool)
+    while True:
+        index = np.flatnonzero(keep)
+        bad = [(index[i], index[i + 1]) for i in range(len(index) - 1) if ys[index[i + 1]] <= ys[index[i]]]
+        if not bad:
+            return keep
+        first, second = bad[0]
+        keep[first if confidence[first] < confidence[second] else second] = False
+
+
+def resolve_levels(
+    level: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    slice_index: np.ndarray,
+    confidence: np.ndarray,
+    default_spacing: float = 30.0,
+) -> LevelPoints:
+    """Exactly one point per level from raw detections (see the module docstring).
+
+    Args:
+        level: ``(n,)`` level index 0..4 of each detection.
+        x: ``(n,)`` column of each detection.
+        y: ``(n,)`` row (grows towards the feet).
+        slice_index: ``(n,)`` slice each detection lies on.
+        confidence: ``(n,)`` detector confidence.
+        default_spacing: row distance between adjacent levels when only one level is detected.
+
+    Raises:
+        ValueError: if there is no detection at all (nothing to anchor the spine), or a level is out of range.
+    """
+    level = np.asarray(level, dtype=np.int64)
+    if level.size == 0:
+        raise ValueError("no level detected: the spine cannot be placed")
+    if level.min() < 0 or level.max() >= len(LEVELS):
+        raise ValueError(f"level indices must be in 0..{len(LEVELS) - 1}, got {sorted(set(level.tolist()))}")
+    values = np.stack([np.asarray(a, dtype=np.float64) for a in (x, y, slice_index, confidence)], axis=1)
+    best = {}
+    for i, lvl in enumerate(level):
+        if lvl not in best or values[i, 3] > values[best[lvl], 3]:
+            best[lvl] = i
+    chosen_levels = np.array(sorted(best))
+    rows = values[[best[lvl] for lvl in chosen_levels]]
+    keep = _ordered_subset(chosen_levels, rows[:, 1], rows[:, 3])
+    known_levels, known = chosen_levels[keep], rows[keep]
+    dropped = len(level) - len(known_levels)
+
+    n = len(LEVELS)
+    out = np.full((n, 4), np.nan)
+    out[known_levels] = known
+    filled = np.isnan(out[:, 0])
+    if len(known_levels) == 1:
+        step = np.array([0.0, default_spacing, 0.0])
+        for lvl in np.flatnonzero(filled):
+            out[lvl, :3] = known[0, :3] + (lvl - known_levels[0]) * step
+    else:
+        for column in range(3):  # np.interp holds the ends flat: extrapolate them linearly instead
+            out[filled, column] = _interp_extrap(np.flatnonzero(filled), known_levels, known[:, column])
+    out[filled, 3] = 0.0
+    return LevelPoints(out[:, :2], out[:, 2], out[:, 3], filled, dropped)
+
+
+def _interp_extrap(at: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Piecewise-linear through ``(xs, ys)``, extended linearly beyond both ends (``xs`` sorted, >= 2 points)."""
+    result = np.interp(at, xs, ys)
+    low, high = at < xs[0], at > xs[-1]
+    result[low] = ys[0] + (at[low] - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0])
+    result[high] = ys[-1] + (at[high] - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return result

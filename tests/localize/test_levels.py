@@ -1,0 +1,65 @@
+"""Raw level detections to one ordered point per level: duplicates, order breaks and gaps resolved, none dropped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lumbar_ray.localize.levels import resolve_levels
+
+TRUE_Y = np.array([100.0, 130.0, 160.0, 190.0, 220.0])
+TRUE_X = np.array([50.0, 52.0, 54.0, 56.0, 58.0])
+
+
+def test_perfect_detections_pass_through():
+    out = resolve_levels(np.arange(5), TRUE_X, TRUE_Y, np.full(5, 7), np.full(5, 0.9))
+    np.testing.assert_allclose(out.xy, np.stack([TRUE_X, TRUE_Y], 1))
+    assert not out.filled.any() and out.dropped == 0 and np.all(out.slice == 7)
+
+
+def test_duplicate_keeps_the_confident_one_and_gaps_are_interpolated_and_extrapolated():
+    levels = np.array([0, 1, 1, 3])  # L1/L2, L2/L3 twice, L4/L5; L3/L4 and L5/S1 missing
+    xs = np.array([50.0, 52.0, 90.0, 56.0])
+    ys = np.array([100.0, 130.0, 300.0, 190.0])
+    conf = np.array([0.9, 0.8, 0.3, 0.7])
+    out = resolve_levels(levels, xs, ys, np.array([7, 7, 9, 8]), conf)
+    np.testing.assert_allclose(out.xy[:, 1], TRUE_Y)  # 160 between, 220 beyond the last at the same spacing
+    np.testing.assert_allclose(out.xy[:, 0], TRUE_X)
+    np.testing.assert_array_equal(out.filled, [False, False, True, False, True])
+    np.testing.assert_allclose(out.confidence, [0.9, 0.8, 0.0, 0.7, 0.0])
+    np.testing.assert_allclose(out.slice, [7, 7, 7.5, 8, 8.5])
+    assert out.dropped == 1
+
+
+def test_out_of_order_detection_is_replaced_by_the_anatomy():
+    ys = TRUE_Y.copy()
+    ys[2] = 95.0  # L3/L4 detected above L1/L2: impossible
+    conf = np.array([0.9, 0.9, 0.4, 0.9, 0.9])
+    out = resolve_levels(np.arange(5), TRUE_X, ys, np.zeros(5), conf)
+    assert out.filled[2] and out.dropped == 1
+    assert out.xy[2, 1] == pytest.approx(160.0)
+    assert np.all(np.diff(out.xy[:, 1]) > 0)
+
+
+def test_single_level_uses_the_default_spacing_and_nothing_is_an_error():
+    out = resolve_levels(np.array([4]), np.array([58.0]), np.array([220.0]), np.array([3]), np.array([0.5]),
+                         default_spacing=30.0)  # fmt: skip
+    np.testing.assert_allclose(out.xy[:, 1], TRUE_Y)
+    assert out.filled.sum() == 4
+    with pytest.raises(ValueError, match="no level detected"):
+        resolve_levels(np.array([], int), [], [], [], [])
+    with pytest.raises(ValueError, match="level indices"):
+        resolve_levels(np.array([5]), [1.0], [1.0], [0], [1.0])
+
+
+def test_random_damage_always_gives_five_ordered_levels():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        keep = rng.random(5) < 0.6
+        if not keep.any():
+            keep[rng.integers(5)] = True
+        levels = np.flatnonzero(keep)
+        ys = TRUE_Y[levels] + rng.normal(0, 3, len(levels))
+        out = resolve_levels(levels, TRUE_X[levels], ys, np.zeros(len(levels)), rng.random(len(levels)))
+        assert out.xy.shape == (5, 2) and np.all(np.isfinite(out.xy))
+        assert np.all(np.diff(out.xy[:, 1]) > 0)
