@@ -1,0 +1,72 @@
+"""The YOLO export of the label points: one image per labelled slice, boxes on the points, folds respected."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from lumbar_ray.config import PreprocessConfig
+from lumbar_ray.constants import TARGETS
+from lumbar_ray.data.cache import SeriesCache
+from lumbar_ray.data.crops import points_from_coordinates
+from lumbar_ray.data.preprocess import cache_settings, manifest_row, process_row, series_items
+from lumbar_ray.data.rsna import encode_labels, load_rsna
+from lumbar_ray.data.splits import make_folds
+from lumbar_ray.localize.yolo_data import detector_targets, export_yolo_dataset
+
+
+@pytest.fixture(scope="module")
+def cached(synthetic_dir, tmp_path_factory):
+    data = load_rsna(synthetic_dir)
+    cfg = PreprocessConfig(image_size=96)
+    cache = SeriesCache(tmp_path_factory.mktemp("yolo_cache"), cache_settings(cfg))
+    cache.prepare()
+    rows = []
+    for item in series_items(synthetic_dir):
+        if item["split"] == "train" and item["series_description"].startswith("Sagittal"):
+            assert process_row(item, cache, cfg)["status"] == "done"
+            rows.append(manifest_row(cache.read_meta(item["study_id"], item["series_id"])))
+    cache.write_manifest(pd.DataFrame(rows))
+    points = points_from_coordinates(data.coordinates, cache, data.train_series).points
+    study_ids, labels = encode_labels(data.train)
+    return cache, points, make_folds(study_ids, labels, 3, 0)
+
+
+def test_detector_classes_follow_the_series_type():
+    assert [TARGETS[t] for t in detector_targets("Sagittal T2/STIR")] == [
+        f"spinal_canal_stenosis_{level}" for level in ("l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1")
+    ]
+    assert len(detector_targets("Sagittal T1")) == 10
+    with pytest.raises(ValueError, match="Coronal"):
+        detector_targets("Coronal T1")
+
+
+@pytest.mark.parametrize(("description", "n_classes"), [("Sagittal T2/STIR", 5), ("Sagittal T1", 10)])
+def test_export_puts_a_box_on_every_point_and_keeps_the_val_fold_apart(cached, tmp_path, description, n_classes):
+    cache, points, folds = cached
+    export = export_yolo_dataset(points, cache, description, folds, val_fold=1, out=tmp_path / "yolo")
+    expected = points[points["target"].isin(detector_targets(description))]
+    assert export.boxes == len(expected) and export.train_images > 0 and export.val_images > 0
+    dataset = yaml.safe_load(export.dataset_yaml.read_text())
+    assert len(dataset["names"]) == n_classes
+    val_studies = set(folds.loc[folds["fold"] == 1, "study_id"].astype(int))
+    for split in ("train", "val"):
+        for label_file in (tmp_path / "yolo" / "labels" / split).glob("*.txt"):
+            study_id, series_id, slice_index = (int(v) for v in label_file.stem.split("_"))
+            assert (study_id in val_studies) == (split == "val")
+            image = cv2.imread(
+                str(tmp_path / "yolo" / "images" / split / f"{label_file.stem}.png"), cv2.IMREAD_UNCHANGED
+            )
+            volume = cache.read(study_id, series_id).volume
+            np.testing.assert_array_equal(image, volume[slice_index])  # the very pixels the classifier crops
+            here = expected[(expected.study_id == study_id) & (expected.series_id == series_id)
+                            & (expected.slice == slice_index)]  # fmt: skip
+            lines = [line.split() for line in label_file.read_text().splitlines()]
+            assert len(lines) == len(here)
+            centres = sorted(
+                (float(cx) * image.shape[1] - 0.5, float(cy) * image.shape[0] - 0.5) for _, cx, cy, *_ in lines
+            )
+            np.testing.assert_allclose(centres, sorted(zip(here.x, here.y, strict=True)), atol=1e-3)
