@@ -94,7 +94,7 @@ class ScoreResult:
 # --- array core
 
 
-def _weighted_log_loss(true_probs: np.ndarray, weights: np.ndarray) -> float:
+def weighted_log_loss(true_probs: np.ndarray, weights: np.ndarray) -> float:
     """Weighted mean of ``-log`` of the (clipped) probability given to the true class; NaN without rows."""
     if len(true_probs) == 0:
         return float("nan")
@@ -147,7 +147,7 @@ def score_arrays(labels: np.ndarray, probs: np.ndarray) -> ScoreResult:
         scored = group_labels != IGNORE_INDEX
         true_class = group_labels[scored]
         true_probs = np.take_along_axis(probs[:, columns][scored], true_class[:, None], axis=1)[:, 0]
-        terms[group] = _weighted_log_loss(true_probs, _WEIGHTS[true_class])
+        terms[group] = weighted_log_loss(true_probs, _WEIGHTS[true_class])
     terms["any_severe_spinal"] = _any_severe_loss(labels[:, _SPINAL_COLUMNS], probs[:, _SPINAL_COLUMNS, _SEVERE])
     values = np.array(list(terms.values()))
     if np.isnan(values).any():
@@ -168,7 +168,7 @@ def _any_severe_loss(spinal_labels: np.ndarray, spinal_severe: np.ndarray) -> fl
     weight = np.where(scored, _WEIGHTS[np.where(scored, spinal_labels, 0)], 0.0).max(axis=1)
     # Clip both columns of the binary prediction, as log_loss does with [1 - p, p].
     true_probs = np.where(target, np.clip(prediction, EPS, 1 - EPS), np.clip(1.0 - prediction, EPS, 1 - EPS))
-    return _weighted_log_loss(true_probs, weight)
+    return weighted_log_loss(true_probs, weight)
 
 
 # --- submission checks

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lumbar_ray.constants import CONDITIONS, IGNORE_INDEX, LEVELS, SEVERITIES, SEVERITY_WEIGHTS
-from lumbar_ray.metrics import EPS
+from lumbar_ray.metrics import weighted_log_loss
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,7 @@ def level_scores(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
         if not scored.any():
             continue
         true = labels[scored, t]
-        losses = -np.log(np.clip(probs[scored, t, true], EPS, 1.0 - EPS))
-        weights = _WEIGHTS[true]
-        scores[t] = np.sum(weights * losses) / np.sum(weights)
+        scores[t] = weighted_log_loss(probs[scored, t, true], _WEIGHTS[true])
     return scores.reshape(len(CONDITIONS), len(LEVELS))
 
 

@@ -126,7 +126,7 @@ def _chunks(items: list[Any], size: int = _MAX_PER_BATCH) -> Iterator[list[Any]]
         yield items[start : start + size]
 
 
-def _quote(value: str) -> str:
+def quote(value: str) -> str:
     """A value for an MLflow filter string (single-quoted; a quote inside cannot be escaped there)."""
     if "'" in value:
         raise ValueError(f"{value!r}: run ids and names may not contain a single quote")
@@ -165,7 +165,7 @@ class Tracker:
             self.client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
 
-    def _find(self, filter_string: str) -> Any:
+    def find_run(self, filter_string: str) -> Any:
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=filter_string,
@@ -175,7 +175,7 @@ class Tracker:
         )
         return runs[0] if runs else None
 
-    def _resume(self, run: Any, what: str) -> str:
+    def reuse_run(self, run: Any, what: str) -> str:
         run_id = run.info.run_id
         if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
             self.client.update_run(run_id, status="RUNNING")
@@ -192,9 +192,9 @@ class Tracker:
         Returns:
             The MLflow run id, with the run RUNNING.
         """
-        found = self._find(f"tags.`{RUN_ID_TAG}` = {_quote(run_id)} and tags.`{KIND_TAG}` = 'cv'")
+        found = self.find_run(f"tags.`{RUN_ID_TAG}` = {quote(run_id)} and tags.`{KIND_TAG}` = 'cv'")
         if found is not None:
-            return self._resume(found, f"CV {run_id!r}")
+            return self.reuse_run(found, f"CV {run_id!r}")
         tags = {RUN_ID_TAG: run_id, KIND_TAG: "cv", VERSION_TAG: package_version()}
         if nest_under:
             tags[PARENT_TAG] = nest_under
@@ -212,9 +212,9 @@ class Tracker:
 
     def fold_run(self, parent: str, fold: int) -> str:
         """Find or create fold ``fold``'s child run of ``parent`` (a rerun reuses it; epochs overwrite steps)."""
-        found = self._find(f"tags.`{PARENT_TAG}` = {_quote(parent)} and tags.`{FOLD_TAG}` = '{int(fold)}'")
+        found = self.find_run(f"tags.`{PARENT_TAG}` = {quote(parent)} and tags.`{FOLD_TAG}` = '{int(fold)}'")
         if found is not None:
-            return self._resume(found, f"fold {fold}")
+            return self.reuse_run(found, f"fold {fold}")
         parent_tags = self.client.get_run(parent).data.tags
         tags = {PARENT_TAG: parent, FOLD_TAG: str(int(fold)), KIND_TAG: "fold"}
         if RUN_ID_TAG in parent_tags:

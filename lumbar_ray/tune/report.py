@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from mlflow.entities import Param
 
 from lumbar_ray.config import Config
-from lumbar_ray.tracking import KIND_TAG, PARENT_TAG, VERSION_TAG, Tracker, package_version
+from lumbar_ray.tracking import KIND_TAG, PARENT_TAG, VERSION_TAG, Tracker, package_version, quote
 from lumbar_ray.tune.trainable import METRIC
 
 logger = logging.getLogger(__name__)
@@ -25,15 +25,11 @@ logger = logging.getLogger(__name__)
 TUNE_TAG = "lumbar_ray.tune"
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "\\'") + "'"
-
-
 def tune_parent_run(tracker: Tracker, cfg: Config) -> str:
     """Find (on resume) or create the tuning run named ``tune.name``; a new one logs the space and the budget."""
-    found = tracker._find(f"tags.`{TUNE_TAG}` = {_quote(cfg.tune.name)} and tags.`{KIND_TAG}` = 'tune'")
+    found = tracker.find_run(f"tags.`{TUNE_TAG}` = {quote(cfg.tune.name)} and tags.`{KIND_TAG}` = 'tune'")
     if found is not None:
-        return tracker._resume(found, f"tuning {cfg.tune.name!r}")
+        return tracker.reuse_run(found, f"tuning {cfg.tune.name!r}")
     tags = {TUNE_TAG: cfg.tune.name, KIND_TAG: "tune", VERSION_TAG: package_version()}
     run = tracker.client.create_run(tracker.experiment_id, tags=tags, run_name=f"tune-{cfg.tune.name}")
     parent = run.info.run_id
@@ -122,7 +118,7 @@ def finish_tuning(
     if importances:
         client.log_dict(parent, importances, "param_importances.json")
         client.log_figure(parent, importance_figure(importances), "plots/param_importances.png")
-    children = client.search_runs([tracker.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = {_quote(parent)}")
+    children = client.search_runs([tracker.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = {quote(parent)}")
     for child in children:
         if child.info.status == "RUNNING":  # ASHA ended the trial between folds: its CV never finished
             client.set_tag(child.info.run_id, "lumbar_ray.stopped_early", "true")

@@ -6,6 +6,8 @@ One module-scoped CV serves every test here: a TorchTrainer start costs 10-20 s 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -37,8 +39,6 @@ def test_fold_ran_ddp_on_two_workers_with_one_checkpoint(interrupted_then_resume
     checksum = outcome.ranks["checksum"]
     assert checksum[0] == pytest.approx(checksum[1], rel=1e-9)  # DDP kept the replicas identical
     fold_dir = storage_for(cfg).rstrip("/") + f"/{resolve_run_id(cfg)}-fold0"
-    from pathlib import Path
-
     checkpoints = sorted(p.name for p in Path(fold_dir).rglob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 1, checkpoints  # num_to_keep=1: the latest, carrying the best weights
     assert outcome.checkpoint_path is not None and Path(outcome.checkpoint_path).name == checkpoints[0]
