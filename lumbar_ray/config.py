@@ -59,6 +59,13 @@ class PreprocessConfig(_Strict):
     image_size: int = Field(256, ge=16, description="in-plane size (square) of every cached slice")
     clip_percentiles: tuple[float, float] = Field((0.5, 99.5), description="intensity window per series")
     cache: str | None = Field(None, description="cache folder or URI (s3://...); None = <workdir>/cache")
+
+    @field_validator("cache")
+    @classmethod
+    def _absolute_cache(cls, value: str | None) -> str | None:
+        # A local folder is made absolute for the Ray workers (other working directories); URIs stay as given.
+        return value if value is None or "://" in value else str(Path(value).expanduser().resolve())
+
     workers: int = Field(2, ge=1, description="actor pool size: series decoded in parallel")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per preprocessing actor")
     strict: bool = Field(False, description="exit non-zero when any series failed")
@@ -203,7 +210,16 @@ class TuneConfig(_Strict):
 class Config(_Strict):
     """The whole resolved configuration of a run."""
 
-    workdir: str = Field("lumbar_ray_work", description="cache, checkpoints and the local MLflow store")
+    workdir: str = Field(
+        "lumbar_ray_work", description="cache, checkpoints and the local MLflow store", validate_default=True
+    )
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_workdir(cls, value: str) -> str:
+        # Ray workers and Tune trials run in other working directories: a relative path would point elsewhere there.
+        return str(Path(value).expanduser().resolve())
+
     data: DataConfig = DataConfig()
     synth: SynthConfig = SynthConfig()
     preprocess: PreprocessConfig = PreprocessConfig()

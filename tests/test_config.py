@@ -65,3 +65,12 @@ def test_shipped_configs_load(path):
 def test_quickstart_yaml_spells_out_the_embedded_defaults():
     # The file documents the defaults: a default changed in code but not in the file (or back) is caught here.
     assert load_config(REPO / "configs" / "quickstart.yaml") == Config()
+
+
+def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
+    # Ray workers run in other working directories: a relative workdir or cache broke the README's quickstart there.
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["workdir=rel", "preprocess.cache=rel/cache"])
+    assert cfg.workdir == str(tmp_path / "rel") and cfg.preprocess.cache == str(tmp_path / "rel" / "cache")
+    assert Config().workdir == str(tmp_path / "lumbar_ray_work")
+    assert load_config(None, ["preprocess.cache=s3://bucket/cache"]).preprocess.cache == "s3://bucket/cache"
