@@ -153,6 +153,40 @@ def tune(
 
 
 @app.command()
+def localize(
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train the sagittal YOLO level detectors (Ray tasks) and measure localisation on a held-out fold (resumable)."""
+    from lumbar_ray.config import load_config
+    from lumbar_ray.localize.stage import run_localize
+
+    cfg = load_config(config, overrides or [])
+    typer.echo(run_localize(cfg).format())
+
+
+@app.command()
+def predict(
+    model: Annotated[
+        str | None, typer.Option(help="MLflow model URI, e.g. models:/lumbar_ray_ensemble@champion")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="RSNA-format folder", exists=True, file_okay=False)] = None,
+    out: Annotated[Path | None, typer.Option(help="submission CSV to write")] = None,
+    split: Annotated[str | None, typer.Option(help="test (default) or train")] = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Registered ensemble -> competition submission: preprocess, localise, crop, predict (Ray Data)."""
+    from lumbar_ray.config import load_config
+    from lumbar_ray.predict import run_predict
+
+    options = [f"predict.{key}={value}" for key, value in (("model", model), ("data", data), ("out", out),
+                                                          ("split", split)) if value is not None]  # fmt: skip
+    cfg = load_config(config, [*options, *(overrides or [])])
+    typer.echo(run_predict(cfg).format())
+
+
+@app.command()
 def quickstart(
     workdir: Annotated[Path, typer.Option(help="where data, caches, checkpoints and mlflow.db go")] = Path(
         "lumbar_ray_work"
@@ -175,15 +209,27 @@ def quickstart(
     typer.echo("Preprocessing (Ray Data):")
     typer.echo(result.preprocess.format())
     typer.echo("")
+    typer.echo("Localisation (YOLO level detectors + axial geometry), validation fold:")
+    typer.echo(result.localize.format())
+    typer.echo("")
     typer.echo("k-fold training (Ray Train), out of fold:")
     typer.echo(result.cv.format())
     typer.echo("")
+    if result.points_check is not None:
+        typer.echo("Predicted vs labelled points (the detectors' held-out fold, through the inference path):")
+        typer.echo("  " + result.points_check.format())
+        typer.echo("")
     if result.tuning is not None:
         typer.echo("Tuning (Ray Tune + Optuna + ASHA):")
         typer.echo(result.tuning.format())
         typer.echo("")
-    typer.echo(f"data:     {result.data_root}")
-    typer.echo(f"workdir:  {result.workdir}")
+    typer.echo("Inference on the test studies (Ray Data, model pulled by alias):")
+    typer.echo(result.prediction.format())
+    typer.echo("")
+    typer.echo(f"data:       {result.data_root}")
+    typer.echo(f"workdir:    {result.workdir}")
+    typer.echo(f"submission: {result.prediction.submission_path}")
+    typer.echo(f"MLflow UI:  mlflow ui --backend-store-uri {result.tracking_uri}  (then http://127.0.0.1:5000)")
 
 
 def main(argv: list[str] | None = None) -> None:

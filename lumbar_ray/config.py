@@ -207,6 +207,46 @@ class TuneConfig(_Strict):
     trial_max_failures: int = Field(1, ge=0, description="retries of a failed trial")
 
 
+class LocalizeConfig(_Strict):
+    """Level localisation: one ultralytics YOLO detector per sagittal series type (see :mod:`lumbar_ray.localize`)."""
+
+    model: str = Field(
+        "yolov8n.yaml", description="ultralytics model: a .yaml builds from scratch (no download), a .pt loads weights"
+    )
+    width: float | None = Field(
+        0.125, gt=0, le=1.5, description="width multiple overriding the yaml's scale (small = fast on CPU); None = keep"
+    )
+    imgsz: int = Field(128, ge=32, description="detector input side (pixels); the cached slice is resized to it")
+    epochs: int = Field(20, ge=1)
+    batch: int = Field(8, ge=1)
+    lr0: float = Field(0.003, gt=0, description="AdamW learning rate")
+    box_fraction: float = Field(0.08, gt=0, lt=1, description="training box side as a fraction of the image side")
+    val_fold: int = Field(0, ge=0, description="the CV fold whose studies validate the detector")
+    conf: float = Field(0.05, ge=0, le=1, description="minimum detection confidence kept at prediction")
+    num_cpus: float = Field(2.0, gt=0, description="CPUs the Ray training task asks for")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs the Ray training task asks for (1 on a GPU cluster)")
+    workers: int = Field(0, ge=0, description="ultralytics dataloader workers")
+    seed: int = 0
+    subarticular_fraction: float = Field(
+        0.4, ge=0, le=1, description="subarticular point: this fraction of the way from the canal to the foramen"
+    )
+
+
+class PredictConfig(_Strict):
+    """Inference with a registered ensemble (``lumbar-ray predict``): Ray Data batch inference over studies."""
+
+    model: str = Field("models:/lumbar_ray_ensemble@champion", description="MLflow model URI of a fold ensemble")
+    data: str | None = Field(None, description="RSNA-format folder; None = data.root (or the synthetic one)")
+    split: Literal["test", "train"] = Field("test", description="whose series are predicted")
+    study_ids: list[int] | None = Field(None, description="only these studies; None = every study of the split")
+    out: str | None = Field(None, description="submission CSV path; None = <workdir>/predict/submission.csv")
+    fold: int | None = Field(None, description="one fold's model only (its held-out studies); None = the ensemble")
+    actors: int = Field(1, ge=1, description="inference actors (each loads the model once)")
+    batch_size: int = Field(4, ge=1, description="studies per Ray Data batch")
+    use_gpu: bool = Field(False, description="one GPU per actor")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor")
+
+
 class Config(_Strict):
     """The whole resolved configuration of a run."""
 
@@ -231,6 +271,8 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
+    localize: LocalizeConfig = LocalizeConfig()
+    predict: PredictConfig = PredictConfig()
 
     @model_validator(mode="after")
     def _space_keys_exist(self) -> Config:

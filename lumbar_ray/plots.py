@@ -146,3 +146,50 @@ def training_curves(history: Sequence[dict[str, Any]]) -> Figure:
         ax.set_title(title)
         ax.legend(fontsize=8)
     return figure
+
+
+def overlay_panels(predicted: Any, truth: Any) -> list[tuple[int, int, list, list]]:
+    """What :func:`localisation_overlay` draws: per series shown, the slice and the points on it.
+
+    One panel per series that holds a labelled point, on the slice holding most labelled points of that series;
+    predicted points of that series are drawn when they lie within one slice of it.
+
+    Returns:
+        ``(series_id, slice, predicted [(x, y, target)], labelled [(x, y, target)])`` per panel.
+    """
+    panels = []
+    for series_id, group in truth.groupby("series_id", sort=True):
+        slice_index = int(group["slice"].value_counts().idxmax())
+        labelled = [(float(r.x), float(r.y), int(r.target)) for r in group.itertuples() if r.slice == slice_index]
+        near = predicted[(predicted["series_id"] == series_id) & ((predicted["slice"] - slice_index).abs() <= 1)]
+        panels.append((int(series_id), slice_index, [(float(r.x), float(r.y), int(r.target)) for r in
+                                                     near.itertuples()], labelled))  # fmt: skip
+    return panels
+
+
+def localisation_overlay(study_id: int, predicted: Any, truth: Any, cache: Any) -> Figure:
+    """Predicted (red crosses) vs labelled (green circles) points on a study's series, one panel per series.
+
+    Args:
+        study_id: the study.
+        predicted: its POINTS rows predicted.
+        truth: its POINTS rows labelled.
+        cache: the :class:`~lumbar_ray.data.cache.SeriesCache` holding the series.
+    """
+    panels = overlay_panels(predicted, truth)
+    figure = Figure(figsize=(3.6 * max(1, len(panels)), 3.9), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, max(1, len(panels))))
+    for ax, (series_id, slice_index, predicted_points, labelled_points) in zip(axes, panels, strict=False):
+        entry = cache.read(study_id, series_id, mmap=True)
+        ax.imshow(np.asarray(entry.volume[slice_index]), cmap="gray")
+        if labelled_points:
+            xs, ys, _ = zip(*labelled_points, strict=True)
+            ax.scatter(xs, ys, s=60, facecolors="none", edgecolors="lime", label="labelled")
+        if predicted_points:
+            xs, ys, _ = zip(*predicted_points, strict=True)
+            ax.scatter(xs, ys, s=40, marker="x", color="red", label="predicted")
+        ax.set_title(f"{entry.meta.get('series_description', series_id)} slice {slice_index}", fontsize=9)
+        ax.set_axis_off()
+        ax.legend(fontsize=7, loc="lower right")
+    figure.suptitle(f"study {study_id}: predicted vs labelled points")
+    return figure

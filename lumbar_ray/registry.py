@@ -57,12 +57,29 @@ def _fold_key(fold: int) -> str:
     return f"fold_{int(fold)}"
 
 
-def ensemble_contract(cfg: Config, folds: list[int]) -> dict[str, Any]:
+def detector_key(description: str) -> str:
+    """Artifact name of a series type's level detector, e.g. ``detector_sagittal_t1``."""
+    from lumbar_ray.localize.detector import slug
+
+    return f"detector_{slug(description)}"
+
+
+def ensemble_contract(
+    cfg: Config,
+    folds: list[int],
+    prior: np.ndarray | None = None,
+    detectors: list[str] | tuple[str, ...] = (),
+    fold_priors: dict[int, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """What a caller must know to feed the ensemble and read its output (saved as ``contract.json``).
 
     Args:
         cfg: the resolved config the folds were trained with.
         folds: the folds in the ensemble.
+        prior: ``(25, 3)`` class prior of the training labels: the prediction of a target with no crop.
+        fold_priors: fold -> the prior of that fold's own training studies (what a single fold falls back on,
+            so that its held-out studies are scored without their own labels leaking in).
+        detectors: the sagittal series types whose level detectors travel with the model.
     """
     import timm
 
@@ -88,6 +105,12 @@ def ensemble_contract(cfg: Config, folds: list[int]) -> dict[str, Any]:
         "output": {"dtype": "float32", "shape": [-1, len(TARGETS), len(SEVERITIES)], "kind": "probabilities"},
         "classes": list(SEVERITIES),
         "targets": list(TARGETS),
+        "prior": None if prior is None else np.asarray(prior, dtype=np.float64).tolist(),
+        "fold_priors": {str(k): np.asarray(v, dtype=np.float64).tolist() for k, v in (fold_priors or {}).items()},
+        "localize": {
+            "config": cfg.localize.model_dump(mode="json"),
+            "detectors": {description: detector_key(description) for description in detectors},
+        },
         "folds": sorted(int(fold) for fold in folds),
         "versions": {
             "lumbar_ray": package_version(),
@@ -130,6 +153,8 @@ with warnings.catch_warnings():
             """Rebuild every fold named in the contract from its ``fold_<k>.pt`` artifact."""
             self.contract = json.loads(Path(context.artifacts["contract"]).read_text())
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            detectors = self.contract.get("localize", {}).get("detectors", {})
+            self.detector_paths = {description: context.artifacts[key] for description, key in detectors.items()}
             self.models = {}
             for fold in self.contract["folds"]:
                 state = torch.load(context.artifacts[_fold_key(fold)], map_location="cpu", weights_only=True)
@@ -182,7 +207,7 @@ class RegisteredEnsemble:
 
 
 @contextmanager
-def _mlflow_uri(uri: str) -> Iterator[None]:
+def mlflow_uri(uri: str) -> Iterator[None]:
     """Point MLflow's global tracking and registry URIs at ``uri`` for the block, then restore them exactly.
 
     The fluent ``log_model``/``register_model``/``load_model`` calls read the globals; restoring the module state
@@ -218,8 +243,12 @@ def _in_run(client: MlflowClient, run_id: str) -> Iterator[None]:
         client.update_run(run_id, status=status)
 
 
-def _write_artifacts(states: dict[int, dict[str, torch.Tensor]], contract: dict[str, Any], folder: Path) -> dict:
+def _write_artifacts(
+    states: dict[int, dict[str, torch.Tensor]], contract: dict[str, Any], folder: Path, detectors: dict[str, Path]
+) -> dict:
     artifacts = {"contract": str(folder / CONTRACT_FILE)}
+    for description, path in detectors.items():
+        artifacts[detector_key(description)] = str(path)
     (folder / CONTRACT_FILE).write_text(json.dumps(contract, indent=2))
     for fold, state in states.items():
         path = folder / f"{_fold_key(fold)}.pt"
@@ -254,6 +283,7 @@ def log_and_register(
     uri: str,
     parent_run_id: str,
     cv_score: float,
+    detectors: dict[str, Path] | None = None,
 ) -> RegisteredEnsemble:
     """Log the fold ensemble into the CV's parent run, register it and promote the alias if it scores better.
 
@@ -264,18 +294,22 @@ def log_and_register(
         uri: the tracking (and registry) URI; it must be database-backed (SQLite, a server).
         parent_run_id: the MLflow run the model is logged into.
         cv_score: the ensemble's out-of-fold CV score (lower is better), tagged on the version.
+        detectors: series type -> level detector weights to ship with the model (named in the contract).
 
     Returns:
         The registered version and whether the alias moved to it.
     """
     if sorted(int(fold) for fold in states) != contract["folds"]:
         raise ValueError(f"states hold folds {sorted(states)} but the contract names {contract['folds']}")
+    detectors = detectors or {}
+    if sorted(detectors) != sorted(contract.get("localize", {}).get("detectors", {})):
+        raise ValueError(f"detectors {sorted(detectors)} differ from the contract's")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name, alias = tracking_cfg.model_name, tracking_cfg.alias
     cv_run_id = client.get_run(parent_run_id).data.tags.get(CV_RUN_TAG, "")
     tags = {SCORE_TAG: repr(float(cv_score)), RUN_TAG: parent_run_id, CV_RUN_TAG: cv_run_id}
-    with tempfile.TemporaryDirectory() as folder, _mlflow_uri(uri):
-        artifacts = _write_artifacts(states, contract, Path(folder))
+    with tempfile.TemporaryDirectory() as folder, mlflow_uri(uri):
+        artifacts = _write_artifacts(states, contract, Path(folder), detectors)
         with _in_run(client, parent_run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,
@@ -306,6 +340,22 @@ class LoadedEnsemble:
     model: Any
     contract: dict[str, Any]
 
+    @property
+    def detector_paths(self) -> dict[str, str]:
+        """Series type -> local path of its level detector's weights (empty for a model without detectors)."""
+        return dict(getattr(self.model.unwrap_python_model(), "detector_paths", {}))
+
+    def prior(self, fold: int | None = None) -> np.ndarray | None:
+        """``(25, 3)`` prior of the training labels (of fold ``fold``'s training studies when given), or None for
+        a model registered without it."""
+        prior = self.contract.get("prior")
+        if fold is not None:
+            prior = self.contract.get("fold_priors", {}).get(str(int(fold)), None)
+        if prior is None:
+            return None
+        prior = np.asarray(prior, dtype=np.float64)
+        return prior / prior.sum(axis=-1, keepdims=True)  # exact row sums after the JSON round trip
+
     def predict_crops(self, crops: np.ndarray, fold: int | None = None, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
         """``(B, 25, S, H, W)`` crops in [0, 1] (cast to float32) -> ``(B, 25, 3)`` probabilities.
 
@@ -325,7 +375,7 @@ def load_ensemble(model_uri: str, tracking_uri: str) -> LoadedEnsemble:
         model_uri: any MLflow model URI of a :class:`FoldEnsemble`.
         tracking_uri: the store (and registry) holding it.
     """
-    with _mlflow_uri(tracking_uri):
+    with mlflow_uri(tracking_uri):
         model = mlflow.pyfunc.load_model(model_uri)
     contract = model.unwrap_python_model().contract
     logger.info("loaded %s: folds %s", model_uri, contract["folds"])

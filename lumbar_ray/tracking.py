@@ -133,7 +133,7 @@ def quote(value: str) -> str:
     return f"'{value}'"
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
 
 
@@ -182,20 +182,21 @@ class Tracker:
         logger.info("MLflow: reusing %s run %s (was %s)", what, run_id, run.info.status)
         return run_id
 
-    def parent_run(self, run_id: str, nest_under: str | None = None) -> str:
-        """Find or create the CV's parent run; a new one gets the resolved config as params and ``config.yaml``.
+    def parent_run(self, run_id: str, nest_under: str | None = None, kind: str = "cv") -> str:
+        """Find or create a stage's parent run; a new one gets the resolved config as params and ``config.yaml``.
 
         Args:
-            run_id: the CV's stable run id (:func:`lumbar_ray.train.cv.resolve_run_id`).
+            run_id: the stage's stable run id (e.g. :func:`lumbar_ray.train.cv.resolve_run_id`).
             nest_under: an MLflow run (a tuning run) to hang this CV under as a child; None = top level.
+            kind: the stage (``cv``, ``localize``): runs are found again by run id and kind.
 
         Returns:
             The MLflow run id, with the run RUNNING.
         """
-        found = self.find_run(f"tags.`{RUN_ID_TAG}` = {quote(run_id)} and tags.`{KIND_TAG}` = 'cv'")
+        found = self.find_run(f"tags.`{RUN_ID_TAG}` = {quote(run_id)} and tags.`{KIND_TAG}` = {quote(kind)}")
         if found is not None:
-            return self.reuse_run(found, f"CV {run_id!r}")
-        tags = {RUN_ID_TAG: run_id, KIND_TAG: "cv", VERSION_TAG: package_version()}
+            return self.reuse_run(found, f"{kind} {run_id!r}")
+        tags = {RUN_ID_TAG: run_id, KIND_TAG: kind, VERSION_TAG: package_version()}
         if nest_under:
             tags[PARENT_TAG] = nest_under
         commit = git_commit()
@@ -207,7 +208,7 @@ class Tracker:
         for chunk in _chunks(params):
             self.client.log_batch(parent, params=chunk)
         self.client.log_text(parent, self.cfg.to_yaml(), "config.yaml")
-        logger.info("MLflow: created parent run %s for CV %r", parent, run_id)
+        logger.info("MLflow: created parent run %s for %s %r", parent, kind, run_id)
         return parent
 
     def fold_run(self, parent: str, fold: int) -> str:
@@ -225,7 +226,7 @@ class Tracker:
 
     def finish_fold(self, child: str, outcome: FoldOutcome) -> None:
         """Log the fold's best score and epoch and its training curves, then end the child run."""
-        stamp = _now_ms()
+        stamp = now_ms()
         metrics = [
             Metric("best_val_score", float(outcome.best_score), stamp, 0),
             Metric("best_epoch", float(outcome.best_epoch), stamp, 0),
@@ -251,7 +252,7 @@ class Tracker:
             probs: ``(n, 25, 3)`` their out-of-fold probabilities.
             skipped_points: label points that could not be mapped to the cache (logged when any).
         """
-        stamp = _now_ms()
+        stamp = now_ms()
         values = result.score.to_dict(prefix="cv_") | result.baseline.to_dict(prefix="prior_")
         values |= {"cv_studies": float(len(labels)), "cv_folds": float(len(result.outcomes))}
         metrics = [Metric(key, float(value), stamp, 0) for key, value in values.items()]
@@ -298,7 +299,7 @@ class RunLogger:
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Log ``metrics`` at ``step=epoch`` in one request (non-numeric values are left out)."""
-        stamp = _now_ms()
+        stamp = now_ms()
         batch = [
             Metric(key, float(value), stamp, int(epoch))
             for key, value in metrics.items()

@@ -66,3 +66,31 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def pipeline_config(workdir: Path):
+    """The whole pipeline small enough for CI: 60 studies with a strong planted signal, 96 px cache, 2 folds, the
+    tiny classifier on 1 worker, tiny YOLO detectors, no tuning."""
+    from lumbar_ray.config import Config
+
+    return Config.model_validate({
+        "workdir": str(workdir),
+        "synth": {"train_studies": 60, "test_studies": 3, "image_sizes": [96, 112], "seed": 11,
+                  "signal_strength": 2.0, "noise": 0.03, "missing_series_rate": 0.08},
+        "preprocess": {"image_size": 96, "workers": 1},
+        "cv": {"n_folds": 2, "seed": 0},
+        "crop": {"size": 16, "region": 24, "slices": 3},
+        "train": {"epochs": 15, "batch_size": 4, "lr": 0.004, "num_workers": 1, "warmup_epochs": 0.5},
+        "localize": {"imgsz": 96, "epochs": 30, "batch": 4, "num_cpus": 1.0},
+        "tracking": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "model_name": "pipeline_ensemble"},
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_pipeline(ray_local, tmp_path_factory):
+    """``run_quickstart`` without tuning on :func:`pipeline_config`: synth -> preprocess -> localise -> CV ->
+    register -> predict the test studies. Shared by the inference, registry-server and job tests."""
+    from lumbar_ray.quickstart import run_quickstart
+
+    cfg = pipeline_config(tmp_path_factory.mktemp("pipeline"))
+    return cfg, run_quickstart(cfg, tune=False)

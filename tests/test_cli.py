@@ -20,13 +20,14 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 # left out here (--no-tune): tests/tune/test_tune_resume.py runs the tuning CLI end to end.
 TINY_TRAINING = (
     "--no-tune", "preprocess.image_size=96", "train.epochs=1", "train.num_workers=1", "crop.size=16", "crop.region=24",
+    "localize.epochs=1", "localize.imgsz=64", "localize.width=0.0625", "localize.num_cpus=1",
 )  # fmt: skip
 
 
 def test_help_lists_every_command_with_help_text():
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("synth", "report", "baseline", "score", "preprocess", "train", "quickstart"):
+    for command in ("synth", "report", "baseline", "score", "preprocess", "train", "localize", "predict", "quickstart"):
         assert command in result.stdout
     assert "Write a synthetic RSNA-format dataset" in result.stdout
 
@@ -54,6 +55,10 @@ def test_quickstart_prints_report_and_baseline_score(tmp_path):
     assert "train_studies: 12" in (workdir / "resolved_config.yaml").read_text()
     assert "k-fold training (Ray Train)" in result.stdout and "2 trained now" in result.stdout
     assert "registered: " in result.stdout and (workdir / "mlflow.db").is_file()
+    assert "Localisation (YOLO level detectors" in result.stdout and "Predicted vs labelled points" in result.stdout
+    submission = workdir / "predict" / "submission.csv"
+    assert f"submission: {submission}" in result.stdout and len(submission.read_text().splitlines()) == 1 + 25
+    assert "MLflow UI:  mlflow ui --backend-store-uri sqlite:///" in result.stdout
     # rerun with the same config reuses the dataset instead of writing it again
     again = run_cli(
         "quickstart",

@@ -6,14 +6,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from lumbar_ray.config import PreprocessConfig, SynthConfig
@@ -21,49 +20,36 @@ from lumbar_ray.data.cache import SeriesCache
 from lumbar_ray.data.preprocess import cache_settings
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.data.synthetic import write_dataset
+from lumbar_ray.metrics import validate_submission
+from tests.net import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def local_head(tmp_path):
+@pytest.fixture(scope="module")
+def local_head(tmp_path_factory):
     """A Ray head started with ``ray start --head --block`` on loopback; stopped by its own pid afterwards.
 
     ``ray stop`` would end every Ray process of the machine, the test session's own instance included. Every
     port of the head's agents is a fresh one and its temp dir its own: the session's Ray instance already holds the
     default agent ports, and a head whose job agent cannot bind never accepts a submission.
     """
-    port, dashboard = _free_port(), _free_port()
+    tmp_path = tmp_path_factory.mktemp("head")
+    port, dashboard = free_port(), free_port()
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
     temp_dir = tempfile.mkdtemp(prefix="rayhead_", dir="/tmp")  # short: Ray's unix socket paths are length-capped
     command = [
         RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-        "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-        "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
         "--temp-dir", temp_dir, "--disable-usage-stats",
     ]  # fmt: skip
     log = (tmp_path / "head.log").open("w")
     head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
-                json.load(response)
-            break
-        except OSError:
-            if time.time() > deadline or head.poll() is not None:
-                head.kill()
-                pytest.fail(f"local Ray head did not come up: {(tmp_path / 'head.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    json.loads(wait_for_http(f"{address}/api/version", head, tmp_path / "head.log", "local Ray head"))
     yield address, env
     head.send_signal(signal.SIGTERM)  # --block: the head stops the processes it started
     try:
@@ -80,16 +66,10 @@ def _agent_log_tail() -> str:
     return "\n--- dashboard_agent.log ---\n" + logs[-1].read_text()[-3000:] if logs else ""
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_preprocess_job_submitted_to_a_local_head(local_head, tmp_path):
-    address, env = local_head
-    root = write_dataset(tmp_path / "rsna", SynthConfig(train_studies=3, test_studies=1, image_sizes=[96])).root
+def _submit(address: str, env: dict, job: list[str]) -> subprocess.CompletedProcess:
     command = [
         RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "lumbar_ray_work"]}), "--",
-        "python", "jobs/preprocess.py", "--data", str(root), "--cache", str(tmp_path / "cache"), "--workers", "1",
-        "preprocess.image_size=64",
+        "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "lumbar_ray_work"]}), "--", "python", *job,
     ]  # fmt: skip
     for _ in range(10):  # the dashboard answers before the node's job agent registers: retry only that
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
@@ -98,7 +78,33 @@ def test_preprocess_job_submitted_to_a_local_head(local_head, tmp_path):
         time.sleep(3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + _agent_log_tail()
     assert "succeeded" in result.stdout
+    return result
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_preprocess_job_submitted_to_a_local_head(local_head, tmp_path):
+    address, env = local_head
+    root = write_dataset(tmp_path / "rsna", SynthConfig(train_studies=3, test_studies=1, image_sizes=[96])).root
+    job = ["jobs/preprocess.py", "--data", str(root), "--cache", str(tmp_path / "cache"), "--workers", "1",
+           "preprocess.image_size=64"]  # fmt: skip
+    _submit(address, env, job)
     data = load_rsna(root)
     manifest = SeriesCache(tmp_path / "cache", cache_settings(PreprocessConfig(image_size=64))).read_manifest()
     assert len(manifest) == len(data.train_series) + len(data.test_series)
     assert set(manifest["split"]) == {"train", "test"}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_predict_job_submitted_to_a_local_head(local_head, trained_pipeline, tmp_path):
+    address, env = local_head
+    cfg, result = trained_pipeline
+    out = tmp_path / "job" / "submission.csv"
+    job = ["jobs/predict.py", "--model", "models:/pipeline_ensemble@champion", "--out", str(out),
+           f"workdir={cfg.workdir}", f"tracking.tracking_uri={cfg.tracking.tracking_uri}"]  # fmt: skip
+    completed = _submit(address, env, job)
+    test_ids = sorted(load_rsna(result.data_root).test_series["study_id"].unique())
+    submission = validate_submission(pd.read_csv(out), study_ids=test_ids)
+    assert len(submission) == 25 * len(test_ids) and "submission:" in completed.stdout
+    assert sorted(int(p.stem) for p in (out.parent / "points").glob("*.json")) == test_ids

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,16 +218,27 @@ class SeriesWorker:
         return {key: [status[key] for status in statuses] for key in STATUS_COLUMNS}
 
 
-def series_items(data_root: str | Path) -> list[dict[str, Any]]:
-    """One item per series listed in the validated CSVs (train and test), with its expected folder."""
+def series_items(
+    data_root: str | Path, splits: Sequence[str] | None = None, study_ids: Collection[int] | None = None
+) -> list[dict[str, Any]]:
+    """One item per series listed in the validated CSVs (train and test), with its expected folder.
+
+    Args:
+        data_root: RSNA-format folder.
+        splits: only these splits (``train``, ``test``); None = both.
+        study_ids: only these studies; None = all.
+    """
     data = load_rsna(data_root)
+    wanted = None if study_ids is None else {int(s) for s in study_ids}
     items = []
     for split, frame, images in (
         ("train", data.train_series, data.train_images_dir),
         ("test", data.test_series, data.test_images_dir),
     ):
-        if frame is None:
+        if frame is None or (splits is not None and split not in splits):
             continue
+        if wanted is not None:
+            frame = frame[frame["study_id"].astype(int).isin(wanted)]
         images = Path(images) if images is not None else Path(data_root) / f"{split}_images"
         for row in frame.itertuples(index=False):
             items.append(
@@ -340,13 +352,21 @@ def _failures_table(statuses: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["outcome", "study_id", "series_id"]).reset_index(drop=True)
 
 
-def run_preprocess(data_root: str | Path, cache_root: str | Path, cfg: PreprocessConfig) -> PreprocessSummary:
+def run_preprocess(
+    data_root: str | Path,
+    cache_root: str | Path,
+    cfg: PreprocessConfig,
+    splits: Sequence[str] | None = None,
+    study_ids: Collection[int] | None = None,
+) -> PreprocessSummary:
     """Cache every series of an RSNA-format folder that this cache version does not hold yet.
 
     Args:
         data_root: RSNA-format folder (validated with :func:`lumbar_ray.data.rsna.load_rsna`).
         cache_root: cache root folder or URI; the version folder below it is keyed by the settings.
         cfg: preprocessing settings and resources.
+        splits: only the series of these splits (inference caches ``test`` alone); None = all.
+        study_ids: only the series of these studies; None = all.
 
     Returns:
         The run's summary; the manifest and failures table are written beside the entries.
@@ -354,7 +374,7 @@ def run_preprocess(data_root: str | Path, cache_root: str | Path, cfg: Preproces
     start = time.perf_counter()
     cache = SeriesCache(cache_root, cache_settings(cfg))
     cache.prepare()
-    items = series_items(data_root)
+    items = series_items(data_root, splits, study_ids)
     manifest = cache.read_manifest()
     cached = set(zip(manifest["study_id"].astype(int), manifest["series_id"].astype(int), strict=True))
     todo = [item for item in items if (item["study_id"], item["series_id"]) not in cached]

@@ -54,6 +54,9 @@ _RESOURCE_KEYS = {
     },
     "tracking": None,
     "tune": None,
+    # The detectors ship with the registered ensemble, so their settings are part of the run; not their resources.
+    "localize": {"num_cpus", "num_gpus", "workers", "conf"},
+    "predict": None,
 }
 
 
@@ -385,7 +388,9 @@ def finish_cv(
     result = CVResult(run_id, score, baseline, oof, inputs.folds, outcomes, trained, skipped, parent, None, notes)
     tracker.log_cv(parent, result, labels, probs, inputs.skipped_points)
     if cfg.tracking.register_model and len(outcomes) == cfg.cv.n_folds:
-        result.registered = register_once(cfg, outcomes, tracker.uri, parent, score.total)
+        fold_of = inputs.folds["fold"].to_numpy()
+        priors = {"all": fit_prior(inputs.labels)} | {k: fit_prior(inputs.labels[fold_of != k]) for k in outcomes}
+        result.registered = register_once(cfg, outcomes, tracker.uri, parent, score.total, priors)
     tracker.finish(parent)
     logger.info("CV %s: score %.5f (prior %.5f)", run_id, score.total, baseline.total)
     return result
@@ -394,8 +399,19 @@ def finish_cv(
 REGISTERED_TAG = "lumbar_ray.registered_version"
 
 
-def register_once(cfg: Config, outcomes: dict[int, FoldOutcome], uri: str, parent: str, cv_score: float) -> Any:
-    """Log and register the fold ensemble of a complete CV, once per CV run.
+def register_once(
+    cfg: Config,
+    outcomes: dict[int, FoldOutcome],
+    uri: str,
+    parent: str,
+    cv_score: float,
+    priors: dict[Any, np.ndarray] | None = None,
+) -> Any:
+    """Log and register the fold ensemble of a complete CV, once per CV run, with the level detectors of its
+    config when they were trained (``lumbar-ray localize``) so that the model localises new studies itself.
+
+    ``priors``: ``"all"`` -> the training prior, fold -> the prior of that fold's training studies (the
+    predictions of targets without a crop).
 
     A rerun that finds every fold done (and the ensemble already registered from this parent run) must not add
     a duplicate model version; the parent run's tag records the version.
@@ -409,7 +425,15 @@ def register_once(cfg: Config, outcomes: dict[int, FoldOutcome], uri: str, paren
     if done is not None:
         logger.info("the ensemble of this CV is already registered (version %s): not registering again", done)
         return f"{cfg.tracking.model_name} version {done} (registered earlier)"
+    from lumbar_ray.localize.stage import trained_detectors
+
     states = {fold: outcome.model_state for fold, outcome in sorted(outcomes.items())}
-    registered = log_and_register(states, ensemble_contract(cfg, sorted(outcomes)), cfg.tracking, uri, parent, cv_score)
+    detectors = trained_detectors(cfg)
+    if not detectors:
+        logger.warning("no level detectors trained for this config: the model can only predict from given points")
+    priors = dict(priors or {})
+    prior = priors.pop("all", None)
+    contract = ensemble_contract(cfg, sorted(outcomes), prior, sorted(detectors), priors)
+    registered = log_and_register(states, contract, cfg.tracking, uri, parent, cv_score, detectors)
     client.set_tag(parent, REGISTERED_TAG, str(registered.version))
     return registered

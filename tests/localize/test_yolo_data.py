@@ -4,35 +4,16 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 
-from lumbar_ray.config import PreprocessConfig
 from lumbar_ray.constants import TARGETS
-from lumbar_ray.data.cache import SeriesCache
-from lumbar_ray.data.crops import points_from_coordinates
-from lumbar_ray.data.preprocess import cache_settings, manifest_row, process_row, series_items
-from lumbar_ray.data.rsna import encode_labels, load_rsna
-from lumbar_ray.data.splits import make_folds
 from lumbar_ray.localize.yolo_data import detector_targets, export_yolo_dataset
 
 
 @pytest.fixture(scope="module")
-def cached(synthetic_dir, tmp_path_factory):
-    data = load_rsna(synthetic_dir)
-    cfg = PreprocessConfig(image_size=96)
-    cache = SeriesCache(tmp_path_factory.mktemp("yolo_cache"), cache_settings(cfg))
-    cache.prepare()
-    rows = []
-    for item in series_items(synthetic_dir):
-        if item["split"] == "train" and item["series_description"].startswith("Sagittal"):
-            assert process_row(item, cache, cfg)["status"] == "done"
-            rows.append(manifest_row(cache.read_meta(item["study_id"], item["series_id"])))
-    cache.write_manifest(pd.DataFrame(rows))
-    points = points_from_coordinates(data.coordinates, cache, data.train_series).points
-    study_ids, labels = encode_labels(data.train)
-    return cache, points, make_folds(study_ids, labels, 3, 0)
+def cached(sagittal_cached):
+    return sagittal_cached
 
 
 def test_detector_classes_follow_the_series_type():

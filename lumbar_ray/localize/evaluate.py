@@ -1,0 +1,115 @@
+"""Localisation quality: predicted points against the labelled ones, per series type and level.
+
+For every ``(study, target)`` with both a labelled and a predicted point: whether the prediction lies on the
+labelled series and slice, and its in-plane distance in cache pixels and in millimetres (through each slice's own
+PixelSpacing and the cache's resize factor). For axial targets a slice on another series or stack that holds the
+labelled point as closely as the labelled slice does (a coincident plane) also counts as right. Pure pandas/numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from lumbar_ray.constants import CONDITION_SERIES, LEVELS, TARGETS
+from lumbar_ray.data.cache import CachedSeries
+from lumbar_ray.localize.geometry import cache_point_to_patient
+
+logger = logging.getLogger(__name__)
+
+THRESHOLDS = (5.0, 10.0)
+COINCIDENT_MM = 0.5
+ERROR_COLUMNS = ("study_id", "target", "series_type", "level", "slice_correct", "slice_error", "error_px", "error_mm")
+
+
+def _target_parts(target: int) -> tuple[str, str]:
+    name = TARGETS[int(target)]
+    condition, level = name[: -len("_l1_l2")], name[-len("l1_l2") :]
+    return CONDITION_SERIES[condition], level
+
+
+def _mm_per_cache_px(entry: CachedSeries, index: int) -> np.ndarray:
+    """(x, y) millimetres per cache pixel on one slice."""
+    row_spacing, col_spacing = (float(v) for v in entry.meta["slices"]["pixel_spacing"][index])
+    scale_y, scale_x = entry.scale[index]
+    return np.array([col_spacing / scale_x, row_spacing / scale_y])
+
+
+def _plane_distance(entry: CachedSeries, index: int, point: np.ndarray) -> float:
+    slices = entry.meta["slices"]
+    position = np.asarray(slices["position"][index], dtype=np.float64)
+    orientation = np.asarray(slices["orientation"][index], dtype=np.float64)
+    normal = np.cross(orientation[:3], orientation[3:])
+    return abs(float(np.dot(normal, point - position)))
+
+
+def point_errors(
+    predicted: pd.DataFrame, truth: pd.DataFrame, series_of: Callable[[int, int], CachedSeries]
+) -> pd.DataFrame:
+    """One row per target placed in both frames: slice correctness and in-plane error.
+
+    Args:
+        predicted: POINTS frame of the predictions.
+        truth: POINTS frame of the labels.
+        series_of: ``(study_id, series_id) -> CachedSeries`` (metadata suffices), e.g. a cached reader.
+
+    Returns:
+        Columns ``study_id, target, series_type, level, slice_correct, slice_error`` (slices apart), ``error_px,
+        error_mm``; the errors are NaN when the prediction lies on another series (distance undefined there).
+    """
+    merged = truth.merge(predicted, on=["study_id", "target"], suffixes=("_true", "_pred"))
+    rows = []
+    for row in merged.itertuples(index=False):
+        series_type, level = _target_parts(row.target)
+        true_entry = series_of(int(row.study_id), int(row.series_id_true))
+        same_series = int(row.series_id_true) == int(row.series_id_pred)
+        correct = same_series and int(row.slice_true) == int(row.slice_pred)
+        error_px = error_mm = slice_error = np.nan
+        if same_series:
+            slice_error = float(abs(int(row.slice_pred) - int(row.slice_true)))
+            delta = np.array([row.x_pred - row.x_true, row.y_pred - row.y_true])
+            error_px = float(np.hypot(*delta))
+            error_mm = float(np.hypot(*(delta * _mm_per_cache_px(true_entry, int(row.slice_true)))))
+        if not correct and series_type == "Axial T2":
+            pred_entry = series_of(int(row.study_id), int(row.series_id_pred))
+            point = cache_point_to_patient(true_entry, int(row.slice_true), float(row.x_true), float(row.y_true))
+            labelled = _plane_distance(true_entry, int(row.slice_true), point)
+            correct = _plane_distance(pred_entry, int(row.slice_pred), point) <= labelled + COINCIDENT_MM
+        rows.append((int(row.study_id), int(row.target), series_type, level, bool(correct), slice_error, error_px,
+                     error_mm))  # fmt: skip
+    return pd.DataFrame(rows, columns=list(ERROR_COLUMNS))
+
+
+def summarise_errors(errors: pd.DataFrame) -> pd.DataFrame:
+    """Per series type and level (and ``all`` levels): points, slice accuracy (exact, and within one slice: the
+    2.5D crops span several), shares within 5/10 px and mm.
+
+    A point on the wrong series counts as outside every threshold.
+    """
+    errors = errors.assign(slice_within_1=errors["slice_correct"] | (errors["slice_error"].fillna(np.inf) <= 1))
+    frames = [errors, errors.assign(level="all")]
+    groups = pd.concat(frames).groupby(["series_type", "level"], sort=False)
+    out = groups.agg(
+        points=("target", "size"), slice_accuracy=("slice_correct", "mean"), slice_within_1=("slice_within_1", "mean")
+    )
+    for threshold in THRESHOLDS:
+        tag = f"{threshold:g}"
+        out[f"within_{tag}px"] = groups["error_px"].apply(lambda e, t=threshold: float((e.fillna(np.inf) <= t).mean()))
+        out[f"within_{tag}mm"] = groups["error_mm"].apply(lambda e, t=threshold: float((e.fillna(np.inf) <= t).mean()))
+    order = {level: i for i, level in enumerate((*LEVELS, "all"))}
+    out = out.reset_index()
+    return out.sort_values(["series_type", "level"], key=lambda c: c.map(order) if c.name == "level" else c)
+
+
+def summary_metrics(summary: pd.DataFrame, prefix: str = "loc") -> dict[str, float]:
+    """Flat MLflow metric names, e.g. ``loc.sagittal_t2_stir.l1_l2.within_10px``."""
+    metrics = {}
+    for row in summary.to_dict("records"):
+        slug = row["series_type"].lower().replace("/", "_").replace(" ", "_")
+        for key, value in row.items():
+            if key not in ("series_type", "level"):
+                metrics[f"{prefix}.{slug}.{row['level']}.{key}"] = float(value)
+    return metrics

@@ -1,0 +1,329 @@
+"""Inference: a registered fold ensemble -> a competition submission for a folder of studies, on Ray Data.
+
+``lumbar-ray predict --model models:/<name>@<alias> --data DIR --out submission.csv``:
+
+1. reads the model's data contract from its MLmodel metadata (no weights downloaded on the driver) and caches the
+   studies' series with the *same* preprocessing code and settings the model was trained on
+   (:func:`lumbar_ray.data.preprocess.run_preprocess`, resumable, failures tabled);
+2. runs a Ray Data ``map_batches`` over the studies with an actor class, :class:`StudyPredictor`, that loads the
+   ensemble and its level detectors once per actor (a GPU each when asked), places every study's 25 points
+   (:func:`lumbar_ray.localize.study.localise_study`), cuts the crops with the training crop code
+   (:class:`lumbar_ray.data.crops.CropDataset`) and predicts;
+3. writes the submission (25 rows per study, rows sum to 1, checked with the metric module's validator), a JSON per
+   study with the points used, and a report listing studies with missing series or unplaced targets.
+
+A study missing a series still gets all 25 rows: targets of the series it has come from the model, the others
+from the training prior carried in the contract. Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lumbar_ray.config import Config, CropConfig, LocalizeConfig, PreprocessConfig
+from lumbar_ray.constants import SEVERITIES, TARGETS
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "predict_report.json"
+POINTS_FOLDER = "points"
+
+
+def model_contract(model_uri: str, tracking_uri: str) -> dict[str, Any]:
+    """The data contract of a logged or registered ensemble, from its MLmodel metadata only.
+
+    Raises:
+        ValueError: if the model carries no lumbar_ray contract.
+    """
+    import mlflow
+
+    from lumbar_ray.registry import mlflow_uri
+
+    with mlflow_uri(tracking_uri):
+        info = mlflow.models.get_model_info(model_uri)
+    contract = (info.metadata or {}).get("contract")
+    if not contract:
+        raise ValueError(f"{model_uri} is not a lumbar_ray fold ensemble (no contract in its metadata)")
+    return contract
+
+
+def preprocess_config_for(contract: dict[str, Any], resources: PreprocessConfig) -> PreprocessConfig:
+    """The training preprocessing (settings from the contract) with this run's resources and cache."""
+    settings = contract["preprocess"]
+    return resources.model_copy(
+        update={"image_size": int(settings["image_size"]), "clip_percentiles": tuple(settings["clip_percentiles"])}
+    )
+
+
+class StudyPredictor:
+    """Ray Data actor: the ensemble and its detectors loaded once; a batch of study ids in, predictions out.
+
+    Args:
+        model_uri: MLflow model URI of the ensemble.
+        tracking_uri: the store holding it.
+        cache_root: preprocessing cache root.
+        cache_settings: its settings (the contract's).
+        series: ``study_id, series_id, series_description`` records of the studies to predict.
+        fold: one fold's model only; None = the mean over folds.
+    """
+
+    def __init__(
+        self,
+        model_uri: str,
+        tracking_uri: str,
+        cache_root: str,
+        cache_settings: dict[str, Any],
+        series: list[dict[str, Any]],
+        fold: int | None = None,
+    ) -> None:
+        from lumbar_ray.data.cache import SeriesCache
+        from lumbar_ray.localize.stage import load_detectors
+        from lumbar_ray.registry import load_ensemble
+
+        self.ensemble = load_ensemble(model_uri, tracking_uri)
+        contract = self.ensemble.contract
+        self.localize = LocalizeConfig(**contract.get("localize", {}).get("config", {}))
+        self.detectors = load_detectors(self.ensemble.detector_paths, self.localize)
+        if not self.detectors:
+            logger.warning("%s carries no level detectors: every target falls back to the prior",
+                           model_uri)  # fmt: skip
+        self.crop = CropConfig(**contract["crop"])
+        self.prior = self.ensemble.prior(fold)
+        self.fold = fold
+        self.cache = SeriesCache(cache_root, cache_settings)
+        self.series = pd.DataFrame(series, columns=["study_id", "series_id", "series_description"])
+        manifest = self.cache.read_manifest()
+        self.cached = set(zip(manifest["study_id"].astype(int), manifest["series_id"].astype(int), strict=True))
+
+    def predict_studies(self, study_ids: list[int]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """``(n, 25, 3)`` probabilities and one JSON-able report per study."""
+        from lumbar_ray.data.crops import CropDataset
+        from lumbar_ray.localize.stage import study_series
+        from lumbar_ray.localize.study import localise_study
+
+        crops, masks, reports = [], [], []
+        for study_id in study_ids:
+            series = study_series(self.cache, self.series, int(study_id), self.cached)
+            located = localise_study(int(study_id), series, self.detectors, self.localize.subarticular_fraction)
+            item = CropDataset(self.cache, [int(study_id)], located.points, self.crop)[0]
+            crops.append(item["crops"].numpy())
+            masks.append(item["mask"].numpy())
+            reports.append(located.to_json())
+        probs = self.ensemble.predict_crops(np.stack(crops), fold=self.fold).astype(np.float64)
+        masks = np.stack(masks)
+        if self.prior is not None:
+            probs[~masks] = np.broadcast_to(self.prior, probs.shape)[~masks]  # no crop: the training prior
+        probs /= probs.sum(axis=-1, keepdims=True)  # float32 softmax means: exact row sums in float64
+        for report, mask in zip(reports, masks, strict=True):
+            report["prior_targets"] = [TARGETS[t] for t in np.flatnonzero(~mask)] if self.prior is not None else []
+        return probs, reports
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        study_ids = [int(s) for s in batch["study_id"]]
+        probs, reports = self.predict_studies(study_ids)
+        return {
+            "study_id": study_ids,
+            "probs": [p.reshape(-1).tolist() for p in probs],
+            "report": [json.dumps(r) for r in reports],
+        }
+
+
+@dataclass
+class PredictResult:
+    """What :func:`run_predict` wrote and found."""
+
+    submission_path: Path
+    points_dir: Path
+    report_path: Path
+    study_ids: list[int]
+    missing_series: dict[int, list[str]] = field(default_factory=dict)
+    prior_targets: int = 0
+    seconds: float = 0.0
+
+    def format(self) -> str:
+        lines = [f"submission: {self.submission_path} ({len(self.study_ids)} studies, "
+                 f"{len(self.study_ids) * len(TARGETS)} rows) in {self.seconds:.1f} s"]  # fmt: skip
+        lines.append(f"per-study points: {self.points_dir}/<study_id>.json; report: {self.report_path}")
+        if self.missing_series:
+            listed = ", ".join(f"{s} ({', '.join(m)})" for s, m in sorted(self.missing_series.items()))
+            lines.append(f"studies with a missing series ({len(self.missing_series)}): {listed}")
+        lines.append(f"targets predicted by the prior (no point or series): {self.prior_targets}")
+        return "\n".join(lines)
+
+
+def studies_to_predict(data, split: str, study_ids: list[int] | None) -> tuple[list[int], pd.DataFrame]:
+    """The studies of a split (series listed, or named by ``sample_submission.csv``) and their series rows."""
+    series = data.test_series if split == "test" else data.train_series
+    series = series if series is not None else pd.DataFrame(columns=["study_id", "series_id", "series_description"])
+    listed = set(series["study_id"].astype(int))
+    if split == "test" and data.sample_submission is not None:  # a study may be named there with no series listed
+        listed |= {int(row_id.split("_", 1)[0]) for row_id in data.sample_submission["row_id"]}
+    if study_ids is not None:
+        unknown = sorted(set(study_ids) - listed)
+        if unknown:
+            raise ValueError(f"studies {unknown} are not in the {split} split of the data")
+        listed = set(study_ids)
+    return sorted(listed), series[series["study_id"].astype(int).isin(listed)]
+
+
+def run_predict(cfg: Config) -> PredictResult:
+    """Predict the studies of ``cfg.predict`` with the registered ensemble (see the module docstring)."""
+    import ray
+
+    from lumbar_ray.data.preprocess import cache_settings, ensure_ray, run_preprocess
+    from lumbar_ray.data.rsna import load_rsna
+    from lumbar_ray.metrics import labels_to_submission, validate_submission
+    from lumbar_ray.quickstart import cache_root_for, data_root_for
+    from lumbar_ray.tracking import resolve_tracking_uri
+
+    start = time.perf_counter()
+    options = cfg.predict
+    root = Path(options.data) if options.data else data_root_for(cfg)
+    out = Path(options.out) if options.out else Path(cfg.workdir) / "predict" / "submission.csv"
+    tracking_uri = resolve_tracking_uri(cfg)
+    contract = model_contract(options.model, tracking_uri)
+    data = load_rsna(root)
+    study_ids, series = studies_to_predict(data, options.split, options.study_ids)
+    if not study_ids:
+        raise ValueError(f"{root} lists no {options.split} studies to predict")
+    preprocess = preprocess_config_for(contract, cfg.preprocess)
+    cache_root = cache_root_for(cfg)
+    summary = run_preprocess(root, cache_root, preprocess, splits=[options.split], study_ids=study_ids)
+    logger.info("inference cache: %s", summary.format())
+
+    ensure_ray()
+    records = series[["study_id", "series_id", "series_description"]].astype({"study_id": int, "series_id": int})
+    dataset = ray.data.from_items([{"study_id": s} for s in study_ids]).map_batches(
+        StudyPredictor,
+        fn_constructor_kwargs={
+            "model_uri": options.model,
+            "tracking_uri": tracking_uri,
+            "cache_root": cache_root,
+            "cache_settings": cache_settings(preprocess),
+            "series": records.to_dict("records"),
+            "fold": options.fold,
+        },
+        batch_size=options.batch_size,
+        concurrency=options.actors,
+        num_cpus=options.num_cpus,
+        num_gpus=1 if options.use_gpu else 0,
+    )
+    rows = sorted(dataset.take_all(), key=lambda row: int(row["study_id"]))
+    probs = np.array([row["probs"] for row in rows], dtype=np.float64).reshape(-1, len(TARGETS), len(SEVERITIES))
+    predicted_ids = [int(row["study_id"]) for row in rows]
+    submission = validate_submission(labels_to_submission(np.array(predicted_ids), probs), study_ids=study_ids)
+    result = _write_outputs(out, submission, rows, predicted_ids, options.model)
+    result.seconds = time.perf_counter() - start
+    logger.info("%s", result.format())
+    return result
+
+
+def _write_outputs(out: Path, submission: pd.DataFrame, rows: list[dict], study_ids: list[int], model: str):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_suffix(".tmp")
+    submission.to_csv(temporary, index=False)
+    temporary.replace(out)
+    points_dir = out.parent / POINTS_FOLDER
+    points_dir.mkdir(exist_ok=True)
+    missing, prior_targets = {}, 0
+    for row in rows:
+        report = json.loads(row["report"])
+        (points_dir / f"{report['study_id']}.json").write_text(json.dumps(report, indent=1))
+        if report["missing_series"]:
+            missing[int(report["study_id"])] = report["missing_series"]
+        prior_targets += len(report["prior_targets"])
+    report_path = out.parent / REPORT_NAME
+    summary = {"model": model, "submission": str(out), "studies": len(study_ids), "missing_series": missing,
+               "prior_targets": prior_targets}  # fmt: skip
+    report_path.write_text(json.dumps(summary, indent=1))
+    return PredictResult(out, points_dir, report_path, study_ids, missing, prior_targets)
+
+
+@dataclass
+class PointsComparison:
+    """One fold's held-out studies scored three ways: crops at predicted points, at labelled points, the prior."""
+
+    fold: int
+    studies: int
+    predicted_points: Any
+    labelled_points: Any
+    prior: Any
+    prediction: PredictResult
+
+    def format(self) -> str:
+        return (f"fold {self.fold} ({self.studies} held-out studies), official score: predicted points "
+                f"{self.predicted_points.total:.5f}, labelled points {self.labelled_points.total:.5f}, "
+                f"prior {self.prior.total:.5f}")  # fmt: skip
+
+
+def registered_version_of(cfg: Config, mlflow_run_id: str) -> str:
+    """``models:/<name>/<version>`` of the ensemble a CV parent run registered.
+
+    Raises:
+        ValueError: if that run registered nothing (an incomplete CV, or ``tracking.register_model`` off).
+    """
+    from mlflow import MlflowClient
+
+    from lumbar_ray.tracking import resolve_tracking_uri
+    from lumbar_ray.train.cv import REGISTERED_TAG
+
+    version = MlflowClient(resolve_tracking_uri(cfg)).get_run(mlflow_run_id).data.tags.get(REGISTERED_TAG)
+    if version is None:
+        raise ValueError(f"CV run {mlflow_run_id} registered no ensemble")
+    return f"models:/{cfg.tracking.model_name}/{version}"
+
+
+def compare_points_on_fold(cfg: Config, cv: Any, fold: int) -> PointsComparison:
+    """Score fold ``fold``'s held-out training studies with that fold's model on crops at *predicted* points
+    (the whole inference path: detectors, geometry, Ray Data), against its out-of-fold predictions at the
+    *labelled* points and the prior of the other folds. The detectors must not have seen the fold: use
+    ``localize.val_fold``.
+
+    Args:
+        cfg: the CV's config.
+        cv: its :class:`~lumbar_ray.train.cv.CVResult` (registered).
+        fold: the fold to score.
+    """
+    from lumbar_ray.baseline import fit_prior
+    from lumbar_ray.data.rsna import encode_labels, load_rsna
+    from lumbar_ray.metrics import score_arrays, score_submission, submission_to_probs
+    from lumbar_ray.quickstart import data_root_for
+
+    held_out = sorted(int(s) for s in cv.folds.loc[cv.folds["fold"] == fold, "study_id"])
+    out = Path(cfg.workdir) / "predict" / f"fold{fold}_predicted_points" / "submission.csv"
+    options = {"model": registered_version_of(cfg, cv.mlflow_run_id), "split": "train", "study_ids": held_out,
+               "fold": fold, "out": str(out), "data": None}  # fmt: skip
+    prediction = run_predict(cfg.model_copy(update={"predict": cfg.predict.model_copy(update=options)}))
+    train = load_rsna(data_root_for(cfg)).train
+    study_ids, labels = encode_labels(train)
+    in_fold = np.isin(study_ids, held_out)
+    predicted = score_submission(train[train["study_id"].isin(held_out)], pd.read_csv(out))
+    labelled = score_arrays(labels[in_fold], submission_to_probs(cv.oof, study_ids[in_fold]))
+    prior = fit_prior(labels[~in_fold])
+    prior_score = score_arrays(labels[in_fold], np.broadcast_to(prior, (int(in_fold.sum()), *prior.shape)))
+    comparison = PointsComparison(fold, len(held_out), predicted, labelled, prior_score, prediction)
+    _log_comparison(cfg, cv.mlflow_run_id, comparison)
+    logger.info("%s", comparison.format())
+    return comparison
+
+
+def _log_comparison(cfg: Config, run_id: str, comparison: PointsComparison) -> None:
+    """``points_fold<k>_{predicted,labelled,prior}`` on the CV's parent run, beside its ``cv_score``."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from lumbar_ray.tracking import now_ms, resolve_tracking_uri
+
+    stamp, prefix = now_ms(), f"points_fold{comparison.fold}"
+    scores = {"predicted": comparison.predicted_points, "labelled": comparison.labelled_points,
+              "prior": comparison.prior}  # fmt: skip
+    metrics = [Metric(f"{prefix}_{name}", float(score.total), stamp, 0) for name, score in scores.items()]
+    MlflowClient(resolve_tracking_uri(cfg)).log_batch(run_id, metrics=metrics)

@@ -1,0 +1,139 @@
+"""Inference end to end on the real Ray Data, MLflow and pydicom code: the registered ensemble pulled by alias
+(through a real ``mlflow server`` on loopback), localisation, crops and the submission; held-out studies scored
+against the prior and against the same fold's ground-truth-point predictions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lumbar_ray.data.rsna import load_rsna
+from lumbar_ray.metrics import score_submission, validate_submission
+from lumbar_ray.predict import run_predict
+from tests.net import free_port, wait_for_http
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+logger = logging.getLogger(__name__)
+
+
+@pytest.fixture
+def mlflow_server(trained_pipeline, tmp_path):
+    """``mlflow server`` over the pipeline's SQLite store on a loopback port; stopped after the test."""
+    cfg, _ = trained_pipeline
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", cfg.tracking.tracking_uri,
+               "--default-artifact-root", (tmp_path / "artifacts").as_uri(), "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]  # fmt: skip
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/health", server, tmp_path / "server.log", "mlflow server")
+    yield url
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def test_quickstart_prediction_is_a_valid_submission_with_points(trained_pipeline):
+    _, result = trained_pipeline
+    prediction = result.prediction
+    data = load_rsna(result.data_root)
+    test_ids = sorted(data.test_series["study_id"].unique())
+    submission = validate_submission(pd.read_csv(prediction.submission_path), study_ids=test_ids)
+    assert len(submission) == 25 * len(test_ids)
+    for study_id in test_ids:
+        report = json.loads((prediction.points_dir / f"{study_id}.json").read_text())
+        assert report["study_id"] == study_id and len(report["points"]) + len(report["unplaced_targets"]) == 25
+    assert result.cv.registered is not None and result.localize.weights
+    assert json.loads(prediction.report_path.read_text())["prior_targets"] <= 0.2 * 25 * len(test_ids)
+
+
+def test_localisation_metrics_of_the_held_out_fold(trained_pipeline):
+    """Detectors trained on 30 studies at 96 px for seconds: rough but working; the axial geometry is exact."""
+    cfg, result = trained_pipeline
+    summary = result.localize.summary.set_index(["series_type", "level"])
+    assert summary.loc[("Sagittal T2/STIR", "all"), "within_10px"] >= 0.8
+    assert summary.loc[("Sagittal T2/STIR", "all"), "slice_within_1"] >= 0.8
+    assert summary.loc[("Sagittal T1", "all"), "within_10px"] >= 0.8  # levels re-assigned from the canal on T2
+    assert summary.loc[("Sagittal T1", "all"), "slice_within_1"] >= 0.9
+    assert summary.loc[("Axial T2", "all"), "slice_within_1"] >= 0.6  # 4 mm slices vs a ~2 mm/px sagittal grid
+    from_labels = result.localize.axial_from_labels.set_index(["series_type", "level"])
+    assert from_labels.loc[("Axial T2", "all"), "slice_accuracy"] >= 0.95
+    val_studies = result.cv.folds.loc[result.cv.folds["fold"] == cfg.localize.val_fold, "study_id"]
+    assert set(result.localize.val_points["study_id"]) == set(val_studies)  # no study dropped
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(result.localize.mlflow_run_id)
+    assert run.data.metrics["loc.sagittal_t2_stir.all.within_10px"] == pytest.approx(
+        summary.loc[("Sagittal T2/STIR", "all"), "within_10px"]
+    )
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "localisation")}
+    assert any(path.endswith(".png") for path in artifacts) and "localisation/summary.csv" in artifacts
+
+
+def test_model_pulled_by_alias_through_an_mlflow_server_predicts_the_test_studies(trained_pipeline, mlflow_server,
+                                                                                 tmp_path):  # fmt: skip
+    cfg, result = trained_pipeline
+    out = tmp_path / "served" / "submission.csv"
+    served = cfg.model_copy(update={
+        "tracking": cfg.tracking.model_copy(update={"tracking_uri": mlflow_server}),
+        "predict": cfg.predict.model_copy(update={"model": "models:/pipeline_ensemble@champion", "out": str(out)}),
+    })  # fmt: skip
+    prediction = run_predict(served)
+    test_ids = sorted(load_rsna(result.data_root).test_series["study_id"].unique())
+    submission = validate_submission(pd.read_csv(out), study_ids=test_ids)  # 25 rows each, sums 1, no NaN
+    assert not submission.isna().any().any() and len(submission) == 25 * len(test_ids)
+    # The same model through the server and from the SQLite file directly: the same predictions.
+    direct = pd.read_csv(result.prediction.submission_path)
+    np.testing.assert_allclose(submission.iloc[:, 1:].to_numpy(), direct.iloc[:, 1:].to_numpy(), atol=1e-6)
+    assert prediction.report_path.is_file()
+
+
+def test_held_out_training_studies_beat_the_prior_with_predicted_points(trained_pipeline):
+    cfg, result = trained_pipeline
+    check = result.points_check  # fold localize.val_fold, predicted through the whole inference path
+    data = load_rsna(result.data_root)
+    held_out = sorted(int(s) for s in result.cv.folds.loc[result.cv.folds["fold"] == check.fold, "study_id"])
+    assert check.fold == cfg.localize.val_fold and check.studies == len(held_out)
+    logger.warning("%s", check.format())
+    assert check.predicted_points.total < check.prior.total
+    assert check.predicted_points.total < check.labelled_points.total + 0.2  # localisation costs little here
+    submission = validate_submission(pd.read_csv(check.prediction.submission_path), study_ids=held_out)
+    own = score_submission(data.train[data.train["study_id"].isin(held_out)], submission)
+    assert own.total == pytest.approx(check.predicted_points.total, abs=1e-9)
+    missing = {s for s in held_out if data.train_series["study_id"].eq(s).sum() < 3}
+    assert set(check.prediction.missing_series) >= missing  # a study lacking a series is reported, and predicted
+
+    from mlflow import MlflowClient
+
+    metrics = MlflowClient(cfg.tracking.tracking_uri).get_run(result.cv.mlflow_run_id).data.metrics
+    assert metrics[f"points_fold{check.fold}_predicted"] == pytest.approx(check.predicted_points.total)
+
+
+def test_studies_to_predict_follow_the_split_and_name_unknown_studies(synthetic_dir):
+    from lumbar_ray.data.preprocess import series_items
+    from lumbar_ray.predict import studies_to_predict
+
+    data = load_rsna(synthetic_dir)
+    test_ids, series = studies_to_predict(data, "test", None)
+    assert test_ids == sorted(data.test_series["study_id"].unique()) and len(series) == len(data.test_series)
+    # A study named only by sample_submission.csv (all its series missing) is still predicted.
+    lonely = data.sample_submission.assign(row_id=lambda f: "123_" + f["row_id"].str.split("_", n=1).str[1])
+    data.sample_submission = pd.concat([data.sample_submission, lonely.iloc[:25]])
+    assert 123 in studies_to_predict(data, "test", None)[0]
+    train_id = int(data.train_series["study_id"].iloc[0])
+    assert studies_to_predict(data, "train", [train_id])[0] == [train_id]
+    with pytest.raises(ValueError, match=r"\[999\] are not in the test split"):
+        studies_to_predict(data, "test", [999])
+    items = series_items(synthetic_dir, splits=["test"], study_ids=test_ids[:1])
+    assert {item["study_id"] for item in items} == {test_ids[0]} and {item["split"] for item in items} == {"test"}
