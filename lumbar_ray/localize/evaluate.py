@@ -3,7 +3,8 @@
 For every ``(study, target)`` with both a labelled and a predicted point: whether the prediction lies on the
 labelled series and slice, and its in-plane distance in cache pixels and in millimetres (through each slice's own
 PixelSpacing and the cache's resize factor). For axial targets a slice on another series or stack that holds the
-labelled point as closely as the labelled slice does (a coincident plane) also counts as right. Pure pandas/numpy.
+labelled point as closely as the labelled slice does (a coincident plane) also counts as right; the error of a
+prediction on another series is the patient-space distance. Pure pandas/numpy.
 """
 
 from __future__ import annotations
@@ -57,29 +58,34 @@ def point_errors(
         series_of: ``(study_id, series_id) -> CachedSeries`` (metadata suffices), e.g. a cached reader.
 
     Returns:
-        Columns ``study_id, target, series_type, level, slice_correct, slice_error`` (slices apart), ``error_px,
-        error_mm``; the errors are NaN when the prediction lies on another series (distance undefined there).
+        Columns ``study_id, target, series_type, level, slice_correct, slice_error`` (slices apart; NaN across
+        series), ``error_px, error_mm`` (in-plane; for a prediction on another series, such as a second axial
+        stack, the patient-space distance, in the labelled slice's pixels for ``error_px``).
     """
     merged = truth.merge(predicted, on=["study_id", "target"], suffixes=("_true", "_pred"))
     rows = []
     for row in merged.itertuples(index=False):
         series_type, level = _target_parts(row.target)
-        true_entry = series_of(int(row.study_id), int(row.series_id_true))
+        study_id, true_slice, pred_slice = int(row.study_id), int(row.slice_true), int(row.slice_pred)
+        true_entry = series_of(study_id, int(row.series_id_true))
         same_series = int(row.series_id_true) == int(row.series_id_pred)
-        correct = same_series and int(row.slice_true) == int(row.slice_pred)
-        error_px = error_mm = slice_error = np.nan
+        correct = same_series and true_slice == pred_slice
         if same_series:
-            slice_error = float(abs(int(row.slice_pred) - int(row.slice_true)))
+            slice_error = float(abs(pred_slice - true_slice))
             delta = np.array([row.x_pred - row.x_true, row.y_pred - row.y_true])
             error_px = float(np.hypot(*delta))
-            error_mm = float(np.hypot(*(delta * _mm_per_cache_px(true_entry, int(row.slice_true)))))
-        if not correct and series_type == "Axial T2":
-            pred_entry = series_of(int(row.study_id), int(row.series_id_pred))
-            point = cache_point_to_patient(true_entry, int(row.slice_true), float(row.x_true), float(row.y_true))
-            labelled = _plane_distance(true_entry, int(row.slice_true), point)
-            correct = _plane_distance(pred_entry, int(row.slice_pred), point) <= labelled + COINCIDENT_MM
-        rows.append((int(row.study_id), int(row.target), series_type, level, bool(correct), slice_error, error_px,
-                     error_mm))  # fmt: skip
+            error_mm = float(np.hypot(*(delta * _mm_per_cache_px(true_entry, true_slice))))
+        else:  # another series (a second axial stack): compare in patient space
+            pred_entry = series_of(study_id, int(row.series_id_pred))
+            point = cache_point_to_patient(true_entry, true_slice, float(row.x_true), float(row.y_true))
+            guess = cache_point_to_patient(pred_entry, pred_slice, float(row.x_pred), float(row.y_pred))
+            slice_error = np.nan
+            error_mm = float(np.linalg.norm(guess - point))
+            error_px = error_mm / float(np.mean(_mm_per_cache_px(true_entry, true_slice)))
+            if series_type == "Axial T2":  # a coincident plane of the other stack is as right as the labelled one
+                labelled = _plane_distance(true_entry, true_slice, point)
+                correct = _plane_distance(pred_entry, pred_slice, point) <= labelled + COINCIDENT_MM
+        rows.append((study_id, int(row.target), series_type, level, bool(correct), slice_error, error_px, error_mm))
     return pd.DataFrame(rows, columns=list(ERROR_COLUMNS))
 
 

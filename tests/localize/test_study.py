@@ -112,23 +112,34 @@ def test_axial_assignment_from_labels_over_studies_and_the_metric_names(cached):
     assert {f"loc.axial_t2.{level}.within_10px" for level in ("l1_l2", "l5_s1")} <= set(metrics)
 
 
-def test_point_errors_count_a_wrong_series_as_a_miss():
+def test_point_errors_in_plane_and_across_series():
     from lumbar_ray.data.cache import CachedSeries
 
-    meta = {"series_id": 1, "slices": {"pixel_spacing": [[0.5, 0.5]] * 3, "scale": [[2.0, 2.0]] * 3,
-                                       "instance_number": [1, 2, 3]}}  # fmt: skip
-    truth = pd.DataFrame({"study_id": [7, 7], "target": [0, 1], "series_id": [1, 1], "slice": [1, 1],
-                          "x": [10.0, 20.0], "y": [10.0, 20.0]})  # fmt: skip
-    predicted = truth.assign(x=[13.0, 20.0], y=[14.0, 20.0], series_id=[1, 2])
-    errors = point_errors(predicted, truth, lambda s, r: CachedSeries(np.zeros((0, 0, 0)), meta))
+    def meta(series_id: int, z: float) -> dict:
+        return {"series_id": series_id, "slices": {"pixel_spacing": [[0.5, 0.5]] * 3, "scale": [[2.0, 2.0]] * 3,
+                "instance_number": [1, 2, 3], "position": [[0.0, 0.0, z + k] for k in range(3)],
+                "orientation": [[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]] * 3}}  # fmt: skip
+
+    metas = {1: meta(1, 0.0), 2: meta(2, 100.0), 3: meta(3, 0.0)}
+
+    def series_of(study_id, series_id):
+        return CachedSeries(np.zeros((0, 0, 0)), metas[series_id])
+
+    truth = pd.DataFrame({"study_id": [7, 7, 7], "target": [0, 1, 2], "series_id": [1, 1, 1], "slice": [1, 1, 1],
+                          "x": [10.0, 20.0, 20.0], "y": [10.0, 20.0, 20.0]})  # fmt: skip
+    # target 0: 5 cache px off on its slice; 1: on a series 100 mm away; 2: the same point on a coincident stack
+    predicted = truth.assign(x=[13.0, 20.0, 20.0], y=[14.0, 20.0, 20.0], series_id=[1, 2, 3])
+    errors = point_errors(predicted, truth, series_of)
     assert errors.loc[0, "error_px"] == pytest.approx(5.0) and errors.loc[0, "error_mm"] == pytest.approx(1.25)
-    assert bool(errors.loc[0, "slice_correct"]) and np.isnan(errors.loc[1, "error_px"])
+    assert errors.loc[1, "error_mm"] == pytest.approx(100.0) and np.isnan(errors.loc[1, "slice_error"])
+    assert errors.loc[2, "error_mm"] == pytest.approx(0.0)
+    assert errors["slice_correct"].tolist() == [True, False, False]  # coincident planes count on axial series only
     summary = summarise_errors(errors)
     overall = summary[summary["level"] == "all"].iloc[0]
-    assert (overall["within_5px"], overall["within_10px"], overall["slice_accuracy"]) == (0.5, 0.5, 0.5)
-    shifted = point_errors(predicted.assign(slice=[2, 1]), truth, lambda s, r: CachedSeries(np.zeros((0,)), meta))
-    assert shifted["slice_error"].tolist()[0] == 1 and not shifted["slice_correct"].any()
-    assert summarise_errors(shifted).query("level == 'all'")["slice_within_1"].item() == 0.5
+    assert (overall["within_5px"], overall["within_10px"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    shifted = point_errors(predicted.assign(slice=[2, 1, 1]), truth, series_of)
+    assert shifted["slice_error"].tolist()[0] == 1 and not shifted["slice_correct"].iloc[0]
+    assert summarise_errors(shifted).query("level == 'all'")["slice_within_1"].item() == pytest.approx(1 / 3)
 
 
 def test_foramen_levels_are_reassigned_from_the_canal_on_sagittal_t2(cached):
