@@ -30,6 +30,7 @@ import pandas as pd
 
 from lumbar_ray.config import Config, CropConfig, LocalizeConfig, PreprocessConfig
 from lumbar_ray.constants import SEVERITIES, TARGETS
+from lumbar_ray.data.rsna import RsnaData
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class PredictResult:
         return "\n".join(lines)
 
 
-def studies_to_predict(data, split: str, study_ids: list[int] | None) -> tuple[list[int], pd.DataFrame]:
+def studies_to_predict(data: RsnaData, split: str, study_ids: list[int] | None) -> tuple[list[int], pd.DataFrame]:
     """The studies of a split (series listed, or named by ``sample_submission.csv``) and their series rows."""
     series = data.test_series if split == "test" else data.train_series
     series = series if series is not None else pd.DataFrame(columns=["study_id", "series_id", "series_description"])

@@ -23,11 +23,12 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.config import Config
+from lumbar_ray.config import Config, LocalizeConfig
 from lumbar_ray.data.cache import CachedSeries, SeriesCache
 from lumbar_ray.localize.detector import DETECTOR_DESCRIPTIONS, WEIGHTS_NAME, slug
 from lumbar_ray.localize.evaluate import point_errors, summarise_errors, summary_metrics
@@ -62,11 +63,11 @@ def trained_detectors(cfg: Config) -> dict[str, Path]:
     return {description: path for description, path in found.items() if path.is_file()}
 
 
-def load_detectors(weights: dict[str, str | Path], cfg_localize, device: str | None = None) -> dict:
-    """``SagittalDetector`` per series type from weight files."""
+def load_detectors(weights: dict[str, str | Path], cfg: LocalizeConfig, device: str | None = None) -> dict:
+    """``SagittalDetector`` per series type from weight files (``cfg.conf`` filters detections)."""
     from lumbar_ray.localize.detector import SagittalDetector
 
-    return {description: SagittalDetector(path, description, cfg_localize, device=device)
+    return {description: SagittalDetector(path, description, cfg, device=device)
             for description, path in weights.items()}  # fmt: skip
 
 
@@ -211,7 +212,17 @@ def run_localize(cfg: Config) -> LocalizeResult:
     return result
 
 
-def _log_localisation(tracker, parent, summary, axial_summary, reports, predicted, truth, cache) -> None:
+def _log_localisation(
+    tracker: Any,
+    parent: str,
+    summary: pd.DataFrame,
+    axial_summary: pd.DataFrame,
+    reports: list[dict],
+    predicted: pd.DataFrame,
+    truth: pd.DataFrame,
+    cache: SeriesCache,
+) -> None:
+    """Metrics, tables, per-study reports and overlay figures of the evaluation, on the ``localize`` run."""
     from mlflow.entities import Metric
 
     from lumbar_ray import plots
