@@ -8,6 +8,7 @@ silently ignored setting. The resolved config is what gets logged and saved next
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -207,6 +208,10 @@ class TuneConfig(_Strict):
     trial_max_failures: int = Field(1, ge=0, description="retries of a failed trial")
 
 
+LOCALIZE_RESOURCE_FIELDS = frozenset({"num_cpus", "num_gpus", "workers", "conf"})
+"""LocalizeConfig fields that do not change the trained detectors (left out of the run ids that hash it)."""
+
+
 class LocalizeConfig(_Strict):
     """Level localisation: one ultralytics YOLO detector per sagittal series type (see :mod:`lumbar_ray.localize`)."""
 
@@ -369,3 +374,17 @@ def save_config(config: Config, path: str | Path) -> Path:
     path.write_text(config.to_yaml())
     logger.info("resolved config written to %s", path)
     return path
+
+
+def data_root_for(config: Config) -> Path:
+    """The RSNA-format folder a config points at: ``data.root``, or the synthetic one under the workdir."""
+    return Path(config.data.root) if config.data.root else Path(config.workdir) / "data" / "synthetic"
+
+
+def cache_root_for(config: Config) -> str:
+    """The preprocessing cache root: ``preprocess.cache``, else ``$LUMBAR_RAY_STORAGE/cache`` (the shared storage
+    that cluster.yaml sets on every node), else ``<workdir>/cache``."""
+    if config.preprocess.cache:
+        return config.preprocess.cache
+    shared = os.environ.get("LUMBAR_RAY_STORAGE")
+    return f"{shared.rstrip('/')}/cache" if shared else str(Path(config.workdir) / "cache")

@@ -71,6 +71,11 @@ CONDITION_SERIES: dict[str, str] = {
 """The series type on which each condition is read (and labelled in the coordinates file)."""
 
 
+def series_slug(description: str) -> str:
+    """A folder-, tag- and metric-safe name of a series type: ``Sagittal T2/STIR`` -> ``sagittal_t2_stir``."""
+    return "".join(c if c.isalnum() else "_" for c in description.lower())
+
+
 def condition_group(condition: str) -> str:
     """Return the scored group (``spinal``, ``foraminal`` or ``subarticular``) of a condition.
 

@@ -10,7 +10,8 @@
    (:func:`lumbar_ray.localize.study.localise_study`), cuts the crops with the training crop code
    (:class:`lumbar_ray.data.crops.CropDataset`) and predicts;
 3. writes the submission (25 rows per study, rows sum to 1, checked with the metric module's validator), a JSON per
-   study with the points used, and a report listing studies with missing series or unplaced targets.
+   study with the points used, a report listing studies with missing series or unplaced targets, and the resolved
+   config beside them.
 
 A study missing a series still gets all 25 rows: targets of the series it has come from the model, the others
 from the training prior carried in the contract. Nothing is dropped.
@@ -28,13 +29,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.config import Config, CropConfig, LocalizeConfig, PreprocessConfig
+from lumbar_ray.config import (
+    Config,
+    CropConfig,
+    LocalizeConfig,
+    PreprocessConfig,
+    cache_root_for,
+    data_root_for,
+    save_config,
+)
 from lumbar_ray.constants import SEVERITIES, TARGETS
 from lumbar_ray.data.rsna import RsnaData
 
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "predict_report.json"
+CONFIG_NAME = "resolved_config.yaml"
 POINTS_FOLDER = "points"
 
 
@@ -101,8 +111,7 @@ class StudyPredictor:
         self.fold = fold
         self.cache = SeriesCache(cache_root, cache_settings)
         self.series = pd.DataFrame(series, columns=["study_id", "series_id", "series_description"])
-        manifest = self.cache.read_manifest()
-        self.cached = set(zip(manifest["study_id"].astype(int), manifest["series_id"].astype(int), strict=True))
+        self.cached = self.cache.cached_keys()
 
     def predict_studies(self, study_ids: list[int]) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """``(n, 25, 3)`` probabilities and one JSON-able report per study."""
@@ -182,7 +191,6 @@ def run_predict(cfg: Config) -> PredictResult:
     from lumbar_ray.data.preprocess import cache_settings, ensure_ray, run_preprocess
     from lumbar_ray.data.rsna import load_rsna
     from lumbar_ray.metrics import labels_to_submission, validate_submission
-    from lumbar_ray.quickstart import cache_root_for, data_root_for
     from lumbar_ray.tracking import resolve_tracking_uri
 
     start = time.perf_counter()
@@ -190,6 +198,7 @@ def run_predict(cfg: Config) -> PredictResult:
     root = Path(options.data) if options.data else data_root_for(cfg)
     out = Path(options.out) if options.out else Path(cfg.workdir) / "predict" / "submission.csv"
     tracking_uri = resolve_tracking_uri(cfg)
+    save_config(cfg, out.parent / CONFIG_NAME)  # what produced the submission, beside it
     contract = model_contract(options.model, tracking_uri)
     data = load_rsna(root)
     study_ids, series = studies_to_predict(data, options.split, options.study_ids)
@@ -296,7 +305,6 @@ def compare_points_on_fold(cfg: Config, cv: Any, fold: int) -> PointsComparison:
     from lumbar_ray.baseline import fit_prior
     from lumbar_ray.data.rsna import encode_labels, load_rsna
     from lumbar_ray.metrics import score_arrays, score_submission, submission_to_probs
-    from lumbar_ray.quickstart import data_root_for
 
     held_out = sorted(int(s) for s in cv.folds.loc[cv.folds["fold"] == fold, "study_id"])
     out = Path(cfg.workdir) / "predict" / f"fold{fold}_predicted_points" / "submission.csv"
@@ -319,12 +327,10 @@ def compare_points_on_fold(cfg: Config, cv: Any, fold: int) -> PointsComparison:
 def _log_comparison(cfg: Config, run_id: str, comparison: PointsComparison) -> None:
     """``points_fold<k>_{predicted,labelled,prior}`` on the CV's parent run, beside its ``cv_score``."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
-    from lumbar_ray.tracking import now_ms, resolve_tracking_uri
+    from lumbar_ray.tracking import log_values, resolve_tracking_uri
 
-    stamp, prefix = now_ms(), f"points_fold{comparison.fold}"
     scores = {"predicted": comparison.predicted_points, "labelled": comparison.labelled_points,
               "prior": comparison.prior}  # fmt: skip
-    metrics = [Metric(f"{prefix}_{name}", float(score.total), stamp, 0) for name, score in scores.items()]
-    MlflowClient(resolve_tracking_uri(cfg)).log_batch(run_id, metrics=metrics)
+    values = {f"points_fold{comparison.fold}_{name}": score.total for name, score in scores.items()}
+    log_values(MlflowClient(resolve_tracking_uri(cfg)), run_id, values)

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from lumbar_ray.baseline import BaselineResult, run_baseline
-from lumbar_ray.config import Config, save_config
+from lumbar_ray.config import Config, cache_root_for, data_root_for, save_config
 from lumbar_ray.data.preprocess import PreprocessSummary, run_preprocess
 from lumbar_ray.data.rsna import DataReport, build_report, load_rsna
 from lumbar_ray.data.synthetic import write_dataset
@@ -45,20 +44,6 @@ class QuickstartResult:
     tracking_uri: str
     points_check: PointsComparison | None = None
     tuning: TuneResult | None = None
-
-
-def data_root_for(config: Config) -> Path:
-    """The RSNA-format folder a config points at: ``data.root``, or the synthetic one under the workdir."""
-    return Path(config.data.root) if config.data.root else Path(config.workdir) / "data" / "synthetic"
-
-
-def cache_root_for(config: Config) -> str:
-    """The preprocessing cache root: ``preprocess.cache``, else ``$LUMBAR_RAY_STORAGE/cache`` (the shared storage
-    that cluster.yaml sets on every node), else ``<workdir>/cache``."""
-    if config.preprocess.cache:
-        return config.preprocess.cache
-    shared = os.environ.get("LUMBAR_RAY_STORAGE")
-    return f"{shared.rstrip('/')}/cache" if shared else str(Path(config.workdir) / "cache")
 
 
 def run_quickstart(config: Config, tune: bool = True) -> QuickstartResult:

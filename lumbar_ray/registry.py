@@ -37,7 +37,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from lumbar_ray.config import Config, TrackingConfig
-from lumbar_ray.constants import SEVERITIES, TARGETS
+from lumbar_ray.constants import SEVERITIES, TARGETS, series_slug
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,7 @@ def _fold_key(fold: int) -> str:
 
 def detector_key(description: str) -> str:
     """Artifact name of a series type's level detector, e.g. ``detector_sagittal_t1``."""
-    from lumbar_ray.localize.detector import slug
-
-    return f"detector_{slug(description)}"
+    return f"detector_{series_slug(description)}"
 
 
 def ensemble_contract(

@@ -133,8 +133,47 @@ def quote(value: str) -> str:
     return f"'{value}'"
 
 
-def now_ms() -> int:
+def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def log_values(client: MlflowClient, run_id: str, values: dict[str, float], step: int = 0) -> None:
+    """Log ``values`` as metrics of ``run_id`` at ``step``, in as few requests as MLflow's batch limit allows."""
+    stamp = _now_ms()
+    metrics = [Metric(key, float(value), stamp, step) for key, value in values.items()]
+    for chunk in _chunks(metrics, 1000):  # MLflow's metrics-per-batch limit
+        client.log_batch(run_id, metrics=chunk)
+
+
+def _reuse_run(client: MlflowClient, run: Any, what: str) -> str:
+    run_id = run.info.run_id
+    if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
+        client.update_run(run_id, status="RUNNING")
+    logger.info("MLflow: reusing %s run %s (was %s)", what, run_id, run.info.status)
+    return run_id
+
+
+def child_run(client: MlflowClient, parent: str, tag: str, value: str, kind: str, run_name: str) -> str:
+    """Find the child run of ``parent`` tagged ``tag=value`` (a rerun reuses it), or create it; returned RUNNING.
+
+    The child lives in its parent's experiment and inherits its stable run id tag.
+    """
+    parent_run = client.get_run(parent)
+    found = client.search_runs(
+        [parent_run.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = {quote(parent)} and tags.`{tag}` = {quote(value)}",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if found:
+        return _reuse_run(client, found[0], run_name)
+    tags = {PARENT_TAG: parent, tag: value, KIND_TAG: kind}
+    if RUN_ID_TAG in parent_run.data.tags:
+        tags[RUN_ID_TAG] = parent_run.data.tags[RUN_ID_TAG]
+    run = client.create_run(parent_run.info.experiment_id, tags=tags, run_name=run_name)
+    logger.info("MLflow: created child run %s (%s) of %s", run.info.run_id, run_name, parent)
+    return run.info.run_id
 
 
 class Tracker:
@@ -176,11 +215,7 @@ class Tracker:
         return runs[0] if runs else None
 
     def reuse_run(self, run: Any, what: str) -> str:
-        run_id = run.info.run_id
-        if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
-            self.client.update_run(run_id, status="RUNNING")
-        logger.info("MLflow: reusing %s run %s (was %s)", what, run_id, run.info.status)
-        return run_id
+        return _reuse_run(self.client, run, what)
 
     def parent_run(self, run_id: str, nest_under: str | None = None, kind: str = "cv") -> str:
         """Find or create a stage's parent run; a new one gets the resolved config as params and ``config.yaml``.
@@ -213,25 +248,11 @@ class Tracker:
 
     def fold_run(self, parent: str, fold: int) -> str:
         """Find or create fold ``fold``'s child run of ``parent`` (a rerun reuses it; epochs overwrite steps)."""
-        found = self.find_run(f"tags.`{PARENT_TAG}` = {quote(parent)} and tags.`{FOLD_TAG}` = '{int(fold)}'")
-        if found is not None:
-            return self.reuse_run(found, f"fold {fold}")
-        parent_tags = self.client.get_run(parent).data.tags
-        tags = {PARENT_TAG: parent, FOLD_TAG: str(int(fold)), KIND_TAG: "fold"}
-        if RUN_ID_TAG in parent_tags:
-            tags[RUN_ID_TAG] = parent_tags[RUN_ID_TAG]
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"fold{fold}")
-        logger.info("MLflow: created child run %s for fold %d", run.info.run_id, fold)
-        return run.info.run_id
+        return child_run(self.client, parent, FOLD_TAG, str(int(fold)), "fold", f"fold{fold}")
 
     def finish_fold(self, child: str, outcome: FoldOutcome) -> None:
         """Log the fold's best score and epoch and its training curves, then end the child run."""
-        stamp = now_ms()
-        metrics = [
-            Metric("best_val_score", float(outcome.best_score), stamp, 0),
-            Metric("best_epoch", float(outcome.best_epoch), stamp, 0),
-        ]
-        self.client.log_batch(child, metrics=metrics)
+        log_values(self.client, child, {"best_val_score": outcome.best_score, "best_epoch": outcome.best_epoch})
         self.client.log_figure(child, plots.training_curves(outcome.history), "plots/training_curves.png")
         self.client.set_terminated(child, "FINISHED")
 
@@ -252,11 +273,9 @@ class Tracker:
             probs: ``(n, 25, 3)`` their out-of-fold probabilities.
             skipped_points: label points that could not be mapped to the cache (logged when any).
         """
-        stamp = now_ms()
         values = result.score.to_dict(prefix="cv_") | result.baseline.to_dict(prefix="prior_")
         values |= {"cv_studies": float(len(labels)), "cv_folds": float(len(result.outcomes))}
-        metrics = [Metric(key, float(value), stamp, 0) for key, value in values.items()]
-        self.client.log_batch(parent, metrics=metrics)
+        log_values(self.client, parent, values)
         self.client.log_text(parent, result.oof.to_csv(index=False), "oof.csv")
         self.client.log_text(parent, result.folds.to_csv(index=False), "folds.csv")
         if skipped_points is not None and len(skipped_points):
@@ -299,11 +318,5 @@ class RunLogger:
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Log ``metrics`` at ``step=epoch`` in one request (non-numeric values are left out)."""
-        stamp = now_ms()
-        batch = [
-            Metric(key, float(value), stamp, int(epoch))
-            for key, value in metrics.items()
-            if isinstance(value, (int, float, np.number))
-        ]
-        for chunk in _chunks(batch, 1000):  # MLflow's metrics-per-batch limit
-            self.client.log_batch(self.run_id, metrics=chunk)
+        numeric = {key: value for key, value in metrics.items() if isinstance(value, (int, float, np.number))}
+        log_values(self.client, self.run_id, numeric, step=int(epoch))

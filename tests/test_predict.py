@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lumbar_ray.config import load_config
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.metrics import score_submission, validate_submission
 from lumbar_ray.predict import run_predict
@@ -97,6 +98,7 @@ def test_model_pulled_by_alias_through_an_mlflow_server_predicts_the_test_studie
     direct = pd.read_csv(result.prediction.submission_path)
     np.testing.assert_allclose(submission.iloc[:, 1:].to_numpy(), direct.iloc[:, 1:].to_numpy(), atol=1e-6)
     assert prediction.report_path.is_file()
+    assert load_config(out.parent / "resolved_config.yaml").predict.model == "models:/pipeline_ensemble@champion"
 
 
 def test_held_out_training_studies_beat_the_prior_with_predicted_points(trained_pipeline):

@@ -163,6 +163,11 @@ class SeriesCache:
         with self.fs.open_input_file(path) as handle:
             return pd.read_parquet(io.BytesIO(handle.read()))
 
+    def cached_keys(self) -> set[tuple[int, int]]:
+        """``(study_id, series_id)`` of every entry the manifest lists."""
+        manifest = self.read_manifest()
+        return set(zip(manifest["study_id"].astype(int), manifest["series_id"].astype(int), strict=True))
+
     def write_manifest(self, manifest: pd.DataFrame) -> None:
         """Replace the manifest atomically."""
         buffer = io.BytesIO()

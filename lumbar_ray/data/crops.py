@@ -137,8 +137,7 @@ def points_from_coordinates(coordinates: pd.DataFrame, cache: SeriesCache, serie
 
     listed = set(zip(series["study_id"].astype(int), series["series_id"].astype(int), strict=True))
     descriptions = dict(zip(series["series_id"].astype(int), series["series_description"].astype(str), strict=True))
-    manifest = cache.read_manifest()
-    cached = set(zip(manifest["study_id"].astype(int), manifest["series_id"].astype(int), strict=True))
+    cached = cache.cached_keys()
 
     rows: list[dict] = []
     mismatched = 0

@@ -28,7 +28,7 @@ import pandas as pd
 import yaml
 
 from lumbar_ray.config import LocalizeConfig
-from lumbar_ray.constants import LEVELS
+from lumbar_ray.constants import LEVELS, series_slug
 from lumbar_ray.data.cache import SeriesCache
 from lumbar_ray.localize.levels import resolve_levels
 from lumbar_ray.localize.yolo_data import detector_targets, export_yolo_dataset
@@ -55,11 +55,6 @@ _AUGMENT = {"fliplr": 0.0, "flipud": 0.0, "mosaic": 0.0, "degrees": 5.0, "transl
 # Ultralytics environment variables the MLflow routing sets for the duration of one training.
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
                "MLFLOW_KEEP_RUN_ACTIVE")  # fmt: skip
-
-
-def slug(description: str) -> str:
-    """A folder- and tag-safe name of a series type: ``Sagittal T2/STIR`` -> ``sagittal_t2_stir``."""
-    return "".join(c if c.isalnum() else "_" for c in description.lower())
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -334,32 +329,6 @@ def add_background(
 # ---------------------------------------------------------------------------------------------------------- Ray
 
 
-def _child_run(client: Any, parent_run_id: str, description: str) -> str:
-    """Find (by tag) or create the detector's child run of ``parent_run_id``; returned RUNNING."""
-    from mlflow.entities import RunStatus, ViewType
-
-    from lumbar_ray.tracking import KIND_TAG, PARENT_TAG, RUN_ID_TAG, quote
-
-    parent = client.get_run(parent_run_id)
-    wanted = f"tags.`{PARENT_TAG}` = {quote(parent_run_id)} and tags.`{DETECTOR_TAG}` = {quote(slug(description))}"
-    found = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=wanted,
-        run_view_type=ViewType.ACTIVE_ONLY,
-        max_results=1,
-    )
-    if found:
-        if found[0].info.status != RunStatus.to_string(RunStatus.RUNNING):
-            client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    tags = {PARENT_TAG: parent_run_id, DETECTOR_TAG: slug(description), KIND_TAG: "detector"}
-    if RUN_ID_TAG in parent.data.tags:
-        tags[RUN_ID_TAG] = parent.data.tags[RUN_ID_TAG]
-    run = client.create_run(parent.info.experiment_id, tags=tags, run_name=f"detector_{slug(description)}")
-    logger.info("MLflow: created detector run %s for %s", run.info.run_id, description)
-    return run.info.run_id
-
-
 def fit_detectors(
     points: pd.DataFrame,
     cache: SeriesCache,
@@ -387,18 +356,17 @@ def fit_detectors(
         ray.exceptions.RayTaskError: if a training task failed (its child run is marked FAILED).
     """
     import ray
+    from mlflow import MlflowClient
+
+    from lumbar_ray.tracking import child_run
 
     out_dir = Path(out_dir).resolve()
-    client = None
-    if tracking_uri and parent_run_id:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri) if tracking_uri and parent_run_id else None
     remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(train_detector)
     result: dict[str, Path] = {}
     pending: dict[str, tuple[Any, str | None]] = {}
     for description in DETECTOR_DESCRIPTIONS:
-        folder = out_dir / slug(description)
+        folder = out_dir / series_slug(description)
         if (folder / WEIGHTS_NAME).is_file():
             logger.info("detector for %s already trained: %s", description, folder / WEIGHTS_NAME)
             result[description] = folder / WEIGHTS_NAME
@@ -408,7 +376,8 @@ def fit_detectors(
         add_background(points, cache, description, export.dataset_yaml, BACKGROUND_OFFSET[description])
         if len(_side_groups(description)) > 1:
             merge_sides(export.dataset_yaml)
-        run_id = _child_run(client, parent_run_id, description) if client else None
+        run_id = child_run(client, parent_run_id, DETECTOR_TAG, series_slug(description), "detector",
+                           f"detector_{series_slug(description)}") if client else None  # fmt: skip
         ref = remote.remote(export.dataset_yaml, description, cfg, folder, tracking_uri, run_id)
         pending[description] = (ref, run_id)
     for description, (ref, run_id) in pending.items():

@@ -15,9 +15,9 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.constants import CONDITION_SERIES, LEVELS, TARGETS
+from lumbar_ray.constants import CONDITION_SERIES, LEVELS, TARGETS, series_slug
 from lumbar_ray.data.cache import CachedSeries
-from lumbar_ray.localize.geometry import cache_point_to_patient
+from lumbar_ray.localize.geometry import cache_point_to_patient, mm_per_cache_pixel, plane_distance
 
 logger = logging.getLogger(__name__)
 
@@ -30,21 +30,6 @@ def _target_parts(target: int) -> tuple[str, str]:
     name = TARGETS[int(target)]
     condition, level = name[: -len("_l1_l2")], name[-len("l1_l2") :]
     return CONDITION_SERIES[condition], level
-
-
-def _mm_per_cache_px(entry: CachedSeries, index: int) -> np.ndarray:
-    """(x, y) millimetres per cache pixel on one slice."""
-    row_spacing, col_spacing = (float(v) for v in entry.meta["slices"]["pixel_spacing"][index])
-    scale_y, scale_x = entry.scale[index]
-    return np.array([col_spacing / scale_x, row_spacing / scale_y])
-
-
-def _plane_distance(entry: CachedSeries, index: int, point: np.ndarray) -> float:
-    slices = entry.meta["slices"]
-    position = np.asarray(slices["position"][index], dtype=np.float64)
-    orientation = np.asarray(slices["orientation"][index], dtype=np.float64)
-    normal = np.cross(orientation[:3], orientation[3:])
-    return abs(float(np.dot(normal, point - position)))
 
 
 def point_errors(
@@ -74,17 +59,17 @@ def point_errors(
             slice_error = float(abs(pred_slice - true_slice))
             delta = np.array([row.x_pred - row.x_true, row.y_pred - row.y_true])
             error_px = float(np.hypot(*delta))
-            error_mm = float(np.hypot(*(delta * _mm_per_cache_px(true_entry, true_slice))))
+            error_mm = float(np.hypot(*(delta * mm_per_cache_pixel(true_entry, true_slice))))
         else:  # another series (a second axial stack): compare in patient space
             pred_entry = series_of(study_id, int(row.series_id_pred))
             point = cache_point_to_patient(true_entry, true_slice, float(row.x_true), float(row.y_true))
             guess = cache_point_to_patient(pred_entry, pred_slice, float(row.x_pred), float(row.y_pred))
             slice_error = np.nan
             error_mm = float(np.linalg.norm(guess - point))
-            error_px = error_mm / float(np.mean(_mm_per_cache_px(true_entry, true_slice)))
+            error_px = error_mm / float(np.mean(mm_per_cache_pixel(true_entry, true_slice)))
             if series_type == "Axial T2":  # a coincident plane of the other stack is as right as the labelled one
-                labelled = _plane_distance(true_entry, true_slice, point)
-                correct = _plane_distance(pred_entry, pred_slice, point) <= labelled + COINCIDENT_MM
+                labelled = plane_distance(true_entry, true_slice, point)
+                correct = plane_distance(pred_entry, pred_slice, point) <= labelled + COINCIDENT_MM
         rows.append((study_id, int(row.target), series_type, level, bool(correct), slice_error, error_px, error_mm))
     return pd.DataFrame(rows, columns=list(ERROR_COLUMNS))
 
@@ -114,7 +99,7 @@ def summary_metrics(summary: pd.DataFrame, prefix: str = "loc") -> dict[str, flo
     """Flat MLflow metric names, e.g. ``loc.sagittal_t2_stir.l1_l2.within_10px``."""
     metrics = {}
     for row in summary.to_dict("records"):
-        slug = row["series_type"].lower().replace("/", "_").replace(" ", "_")
+        slug = series_slug(row["series_type"])
         for key, value in row.items():
             if key not in ("series_type", "level"):
                 metrics[f"{prefix}.{slug}.{row['level']}.{key}"] = float(value)

@@ -34,6 +34,19 @@ def cache_point_to_patient(series: CachedSeries, index: int, x: float, y: float)
     return position + column * col_spacing * x_dir + row * row_spacing * y_dir
 
 
+def plane_distance(series: CachedSeries, index: int, point: np.ndarray) -> float:
+    """Distance (mm) from a patient-space ``point`` to the plane of slice ``index`` of ``series``."""
+    position, x_dir, y_dir, _, _ = _slice_frame(series, index)
+    return abs(float(np.dot(np.cross(x_dir, y_dir), np.asarray(point, dtype=np.float64) - position)))
+
+
+def mm_per_cache_pixel(series: CachedSeries, index: int) -> np.ndarray:
+    """``(x, y)`` millimetres per cache pixel on slice ``index``: its PixelSpacing over the cache's resize."""
+    _, _, _, row_spacing, col_spacing = _slice_frame(series, index)
+    scale_y, scale_x = series.scale[index]
+    return np.array([col_spacing / scale_x, row_spacing / scale_y])
+
+
 @dataclass(frozen=True)
 class AxialHit:
     """Where a patient-space point falls among a study's axial slices.
@@ -74,7 +87,7 @@ def nearest_axial_slice(point: np.ndarray, axial_series: list[CachedSeries]) -> 
         for index in range(len(series.instance_numbers)):
             position, x_dir, y_dir, row_spacing, col_spacing = _slice_frame(series, index)
             offset = np.asarray(point, dtype=np.float64) - position
-            distance = abs(float(np.dot(np.cross(x_dir, y_dir), offset)))
+            distance = plane_distance(series, index, point)
             column = float(np.dot(offset, x_dir)) / col_spacing
             row = float(np.dot(offset, y_dir)) / row_spacing
             rows, columns = shapes[index]

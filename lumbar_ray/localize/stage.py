@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.config import Config, LocalizeConfig
+from lumbar_ray.config import LOCALIZE_RESOURCE_FIELDS, Config, LocalizeConfig, cache_root_for, data_root_for
+from lumbar_ray.constants import series_slug
 from lumbar_ray.data.cache import CachedSeries, SeriesCache
-from lumbar_ray.localize.detector import DETECTOR_DESCRIPTIONS, WEIGHTS_NAME, slug
+from lumbar_ray.localize.detector import DETECTOR_DESCRIPTIONS, WEIGHTS_NAME
 from lumbar_ray.localize.evaluate import point_errors, summarise_errors, summary_metrics
 from lumbar_ray.localize.study import AXIAL, axial_rows, localise_study, patient_points
 
@@ -46,7 +47,7 @@ def localize_key(cfg: Config) -> str:
     """Hash of what changes the detectors: their settings (not resources), the cache version and the folds."""
     from lumbar_ray.data.preprocess import cache_settings
 
-    settings = cfg.localize.model_dump(mode="json", exclude={"num_cpus", "num_gpus", "workers", "conf"})
+    settings = cfg.localize.model_dump(mode="json", exclude=set(LOCALIZE_RESOURCE_FIELDS))
     payload = {"localize": settings, "cache": cache_settings(cfg.preprocess), "cv": cfg.cv.model_dump(mode="json")}
     return "loc-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -59,7 +60,7 @@ def detector_dir_for(cfg: Config) -> Path:
 def trained_detectors(cfg: Config) -> dict[str, Path]:
     """The detector weights of this config that exist (empty before :func:`run_localize`)."""
     folder = detector_dir_for(cfg)
-    found = {description: folder / slug(description) / WEIGHTS_NAME for description in DETECTOR_DESCRIPTIONS}
+    found = {description: folder / series_slug(description) / WEIGHTS_NAME for description in DETECTOR_DESCRIPTIONS}
     return {description: path for description, path in found.items() if path.is_file()}
 
 
@@ -143,8 +144,7 @@ def localise_studies(
     """Points of many studies (a progress bar over them) and their per-study reports."""
     from tqdm.auto import tqdm
 
-    manifest = cache.read_manifest()
-    cached = set(zip(manifest["study_id"].astype(int), manifest["series_id"].astype(int), strict=True))
+    cached = cache.cached_keys()
     frames, reports = [], []
     for study_id in tqdm(study_ids, desc="localising studies", unit="study", leave=False):
         located = localise_study(int(study_id), study_series(cache, series, int(study_id), cached), detectors,
@@ -161,7 +161,6 @@ def run_localize(cfg: Config) -> LocalizeResult:
     from lumbar_ray.data.rsna import encode_labels, load_rsna
     from lumbar_ray.data.splits import make_folds
     from lumbar_ray.localize.detector import fit_detectors
-    from lumbar_ray.quickstart import cache_root_for, data_root_for
     from lumbar_ray.tracking import Tracker
 
     folder = detector_dir_for(cfg)
@@ -223,16 +222,11 @@ def _log_localisation(
     cache: SeriesCache,
 ) -> None:
     """Metrics, tables, per-study reports and overlay figures of the evaluation, on the ``localize`` run."""
-    from mlflow.entities import Metric
-
     from lumbar_ray import plots
-    from lumbar_ray.tracking import now_ms
+    from lumbar_ray.tracking import log_values
 
-    stamp = now_ms()
     values = summary_metrics(summary) | summary_metrics(axial_summary, prefix="axial_from_labels")
-    metrics = [Metric(key, value, stamp, 0) for key, value in values.items()]
-    for start in range(0, len(metrics), 900):
-        tracker.client.log_batch(parent, metrics=metrics[start : start + 900])
+    log_values(tracker.client, parent, values)
     tracker.client.log_text(parent, summary.to_csv(index=False), "localisation/summary.csv")
     tracker.client.log_text(parent, axial_summary.to_csv(index=False), "localisation/axial_from_labels.csv")
     tracker.client.log_text(parent, json.dumps(reports, indent=1), "localisation/val_studies.json")

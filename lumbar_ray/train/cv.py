@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from lumbar_ray.baseline import fit_prior, prior_oof_probs
-from lumbar_ray.config import Config
+from lumbar_ray.config import LOCALIZE_RESOURCE_FIELDS, Config, cache_root_for, data_root_for
 from lumbar_ray.data.rsna import RsnaData, encode_labels, load_rsna
 from lumbar_ray.data.splits import load_folds, make_folds, save_folds
 from lumbar_ray.metrics import ScoreResult, labels_to_submission, score_arrays
@@ -55,7 +55,7 @@ _RESOURCE_KEYS = {
     "tracking": None,
     "tune": None,
     # The detectors ship with the registered ensemble, so their settings are part of the run; not their resources.
-    "localize": {"num_cpus", "num_gpus", "workers", "conf"},
+    "localize": set(LOCALIZE_RESOURCE_FIELDS),
     "predict": None,
 }
 
@@ -170,7 +170,6 @@ def prepare_inputs(cfg: Config, run_dir: Path) -> CVInputs:
     from lumbar_ray.data.cache import SeriesCache
     from lumbar_ray.data.crops import points_from_coordinates
     from lumbar_ray.data.preprocess import cache_settings, run_preprocess
-    from lumbar_ray.quickstart import cache_root_for, data_root_for
 
     root = data_root_for(cfg)
     if cfg.data.root is None and not (root / "train.csv").is_file():
@@ -389,8 +388,10 @@ def finish_cv(
     tracker.log_cv(parent, result, labels, probs, inputs.skipped_points)
     if cfg.tracking.register_model and len(outcomes) == cfg.cv.n_folds:
         fold_of = inputs.folds["fold"].to_numpy()
-        priors = {"all": fit_prior(inputs.labels)} | {k: fit_prior(inputs.labels[fold_of != k]) for k in outcomes}
-        result.registered = register_once(cfg, outcomes, tracker.uri, parent, score.total, priors)
+        fold_priors = {k: fit_prior(inputs.labels[fold_of != k]) for k in outcomes}
+        result.registered = register_once(
+            cfg, outcomes, tracker.uri, parent, score.total, fit_prior(inputs.labels), fold_priors
+        )
     tracker.finish(parent)
     logger.info("CV %s: score %.5f (prior %.5f)", run_id, score.total, baseline.total)
     return result
@@ -405,13 +406,14 @@ def register_once(
     uri: str,
     parent: str,
     cv_score: float,
-    priors: dict[Any, np.ndarray] | None = None,
+    prior: np.ndarray | None = None,
+    fold_priors: dict[int, np.ndarray] | None = None,
 ) -> Any:
     """Log and register the fold ensemble of a complete CV, once per CV run, with the level detectors of its
     config when they were trained (``lumbar-ray localize``) so that the model localises new studies itself.
 
-    ``priors``: ``"all"`` -> the training prior, fold -> the prior of that fold's training studies (the
-    predictions of targets without a crop).
+    ``prior`` (all training labels) and ``fold_priors`` (fold -> the prior of that fold's training studies) are
+    what the model predicts for a target without a crop.
 
     A rerun that finds every fold done (and the ensemble already registered from this parent run) must not add
     a duplicate model version; the parent run's tag records the version.
@@ -431,9 +433,7 @@ def register_once(
     detectors = trained_detectors(cfg)
     if not detectors:
         logger.warning("no level detectors trained for this config: the model can only predict from given points")
-    priors = dict(priors or {})
-    prior = priors.pop("all", None)
-    contract = ensemble_contract(cfg, sorted(outcomes), prior, sorted(detectors), priors)
+    contract = ensemble_contract(cfg, sorted(outcomes), prior, sorted(detectors), fold_priors)
     registered = log_and_register(states, contract, cfg.tracking, uri, parent, cv_score, detectors)
     client.set_tag(parent, REGISTERED_TAG, str(registered.version))
     return registered
