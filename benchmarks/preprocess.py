@@ -31,9 +31,13 @@ from pathlib import Path  # noqa: E402
 import cv2  # noqa: E402
 import pydicom  # noqa: E402
 
-from lumbar_ray.config import PreprocessConfig, SynthConfig  # noqa: E402
+from lumbar_ray.config import (  # noqa: E402
+    PreprocessConfig,
+    SynthConfig,
+    cache_settings,
+)
 from lumbar_ray.data.cache import SeriesCache  # noqa: E402
-from lumbar_ray.data.preprocess import cache_settings, process_row, run_on_ray, series_items  # noqa: E402
+from lumbar_ray.data.preprocess import process_row, run_on_ray, series_items  # noqa: E402
 from lumbar_ray.data.synthetic import write_dataset  # noqa: E402
 
 cv2.setNumThreads(1)

@@ -1,7 +1,7 @@
 """Benchmark: the Ray Train worker loop against a bare PyTorch loop, same model, data and machine, one run.
 
-Both sides run the very same :func:`lumbar_ray.train.steps.train_epoch` on the very same fold loaders
-(:func:`lumbar_ray.train.worker.fold_loaders`: crops cut from the preprocessing cache, augmented), so the
+Both sides build the fold with the very same :func:`lumbar_ray.train.steps.build_fold` and run each epoch with
+the very same :func:`lumbar_ray.train.steps.run_epoch` (crops cut from the preprocessing cache, augmented), so the
 difference is what Ray Train adds: ``prepare_model``/``prepare_data_loader``, the worker process, per-epoch
 ``ray.train.report`` with a checkpoint (the bare loop saves the same state with ``torch.save``).
 
@@ -51,54 +51,35 @@ def bench_config(workdir: Path, studies: int, epochs: int, threads: int):
     })  # fmt: skip
 
 
-def bare_loop(cfg, payload: dict, prior: np.ndarray, out: Path) -> dict[str, list[float]]:
+def bare_loop(cfg, payload, out: Path) -> dict[str, list[float]]:
     """The same epochs as the Ray worker loop, in this process, without Ray."""
     import torch
 
-    from lumbar_ray.losses import SeverityLoss
-    from lumbar_ray.models import build_model
-    from lumbar_ray.train.steps import (
-        fill_missing,
-        make_optimizer,
-        make_scheduler,
-        predict,
-        score_predictions,
-        train_epoch,
-    )
-    from lumbar_ray.train.worker import fold_loaders
+    from lumbar_ray.train.steps import build_fold, run_epoch
 
     torch.manual_seed(cfg.train.seed)
-    train_set, train_loader, val_loader = fold_loaders(cfg, payload)
-    model = build_model(cfg.model, cfg.crop)
-    loss_fn, device = SeverityLoss(cfg.loss), torch.device("cpu")
-    optimizer = make_optimizer(model, cfg.train)
-    scheduler = make_scheduler(optimizer, cfg.train, len(train_loader))
+    fold = build_fold(cfg, payload, torch.device("cpu"))
     figures: dict[str, list[float]] = {"train": [], "epoch_start": [], "samples": []}
-    for epoch in range(cfg.train.epochs):
-        figures["epoch_start"].append(time.time())
-        train_set.set_epoch(epoch)
-        trained = train_epoch(model, train_loader, loss_fn, optimizer, scheduler, device)
-        predictions = predict(model, val_loader, device)
-        score_predictions(fill_missing(predictions, prior), predictions.labels)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+    for epoch_index in range(cfg.train.epochs):
+        metrics = run_epoch(fold, epoch_index).metrics
+        state = {"model": fold.bare.state_dict(), "optimizer": fold.optimizer.state_dict(), "epoch": epoch_index}
         torch.save(state, out / "state.pt")
-        figures["train"].append(trained["samples"] / trained["seconds"])
-        figures["samples"].append(trained["samples"])
+        figures["epoch_start"].append(metrics["epoch_started_at"])
+        figures["train"].append(metrics["train_samples_per_s"])
+        figures["samples"].append(metrics["train_samples"])
     figures["epoch_start"].append(time.time())
     return figures
 
 
-def ray_loop(cfg, inputs, prior) -> tuple[dict[str, list[float]], float]:
+def ray_loop(cfg, payload) -> tuple[dict[str, list[float]], float]:
     """One fold on Ray Train with one worker; per-epoch figures from the checkpointed history."""
-    from lumbar_ray.train.cv import build_trainer, fold_payload
-    from lumbar_ray.train.worker import _load_state
+    from lumbar_ray.train.cv import build_trainer
+    from lumbar_ray.train.worker import FoldJob, load_checkpoint_state
 
-    config = {"cfg": cfg.model_dump(mode="json"), "fold": 0, "payload": fold_payload(inputs, 0),
-              "prior": prior, "mlflow": None}  # fmt: skip
     start = time.perf_counter()
-    result = build_trainer(cfg, config, cfg.train.run_id).fit()
+    result = build_trainer(cfg, FoldJob(0, payload), cfg.train.run_id).fit()
     wall = time.perf_counter() - start
-    history = _load_state(result.checkpoint)["history"]
+    history = load_checkpoint_state(result.checkpoint)["history"]
     print(f"Ray worker: {history[0]['torch_threads']} torch threads")
     figures = {
         "train": [entry["train_samples_per_s"] for entry in history],
@@ -127,24 +108,25 @@ def main() -> None:
     import ray
     import torch
 
-    from lumbar_ray.baseline import fit_prior
-    from lumbar_ray.train.cv import fold_payload, prepare_inputs, run_dir_for
+    from lumbar_ray.paths import run_dir_for
+    from lumbar_ray.pipeline import complete_cache
+    from lumbar_ray.train.inputs import fold_payload, prepare_inputs
 
     torch.set_num_threads(args.threads)  # Ray gives its worker OMP_NUM_THREADS = its CPUs: the same here
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_train_"))
     cfg = bench_config(workdir.resolve(), args.studies, args.epochs, args.threads)
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    complete_cache(cfg)
     inputs = prepare_inputs(cfg, run_dir_for(cfg, cfg.train.run_id))
     payload = fold_payload(inputs, 0)
-    prior = fit_prior(payload["train_labels"])
-    n_train = len(payload["train_ids"])
+    n_train = len(payload.train_ids)
 
     t0 = time.perf_counter()
-    bare_a = bare_loop(cfg, payload, prior, workdir)
+    bare_a = bare_loop(cfg, payload, workdir)
     bare_wall_a = time.perf_counter() - t0
-    ray_figures, ray_wall = ray_loop(cfg, inputs, prior)
+    ray_figures, ray_wall = ray_loop(cfg, payload)
     t0 = time.perf_counter()
-    bare_b = bare_loop(cfg, payload, prior, workdir)
+    bare_b = bare_loop(cfg, payload, workdir)
     bare_wall_b = time.perf_counter() - t0
 
     bare_train = np.mean([steady(bare_a)[0], steady(bare_b)[0]])

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.constants import SEVERITIES, SEVERITY_WEIGHTS, TARGETS
-from lumbar_ray.data.rsna import encode_labels, load_rsna
+from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.data.splits import make_folds
+from lumbar_ray.labels import encode_labels
 from lumbar_ray.metrics import ScoreResult, labels_to_submission, score_arrays
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,21 @@ def prior_oof_probs(
         held_out = folds == fold
         probs[held_out] = fit_prior(labels[~held_out], weighted=weighted, pseudo_count=pseudo_count)
     return probs
+
+
+def fill_with_prior(probs: np.ndarray, has_point: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """A copy of ``probs`` where the targets without a point (no series, no coordinate, no detection) get
+    ``prior``: a crop of zeros says nothing about its target, so the training prior is the honest prediction.
+
+    Args:
+        probs: ``(n, 25, 3)`` model probabilities.
+        has_point: ``(n, 25)`` whether the target had a crop.
+        prior: ``(25, 3)`` prior of the training labels (:func:`fit_prior`).
+    """
+    filled = np.array(probs, dtype=np.float64, copy=True)
+    missing = ~np.asarray(has_point, dtype=bool)
+    filled[missing] = np.broadcast_to(np.asarray(prior, dtype=np.float64), filled.shape)[missing]
+    return filled
 
 
 def run_baseline(

@@ -1,12 +1,25 @@
-"""``lumbar-ray``: the command line. Each command parses its options and makes one library call."""
+"""``lumbar-ray``: the command line. Each command parses its options and makes one library call.
+
+Settings combine with one precedence, the same for every command: the embedded defaults < the ``--config``
+YAML file < a command's own options (``--studies``, ``--workdir``, ...) < ``key.sub=value`` arguments. An option
+or a ``key=value`` that changes a value the file set is logged, never applied silently.
+
+Every mistake a user can make with the inputs (a bad config key, a missing data folder, a malformed CSV, an
+unknown model, alias or study) ends the command with one ``error: ...`` line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from lumbar_ray.config import Config, get_path, load_config, save_config
+from lumbar_ray.provenance import package_version
+
+logger = logging.getLogger(__name__)
 
 app = typer.Typer(
     help="Train, tune, track and serve lumbar spine degeneration classifiers (RSNA 2024) on Ray and MLflow.",
@@ -17,13 +30,24 @@ app = typer.Typer(
 
 Overrides = Annotated[
     list[str] | None,
-    typer.Argument(help="config overrides such as synth.train_studies=20", show_default=False),
+    typer.Argument(help="config overrides such as synth.train_studies=20 (they win over options)", show_default=False),
 ]
-ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file", exists=True)]
+ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (options win over it)")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lumbar_ray {package_version()}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -31,22 +55,52 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug l
     )
 
 
+def load(config: Path | None, options: dict[str, Any], overrides: list[str] | None) -> Config:
+    """The resolved config: the file, then the options that were given, then the ``key=value`` overrides.
+
+    Args:
+        config: the ``--config`` file, or None.
+        options: config key -> the value of a command option (None = the option was not given).
+        overrides: ``key.sub=value`` arguments.
+    """
+    given = {key: value for key, value in options.items() if value is not None}
+    overridden = {text.partition("=")[0].strip() for text in overrides or []}
+    for key in sorted(given.keys() & overridden):
+        logger.warning("%s is set by an option and by %s=...: the key=value argument wins", key, key)
+    option_args = [f"{key}={value}" for key, value in given.items()]
+    if config is not None and option_args:
+        base = load_config(config)
+        for key, value in given.items():
+            logger.info("option sets %s=%s (the config file had %r)", key, value, get_path(base.model_dump(), key))
+    return load_config(config, [*option_args, *(overrides or [])])
+
+
+def _save_resolved(cfg: Config) -> None:
+    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(cfg.workdir) / "resolved_config.yaml")
+
+
+def _existing_folder(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="folder to write the RSNA-format dataset into")],
-    studies: Annotated[int, typer.Option(help="training studies")] = 48,
-    test_studies: Annotated[int, typer.Option(help="test studies (test_images/, sample_submission.csv)")] = 4,
-    seed: Annotated[int, typer.Option(help="random seed; same seed, same bytes")] = 0,
+    studies: Annotated[int | None, typer.Option(help="training studies (synth.train_studies)")] = None,
+    test_studies: Annotated[int | None, typer.Option(help="test studies (synth.test_studies)")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed; same seed, same bytes (synth.seed)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace whatever is in OUT")] = False,
     config: ConfigFile = None,
     overrides: Overrides = None,
 ) -> None:
     """Write a synthetic RSNA-format dataset of DICOM spine phantoms with planted severities."""
-    from lumbar_ray.config import load_config
     from lumbar_ray.data.synthetic import write_dataset
 
-    options = [f"synth.train_studies={studies}", f"synth.test_studies={test_studies}", f"synth.seed={seed}"]
-    cfg = load_config(config, [*options, *(overrides or [])])
+    options = {"synth.train_studies": studies, "synth.test_studies": test_studies, "synth.seed": seed}
+    cfg = load(config, options, overrides)
     result = write_dataset(out, cfg.synth, overwrite=overwrite)
     state = "reused" if result.reused else "written"
     typer.echo(f"{result.files} DICOM files of {result.train_studies}+{result.test_studies} studies {state}: {out}")
@@ -54,18 +108,18 @@ def synth(
 
 @app.command()
 def report(
-    data: Annotated[Path, typer.Option(help="RSNA-format folder", exists=True, file_okay=False)],
+    data: Annotated[Path, typer.Option(help="RSNA-format folder")],
     check_images: Annotated[bool, typer.Option(help="also check that every series folder exists")] = False,
 ) -> None:
     """Validate an RSNA-format folder and print its data report."""
     from lumbar_ray.data.rsna import build_report, load_rsna
 
-    typer.echo(build_report(load_rsna(data), check_images=check_images).format())
+    typer.echo(build_report(load_rsna(_existing_folder(data, "data folder")), check_images=check_images).format())
 
 
 @app.command()
 def baseline(
-    data: Annotated[Path, typer.Option(help="RSNA-format folder with train.csv", exists=True, file_okay=False)],
+    data: Annotated[Path, typer.Option(help="RSNA-format folder with train.csv")],
     folds: Annotated[int, typer.Option(help="number of folds")] = 5,
     seed: Annotated[int, typer.Option(help="fold seed")] = 42,
     out: Annotated[Path | None, typer.Option(help="write the out-of-fold submission here")] = None,
@@ -74,14 +128,15 @@ def baseline(
     """Score the per-condition-and-level prior out of fold with the official metric."""
     from lumbar_ray.baseline import run_baseline
 
-    result = run_baseline(data, n_folds=folds, seed=seed, out_csv=out, weighted=weighted)
+    result = run_baseline(_existing_folder(data, "data folder"), n_folds=folds, seed=seed, out_csv=out,
+                          weighted=weighted)  # fmt: skip
     typer.echo(result.score.format())
 
 
 @app.command()
 def score(
-    solution: Annotated[Path, typer.Option(help="train.csv-format labels", exists=True, dir_okay=False)],
-    submission: Annotated[Path, typer.Option(help="competition-format predictions", exists=True, dir_okay=False)],
+    solution: Annotated[Path, typer.Option(help="train.csv-format labels")],
+    submission: Annotated[Path, typer.Option(help="competition-format predictions")],
     drop_missing: Annotated[bool, typer.Option(help="score only the rows that have a prediction")] = False,
 ) -> None:
     """Score a submission against labels with the official competition metric."""
@@ -89,6 +144,9 @@ def score(
 
     from lumbar_ray.metrics import score_submission
 
+    for path in (solution, submission):
+        if not path.is_file():
+            raise FileNotFoundError(f"file not found: {path}")
     result = score_submission(
         pd.read_csv(solution), pd.read_csv(submission), missing="drop" if drop_missing else "error"
     )
@@ -97,20 +155,19 @@ def score(
 
 @app.command()
 def preprocess(
-    data: Annotated[Path, typer.Option(help="RSNA-format folder", exists=True, file_okay=False)],
-    cache: Annotated[str, typer.Option(help="cache root: a folder or a URI such as s3://bucket/cache")],
-    workers: Annotated[int | None, typer.Option(help="actor pool size (series decoded in parallel)")] = None,
+    data: Annotated[Path | None, typer.Option(help="RSNA-format folder (data.root)")] = None,
+    cache: Annotated[str | None, typer.Option(help="cache root: a folder or a URI such as s3://bucket/cache")] = None,
+    workers: Annotated[int | None, typer.Option(help="actor pool size (preprocess.workers)")] = None,
     strict: Annotated[bool, typer.Option(help="exit 1 when any series failed")] = False,
     config: ConfigFile = None,
     overrides: Overrides = None,
 ) -> None:
     """Decode every series into the cache with Ray Data (resumable; failures tabled, never fatal)."""
-    from lumbar_ray.config import load_config
-    from lumbar_ray.data.preprocess import run_preprocess
+    from lumbar_ray.pipeline import complete_cache
 
-    options = [f"preprocess.workers={workers}"] if workers is not None else []
-    cfg = load_config(config, [*options, *(overrides or [])])
-    summary = run_preprocess(data, cache, cfg.preprocess)
+    options = {"data.root": data, "preprocess.cache": cache, "preprocess.workers": workers}
+    cfg = load(config, options, overrides)
+    summary = complete_cache(cfg)
     typer.echo(summary.format())
     if (strict or cfg.preprocess.strict) and summary.failed:
         typer.echo(f"error: {summary.failed} series failed (--strict)", err=True)
@@ -118,133 +175,117 @@ def preprocess(
 
 
 @app.command()
-def train(
-    config: ConfigFile = None,
-    overrides: Overrides = None,
-) -> None:
-    """k-fold training on Ray Train, scored out of fold, tracked in MLflow, ensemble registered (resumable)."""
-    from lumbar_ray.config import load_config, save_config
-    from lumbar_ray.train.cv import run_cv
+def train(config: ConfigFile = None, overrides: Overrides = None) -> None:
+    """k-fold training on Ray Train, scored out of fold, tracked in MLflow, ensemble registered (resumable; the
+    cache is completed first)."""
+    from lumbar_ray.pipeline import train as run_train
 
-    cfg = load_config(config, overrides or [])
-    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-    save_config(cfg, Path(cfg.workdir) / "resolved_config.yaml")
-    result = run_cv(cfg)
-    typer.echo(result.format())
+    cfg = load(config, {}, overrides)
+    _save_resolved(cfg)
+    typer.echo(run_train(cfg).format())
 
 
 @app.command()
 def tune(
     config: ConfigFile = None,
     overrides: Overrides = None,
-    num_samples: Annotated[int | None, typer.Option(help="trials in all (overrides tune.num_samples)")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="trials in all (tune.num_samples)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the interrupted experiment tune.name")] = False,
     register_best: Annotated[bool, typer.Option(help="retrain the best config and register it")] = False,
 ) -> None:
     """Ray Tune + Optuna (TPE) + ASHA over the k-fold CV; writes the best config; resumable."""
-    from lumbar_ray.config import load_config, save_config
-    from lumbar_ray.tune.run import run_tune
+    from lumbar_ray.pipeline import tune as run_tune
 
-    extra = [f"tune.num_samples={num_samples}"] if num_samples is not None else []
-    cfg = load_config(config, [*(overrides or []), *extra])
-    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-    save_config(cfg, Path(cfg.workdir) / "resolved_config.yaml")
+    cfg = load(config, {"tune.num_samples": num_samples}, overrides)
+    _save_resolved(cfg)
     typer.echo(run_tune(cfg, resume=resume, register_best=register_best).format())
 
 
 @app.command()
-def localize(
-    config: ConfigFile = None,
-    overrides: Overrides = None,
-) -> None:
-    """Train the sagittal YOLO level detectors (Ray tasks) and measure localisation on a held-out fold (resumable)."""
-    from lumbar_ray.config import load_config
-    from lumbar_ray.localize.stage import run_localize
+def localize(config: ConfigFile = None, overrides: Overrides = None) -> None:
+    """Train the sagittal YOLO level detectors (Ray tasks) and measure localisation on a held-out fold (resumable;
+    the cache is completed first)."""
+    from lumbar_ray.pipeline import localize as run_localize
 
-    cfg = load_config(config, overrides or [])
-    typer.echo(run_localize(cfg).format())
+    typer.echo(run_localize(load(config, {}, overrides)).format())
 
 
 @app.command()
 def predict(
-    model: Annotated[
-        str | None, typer.Option(help="MLflow model URI, e.g. models:/lumbar_ray_ensemble@champion")
-    ] = None,
-    data: Annotated[Path | None, typer.Option(help="RSNA-format folder", exists=True, file_okay=False)] = None,
-    out: Annotated[Path | None, typer.Option(help="submission CSV to write")] = None,
-    split: Annotated[str | None, typer.Option(help="test (default) or train")] = None,
+    model: Annotated[str | None, typer.Option(help="MLflow model URI: models:/<name>@<alias> (predict.model)")] = None,
+    data: Annotated[Path | None, typer.Option(help="RSNA-format folder (predict.data)")] = None,
+    out: Annotated[Path | None, typer.Option(help="submission CSV to write (predict.out)")] = None,
+    split: Annotated[str | None, typer.Option(help="test (default) or train (predict.split)")] = None,
     config: ConfigFile = None,
     overrides: Overrides = None,
 ) -> None:
     """Registered ensemble -> competition submission: preprocess, localise, crop, predict (Ray Data)."""
-    from lumbar_ray.config import load_config
-    from lumbar_ray.predict import run_predict
+    from lumbar_ray.pipeline import predict as run_predict
 
-    options = [f"predict.{key}={value}" for key, value in (("model", model), ("data", data), ("out", out),
-                                                          ("split", split)) if value is not None]  # fmt: skip
-    cfg = load_config(config, [*options, *(overrides or [])])
-    typer.echo(run_predict(cfg).format())
+    if data is not None:
+        _existing_folder(data, "data folder")
+    options = {"predict.model": model, "predict.data": data, "predict.out": out, "predict.split": split}
+    typer.echo(run_predict(load(config, options, overrides)).format())
 
 
 @app.command()
 def quickstart(
-    workdir: Annotated[Path, typer.Option(help="where data, caches, checkpoints and mlflow.db go")] = Path(
-        "lumbar_ray_work"
-    ),
+    workdir: Annotated[Path | None, typer.Option(help="where data, caches, checkpoints and mlflow.db go")] = None,
     config: ConfigFile = None,
     overrides: Overrides = None,
     tune: Annotated[bool, typer.Option(help="end with the short tuning stage (tune.*)")] = True,
 ) -> None:
     """Run the pipeline end to end on synthetic data with embedded defaults (no network, CPU)."""
-    from lumbar_ray.config import load_config
-    from lumbar_ray.quickstart import run_quickstart
+    from lumbar_ray.pipeline import run_quickstart
 
-    cfg = load_config(config, [f"workdir={workdir}", *(overrides or [])])
+    cfg = load(config, {"workdir": workdir}, overrides)
     result = run_quickstart(cfg, tune=tune)
-    typer.echo(result.report.format())
-    typer.echo("")
-    typer.echo(f"Prior baseline, {cfg.cv.n_folds}-fold out of fold (official metric):")
-    typer.echo(result.baseline.score.format())
-    typer.echo("")
-    typer.echo("Preprocessing (Ray Data):")
-    typer.echo(result.preprocess.format())
-    typer.echo("")
-    typer.echo("Localisation (YOLO level detectors + axial geometry), validation fold:")
-    typer.echo(result.localize.format())
-    typer.echo("")
-    typer.echo("k-fold training (Ray Train), out of fold:")
-    typer.echo(result.cv.format())
-    typer.echo("")
+    sections = [
+        ("", result.report.format()),
+        (f"Prior baseline, {cfg.cv.n_folds}-fold out of fold (official metric):", result.baseline.score.format()),
+        ("Preprocessing (Ray Data):", result.preprocess.format()),
+        ("Localisation (YOLO level detectors + axial geometry), validation fold:", result.localize.format()),
+        ("k-fold training (Ray Train), out of fold:",
+         result.cv.format() + (f"\n  registered: {result.registered}" if result.registered else "")),
+    ]  # fmt: skip
     if result.points_check is not None:
-        typer.echo("Predicted vs labelled points (the detectors' held-out fold, through the inference path):")
-        typer.echo("  " + result.points_check.format())
-        typer.echo("")
+        sections.append(("Predicted vs labelled points (the detectors' held-out fold, through the inference path):",
+                         "  " + result.points_check.format()))  # fmt: skip
     if result.tuning is not None:
-        typer.echo("Tuning (Ray Tune + Optuna + ASHA):")
-        typer.echo(result.tuning.format())
-        typer.echo("")
-    typer.echo("Inference on the test studies (Ray Data, model pulled by alias):")
-    typer.echo(result.prediction.format())
-    typer.echo("")
+        sections.append(("Tuning (Ray Tune + Optuna + ASHA):", result.tuning.format()))
+    sections.append(("Inference on the test studies (Ray Data, model pulled by alias):", result.prediction.format()))
+    for title, body in sections:
+        typer.echo(f"{title}\n{body}\n" if title else f"{body}\n")
     typer.echo(f"data:       {result.data_root}")
     typer.echo(f"workdir:    {result.workdir}")
     typer.echo(f"submission: {result.prediction.submission_path}")
     typer.echo(f"MLflow UI:  mlflow ui --backend-store-uri {result.tracking_uri}  (then http://127.0.0.1:5000)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: input errors become one clear line on stderr and exit code 2, not a traceback.
-
-    Args:
-        argv: arguments instead of ``sys.argv[1:]`` (the ``jobs/*.py`` entrypoints pass theirs).
-    """
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input rather than a bug: reported as one line, exit code 2."""
     from lumbar_ray.config import ConfigError
     from lumbar_ray.data.dicom import DicomReadError
     from lumbar_ray.data.rsna import RsnaFormatError
     from lumbar_ray.metrics import SubmissionError
+    from lumbar_ray.predict import UnknownStudyError
+    from lumbar_ray.registry import ModelNotFoundError
 
+    return (ConfigError, RsnaFormatError, DicomReadError, SubmissionError, ModelNotFoundError, UnknownStudyError,
+            FileExistsError, FileNotFoundError)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: input errors become one clear line on stderr and exit code 2, not a traceback.
+
+    Usage errors (an unknown option, a missing required one) are typer's own, also with exit code 2.
+
+    Args:
+        argv: arguments instead of ``sys.argv[1:]`` (the ``jobs/*.py`` entrypoints pass theirs).
+    """
+    errors = _user_errors()
     try:
         app(argv)
-    except (ConfigError, RsnaFormatError, DicomReadError, SubmissionError, FileExistsError) as exc:
+    except errors as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None

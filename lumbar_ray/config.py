@@ -7,8 +7,9 @@ silently ignored setting. The resolved config is what gets logged and saved next
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -283,14 +284,10 @@ class Config(_Strict):
     def _space_keys_exist(self) -> Config:
         tree = self.model_dump(mode="python", exclude={"tune"})
         for key in self.tune.space:
-            node: Any = tree
-            for part in key.split("."):
-                if isinstance(node, dict) and part in node:
-                    node = node[part]
-                elif isinstance(node, list | tuple) and part.isdigit() and int(part) < len(node):
-                    node = node[int(part)]
-                else:
-                    raise ValueError(f"tune.space names an unknown config key {key!r}")
+            try:
+                node = get_path(tree, key)
+            except KeyError:
+                raise ValueError(f"tune.space names an unknown config key {key!r}") from None
             if isinstance(node, dict):
                 raise ValueError(f"tune.space key {key!r} is a section, not a setting")
         return self
@@ -312,14 +309,57 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+def _child(node: Any, part: str) -> Any:
+    """``node[part]`` of a dict, or of a list/tuple by index; KeyError when there is none."""
+    if isinstance(node, dict) and part in node:
+        return node[part]
+    if isinstance(node, list | tuple) and part.isdigit() and int(part) < len(node):
+        return node[int(part)]
+    raise KeyError(part)
+
+
+def get_path(tree: Any, key: str) -> Any:
+    """The value at dotted ``key`` of a nested dict/list tree (list items by index, ``loss.class_weights.2``).
+
+    Raises:
+        KeyError: if a part of the key does not exist.
+    """
     node = tree
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {'.'.join(path)!r}: {part!r} is not a section")
-        node = child
-    node[path[-1]] = value
+    for part in key.split("."):
+        node = _child(node, part)
+    return node
+
+
+def set_path(tree: dict[str, Any], key: str, value: Any, create: bool = False) -> None:
+    """Set ``value`` at dotted ``key`` of a nested dict/list tree, in place (list items by index).
+
+    Args:
+        tree: the tree.
+        key: dotted path.
+        value: what to put there.
+        create: make missing sections (an override of a config file that lacks the section).
+
+    Raises:
+        ConfigError: if a part of the path is a value, not a section (or, without ``create``, is missing).
+    """
+    parts = key.split(".")
+    node: Any = tree
+    for depth, part in enumerate(parts[:-1]):
+        if create and isinstance(node, dict) and part not in node:
+            node[part] = {}
+        try:
+            node = _child(node, part)
+        except KeyError:
+            raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[: depth + 1])!r} does not exist") from None
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not (last.isdigit() and int(last) < len(node)):
+            raise ConfigError(f"cannot set {key!r}: {last!r} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -358,7 +398,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         tree, source = loaded, str(path)
     for text in overrides:
         key_path, value = parse_override(text)
-        _set_path(tree, key_path, value)
+        set_path(tree, ".".join(key_path), value, create=True)
     if overrides:
         source += f" + overrides {list(overrides)}"
     try:
@@ -376,15 +416,13 @@ def save_config(config: Config, path: str | Path) -> Path:
     return path
 
 
-def data_root_for(config: Config) -> Path:
-    """The RSNA-format folder a config points at: ``data.root``, or the synthetic one under the workdir."""
-    return Path(config.data.root) if config.data.root else Path(config.workdir) / "data" / "synthetic"
+def cache_settings(cfg: PreprocessConfig) -> dict[str, Any]:
+    """The preprocessing settings that change cached bytes (and so define the cache version)."""
+    return {"image_size": cfg.image_size, "clip_percentiles": list(cfg.clip_percentiles), "dtype": "uint8"}
 
 
-def cache_root_for(config: Config) -> str:
-    """The preprocessing cache root: ``preprocess.cache``, else ``$LUMBAR_RAY_STORAGE/cache`` (the shared storage
-    that cluster.yaml sets on every node), else ``<workdir>/cache``."""
-    if config.preprocess.cache:
-        return config.preprocess.cache
-    shared = os.environ.get("LUMBAR_RAY_STORAGE")
-    return f"{shared.rstrip('/')}/cache" if shared else str(Path(config.workdir) / "cache")
+def settings_hash(payload: Any, prefix: str, length: int = 12) -> str:
+    """``prefix`` + a short SHA-256 of ``payload`` as sorted JSON: the one rule behind every settings-derived id
+    (cache versions, CV run ids, localisation folders), so equal settings always give equal ids."""
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:length]
+    return f"{prefix}{digest}"

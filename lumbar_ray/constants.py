@@ -33,6 +33,13 @@ IGNORE_INDEX: int = -100
 SERIES_TYPES: tuple[str, ...] = ("Sagittal T1", "Sagittal T2/STIR", "Axial T2")
 """Values of ``series_description``."""
 
+DETECTED_SERIES_TYPES: tuple[str, ...] = ("Sagittal T2/STIR", "Sagittal T1")
+"""The series types a level detector is trained for, in training order (axial levels come from geometry)."""
+
+POINT_COLUMNS: tuple[str, ...] = ("study_id", "target", "series_id", "slice", "x", "y")
+"""A POINTS frame: one row per ``(study_id, target)``; ``slice`` indexes the cached volume, ``x``/``y`` are cache
+pixels (pixel centres)."""
+
 TARGETS: tuple[str, ...] = tuple(f"{condition}_{level}" for condition in CONDITIONS for level in LEVELS)
 """The 25 targets in ``train.csv`` column order: condition-major, level-minor."""
 

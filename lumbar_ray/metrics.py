@@ -42,7 +42,7 @@ from lumbar_ray.constants import (
     TARGETS,
     row_id,
 )
-from lumbar_ray.data.rsna import encode_labels
+from lumbar_ray.labels import encode_labels
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +193,21 @@ def _parse_row_ids(row_ids: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return studies, target_index, malformed
 
 
+def _check_row_set(ids: pd.Series, study_ids: Sequence[int] | np.ndarray | None) -> None:
+    """No duplicate row id; with ``study_ids``, exactly the 25 rows of each of those studies."""
+    duplicated = ids.duplicated()
+    if duplicated.any():
+        raise SubmissionError(f"duplicate row_id: {_listed(ids[duplicated].unique())}")
+    if study_ids is not None:
+        expected = pd.Index(_row_ids(np.asarray(study_ids, dtype=np.int64)))
+        missing = expected.difference(ids, sort=False)
+        if len(missing):
+            raise SubmissionError(f"{len(missing)} row(s) missing from the submission: {_listed(missing)}")
+        unexpected = ~ids.isin(expected)
+        if unexpected.any():
+            raise SubmissionError(f"row(s) of studies that were not asked for: {_listed(ids[unexpected])}")
+
+
 def validate_submission(
     submission: pd.DataFrame,
     study_ids: Sequence[int] | np.ndarray | None = None,
@@ -228,17 +243,7 @@ def validate_submission(
     _, _, malformed = _parse_row_ids(ids)
     if malformed.any():
         raise SubmissionError(f"malformed row_id (expected <study_id>_<condition>_<level>): {_listed(ids[malformed])}")
-    duplicated = ids.duplicated()
-    if duplicated.any():
-        raise SubmissionError(f"duplicate row_id: {_listed(ids[duplicated].unique())}")
-    if study_ids is not None:
-        expected = pd.Index(_row_ids(np.asarray(study_ids, dtype=np.int64)))
-        missing = expected.difference(ids, sort=False)
-        if len(missing):
-            raise SubmissionError(f"{len(missing)} row(s) missing from the submission: {_listed(missing)}")
-        unexpected = ~ids.isin(expected)
-        if unexpected.any():
-            raise SubmissionError(f"row(s) of studies that were not asked for: {_listed(ids[unexpected])}")
+    _check_row_set(ids, study_ids)
     for column in SUBMISSION_COLUMNS:
         values = pd.to_numeric(result[column], errors="coerce")
         non_numeric = values.isna() & result[column].notna()
@@ -252,18 +257,25 @@ def validate_submission(
     ):
         if bad.any():
             raise SubmissionError(f"{problem} probabilities in row(s) {_listed(ids[bad])}")
+    if on_bad_sum != "ignore":
+        _fix_row_sums(result, probs, ids, on_bad_sum == "renormalize", tol)
+    return result
+
+
+def _fix_row_sums(result: pd.DataFrame, probs: np.ndarray, ids: pd.Series, renormalize: bool, tol: float) -> None:
+    """Rows not summing to 1 within ``tol``: an error, or (``renormalize``) divided by their sum in ``result``."""
     sums = probs.sum(axis=1)
     off = np.abs(sums - 1.0) > tol
-    if off.any() and on_bad_sum != "ignore":
-        message = f"{off.sum()} row(s) do not sum to 1 (tol {tol}): {_listed(ids[off])}"
-        if on_bad_sum == "error":
-            raise SubmissionError(message)
-        if (sums[off] <= 0).any():
-            raise SubmissionError(f"cannot renormalise rows summing to 0: {_listed(ids[off & (sums <= 0)])}")
-        warnings.warn(f"{message}; renormalised", UserWarning, stacklevel=2)
-        logger.warning("%s; renormalised", message)
-        result.loc[off, list(SUBMISSION_COLUMNS)] = probs[off] / sums[off, None]
-    return result
+    if not off.any():
+        return
+    message = f"{off.sum()} row(s) do not sum to 1 (tol {tol}): {_listed(ids[off])}"
+    if not renormalize:
+        raise SubmissionError(message)
+    if (sums[off] <= 0).any():
+        raise SubmissionError(f"cannot renormalise rows summing to 0: {_listed(ids[off & (sums <= 0)])}")
+    warnings.warn(f"{message}; renormalised", UserWarning, stacklevel=3)
+    logger.warning("%s; renormalised", message)
+    result.loc[off, list(SUBMISSION_COLUMNS)] = probs[off] / sums[off, None]
 
 
 # --- conversions

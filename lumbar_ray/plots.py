@@ -188,7 +188,8 @@ def localisation_overlay(study_id: int, predicted: Any, truth: Any, cache: Any) 
         if predicted_points:
             xs, ys, _ = zip(*predicted_points, strict=True)
             ax.scatter(xs, ys, s=40, marker="x", color="red", label="predicted")
-        ax.set_title(f"{entry.meta.get('series_description', series_id)} slice {slice_index}", fontsize=9)
+        description = entry.meta.series_description
+        ax.set_title(f"{series_id if description is None else description} slice {slice_index}", fontsize=9)
         ax.set_axis_off()
         ax.legend(fontsize=7, loc="lower right")
     figure.suptitle(f"study {study_id}: predicted vs labelled points")

@@ -2,13 +2,13 @@
 
 ``lumbar-ray predict --model models:/<name>@<alias> --data DIR --out submission.csv``:
 
-1. reads the model's data contract from its MLmodel metadata (no weights downloaded on the driver) and caches the
-   studies' series with the *same* preprocessing code and settings the model was trained on
-   (:func:`lumbar_ray.data.preprocess.run_preprocess`, resumable, failures tabled);
-2. runs a Ray Data ``map_batches`` over the studies with an actor class, :class:`StudyPredictor`, that loads the
-   ensemble and its level detectors once per actor (a GPU each when asked), places every study's 25 points
-   (:func:`lumbar_ray.localize.study.localise_study`), cuts the crops with the training crop code
-   (:class:`lumbar_ray.data.crops.CropDataset`) and predicts;
+1. :func:`plan_prediction` reads the model's data contract from its MLmodel metadata (no weights downloaded on
+   the driver) and lists the studies; the caller (the pipeline, the CLI) caches their series with the *same*
+   preprocessing settings the model was trained on (:attr:`PredictionPlan.preprocess`);
+2. :func:`run_predict` runs a Ray Data ``map_batches`` over the studies with an actor class,
+   :class:`StudyPredictor`, that loads the ensemble and its level detectors once per actor (a GPU each when
+   asked), places every study's 25 points (:func:`lumbar_ray.localize.study.localise_study`), cuts the crops
+   with the training crop code (:class:`lumbar_ray.data.crops.CropDataset`) and predicts;
 3. writes the submission (25 rows per study, rows sum to 1, checked with the metric module's validator), a JSON per
    study with the points used, a report listing studies with missing series or unplaced targets, and the resolved
    config beside them.
@@ -29,41 +29,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.config import (
-    Config,
-    CropConfig,
-    LocalizeConfig,
-    PreprocessConfig,
+from lumbar_ray.baseline import fill_with_prior
+from lumbar_ray.config import Config, CropConfig, LocalizeConfig, PreprocessConfig, cache_settings, save_config
+from lumbar_ray.constants import SEVERITIES, TARGETS
+from lumbar_ray.data.cache import SeriesCache
+from lumbar_ray.data.crops import CropDataset
+from lumbar_ray.data.rsna import RsnaData, load_rsna
+from lumbar_ray.localize.detector import load_detectors
+from lumbar_ray.localize.study import localise_study, study_series
+from lumbar_ray.metrics import labels_to_submission, validate_submission
+from lumbar_ray.paths import (
+    atomic_path,
     cache_root_for,
     data_root_for,
-    save_config,
+    submission_path_for,
+    tracking_uri_for,
+    ultralytics_settings_dir,
 )
-from lumbar_ray.constants import SEVERITIES, TARGETS
-from lumbar_ray.data.rsna import RsnaData
+from lumbar_ray.raytools import ensure_ray
+from lumbar_ray.registry import load_ensemble, read_contract
 
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "predict_report.json"
 CONFIG_NAME = "resolved_config.yaml"
 POINTS_FOLDER = "points"
-
-
-def model_contract(model_uri: str, tracking_uri: str) -> dict[str, Any]:
-    """The data contract of a logged or registered ensemble, from its MLmodel metadata only.
-
-    Raises:
-        ValueError: if the model carries no lumbar_ray contract.
-    """
-    import mlflow
-
-    from lumbar_ray.registry import mlflow_uri
-
-    with mlflow_uri(tracking_uri):
-        info = mlflow.models.get_model_info(model_uri)
-    contract = (info.metadata or {}).get("contract")
-    if not contract:
-        raise ValueError(f"{model_uri} is not a lumbar_ray fold ensemble (no contract in its metadata)")
-    return contract
 
 
 def preprocess_config_for(contract: dict[str, Any], resources: PreprocessConfig) -> PreprocessConfig:
@@ -84,6 +74,7 @@ class StudyPredictor:
         cache_settings: its settings (the contract's).
         series: ``study_id, series_id, series_description`` records of the studies to predict.
         fold: one fold's model only; None = the mean over folds.
+        settings_dir: ultralytics' private settings folder (:func:`lumbar_ray.paths.ultralytics_settings_dir`).
     """
 
     def __init__(
@@ -94,15 +85,12 @@ class StudyPredictor:
         cache_settings: dict[str, Any],
         series: list[dict[str, Any]],
         fold: int | None = None,
+        settings_dir: str | None = None,
     ) -> None:
-        from lumbar_ray.data.cache import SeriesCache
-        from lumbar_ray.localize.stage import load_detectors
-        from lumbar_ray.registry import load_ensemble
-
         self.ensemble = load_ensemble(model_uri, tracking_uri)
         contract = self.ensemble.contract
         self.localize = LocalizeConfig(**contract.get("localize", {}).get("config", {}))
-        self.detectors = load_detectors(self.ensemble.detector_paths, self.localize)
+        self.detectors = load_detectors(self.ensemble.detector_paths, self.localize, settings_dir=settings_dir)
         if not self.detectors:
             logger.warning("%s carries no level detectors: every target falls back to the prior",
                            model_uri)  # fmt: skip
@@ -115,10 +103,6 @@ class StudyPredictor:
 
     def predict_studies(self, study_ids: list[int]) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """``(n, 25, 3)`` probabilities and one JSON-able report per study."""
-        from lumbar_ray.data.crops import CropDataset
-        from lumbar_ray.localize.stage import study_series
-        from lumbar_ray.localize.study import localise_study
-
         crops, masks, reports = [], [], []
         for study_id in study_ids:
             series = study_series(self.cache, self.series, int(study_id), self.cached)
@@ -130,7 +114,7 @@ class StudyPredictor:
         probs = self.ensemble.predict_crops(np.stack(crops), fold=self.fold).astype(np.float64)
         masks = np.stack(masks)
         if self.prior is not None:
-            probs[~masks] = np.broadcast_to(self.prior, probs.shape)[~masks]  # no crop: the training prior
+            probs = fill_with_prior(probs, masks, self.prior)  # no crop: the training prior
         probs /= probs.sum(axis=-1, keepdims=True)  # float32 softmax means: exact row sums in float64
         for report, mask in zip(reports, masks, strict=True):
             report["prior_targets"] = [TARGETS[t] for t in np.flatnonzero(~mask)] if self.prior is not None else []
@@ -179,47 +163,75 @@ def studies_to_predict(data: RsnaData, split: str, study_ids: list[int] | None) 
     if study_ids is not None:
         unknown = sorted(set(study_ids) - listed)
         if unknown:
-            raise ValueError(f"studies {unknown} are not in the {split} split of the data")
+            raise UnknownStudyError(f"studies {unknown} are not in the {split} split of the data")
         listed = set(study_ids)
     return sorted(listed), series[series["study_id"].astype(int).isin(listed)]
 
 
-def run_predict(cfg: Config) -> PredictResult:
-    """Predict the studies of ``cfg.predict`` with the registered ensemble (see the module docstring)."""
-    import ray
+class UnknownStudyError(ValueError):
+    """Study ids asked for that the data does not list in the split."""
 
-    from lumbar_ray.data.preprocess import cache_settings, ensure_ray, run_preprocess
-    from lumbar_ray.data.rsna import load_rsna
-    from lumbar_ray.metrics import labels_to_submission, validate_submission
-    from lumbar_ray.tracking import resolve_tracking_uri
 
-    start = time.perf_counter()
+@dataclass
+class PredictionPlan:
+    """What a prediction run reads: the model's contract, the studies, and the cache their series must be in.
+
+    Attributes:
+        contract: the registered model's data contract.
+        data_root: the RSNA-format folder.
+        split: ``test`` or ``train``.
+        study_ids: the studies to predict.
+        series: their ``study_id, series_id, series_description`` rows.
+        preprocess: the model's preprocessing settings with this run's resources: cache the series with these.
+        cache_root: the cache root.
+    """
+
+    contract: dict[str, Any]
+    data_root: Path
+    split: str
+    study_ids: list[int]
+    series: pd.DataFrame
+    preprocess: PreprocessConfig
+    cache_root: str
+
+
+def plan_prediction(cfg: Config) -> PredictionPlan:
+    """Read the model's contract and list the studies of ``cfg.predict`` (see :class:`PredictionPlan`).
+
+    Raises:
+        lumbar_ray.registry.ModelNotFoundError: an unknown model, version or alias.
+        ValueError: unknown study ids, or no study to predict.
+    """
     options = cfg.predict
     root = Path(options.data) if options.data else data_root_for(cfg)
-    out = Path(options.out) if options.out else Path(cfg.workdir) / "predict" / "submission.csv"
-    tracking_uri = resolve_tracking_uri(cfg)
-    save_config(cfg, out.parent / CONFIG_NAME)  # what produced the submission, beside it
-    contract = model_contract(options.model, tracking_uri)
-    data = load_rsna(root)
-    study_ids, series = studies_to_predict(data, options.split, options.study_ids)
+    contract = read_contract(options.model, tracking_uri_for(cfg))
+    study_ids, series = studies_to_predict(load_rsna(root), options.split, options.study_ids)
     if not study_ids:
         raise ValueError(f"{root} lists no {options.split} studies to predict")
     preprocess = preprocess_config_for(contract, cfg.preprocess)
-    cache_root = cache_root_for(cfg)
-    summary = run_preprocess(root, cache_root, preprocess, splits=[options.split], study_ids=study_ids)
-    logger.info("inference cache: %s", summary.format())
+    return PredictionPlan(contract, root, options.split, study_ids, series, preprocess, cache_root_for(cfg))
 
+
+def run_predict(cfg: Config, plan: PredictionPlan) -> PredictResult:
+    """Predict the planned studies with the registered ensemble (see the module docstring); their series must be
+    cached with ``plan.preprocess`` (a series not cached counts as missing: its targets get the prior)."""
+    import ray
+
+    start = time.perf_counter()
+    options, out = cfg.predict, submission_path_for(cfg)
+    save_config(cfg, out.parent / CONFIG_NAME)  # what produced the submission, beside it
     ensure_ray()
-    records = series[["study_id", "series_id", "series_description"]].astype({"study_id": int, "series_id": int})
-    dataset = ray.data.from_items([{"study_id": s} for s in study_ids]).map_batches(
+    records = plan.series[["study_id", "series_id", "series_description"]].astype({"study_id": int, "series_id": int})
+    dataset = ray.data.from_items([{"study_id": s} for s in plan.study_ids]).map_batches(
         StudyPredictor,
         fn_constructor_kwargs={
             "model_uri": options.model,
-            "tracking_uri": tracking_uri,
-            "cache_root": cache_root,
-            "cache_settings": cache_settings(preprocess),
+            "tracking_uri": tracking_uri_for(cfg),
+            "cache_root": plan.cache_root,
+            "cache_settings": cache_settings(plan.preprocess),
             "series": records.to_dict("records"),
             "fold": options.fold,
+            "settings_dir": str(ultralytics_settings_dir(cfg)),
         },
         batch_size=options.batch_size,
         concurrency=options.actors,
@@ -229,7 +241,7 @@ def run_predict(cfg: Config) -> PredictResult:
     rows = sorted(dataset.take_all(), key=lambda row: int(row["study_id"]))
     probs = np.array([row["probs"] for row in rows], dtype=np.float64).reshape(-1, len(TARGETS), len(SEVERITIES))
     predicted_ids = [int(row["study_id"]) for row in rows]
-    submission = validate_submission(labels_to_submission(np.array(predicted_ids), probs), study_ids=study_ids)
+    submission = validate_submission(labels_to_submission(np.array(predicted_ids), probs), study_ids=plan.study_ids)
     result = _write_outputs(out, submission, rows, predicted_ids, options.model)
     result.seconds = time.perf_counter() - start
     logger.info("%s", result.format())
@@ -237,10 +249,8 @@ def run_predict(cfg: Config) -> PredictResult:
 
 
 def _write_outputs(out: Path, submission: pd.DataFrame, rows: list[dict], study_ids: list[int], model: str):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_suffix(".tmp")
-    submission.to_csv(temporary, index=False)
-    temporary.replace(out)
+    with atomic_path(out) as temporary:
+        submission.to_csv(temporary, index=False)
     points_dir = out.parent / POINTS_FOLDER
     points_dir.mkdir(exist_ok=True)
     missing, prior_targets = {}, 0
@@ -255,82 +265,3 @@ def _write_outputs(out: Path, submission: pd.DataFrame, rows: list[dict], study_
                "prior_targets": prior_targets}  # fmt: skip
     report_path.write_text(json.dumps(summary, indent=1))
     return PredictResult(out, points_dir, report_path, study_ids, missing, prior_targets)
-
-
-@dataclass
-class PointsComparison:
-    """One fold's held-out studies scored three ways: crops at predicted points, at labelled points, the prior."""
-
-    fold: int
-    studies: int
-    predicted_points: Any
-    labelled_points: Any
-    prior: Any
-    prediction: PredictResult
-
-    def format(self) -> str:
-        return (f"fold {self.fold} ({self.studies} held-out studies), official score: predicted points "
-                f"{self.predicted_points.total:.5f}, labelled points {self.labelled_points.total:.5f}, "
-                f"prior {self.prior.total:.5f}")  # fmt: skip
-
-
-def registered_version_of(cfg: Config, mlflow_run_id: str) -> str:
-    """``models:/<name>/<version>`` of the ensemble a CV parent run registered.
-
-    Raises:
-        ValueError: if that run registered nothing (an incomplete CV, or ``tracking.register_model`` off).
-    """
-    from mlflow import MlflowClient
-
-    from lumbar_ray.tracking import resolve_tracking_uri
-    from lumbar_ray.train.cv import REGISTERED_TAG
-
-    version = MlflowClient(resolve_tracking_uri(cfg)).get_run(mlflow_run_id).data.tags.get(REGISTERED_TAG)
-    if version is None:
-        raise ValueError(f"CV run {mlflow_run_id} registered no ensemble")
-    return f"models:/{cfg.tracking.model_name}/{version}"
-
-
-def compare_points_on_fold(cfg: Config, cv: Any, fold: int) -> PointsComparison:
-    """Score fold ``fold``'s held-out training studies with that fold's model on crops at *predicted* points
-    (the whole inference path: detectors, geometry, Ray Data), against its out-of-fold predictions at the
-    *labelled* points and the prior of the other folds. The detectors must not have seen the fold: use
-    ``localize.val_fold``.
-
-    Args:
-        cfg: the CV's config.
-        cv: its :class:`~lumbar_ray.train.cv.CVResult` (registered).
-        fold: the fold to score.
-    """
-    from lumbar_ray.baseline import fit_prior
-    from lumbar_ray.data.rsna import encode_labels, load_rsna
-    from lumbar_ray.metrics import score_arrays, score_submission, submission_to_probs
-
-    held_out = sorted(int(s) for s in cv.folds.loc[cv.folds["fold"] == fold, "study_id"])
-    out = Path(cfg.workdir) / "predict" / f"fold{fold}_predicted_points" / "submission.csv"
-    options = {"model": registered_version_of(cfg, cv.mlflow_run_id), "split": "train", "study_ids": held_out,
-               "fold": fold, "out": str(out), "data": None}  # fmt: skip
-    prediction = run_predict(cfg.model_copy(update={"predict": cfg.predict.model_copy(update=options)}))
-    train = load_rsna(data_root_for(cfg)).train
-    study_ids, labels = encode_labels(train)
-    in_fold = np.isin(study_ids, held_out)
-    predicted = score_submission(train[train["study_id"].isin(held_out)], pd.read_csv(out))
-    labelled = score_arrays(labels[in_fold], submission_to_probs(cv.oof, study_ids[in_fold]))
-    prior = fit_prior(labels[~in_fold])
-    prior_score = score_arrays(labels[in_fold], np.broadcast_to(prior, (int(in_fold.sum()), *prior.shape)))
-    comparison = PointsComparison(fold, len(held_out), predicted, labelled, prior_score, prediction)
-    _log_comparison(cfg, cv.mlflow_run_id, comparison)
-    logger.info("%s", comparison.format())
-    return comparison
-
-
-def _log_comparison(cfg: Config, run_id: str, comparison: PointsComparison) -> None:
-    """``points_fold<k>_{predicted,labelled,prior}`` on the CV's parent run, beside its ``cv_score``."""
-    from mlflow import MlflowClient
-
-    from lumbar_ray.tracking import log_values, resolve_tracking_uri
-
-    scores = {"predicted": comparison.predicted_points, "labelled": comparison.labelled_points,
-              "prior": comparison.prior}  # fmt: skip
-    values = {f"points_fold{comparison.fold}_{name}": score.total for name, score in scores.items()}
-    log_values(MlflowClient(resolve_tracking_uri(cfg)), run_id, values)

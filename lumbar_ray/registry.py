@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +28,17 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+import yaml
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from lumbar_ray.config import Config, TrackingConfig
+from lumbar_ray.config import Config, CropConfig, ModelConfig, TrackingConfig, cache_settings
 from lumbar_ray.constants import SEVERITIES, TARGETS, series_slug
+from lumbar_ray.models import build_model
+from lumbar_ray.provenance import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ MODEL_NAME_IN_RUN = "ensemble"
 SCORE_TAG = "cv_score"
 RUN_TAG = "mlflow_run_id"
 CV_RUN_TAG = "lumbar_ray.run_id"
+REGISTERED_TAG = "lumbar_ray.registered_version"
+"""Tag of a CV's MLflow run: the model version its ensemble was registered as (so a rerun registers no duplicate)."""
 DEFAULT_BATCH = 16
 # What the served model imports: torch/timm (the networks), numpy, and pydantic/PyYAML (lumbar_ray.config, which
 # the model builders read). Given explicitly: MLflow's inference of requirements is slow and needs the network.
@@ -79,11 +82,6 @@ def ensemble_contract(
             so that its held-out studies are scored without their own labels leaking in).
         detectors: the sagittal series types whose level detectors travel with the model.
     """
-    import timm
-
-    from lumbar_ray.data.preprocess import cache_settings
-    from lumbar_ray.tracking import package_version
-
     crop = cfg.crop
     return {
         "contract_version": CONTRACT_VERSION,
@@ -110,12 +108,7 @@ def ensemble_contract(
             "detectors": {description: detector_key(description) for description in detectors},
         },
         "folds": sorted(int(fold) for fold in folds),
-        "versions": {
-            "lumbar_ray": package_version(),
-            "torch": str(torch.__version__),  # a TorchVersion, which YAML (MLmodel metadata) cannot write
-            "timm": str(timm.__version__),
-            "mlflow": str(mlflow.__version__),
-        },
+        "versions": library_versions(("torch", "timm", "mlflow")),
     }
 
 
@@ -129,9 +122,6 @@ def signature_for(contract: dict[str, Any]) -> ModelSignature:
 
 def build_fold_model(contract: dict[str, Any], state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
     """One fold's network from the contract's configs and its weights, in eval mode on ``device``."""
-    from lumbar_ray.config import CropConfig, ModelConfig
-    from lumbar_ray.models import build_model
-
     # The weights come from the state dict: never download pretrained encoder weights to overwrite them.
     model_cfg = ModelConfig(**{**contract["model"], "pretrained": False})
     model = build_model(model_cfg, CropConfig(**contract["crop"]))
@@ -204,46 +194,10 @@ class RegisteredEnsemble:
         return f"{self.name} v{self.version} ({self.model_uri}); alias {self.alias!r} {held}"
 
 
-@contextmanager
-def mlflow_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's global tracking and registry URIs at ``uri`` for the block, then restore them exactly.
-
-    The fluent ``log_model``/``register_model``/``load_model`` calls read the globals; restoring the module state
-    and the environment variables keeps other stores in the process (and their subprocesses) untouched.
-    """
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@contextmanager
-def _in_run(client: MlflowClient, run_id: str) -> Iterator[None]:
-    """Make ``run_id`` the active run for the block and leave its status as it was (the CV finishes it)."""
-    status = client.get_run(run_id).info.status
-    mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
-    try:
-        yield
-    finally:
-        mlflow.end_run()
-        client.update_run(run_id, status=status)
-
-
 def _write_artifacts(
     states: dict[int, dict[str, torch.Tensor]], contract: dict[str, Any], folder: Path, detectors: dict[str, Path]
 ) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
     artifacts = {"contract": str(folder / CONTRACT_FILE)}
     for description, path in detectors.items():
         artifacts[detector_key(description)] = str(path)
@@ -255,14 +209,14 @@ def _write_artifacts(
     return artifacts
 
 
-def _alias_holder(client: MlflowClient, name: str, alias: str) -> Any:
+def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:  # no such alias (or model) yet
         return None
 
 
-def _should_move(holder: Any, cv_score: float) -> tuple[bool, float | None]:
+def _should_move(holder: ModelVersion | None, cv_score: float) -> tuple[bool, float | None]:
     """Whether the alias moves to a version scoring ``cv_score``, and the holder's score."""
     if holder is None:
         return True, None
@@ -272,6 +226,33 @@ def _should_move(holder: Any, cv_score: float) -> tuple[bool, float | None]:
         return False, None
     previous = float(text)
     return bool(cv_score < previous), previous
+
+
+def _save_model(folder: Path, states: dict[int, dict[str, torch.Tensor]], contract: dict[str, Any],
+                detectors: dict[str, Path]) -> Path:  # fmt: skip
+    """Write the pyfunc model (weights, contract, detectors, lumbar_ray's code) to ``folder/<name in run>``."""
+    artifacts = _write_artifacts(states, contract, folder / "artifacts", detectors)
+    model_dir = folder / MODEL_NAME_IN_RUN
+    mlflow.pyfunc.save_model(
+        path=str(model_dir),
+        python_model=FoldEnsemble(),
+        artifacts=artifacts,
+        code_paths=[str(Path(__file__).resolve().parent)],
+        signature=signature_for(contract),
+        pip_requirements=list(PIP_REQUIREMENTS),
+        metadata={"contract": contract},
+    )
+    return model_dir
+
+
+def _create_version(client: MlflowClient, name: str, source: str, run_id: str, tags: dict[str, str]) -> ModelVersion:
+    """A new version of registered model ``name`` (created on first use) whose files are at ``source``."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(name, source, run_id=run_id, tags=tags)
 
 
 def log_and_register(
@@ -284,6 +265,10 @@ def log_and_register(
     detectors: dict[str, Path] | None = None,
 ) -> RegisteredEnsemble:
     """Log the fold ensemble into the CV's parent run, register it and promote the alias if it scores better.
+
+    Only an explicit :class:`~mlflow.MlflowClient` is used (the model is saved locally, its files logged as the
+    run's ``ensemble`` artifacts and registered from there), so MLflow's global tracking URI and active run are
+    never touched.
 
     Args:
         states: fold -> state dict (CPU tensors) of that fold's best epoch.
@@ -304,21 +289,13 @@ def log_and_register(
         raise ValueError(f"detectors {sorted(detectors)} differ from the contract's")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name, alias = tracking_cfg.model_name, tracking_cfg.alias
-    cv_run_id = client.get_run(parent_run_id).data.tags.get(CV_RUN_TAG, "")
-    tags = {SCORE_TAG: repr(float(cv_score)), RUN_TAG: parent_run_id, CV_RUN_TAG: cv_run_id}
-    with tempfile.TemporaryDirectory() as folder, mlflow_uri(uri):
-        artifacts = _write_artifacts(states, contract, Path(folder), detectors)
-        with _in_run(client, parent_run_id):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME_IN_RUN,
-                python_model=FoldEnsemble(),
-                artifacts=artifacts,
-                code_paths=[str(Path(__file__).resolve().parent)],
-                signature=signature_for(contract),
-                pip_requirements=list(PIP_REQUIREMENTS),
-                metadata={"contract": contract},
-            )
-        version = mlflow.register_model(info.model_uri, name, tags=tags)
+    run = client.get_run(parent_run_id)
+    tags = {SCORE_TAG: repr(float(cv_score)), RUN_TAG: parent_run_id, CV_RUN_TAG: run.data.tags.get(CV_RUN_TAG, "")}
+    with tempfile.TemporaryDirectory() as folder:
+        model_dir = _save_model(Path(folder), states, contract, detectors)
+        client.log_artifacts(parent_run_id, str(model_dir), MODEL_NAME_IN_RUN)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_NAME_IN_RUN}"
+    version = _create_version(client, name, source, parent_run_id, tags)
     holder = _alias_holder(client, name, alias)
     move, previous = _should_move(holder, float(cv_score))
     if move:
@@ -329,6 +306,51 @@ def log_and_register(
         logger.info("registered %s v%s (cv %.5f); alias %r stays on v%s (%s)", name, version.version, cv_score,
                     alias, holder.version, previous)  # fmt: skip
     return RegisteredEnsemble(name, int(version.version), alias, move, previous, f"models:/{name}/{version.version}")
+
+
+class ModelNotFoundError(LookupError):
+    """A model URI that names no model, version or alias of the registry (or no lumbar_ray ensemble)."""
+
+
+def model_source(model_uri: str, tracking_uri: str) -> str:
+    """Where the files of a model live: ``models:/<name>/<version>`` and ``models:/<name>@<alias>`` resolved
+    through the registry; any other URI (``runs:/<id>/ensemble``, a folder) as it is.
+
+    Raises:
+        ModelNotFoundError: an unknown model name, version or alias (the message says which).
+    """
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    name, at, alias = model_uri.removeprefix("models:/").partition("@")
+    version = None if at else name.rpartition("/")[2]
+    name = name if at else name.rpartition("/")[0]
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise ModelNotFoundError(f"{model_uri}: no registered model named {name!r} in {tracking_uri}") from None
+    try:
+        version = client.get_model_version_by_alias(name, alias).version if at else version
+        return client.get_model_version_download_uri(name, version)
+    except MlflowException:
+        what = f"alias {alias!r}" if at else f"version {version!r}"
+        raise ModelNotFoundError(f"{model_uri}: registered model {name!r} has no {what}") from None
+
+
+def read_contract(model_uri: str, tracking_uri: str) -> dict[str, Any]:
+    """The data contract of a logged or registered ensemble, from its MLmodel file only (no weights downloaded).
+
+    Raises:
+        ModelNotFoundError: an unknown model, version or alias, or a model that carries no lumbar_ray contract.
+    """
+    source = model_source(model_uri, tracking_uri)
+    with tempfile.TemporaryDirectory() as folder:
+        path = mlflow.artifacts.download_artifacts(f"{source.rstrip('/')}/MLmodel", dst_path=folder,
+                                                   tracking_uri=tracking_uri)  # fmt: skip
+        metadata = yaml.safe_load(Path(path).read_text()).get("metadata") or {}
+    if not metadata.get("contract"):
+        raise ModelNotFoundError(f"{model_uri} is not a lumbar_ray fold ensemble (no contract in its metadata)")
+    return metadata["contract"]
 
 
 @dataclass
@@ -373,8 +395,9 @@ def load_ensemble(model_uri: str, tracking_uri: str) -> LoadedEnsemble:
         model_uri: any MLflow model URI of a :class:`FoldEnsemble`.
         tracking_uri: the store (and registry) holding it.
     """
-    with mlflow_uri(tracking_uri):
-        model = mlflow.pyfunc.load_model(model_uri)
+    source = model_source(model_uri, tracking_uri)
+    local = mlflow.artifacts.download_artifacts(source, tracking_uri=tracking_uri)
+    model = mlflow.pyfunc.load_model(local)
     contract = model.unwrap_python_model().contract
     logger.info("loaded %s: folds %s", model_uri, contract["folds"])
     return LoadedEnsemble(model, contract)

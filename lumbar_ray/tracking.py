@@ -1,127 +1,75 @@
-"""MLflow tracking of a k-fold CV: one parent run per CV, one child run per fold, epoch metrics from Ray workers.
+"""MLflow, generically: find-or-create runs by tags, child runs, params, metrics, texts and figures.
 
 Everything goes through an :class:`mlflow.MlflowClient` bound to an explicit tracking URI; this module never
 sets MLflow's global tracking URI or active run, so several stores can be used in one process (tests, a driver
-logging to a server while a worker logs elsewhere) without leaking into each other.
+logging to a server while a worker logs elsewhere) without leaking into each other. It knows nothing of the
+stages that use it: the CV's own tables and plots are logged by :mod:`lumbar_ray.train.report`, the detectors'
+by :mod:`lumbar_ray.localize.stage`.
 
-Runs are found again by tags, so an interrupted CV that is run again continues its runs instead of starting new
-ones:
-
-- parent: ``lumbar_ray.run_id=<CV run id>``, ``lumbar_ray.kind=cv``; it holds the resolved config (params
-  ``section.key`` and ``config.yaml``), the CV and prior scores, ``oof.csv``, ``folds.csv``,
-  ``skipped_points.csv`` and ``plots/*.png``;
-- child: ``mlflow.parentRunId=<parent>``, ``lumbar_ray.fold=<k>``, named ``fold<k>``; per-epoch metrics (logged
-  by :class:`RunLogger` on the rank-0 Ray worker, ``step`` = epoch, so a retried epoch overwrites its point) and
-  the fold's training curves.
+Runs are found again by tags, so an interrupted stage that is run again continues its runs instead of starting
+new ones: a stage's parent run by ``lumbar_ray.run_id`` (its stable id) and ``lumbar_ray.kind``, a child run by
+``mlflow.parentRunId`` and one tag of the caller's choosing (``lumbar_ray.fold=<k>``, ``lumbar_ray.detector``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import pandas as pd
+from matplotlib.figure import Figure
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, ViewType
+from mlflow.entities import Metric, Param, Run, RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 
-from lumbar_ray import plots
 from lumbar_ray.config import Config
-
-if TYPE_CHECKING:
-    from lumbar_ray.train.cv import CVResult, FoldOutcome
+from lumbar_ray.paths import tracking_uri_for
+from lumbar_ray.provenance import git_commit, package_version
 
 logger = logging.getLogger(__name__)
 
 RUN_ID_TAG = "lumbar_ray.run_id"
 KIND_TAG = "lumbar_ray.kind"
-FOLD_TAG = "lumbar_ray.fold"
 VERSION_TAG = "lumbar_ray.version"
 COMMIT_TAG = "lumbar_ray.git_commit"
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow's limits (mlflow.utils.validation); constants here so that a refactor there cannot break imports.
 _MAX_PARAM_LENGTH = 6000
-_MAX_PER_BATCH = 100
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+# Config sections keyed by dotted config paths: one JSON param each, or their keys would read as nested sections.
+_WHOLE_SECTIONS = ("tune.space",)
 
 
-def package_version() -> str:
-    """The installed lumbar_ray version, or ``unknown`` when run from a source tree that is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lumbar_ray")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def git_commit() -> str | None:
-    """The commit of the checkout lumbar_ray runs from, or None (not a checkout, no git, a slow filesystem)."""
-    try:
-        completed = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = completed.stdout.strip()
-    return commit if completed.returncode == 0 and commit else None
-
-
-def resolve_tracking_uri(cfg: Config) -> str:
-    """``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store ``<workdir>/mlflow.db``.
-
-    The default is absolute, so Ray workers started in other directories log to the same store.
-    """
-    if cfg.tracking.tracking_uri:
-        return cfg.tracking.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    workdir = Path(cfg.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{workdir / 'mlflow.db'}"
-
-
-def _artifact_location(uri: str) -> str | None:
-    """Artifacts of a local SQLite store go beside its database, not into ``./mlartifacts`` of the cwd."""
-    if not uri.startswith("sqlite:///"):
-        return None  # a server or a remote database chooses its own artifact root
-    database = Path(uri.removeprefix("sqlite:///"))
-    return (database.resolve().parent / "mlartifacts").as_uri()
-
-
-def flatten_config(cfg: Config) -> dict[str, str]:
-    """The resolved config as MLflow params: ``section.key -> value``.
+def flatten_params(tree: dict[str, Any], whole: tuple[str, ...] = _WHOLE_SECTIONS) -> dict[str, str]:
+    """A nested settings tree as MLflow params: ``section.key -> value``.
 
     Non-string values are JSON (``true``, ``null``, ``[1, 2]``) so that a param pasted back as an override
     (``key=value``) parses to the same value; values are cut to MLflow's length limit.
+
+    Args:
+        tree: nested dicts of plain values (e.g. ``Config.model_dump(mode="json")``).
+        whole: dotted prefixes logged as one JSON param each.
     """
     flat: dict[str, str] = {}
 
     def visit(prefix: str, node: Any) -> None:
-        # tune.space is keyed by dotted config paths: one JSON param, or its keys would read as nested sections.
-        if isinstance(node, dict) and prefix != "tune.space":
+        if isinstance(node, dict) and prefix not in whole:
             for key, value in node.items():
                 visit(f"{prefix}.{key}" if prefix else key, value)
             return
         text = node if isinstance(node, str) else json.dumps(node)
         flat[prefix] = text[:_MAX_PARAM_LENGTH]
 
-    visit("", cfg.model_dump(mode="json"))
+    visit("", tree)
     return flat
 
 
-def _chunks(items: list[Any], size: int = _MAX_PER_BATCH) -> Iterator[list[Any]]:
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -133,19 +81,31 @@ def quote(value: str) -> str:
     return f"'{value}'"
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def log_values(client: MlflowClient, run_id: str, values: dict[str, float], step: int = 0) -> None:
     """Log ``values`` as metrics of ``run_id`` at ``step``, in as few requests as MLflow's batch limit allows."""
-    stamp = _now_ms()
+    stamp = int(time.time() * 1000)
     metrics = [Metric(key, float(value), stamp, step) for key, value in values.items()]
-    for chunk in _chunks(metrics, 1000):  # MLflow's metrics-per-batch limit
+    for chunk in _chunks(metrics, _MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=chunk)
 
 
-def _reuse_run(client: MlflowClient, run: Any, what: str) -> str:
+def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    """Log ``params`` in batches of MLflow's limit; keys the run already has are left as they are."""
+    existing = client.get_run(run_id).data.params
+    new = [Param(key, value) for key, value in params.items() if key not in existing]
+    for chunk in _chunks(new, _MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=chunk)
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go beside its database, not into ``./mlartifacts`` of the cwd."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server or a remote database chooses its own artifact root
+    database = Path(uri.removeprefix("sqlite:///"))
+    return (database.resolve().parent / "mlartifacts").as_uri()
+
+
+def _reuse_run(client: MlflowClient, run: Run, what: str) -> str:
     run_id = run.info.run_id
     if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
         client.update_run(run_id, status="RUNNING")
@@ -177,18 +137,23 @@ def child_run(client: MlflowClient, parent: str, tag: str, value: str, kind: str
 
 
 class Tracker:
-    """The driver side of a CV's tracking: parent and child runs, CV metrics, artifacts and plots.
+    """One experiment of one MLflow store: find-or-create runs, log to them, end them.
 
     Args:
-        cfg: the resolved config; ``cfg.tracking`` names the store and the experiment.
+        uri: the tracking (and registry) URI.
+        experiment: the experiment's name; created (or restored, if deleted) when needed.
     """
 
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.uri = resolve_tracking_uri(cfg)
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        self.experiment_id = self._experiment(cfg.tracking.experiment)
-        logger.info("MLflow: experiment %r (%s) in %s", cfg.tracking.experiment, self.experiment_id, self.uri)
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.experiment_id = self._experiment(experiment)
+        logger.info("MLflow: experiment %r (%s) in %s", experiment, self.experiment_id, uri)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Tracker:
+        """The store and experiment a config names (``tracking.*``, see :func:`lumbar_ray.paths.tracking_uri_for`)."""
+        return cls(tracking_uri_for(cfg), cfg.tracking.experiment)
 
     def _experiment(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
@@ -204,89 +169,78 @@ class Tracker:
             self.client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
 
-    def find_run(self, filter_string: str) -> Any:
+    def find_run(self, tags: dict[str, str]) -> Run | None:
+        """The newest active run of the experiment carrying every one of ``tags``, or None."""
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=filter_string,
+            filter_string=" and ".join(f"tags.`{key}` = {quote(value)}" for key, value in tags.items()),
             run_view_type=ViewType.ACTIVE_ONLY,
             max_results=1,
             order_by=["attributes.start_time DESC"],
         )
         return runs[0] if runs else None
 
-    def reuse_run(self, run: Any, what: str) -> str:
-        return _reuse_run(self.client, run, what)
-
-    def parent_run(self, run_id: str, nest_under: str | None = None, kind: str = "cv") -> str:
-        """Find or create a stage's parent run; a new one gets the resolved config as params and ``config.yaml``.
+    def run_for(
+        self,
+        tags: dict[str, str],
+        run_name: str,
+        nest_under: str | None = None,
+        config: Config | None = None,
+        params: dict[str, str] | None = None,
+    ) -> str:
+        """Find the run carrying ``tags`` (a rerun continues it) or create it, with provenance tags.
 
         Args:
-            run_id: the stage's stable run id (e.g. :func:`lumbar_ray.train.cv.resolve_run_id`).
-            nest_under: an MLflow run (a tuning run) to hang this CV under as a child; None = top level.
-            kind: the stage (``cv``, ``localize``): runs are found again by run id and kind.
+            tags: the tags that identify the run (and are set on a new one).
+            run_name: the name of a new run.
+            nest_under: a run to hang a new run under as a child; None = top level.
+            config: a resolved config to log on a new run (params ``section.key`` and ``config.yaml``).
+            params: further params of a new run.
 
         Returns:
             The MLflow run id, with the run RUNNING.
         """
-        found = self.find_run(f"tags.`{RUN_ID_TAG}` = {quote(run_id)} and tags.`{KIND_TAG}` = {quote(kind)}")
+        found = self.find_run(tags)
         if found is not None:
-            return self.reuse_run(found, f"{kind} {run_id!r}")
-        tags = {RUN_ID_TAG: run_id, KIND_TAG: kind, VERSION_TAG: package_version()}
+            return _reuse_run(self.client, found, run_name)
+        new_tags = dict(tags) | {VERSION_TAG: package_version()}
         if nest_under:
-            tags[PARENT_TAG] = nest_under
+            new_tags[PARENT_TAG] = nest_under
         commit = git_commit()
         if commit:
-            tags |= {COMMIT_TAG: commit, "mlflow.source.git.commit": commit}
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_id)
-        parent = run.info.run_id
-        params = [Param(key, value) for key, value in flatten_config(self.cfg).items()]
-        for chunk in _chunks(params):
-            self.client.log_batch(parent, params=chunk)
-        self.client.log_text(parent, self.cfg.to_yaml(), "config.yaml")
-        logger.info("MLflow: created parent run %s for %s %r", parent, kind, run_id)
-        return parent
+            new_tags |= {COMMIT_TAG: commit, "mlflow.source.git.commit": commit}
+        run_id = self.client.create_run(self.experiment_id, tags=new_tags, run_name=run_name).info.run_id
+        if config is not None:
+            log_params(self.client, run_id, flatten_params(config.model_dump(mode="json")))
+            self.client.log_text(run_id, config.to_yaml(), "config.yaml")
+        if params:
+            log_params(self.client, run_id, params)
+        logger.info("MLflow: created run %s (%s)", run_id, run_name)
+        return run_id
 
-    def fold_run(self, parent: str, fold: int) -> str:
-        """Find or create fold ``fold``'s child run of ``parent`` (a rerun reuses it; epochs overwrite steps)."""
-        return child_run(self.client, parent, FOLD_TAG, str(int(fold)), "fold", f"fold{fold}")
+    def parent_run(self, run_id: str, kind: str, nest_under: str | None = None, config: Config | None = None) -> str:
+        """Find or create a stage's run by its stable id and kind (``cv``, ``localize``), see :meth:`run_for`."""
+        return self.run_for({RUN_ID_TAG: run_id, KIND_TAG: kind}, run_id, nest_under=nest_under, config=config)
 
-    def finish_fold(self, child: str, outcome: FoldOutcome) -> None:
-        """Log the fold's best score and epoch and its training curves, then end the child run."""
-        log_values(self.client, child, {"best_val_score": outcome.best_score, "best_epoch": outcome.best_epoch})
-        self.client.log_figure(child, plots.training_curves(outcome.history), "plots/training_curves.png")
-        self.client.set_terminated(child, "FINISHED")
+    def child_run(self, parent: str, tag: str, value: str, kind: str, run_name: str) -> str:
+        """See :func:`child_run`."""
+        return child_run(self.client, parent, tag, value, kind, run_name)
 
-    def log_cv(
-        self,
-        parent: str,
-        result: CVResult,
-        labels: np.ndarray,
-        probs: np.ndarray,
-        skipped_points: pd.DataFrame,
-    ) -> None:
-        """Log the CV's out-of-fold scores (``cv_*``) against the prior's (``prior_*``), tables and plots.
+    def log_values(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
+        """See :func:`log_values`."""
+        log_values(self.client, run_id, values, step)
 
-        Args:
-            parent: the parent run.
-            result: the CV result (scores, OOF submission frame, folds).
-            labels: ``(n, 25)`` labels of the scored studies (IGNORE_INDEX where empty).
-            probs: ``(n, 25, 3)`` their out-of-fold probabilities.
-            skipped_points: label points that could not be mapped to the cache (logged when any).
-        """
-        values = result.score.to_dict(prefix="cv_") | result.baseline.to_dict(prefix="prior_")
-        values |= {"cv_studies": float(len(labels)), "cv_folds": float(len(result.outcomes))}
-        log_values(self.client, parent, values)
-        self.client.log_text(parent, result.oof.to_csv(index=False), "oof.csv")
-        self.client.log_text(parent, result.folds.to_csv(index=False), "folds.csv")
-        if skipped_points is not None and len(skipped_points):
-            self.client.log_text(parent, skipped_points.to_csv(index=False), "skipped_points.csv")
-        self.client.log_figure(parent, plots.confusion_matrices(labels, probs), "plots/confusion_matrices.png")
-        self.client.log_figure(parent, plots.level_score_heatmap(labels, probs), "plots/level_scores.png")
-        logger.info("MLflow: CV metrics and artifacts logged to %s", parent)
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """A text artifact (CSV, JSON, YAML) of ``run_id``."""
+        self.client.log_text(run_id, text, artifact_file)
 
-    def finish(self, parent: str) -> None:
-        """End the parent run (FINISHED)."""
-        self.client.set_terminated(parent, "FINISHED")
+    def log_figure(self, run_id: str, figure: Figure, artifact_file: str) -> None:
+        """A matplotlib figure as an image artifact of ``run_id``."""
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        """End ``run_id`` with ``status`` (``FINISHED`` or ``FAILED``)."""
+        self.client.set_terminated(run_id, status)
 
 
 class RunLogger:

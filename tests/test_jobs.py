@@ -15,9 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lumbar_ray.config import PreprocessConfig, SynthConfig
+from lumbar_ray.config import PreprocessConfig, SynthConfig, cache_settings
 from lumbar_ray.data.cache import SeriesCache
-from lumbar_ray.data.preprocess import cache_settings
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.data.synthetic import write_dataset
 from lumbar_ray.metrics import validate_submission

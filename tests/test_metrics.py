@@ -12,7 +12,8 @@ import pytest
 import sklearn.metrics
 
 from lumbar_ray.constants import IGNORE_INDEX, SEVERITIES, SUBMISSION_COLUMNS, TARGETS, target_index
-from lumbar_ray.data.rsna import decode_labels, encode_labels, load_rsna
+from lumbar_ray.data.rsna import load_rsna
+from lumbar_ray.labels import decode_labels, encode_labels
 from lumbar_ray.metrics import (
     ScoreResult,
     labels_to_submission,

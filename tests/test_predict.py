@@ -16,7 +16,7 @@ import pytest
 from lumbar_ray.config import load_config
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.metrics import score_submission, validate_submission
-from lumbar_ray.predict import run_predict
+from lumbar_ray.pipeline import predict
 from tests.net import free_port, wait_for_http
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -53,7 +53,7 @@ def test_quickstart_prediction_is_a_valid_submission_with_points(trained_pipelin
     for study_id in test_ids:
         report = json.loads((prediction.points_dir / f"{study_id}.json").read_text())
         assert report["study_id"] == study_id and len(report["points"]) + len(report["unplaced_targets"]) == 25
-    assert result.cv.registered is not None and result.localize.weights
+    assert result.registered is not None and result.localize.weights
     assert json.loads(prediction.report_path.read_text())["prior_targets"] <= 0.2 * 25 * len(test_ids)
 
 
@@ -90,7 +90,7 @@ def test_model_pulled_by_alias_through_an_mlflow_server_predicts_the_test_studie
         "tracking": cfg.tracking.model_copy(update={"tracking_uri": mlflow_server}),
         "predict": cfg.predict.model_copy(update={"model": "models:/pipeline_ensemble@champion", "out": str(out)}),
     })  # fmt: skip
-    prediction = run_predict(served)
+    prediction = predict(served)
     test_ids = sorted(load_rsna(result.data_root).test_series["study_id"].unique())
     submission = validate_submission(pd.read_csv(out), study_ids=test_ids)  # 25 rows each, sums 1, no NaN
     assert not submission.isna().any().any() and len(submission) == 25 * len(test_ids)

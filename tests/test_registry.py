@@ -46,12 +46,12 @@ def registered(tmp_path_factory):
         "model": {"arch": "tiny"},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "registry-tests"},
     })  # fmt: skip
-    tracker = Tracker(cfg)
+    tracker = Tracker.from_config(cfg)
     contract = ensemble_contract(cfg, FOLDS)
     global_uri = mlflow.get_tracking_uri()
     results, states, parents = [], [], []
     for i, score in enumerate((0.5, 0.6, 0.4)):
-        parent = tracker.parent_run(f"cv-{i}")
+        parent = tracker.parent_run(f"cv-{i}", kind="cv")
         state = _states(cfg, seed=i)
         results.append(log_and_register(state, contract, cfg.tracking, tracker.uri, parent, score))
         states.append(state)
@@ -127,6 +127,7 @@ def test_contract(registered, tmp_path: Path) -> None:
     assert contract["model"]["arch"] == "tiny"
     assert contract["preprocess"]["dtype"] == "uint8" and contract["preprocess"]["image_size"] == 256
     assert set(contract["versions"]) == {"lumbar_ray", "torch", "timm", "mlflow"}
+    assert all(isinstance(version, str) and version for version in contract["versions"].values())
     # the registered artifact holds the same contract, readable without lumbar_ray
     client = MlflowClient(tracking_uri=registered["uri"], registry_uri=registered["uri"])
     cfg = registered["cfg"]
@@ -167,3 +168,16 @@ def test_registered_model_loads_in_a_fresh_process_from_its_own_code(registered,
     module_file, shape = completed.stdout.strip().splitlines()[-2:]
     assert Path(module_file).parts[-3:] == ("code", "lumbar_ray", "__init__.py")
     assert shape == "(2, 25, 3)"
+
+
+def test_unknown_model_alias_or_version_is_named(registered) -> None:
+    from lumbar_ray.registry import ModelNotFoundError, read_contract
+
+    cfg, uri = registered["cfg"], registered["uri"]
+    with pytest.raises(ModelNotFoundError, match="no registered model named 'nope'"):
+        load_ensemble("models:/nope@champion", uri)
+    with pytest.raises(ModelNotFoundError, match="has no alias 'gold'"):
+        read_contract(f"models:/{cfg.tracking.model_name}@gold", uri)
+    with pytest.raises(ModelNotFoundError, match="has no version '9'"):
+        read_contract(f"models:/{cfg.tracking.model_name}/9", uri)
+    assert read_contract(f"models:/{cfg.tracking.model_name}/2", uri) == registered["contract"]

@@ -5,7 +5,7 @@ Layout under a cache root (a local folder or any URI pyarrow understands, e.g. `
     <root>/<key>/                       key = "pp-" + hash of the preprocessing settings and FORMAT_VERSION
         config.json                     the settings that produced this version
         series/<study_id>/<series_id>.npy    uint8 volume, shape (n_slices, size, size)
-        series/<study_id>/<series_id>.json   per-slice geometry, scale factors, intensity window, warnings
+        series/<study_id>/<series_id>.json   SeriesMeta: per-slice geometry, scales, intensity window, warnings
         manifest.parquet                one row per cached series (rewritten at the end of each run)
         failures.csv                    problems of the latest run: study, series, file, kind, error, outcome
 
@@ -22,17 +22,18 @@ is resized from its instance's own grid to ``size x size``; a point maps with pi
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
+
+from lumbar_ray.config import settings_hash
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.parquet"
@@ -42,8 +43,7 @@ FAILURE_COLUMNS = ("study_id", "series_id", "split", "file", "kind", "error", "o
 
 def cache_key(settings: dict[str, Any]) -> str:
     """Version key of a cache: a hash of the settings that change cached bytes, and the format version."""
-    payload = json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True)
-    return "pp-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
+    return settings_hash({"format": FORMAT_VERSION, **settings}, "pp-")
 
 
 def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -54,21 +54,167 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(text)
 
 
+def _to_json_value(value: Any) -> Any:
+    """A tuple (a per-slice vector) as the list JSON stores; anything else unchanged."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _from_json_value(value: Any) -> Any:
+    """A JSON list (a per-slice vector) as a tuple, so the metadata stays immutable; anything else unchanged."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
+class StackMeta:
+    """One orientation group of a cached series: slices ``start:stop`` of the volume.
+
+    Attributes:
+        start: index of the stack's first slice in the cached volume.
+        stop: one past its last slice.
+        orientation: the stack's mean ImageOrientationPatient (row then column direction cosines), or None for the
+            stack of slices lacking geometry.
+        normal: its unit normal ``row x column`` (slices are sorted along it), or None likewise.
+    """
+
+    start: int
+    stop: int
+    orientation: tuple[float, ...] | None
+    normal: tuple[float, ...] | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object stored in the entry's ``stacks`` list."""
+        return {field.name: _to_json_value(getattr(self, field.name)) for field in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StackMeta:
+        """Inverse of :meth:`to_json`."""
+        return cls(**{field.name: _from_json_value(data[field.name]) for field in fields(cls)})
+
+
+@dataclass(frozen=True)
+class SliceTable:
+    """Per-slice geometry of a cached series: one tuple per field, one item per slice in volume order.
+
+    Vectors are tuples; a slice lacking a DICOM value has None there (and NaN in ``position_along_normal``).
+
+    Attributes:
+        instance_number: InstanceNumber (None when absent; may repeat across stacks).
+        stack: index of the slice's stack in :attr:`SeriesMeta.stacks`.
+        position: ImagePositionPatient (mm) of the centre of original pixel (0, 0).
+        orientation: ImageOrientationPatient: row direction cosines then column direction cosines.
+        pixel_spacing: PixelSpacing (row spacing, column spacing) in mm, in the original grid.
+        original_shape: the instance's own (rows, columns).
+        scale: ``(scale_y, scale_x)``: cache pixels per original pixel.
+        resized: whether the reader resized the slice to its stack's modal shape.
+        position_along_normal: projection of ``position`` on the stack's normal (mm).
+        file_name: the DICOM file's base name.
+    """
+
+    instance_number: tuple[int | None, ...]
+    stack: tuple[int, ...]
+    position: tuple[tuple[float, float, float] | None, ...]
+    orientation: tuple[tuple[float, float, float, float, float, float] | None, ...]
+    pixel_spacing: tuple[tuple[float, float] | None, ...]
+    original_shape: tuple[tuple[int, int], ...]
+    scale: tuple[tuple[float, float], ...]
+    resized: tuple[bool, ...]
+    position_along_normal: tuple[float, ...]
+    file_name: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        lengths = {field.name: len(getattr(self, field.name)) for field in fields(self)}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"per-slice fields differ in length: {lengths}")
+
+    def __len__(self) -> int:
+        return len(self.instance_number)
+
+    def to_json(self) -> dict[str, list]:
+        """The ``slices`` JSON object: field -> list over slices (vectors as lists, missing values null)."""
+        return {field.name: [_to_json_value(v) for v in getattr(self, field.name)] for field in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, list]) -> SliceTable:
+        """Inverse of :meth:`to_json`."""
+        return cls(**{field.name: tuple(_from_json_value(v) for v in data[field.name]) for field in fields(cls)})
+
+
+_ID_FIELDS = ("study_id", "series_id", "split", "series_description")
+
+
+@dataclass(frozen=True)
+class SeriesMeta:
+    """The metadata of one cache entry (its ``.json``): what maps points to and from the original images.
+
+    Attributes:
+        size: in-plane size of every cached slice (``size x size``).
+        intensity_window: ``(low, high)`` in rescaled DICOM units, mapped to 0..255.
+        stacks: the orientation groups, in volume order.
+        slices: per-slice geometry.
+        dicom: the whitelisted DICOM tags common to every file of the series (plain JSON values).
+        warnings: handled oddities (several orientations, mixed shapes, incomplete geometry).
+        study_id: the study; None until the preprocessing job names the entry.
+        series_id: the series; likewise.
+        split: ``train`` or ``test``; likewise.
+        series_description: e.g. ``Sagittal T1``; likewise.
+    """
+
+    size: int
+    intensity_window: tuple[float, float]
+    stacks: tuple[StackMeta, ...]
+    slices: SliceTable
+    dicom: dict[str, Any]
+    warnings: tuple[str, ...]
+    study_id: int | None = None
+    series_id: int | None = None
+    split: str | None = None
+    series_description: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object stored on disk.
+
+        Key order and values are those of the format's first version (existing caches stay valid and a rewrite
+        gives the same bytes); the ids are written only once set.
+        """
+        out = {
+            "size": self.size,
+            "intensity_window": list(self.intensity_window),
+            "stacks": [stack.to_json() for stack in self.stacks],
+            "slices": self.slices.to_json(),
+            "dicom": dict(self.dicom),
+            "warnings": list(self.warnings),
+        }
+        return out | {name: getattr(self, name) for name in _ID_FIELDS if getattr(self, name) is not None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SeriesMeta:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            size=data["size"],
+            intensity_window=tuple(data["intensity_window"]),
+            stacks=tuple(StackMeta.from_json(stack) for stack in data["stacks"]),
+            slices=SliceTable.from_json(data["slices"]),
+            dicom=dict(data["dicom"]),
+            warnings=tuple(data["warnings"]),
+            **{name: data.get(name) for name in _ID_FIELDS},
+        )
+
+
 @dataclass
 class CachedSeries:
     """One cached series: the volume and what is needed to map points to and from the original images."""
 
     volume: np.ndarray
-    meta: dict[str, Any]
+    meta: SeriesMeta
 
     @property
     def instance_numbers(self) -> np.ndarray:
-        return np.asarray(self.meta["slices"]["instance_number"])
+        return np.asarray(self.meta.slices.instance_number)
 
     @property
     def scale(self) -> np.ndarray:
         """Per-slice ``(scale_y, scale_x)``: cache pixels per original pixel."""
-        return np.asarray(self.meta["slices"]["scale"], dtype=np.float64)
+        return np.asarray(self.meta.slices.scale, dtype=np.float64)
 
     def slice_of_instance(self, instance_number: int) -> int:
         """Index in the cached volume of the slice with this InstanceNumber.
@@ -78,14 +224,21 @@ class CachedSeries:
         """
         matches = np.flatnonzero(self.instance_numbers == instance_number)
         if len(matches) == 0:
-            raise KeyError(f"series {self.meta['series_id']} has no instance {instance_number}")
+            raise KeyError(f"series {self.meta.series_id} has no instance {instance_number}")
         return int(matches[0])
+
+    def original_to_cache_at(self, index: int, x: float, y: float) -> tuple[float, float]:
+        """Map a point of slice ``index``'s original grid (x = column, y = row) to ``(x, y)`` in the cache.
+
+        By index rather than InstanceNumber: instance numbers may repeat across the stacks of a series.
+        """
+        scale_y, scale_x = self.scale[index]
+        return (x + 0.5) * scale_x - 0.5, (y + 0.5) * scale_y - 0.5
 
     def original_to_cache(self, instance_number: int, x: float, y: float) -> tuple[int, float, float]:
         """Map a point of an instance's own pixel grid (x = column, y = row) to ``(slice, x, y)`` in the cache."""
         index = self.slice_of_instance(instance_number)
-        scale_y, scale_x = self.scale[index]
-        return index, (x + 0.5) * scale_x - 0.5, (y + 0.5) * scale_y - 0.5
+        return index, *self.original_to_cache_at(index, x, y)
 
     def cache_to_original(self, index: int, x: float, y: float) -> tuple[int, float, float]:
         """Map a cache point ``(slice, x, y)`` back to ``(instance_number, x, y)`` in that instance's grid."""
@@ -125,13 +278,13 @@ class SeriesCache:
         """Whether the entry is complete (its ``.json`` commit marker exists)."""
         return self.fs.get_file_info(self._entry(study_id, series_id, "json")).type == pafs.FileType.File
 
-    def write(self, study_id: int, series_id: int, volume: np.ndarray, meta: dict[str, Any]) -> None:
+    def write(self, study_id: int, series_id: int, volume: np.ndarray, meta: SeriesMeta) -> None:
         """Write one entry atomically: the volume first, then the metadata that commits it."""
         self.fs.create_dir(f"{self.path}/series/{study_id}", recursive=True)
         buffer = io.BytesIO()
         np.save(buffer, volume, allow_pickle=False)
         self._write_bytes(self._entry(study_id, series_id, "npy"), buffer.getvalue())
-        self._write_bytes(self._entry(study_id, series_id, "json"), json.dumps(meta).encode())
+        self._write_bytes(self._entry(study_id, series_id, "json"), json.dumps(meta.to_json()).encode())
 
     def _write_bytes(self, path: str, data: bytes) -> None:
         temporary = f"{path}.tmp-{uuid.uuid4().hex}"
@@ -139,10 +292,10 @@ class SeriesCache:
             stream.write(data)
         self.fs.move(temporary, path)  # rename: readers see the old file or the whole new one
 
-    def read_meta(self, study_id: int, series_id: int) -> dict[str, Any]:
+    def read_meta(self, study_id: int, series_id: int) -> SeriesMeta:
         """The metadata of one entry."""
         with self.fs.open_input_stream(self._entry(study_id, series_id, "json")) as stream:
-            return json.loads(stream.read())
+            return SeriesMeta.from_json(json.loads(stream.read()))
 
     def read(self, study_id: int, series_id: int, mmap: bool = False) -> CachedSeries:
         """Load one entry; ``mmap`` memory-maps the volume of a local cache (crops read only what they need)."""
@@ -199,15 +352,15 @@ MANIFEST_COLUMNS = (
 )
 
 
-def manifest_row(meta: dict[str, Any]) -> dict[str, Any]:
+def manifest_row(meta: SeriesMeta) -> dict[str, Any]:
     """The manifest row of one entry, from its metadata."""
     return {
-        "study_id": int(meta["study_id"]),
-        "series_id": int(meta["series_id"]),
-        "split": meta["split"],
-        "series_description": meta["series_description"],
-        "n_slices": len(meta["slices"]["instance_number"]),
-        "n_stacks": len(meta["stacks"]),
-        "size": int(meta["size"]),
-        "warnings": ";".join(meta["warnings"]),
+        "study_id": int(meta.study_id),
+        "series_id": int(meta.series_id),
+        "split": meta.split,
+        "series_description": meta.series_description,
+        "n_slices": len(meta.slices),
+        "n_stacks": len(meta.stacks),
+        "size": int(meta.size),
+        "warnings": ";".join(meta.warnings),
     }

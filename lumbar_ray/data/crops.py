@@ -34,6 +34,7 @@ from lumbar_ray.constants import (
     CONDITION_TITLES,
     IGNORE_INDEX,
     LEVEL_TITLES,
+    POINT_COLUMNS,
     TARGETS,
     target_index,
 )
@@ -42,7 +43,6 @@ from lumbar_ray.data.cache import CachedSeries, SeriesCache
 
 logger = logging.getLogger(__name__)
 
-POINT_COLUMNS = ("study_id", "target", "series_id", "slice", "x", "y")
 SKIPPED_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "reason")
 PROGRESS_MIN_SERIES = 50  # fewer series map in well under a second: no progress bar
 
@@ -106,6 +106,40 @@ def _progress(iterable, total: int, description: str):
     )
 
 
+def _usable_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """Rows with a known target, the first of each ``(study, target)``; the others as skipped rows with a reason."""
+    skipped = [_skip(row, "unknown condition or level") for row in frame[frame["target"] < 0].itertuples(index=False)]
+    frame = frame[frame["target"] >= 0]
+    duplicate = frame.duplicated(["study_id", "target"], keep="first")
+    if duplicate.any():
+        logger.info("%d coordinate rows repeat a (study, target): the first row of each is kept", int(duplicate.sum()))
+    skipped += [_skip(row, "duplicate (study, target): first row kept")
+                for row in frame[duplicate].itertuples(index=False)]  # fmt: skip
+    return frame[~duplicate], skipped
+
+
+def _map_series_points(
+    entry: CachedSeries, group: pd.DataFrame, study_id: int, series_id: int, description: str | None
+) -> tuple[list[dict], list[dict], int]:
+    """The label points of one series in cache pixels, the rows that do not map (with the reason), and how many
+    mapped points belong to a condition read on another series type than ``description``."""
+    size = int(entry.meta.size)
+    rows, skipped, mismatched = [], [], 0
+    for row in group.itertuples(index=False):
+        try:
+            index, x, y = entry.original_to_cache(int(row.instance_number), float(row.x), float(row.y))
+        except KeyError:
+            skipped.append(_skip(row, "instance not in the cached series"))
+            continue
+        if not (-0.5 <= x <= size - 0.5 and -0.5 <= y <= size - 0.5):
+            skipped.append(_skip(row, "point outside the image"))
+            continue
+        mismatched += description != CONDITION_SERIES[_CONDITION_KEYS[str(row.condition)]]
+        rows.append({"study_id": study_id, "target": int(row.target), "series_id": series_id, "slice": index,
+                     "x": x, "y": y})  # fmt: skip
+    return rows, skipped, mismatched
+
+
 def points_from_coordinates(coordinates: pd.DataFrame, cache: SeriesCache, series: pd.DataFrame) -> PointsResult:
     """Map the ground-truth label coordinates (original pixels) to POINTS in the cache grid.
 
@@ -123,53 +157,23 @@ def points_from_coordinates(coordinates: pd.DataFrame, cache: SeriesCache, serie
     Returns:
         The POINTS frame and the skipped rows.
     """
-    frame = _with_targets(coordinates)
-    skipped: list[dict] = []
-    for row in frame[frame["target"] < 0].itertuples(index=False):
-        skipped.append(_skip(row, "unknown condition or level"))
-    frame = frame[frame["target"] >= 0]
-    duplicate = frame.duplicated(["study_id", "target"], keep="first")
-    if duplicate.any():
-        logger.info("%d coordinate rows repeat a (study, target): the first row of each is kept", int(duplicate.sum()))
-    for row in frame[duplicate].itertuples(index=False):
-        skipped.append(_skip(row, "duplicate (study, target): first row kept"))
-    frame = frame[~duplicate]
-
+    frame, skipped = _usable_rows(_with_targets(coordinates))
     listed = set(zip(series["study_id"].astype(int), series["series_id"].astype(int), strict=True))
     descriptions = dict(zip(series["series_id"].astype(int), series["series_description"].astype(str), strict=True))
     cached = cache.cached_keys()
-
     rows: list[dict] = []
     mismatched = 0
     groups = frame.groupby(["study_id", "series_id"], sort=True)
     for (study_id, series_id), group in _progress(groups, groups.ngroups, "mapping label points"):
-        study_id, series_id = int(study_id), int(series_id)
-        entry, reason = _series_entry(cache, study_id, series_id, listed, cached)
+        entry, reason = _series_entry(cache, int(study_id), int(series_id), listed, cached)
         if entry is None:
             skipped.extend(_skip(row, reason) for row in group.itertuples(index=False))
             continue
-        size = int(entry.meta["size"])
-        for row in group.itertuples(index=False):
-            try:
-                index, x, y = entry.original_to_cache(int(row.instance_number), float(row.x), float(row.y))
-            except KeyError:
-                skipped.append(_skip(row, "instance not in the cached series"))
-                continue
-            if not (-0.5 <= x <= size - 0.5 and -0.5 <= y <= size - 0.5):
-                skipped.append(_skip(row, "point outside the image"))
-                continue
-            expected = CONDITION_SERIES[_CONDITION_KEYS[str(row.condition)]]
-            mismatched += descriptions.get(series_id) != expected
-            rows.append(
-                {
-                    "study_id": study_id,
-                    "target": int(row.target),
-                    "series_id": series_id,
-                    "slice": index,
-                    "x": x,
-                    "y": y,
-                }
-            )
+        mapped, not_mapped, other_type = _map_series_points(entry, group, int(study_id), int(series_id),
+                                                            descriptions.get(int(series_id)))  # fmt: skip
+        rows += mapped
+        skipped += not_mapped
+        mismatched += other_type
     if mismatched:
         # Kept: the point is still a valid point of its own series; the crop just shows another contrast.
         logger.warning("%d label points lie on a series of another type than their condition's", mismatched)

@@ -31,6 +31,8 @@ Rules (every caller relies on them):
   each instance's own grid; :meth:`Stack.original_to_stack` and :meth:`Stack.stack_to_original` map points
   (``x`` = column, ``y`` = row, pixel centres at integers) with
   ``x_stack = (x + 0.5) * cols_stack / cols_orig - 0.5``.
+* **Pixel <-> patient.** :func:`pixel_to_patient` and :func:`patient_to_pixel` are the one place of the rule
+  ``IPP + column * column_spacing * row_direction + row * row_spacing * column_direction``.
 * **Privacy.** Only tags in :data:`WHITELISTED_TAGS` (geometry and acquisition parameters) leave this module,
   converted to plain Python types; the pydicom ``Dataset`` is never returned. ``DicomSeries.meta`` holds the
   whitelisted tags whose value is the same in every file of the series.
@@ -125,6 +127,61 @@ class DicomReadError(ValueError):
         return (type(self), (self.path, self.cause, self.kind))
 
 
+def _directions(orientation: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The row and column direction cosines of an ImageOrientationPatient, as float64 vectors."""
+    cosines = np.asarray(orientation, dtype=np.float64)
+    return cosines[:3], cosines[3:]
+
+
+def pixel_to_patient(
+    position: Sequence[float], orientation: Sequence[float], pixel_spacing: Sequence[float], column: float, row: float
+) -> np.ndarray:
+    """Patient coordinates (mm) of a point of a slice's own pixel grid: DICOM's one pixel -> patient rule.
+
+    ``position + column * column_spacing * row_direction + row * row_spacing * column_direction``: PixelSpacing is
+    (between rows, between columns), so a step along the columns moves along the *row* direction (the first three
+    ImageOrientationPatient cosines). Pixel centres sit at integer coordinates.
+
+    Args:
+        position: ImagePositionPatient (mm): the centre of pixel (row 0, column 0).
+        orientation: ImageOrientationPatient: row direction cosines, then column direction cosines.
+        pixel_spacing: PixelSpacing: (row spacing, column spacing) in mm.
+        column: x, the column (may be fractional).
+        row: y, the row.
+
+    Returns:
+        (3,) float64 point; NaN where ``position`` is None (a slice without geometry).
+    """
+    row_dir, col_dir = _directions(orientation)
+    row_spacing, col_spacing = (float(v) for v in pixel_spacing)
+    return np.asarray(position, dtype=np.float64) + column * col_spacing * row_dir + row * row_spacing * col_dir
+
+
+def patient_to_pixel(
+    position: Sequence[float], orientation: Sequence[float], pixel_spacing: Sequence[float], point: Sequence[float]
+) -> tuple[float, float, float]:
+    """Inverse of :func:`pixel_to_patient`: a patient point's ``(column, row)`` on a slice and its plane distance.
+
+    The point is projected orthogonally onto the slice's plane; the direction cosines are orthonormal, so the
+    projection's in-plane coordinates are plain dot products.
+
+    Args:
+        position: ImagePositionPatient (mm).
+        orientation: ImageOrientationPatient (row direction, then column direction).
+        pixel_spacing: PixelSpacing (row spacing, column spacing) in mm.
+        point: (3,) patient coordinates (mm).
+
+    Returns:
+        ``(column, row, distance)``: fractional pixel coordinates of the projection, and the signed distance (mm)
+        from the plane along its normal ``row direction x column direction`` (positive on the normal's side).
+    """
+    row_dir, col_dir = _directions(orientation)
+    row_spacing, col_spacing = (float(v) for v in pixel_spacing)
+    offset = np.asarray(point, dtype=np.float64) - np.asarray(position, dtype=np.float64)
+    distance = float(np.dot(np.cross(row_dir, col_dir), offset))
+    return float(np.dot(offset, row_dir)) / col_spacing, float(np.dot(offset, col_dir)) / row_spacing, distance
+
+
 @dataclass(frozen=True, slots=True)
 class SliceGeometry:
     """Geometry of one instance, in its own (original) pixel grid.
@@ -160,11 +217,7 @@ class SliceGeometry:
         """
         if self.position is None or self.orientation is None or self.pixel_spacing is None:
             raise ValueError(f"{self.file_name}: position, orientation or pixel spacing missing")
-        row_dir = np.asarray(self.orientation[:3])
-        col_dir = np.asarray(self.orientation[3:])
-        # PixelSpacing is (between rows, between columns): a column step x moves along the row direction.
-        row_spacing, col_spacing = self.pixel_spacing
-        return np.asarray(self.position) + x * col_spacing * row_dir + y * row_spacing * col_dir
+        return pixel_to_patient(self.position, self.orientation, self.pixel_spacing, x, y)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """DICOM series -> the cache that training, tuning and inference read: a Ray Data job.
 
-The pure core (:func:`preprocess_series`) turns one series read by :func:`lumbar_ray.data.dicom.read_series`
-into a cache entry:
+The pure core (:func:`lumbar_ray.data.volume.preprocess_series`) turns one series read by
+:func:`lumbar_ray.data.dicom.read_series` into a cache entry:
 
 - intensities: per series, clipped to the ``clip_percentiles`` of all its voxels (after rescale and
   MONOCHROME1 inversion) and mapped linearly to uint8 0..255 (a constant series maps to 0); the window in
@@ -23,21 +23,21 @@ retried (Ray Data's actor-pool defaults). Entries written by a run that was kill
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.config import PreprocessConfig
+from lumbar_ray.config import PreprocessConfig, cache_settings
 from lumbar_ray.data.cache import FAILURE_COLUMNS, MANIFEST_COLUMNS, SeriesCache, manifest_row
-from lumbar_ray.data.dicom import DicomReadError, DicomSeries, read_series
+from lumbar_ray.data.dicom import DicomReadError, read_series
 from lumbar_ray.data.rsna import load_rsna
+from lumbar_ray.data.volume import preprocess_series
+from lumbar_ray.raytools import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -55,111 +55,6 @@ STATUS_COLUMNS = (
     "error",
     "warnings",
 )
-
-
-def cache_settings(cfg: PreprocessConfig) -> dict[str, Any]:
-    """The settings that change cached bytes (and so define the cache version)."""
-    return {"image_size": cfg.image_size, "clip_percentiles": list(cfg.clip_percentiles), "dtype": "uint8"}
-
-
-def intensity_window(volume: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
-    """The series' clipping window: the given percentiles of all voxels.
-
-    A strided sample of about 100k voxels is used: its percentiles differ from the full volume's by far less
-    than one output grey level, and partitioning every voxel cost more than decoding them (profiled).
-    """
-    flat = volume.reshape(-1)
-    step = max(1, flat.size // 100_000)
-    low, high = np.percentile(flat[::step], percentiles)
-    return float(low), float(high)
-
-
-def to_uint8(image: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Clip to ``[low, high]`` and map linearly to 0..255 (a flat window maps everything to 0)."""
-    if high <= low:
-        return np.zeros(image.shape, dtype=np.uint8)
-    scaled = np.subtract(image, np.float32(low), dtype=np.float32)
-    scaled *= np.float32(255.0 / (high - low))
-    np.clip(scaled, 0.0, 255.0, out=scaled)
-    return np.rint(scaled, out=scaled).astype(np.uint8)
-
-
-def resize_slice(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize one slice to ``size x size``: area averaging when shrinking (no aliasing), bilinear when growing."""
-    shrinking = image.shape[0] > size or image.shape[1] > size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-
-
-def series_warnings(series: DicomSeries) -> list[str]:
-    """Handled oddities worth reporting: several orientations, mixed slice shapes, incomplete geometry."""
-    warnings = []
-    if len(series.stacks) > 1:
-        warnings.append(f"multiple_orientations: {len(series.stacks)} stacks")
-    resized = sum(int(np.sum(stack.resized)) for stack in series.stacks)
-    if resized:
-        warnings.append(f"mixed_shapes: {resized} slices resized to their stack's modal shape")
-    if not series.geometry_complete:
-        warnings.append("incomplete_geometry: slices without position/orientation ordered by instance number")
-    return warnings
-
-
-def preprocess_series(series: DicomSeries, cfg: PreprocessConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """One series -> ``(uint8 volume (n, size, size), metadata)`` as stored in the cache."""
-    size = cfg.image_size
-    volumes = [stack.volume for stack in series.stacks]
-    flat = volumes[0].reshape(-1) if len(volumes) == 1 else np.concatenate([v.reshape(-1) for v in volumes])
-    low, high = intensity_window(flat, cfg.clip_percentiles)
-    resized = np.empty((series.n_slices, size, size), dtype=np.float32)
-    slices: dict[str, list] = {
-        key: []
-        for key in (
-            "instance_number",
-            "stack",
-            "position",
-            "orientation",
-            "pixel_spacing",
-            "original_shape",
-            "scale",
-            "resized",
-            "position_along_normal",
-            "file_name",
-        )
-    }
-    stacks = []
-    index = 0
-    for stack_index, stack in enumerate(series.stacks):
-        stacks.append(
-            {
-                "start": index,
-                "stop": index + stack.n_slices,
-                "orientation": None if stack.orientation is None else [float(v) for v in stack.orientation],
-                "normal": None if stack.normal is None else [float(v) for v in stack.normal],
-            }
-        )
-        for i, geometry in enumerate(stack.geometry):
-            resized[index] = resize_slice(stack.volume[i], size)
-            rows, cols = geometry.shape
-            slices["instance_number"].append(geometry.instance_number)
-            slices["stack"].append(stack_index)
-            slices["position"].append(None if geometry.position is None else list(geometry.position))
-            slices["orientation"].append(None if geometry.orientation is None else list(geometry.orientation))
-            slices["pixel_spacing"].append(None if geometry.pixel_spacing is None else list(geometry.pixel_spacing))
-            slices["original_shape"].append([rows, cols])
-            slices["scale"].append([size / rows, size / cols])
-            slices["resized"].append(bool(stack.resized[i]))
-            slices["position_along_normal"].append(float(stack.positions_along_normal[i]))
-            slices["file_name"].append(geometry.file_name)
-            index += 1
-    out = to_uint8(resized, low, high)  # after resizing: fewer pixels to convert (and no double rounding)
-    meta = {
-        "size": size,
-        "intensity_window": [low, high],
-        "stacks": stacks,
-        "slices": slices,
-        "dicom": series.meta,
-        "warnings": series_warnings(series),
-    }
-    return out, meta
 
 
 def _failure_file(error: Exception, folder: Path) -> str:
@@ -195,12 +90,9 @@ def process_row(row: dict[str, Any], cache: SeriesCache, cfg: PreprocessConfig) 
     except Exception as error:  # a bug or an exotic file must not kill the job: record it, name the series
         logger.exception("unexpected error on series %s/%s", study_id, series_id)
         return status | {"status": "failed", "kind": type(error).__name__, "file": "", "error": str(error)}
-    meta |= {
-        "study_id": study_id,
-        "series_id": series_id,
-        "split": row["split"],
-        "series_description": row["series_description"],
-    }
+    meta = replace(
+        meta, study_id=study_id, series_id=series_id, split=row["split"], series_description=row["series_description"]
+    )
     cache.write(study_id, series_id, volume, meta)
     return status | manifest_row(meta) | {"status": "done"}
 
@@ -294,20 +186,6 @@ class PreprocessSummary:
         return "\n".join(lines)
 
 
-def ensure_ray() -> None:
-    """Connect to Ray once: the cluster named by ``RAY_ADDRESS`` (set inside ``ray job submit``; ``auto`` joins
-    a node's running cluster), else a fresh local instance.
-
-    Never an implicit ``ray.init()``: it would try to join whatever cluster ``/tmp/ray`` last recorded, even a
-    dead one left by an earlier ``ray start``.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        # log_to_driver: training workers' per-epoch lines and actors' warnings reach the console / job logs.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
-
-
 def run_on_ray(
     items: list[dict[str, Any]], cache: SeriesCache, cfg: PreprocessConfig, worker: type = SeriesWorker
 ) -> list[dict[str, Any]]:
@@ -352,6 +230,17 @@ def _failures_table(statuses: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["outcome", "study_id", "series_id"]).reset_index(drop=True)
 
 
+def _add_to_manifest(cache: SeriesCache, manifest: pd.DataFrame, statuses: pd.DataFrame) -> None:
+    """Write the manifest with the series this run cached (or recovered) added; unchanged when there are none."""
+    new_rows = statuses.loc[statuses["status"].isin(["done", "recovered"]), list(MANIFEST_COLUMNS)]
+    if not len(new_rows):
+        return
+    manifest = pd.concat([manifest, new_rows]) if len(manifest) else new_rows
+    columns = ("study_id", "series_id", "n_slices", "n_stacks", "size")
+    manifest = manifest.astype(dict.fromkeys(columns, "int64"))
+    cache.write_manifest(manifest.sort_values(["study_id", "series_id"]).reset_index(drop=True))
+
+
 def run_preprocess(
     data_root: str | Path,
     cache_root: str | Path,
@@ -386,19 +275,7 @@ def run_preprocess(
         len(todo),
     )
     statuses = pd.DataFrame(run_on_ray(todo, cache, cfg) if todo else [], columns=list(STATUS_COLUMNS))
-    new_rows = statuses.loc[statuses["status"].isin(["done", "recovered"]), list(MANIFEST_COLUMNS)]
-    if len(new_rows):
-        manifest = pd.concat([manifest, new_rows]) if len(manifest) else new_rows
-        manifest = manifest.astype(
-            {
-                "study_id": "int64",
-                "series_id": "int64",
-                "n_slices": "int64",
-                "n_stacks": "int64",
-                "size": "int64",
-            }
-        )
-        cache.write_manifest(manifest.sort_values(["study_id", "series_id"]).reset_index(drop=True))
+    _add_to_manifest(cache, manifest, statuses)
     failures = _failures_table(statuses)
     if todo:
         cache.write_failures(failures)

@@ -1,14 +1,27 @@
-"""The level detectors: one ultralytics YOLO model per sagittal series type, trained on Ray, tracked in MLflow.
+"""The level detectors, through ultralytics alone: train one YOLO model per sagittal series type, run it on cached
+volumes. No Ray and no MLflow here: :mod:`lumbar_ray.localize.stage` runs the training as Ray tasks and owns the
+MLflow runs.
 
 :func:`train_detector` trains one detector in-process from a :func:`~lumbar_ray.localize.yolo_data.export_yolo_dataset`
 export. The model is built from a yaml (no weights download) at a reduced width so that it trains in about a
-minute on two CPUs. Ultralytics' own MLflow callback logs its per-epoch losses and mAPs into a run we name (the
-child run of the series type), and nothing else of ultralytics' integrations runs: no analytics, no font or AMP
-check downloads, no ``runs/`` folder in the working directory, no change to the user's ultralytics settings.
+minute on two CPUs. :class:`SagittalDetector` runs one through ultralytics' own predictor on every slice of a
+cached volume and turns its boxes into one point per target through :func:`~lumbar_ray.localize.levels.resolve_levels`.
 
-:func:`fit_detectors` trains both sagittal detectors as Ray tasks (resumable: a finished ``detector.pt`` is
-kept), and :class:`SagittalDetector` runs one on every slice of a cached volume and turns its boxes into one
-point per target through :func:`~lumbar_ray.localize.levels.resolve_levels`.
+Ultralytics is configured only through its documented means, in every process that imports it through this
+module:
+
+- ``YOLO_CONFIG_DIR``: a private settings folder (:func:`ultralytics_env`), so the user's
+  ``~/.config/Ultralytics/settings.json`` is neither read nor changed; in it ``ultralytics.settings`` turns every
+  integration and the analytics ``sync`` off, except MLflow for a training that is routed to a run;
+- ``YOLO_OFFLINE``: no online check at import and no analytics; the one lookup left, the font check of the
+  dataset check (``check_font``), fails at once without a network (no ``plots``, so no font is needed);
+- ``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``, ``MLFLOW_RUN_ID``, ``MLFLOW_RUN`` (:func:`mlflow_env`): the
+  run ultralytics' MLflow callback resumes, logs its parameters, per-epoch losses and final mAPs to, and ends.
+  They are set in the environment of the process that trains (the stage's Ray task), never changed here.
+
+Ultralytics reads the first two when it is first imported, so this module imports it lazily and sets them (with an
+empty ``ULTRALYTICS_API_KEY``: no Platform streaming) just before; a process that imported ultralytics earlier
+keeps its settings untouched, with a warning.
 """
 
 from __future__ import annotations
@@ -17,10 +30,11 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
-from unittest import mock
 
 import cv2
 import numpy as np
@@ -28,19 +42,13 @@ import pandas as pd
 import yaml
 
 from lumbar_ray.config import LocalizeConfig
-from lumbar_ray.constants import LEVELS, series_slug
+from lumbar_ray.constants import LEVELS
 from lumbar_ray.data.cache import SeriesCache
 from lumbar_ray.localize.levels import resolve_levels
-from lumbar_ray.localize.yolo_data import detector_targets, export_yolo_dataset
+from lumbar_ray.localize.yolo_data import detector_targets
+from lumbar_ray.paths import DETECTOR_WEIGHTS, atomic_path
 
 logger = logging.getLogger(__name__)
-
-DETECTOR_DESCRIPTIONS: tuple[str, ...] = ("Sagittal T2/STIR", "Sagittal T1")
-"""The series types a detector is trained for, in training order."""
-
-WEIGHTS_NAME = "detector.pt"
-DETECTOR_TAG = "lumbar_ray.detector"
-"""Child-run tag naming the series type (its slug) a detector run belongs to."""
 
 BACKGROUND_OFFSET: dict[str, int] = {"Sagittal T2/STIR": 4, "Sagittal T1": 2}
 """Slices between a labelled slice and its background slice (:func:`add_background`): the canal shows on about
@@ -48,13 +56,78 @@ five mid-line slices of a Sagittal T2, a foramen on one or two slices of a Sagit
 
 DETECTION_COLUMNS = ("target", "slice", "x", "y", "confidence")
 LOCATE_COLUMNS = ("target", "slice", "x", "y", "confidence", "filled")
+NMS_IOU = 0.7
+"""IoU above which the predictor's NMS keeps only the more confident box (ultralytics' validation default)."""
+MAX_DETECTIONS = 300
 
 # Augmentations that respect the anatomy: no flips (the levels run head to feet, the canal lies behind the
 # discs), no mosaic (a level is told from its neighbours by where it sits in the whole spine).
 _AUGMENT = {"fliplr": 0.0, "flipud": 0.0, "mosaic": 0.0, "degrees": 5.0, "translate": 0.1, "scale": 0.2}
-# Ultralytics environment variables the MLflow routing sets for the duration of one training.
-_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
-               "MLFLOW_KEEP_RUN_ACTIVE")  # fmt: skip
+# Every integration ultralytics' settings can turn on, and its analytics: all off; MLflow is decided per training.
+_SETTINGS_OFF = {"sync": False, "clearml": False, "comet": False, "dvc": False, "raytune": False,
+                 "tensorboard": False, "wandb": False}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+
+
+def default_settings_dir() -> Path:
+    """The private ultralytics settings folder of a process given none: ``$XDG_CACHE_HOME/lumbar_ray/ultralytics``
+    (``~/.cache/...``), never the user's own ultralytics folder."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home) / "lumbar_ray" / "ultralytics"
+
+
+def ultralytics_env(settings_dir: str | Path) -> dict[str, str]:
+    """The environment under which ultralytics reads its settings from ``settings_dir`` and stays offline.
+
+    ``ULTRALYTICS_API_KEY`` is emptied too: a key in the user's environment would stream a training to the
+    Ultralytics Platform.
+    """
+    return {"YOLO_CONFIG_DIR": str(Path(settings_dir).resolve()), "YOLO_OFFLINE": "True", "ULTRALYTICS_API_KEY": ""}
+
+
+def mlflow_env(tracking_uri: str, experiment: str, run_id: str, run_name: str) -> dict[str, str]:
+    """The environment that routes ultralytics' MLflow callback to an existing run.
+
+    The callback sets the experiment ``MLFLOW_EXPERIMENT_NAME`` (it must be the run's own, or MLflow refuses to
+    resume the run), then ``mlflow.start_run`` resumes ``MLFLOW_RUN_ID`` under the name ``MLFLOW_RUN`` (kept as it
+    is); the callback ends the run when the training ends (FAILED if it fails), so nothing stays active in the
+    process. Pass it with :func:`train_detector`'s ``track=True``.
+
+    Args:
+        tracking_uri: the MLflow store (absolute: the training may run in another directory).
+        experiment: the name of the run's experiment.
+        run_id: the run to log to.
+        run_name: the run's name.
+    """
+    return {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_NAME": experiment, "MLFLOW_RUN_ID": run_id,
+            "MLFLOW_RUN": run_name}  # fmt: skip
+
+
+def _ultralytics(settings_dir: str | Path | None = None, track: bool = False) -> ModuleType:
+    """``ultralytics``, imported under :func:`ultralytics_env` and with only the wanted integrations on.
+
+    Args:
+        settings_dir: the private settings folder if this process has not imported ultralytics yet; None = the
+            ``YOLO_CONFIG_DIR`` the environment names (ultralytics' own way to choose it, e.g. a Ray task's
+            ``runtime_env``), else :func:`default_settings_dir`.
+        track: whether trainers get ultralytics' MLflow callback (routed by :func:`mlflow_env`).
+    """
+    if "ultralytics" not in sys.modules:
+        os.environ.update(ultralytics_env(settings_dir or os.environ.get("YOLO_CONFIG_DIR") or default_settings_dir()))
+    import ultralytics
+    from ultralytics.utils import SETTINGS_FILE
+
+    private = os.environ.get("YOLO_CONFIG_DIR")
+    if not private or not Path(SETTINGS_FILE).resolve().is_relative_to(Path(private).resolve()):
+        # Imported before this module could point it elsewhere: leave the user's settings file as it is.
+        logger.warning("ultralytics was imported with the settings %s; not changing them", SETTINGS_FILE)
+        return ultralytics
+    wanted = _SETTINGS_OFF | {"mlflow": track}
+    if any(ultralytics.settings.get(key) != value for key, value in wanted.items()):
+        ultralytics.settings.update(wanted)
+    return ultralytics
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -101,6 +174,7 @@ def _train_args(dataset_yaml: Path, cfg: LocalizeConfig, out_dir: Path, model: s
         "nbs": cfg.batch,  # no gradient accumulation: a few hundred images give few steps already
         "workers": cfg.workers,
         "seed": cfg.seed,
+        "deterministic": True,
         "device": 0 if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu",
         "project": str(out_dir.resolve()),
         "name": "train",
@@ -113,84 +187,6 @@ def _train_args(dataset_yaml: Path, cfg: LocalizeConfig, out_dir: Path, model: s
         "verbose": False,
         **_AUGMENT,
     }
-
-
-def _detector_trainer_class() -> type:
-    """DetectionTrainer whose dataset check skips ultralytics' font download (there may be no network)."""
-    from ultralytics.models.yolo.detect import DetectionTrainer
-
-    class _Trainer(DetectionTrainer):
-        def get_dataset(self) -> dict:
-            with mock.patch("ultralytics.data.utils.check_font"):
-                return super().get_dataset()
-
-    return _Trainer
-
-
-def _only_mlflow_callbacks(route: bool):
-    """A replacement of ultralytics' ``add_integration_callbacks``: MLflow on trainers when routed, else nothing.
-
-    Ultralytics adds every integration enabled in the user's settings (and analytics); we want exactly one, and
-    decide it here rather than by changing the settings file, which other programs share.
-    """
-    from ultralytics.utils.callbacks import mlflow as mlflow_callbacks
-
-    def add(instance: Any) -> None:
-        if route and "Trainer" in type(instance).__name__:
-            for event, callback in mlflow_callbacks.callbacks.items():
-                instance.add_callback(event, callback)
-
-    return add
-
-
-@contextlib.contextmanager
-def _restored_environment(names: tuple[str, ...]) -> Iterator[None]:
-    """Put the listed environment variables back as they were (Ray reuses worker processes)."""
-    saved = {name: os.environ.get(name) for name in names}
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextlib.contextmanager
-def _mlflow_run_active(tracking_uri: str, run_id: str) -> Iterator[None]:
-    """Make run ``run_id`` at ``tracking_uri`` MLflow's active run in this process, for ultralytics' callback.
-
-    The callback logs into the active run and, finding one, neither creates a run nor ends it. It also calls
-    ``mlflow.set_experiment`` with ``MLFLOW_EXPERIMENT_NAME``: set to the run's own experiment, so that no other
-    experiment appears. On exit the run is left RUNNING and every piece of MLflow's global state we touched
-    (tracking URI, active experiment, environment) is restored.
-    """
-    import mlflow
-    from mlflow.tracking import _tracking_service, fluent
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    run = client.get_run(run_id)
-    experiment = client.get_experiment(run.info.experiment_id)
-    saved_uri = _tracking_service.utils._tracking_uri  # None when MLflow reads the environment
-    saved_experiment = fluent._active_experiment_id
-    with _restored_environment(_MLFLOW_ENV):
-        os.environ.update({"MLFLOW_EXPERIMENT_NAME": experiment.name, "MLFLOW_KEEP_RUN_ACTIVE": "True"})
-        os.environ.pop("MLFLOW_RUN_ID", None)
-        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-        mlflow.set_tracking_uri(tracking_uri)
-        try:
-            mlflow.start_run(run_id=run_id)
-            try:
-                # The callback turns on mlflow.autolog() for every library in the process; ours logs explicitly.
-                with mock.patch.object(mlflow, "autolog"):
-                    yield
-            finally:
-                mlflow.end_run()  # pops the run off MLflow's stack; it marks it FINISHED, so:
-                client.update_run(run_id, status="RUNNING")
-        finally:
-            mlflow.set_tracking_uri(saved_uri)
-            fluent._active_experiment_id = saved_experiment
 
 
 @contextlib.contextmanager
@@ -209,11 +205,11 @@ def _torch_determinism_restored() -> Iterator[None]:
 
 
 def _publish(trainer: Any, weights: Path) -> None:
-    """Copy the trained weights (best epoch, else last) to ``weights`` atomically."""
+    """Copy the trained weights (best epoch, else last) to ``weights`` atomically: ``detector.pt`` is the marker
+    of a finished training, so a crash must never leave a partial one."""
     source = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
-    partial = weights.with_name(weights.name + ".partial")
-    shutil.copyfile(source, partial)
-    os.replace(partial, weights)
+    with atomic_path(weights) as partial:
+        shutil.copyfile(source, partial)
 
 
 def train_detector(
@@ -221,8 +217,8 @@ def train_detector(
     description: str,
     cfg: LocalizeConfig,
     out_dir: Path,
-    tracking_uri: str | None = None,
-    run_id: str | None = None,
+    settings_dir: str | Path | None = None,
+    track: bool = False,
 ) -> Path:
     """Train one detector in-process and return ``out_dir/detector.pt``; an existing one is returned at once.
 
@@ -231,30 +227,33 @@ def train_detector(
         description: the series type (for logs).
         cfg: model, size and schedule of the detector.
         out_dir: everything goes here (``train/`` holds ultralytics' own output).
-        tracking_uri: MLflow store of ``run_id``.
-        run_id: the MLflow run that ultralytics' metrics, params and weights go to (left RUNNING); None = no MLflow.
+        settings_dir: ultralytics' private settings folder, if this process has not imported it yet (see
+            :func:`_ultralytics`).
+        track: log ultralytics' parameters, per-epoch metrics and weights to the MLflow run named by the
+            :func:`mlflow_env` variables of this process's environment; False = no MLflow.
 
     Returns:
         The path of the final weights.
+
+    Raises:
+        ValueError: if ``track`` is set but the environment names no run.
     """
     out_dir = Path(out_dir)
-    weights = out_dir / WEIGHTS_NAME
+    weights = out_dir / DETECTOR_WEIGHTS
     if weights.is_file():
         logger.info("detector for %s already trained: %s", description, weights)
         return weights
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from ultralytics.utils import callbacks
+    if track and not (os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_EXPERIMENT_NAME")):
+        raise ValueError("track=True needs MLFLOW_RUN_ID and MLFLOW_EXPERIMENT_NAME in the environment (mlflow_env)")
+    _ultralytics(settings_dir, track=track)
+    from ultralytics.models.yolo.detect import DetectionTrainer
 
-    route = run_id is not None and tracking_uri is not None
+    out_dir.mkdir(parents=True, exist_ok=True)
     args = _train_args(dataset_yaml, cfg, out_dir, _model_source(cfg, out_dir / "model"))
     logger.info("training the %s detector (%s, width %s, %d epochs at %d px) in %s", description, cfg.model,
                 cfg.width, cfg.epochs, cfg.imgsz, out_dir)  # fmt: skip
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_torch_determinism_restored())
-        stack.enter_context(mock.patch.object(callbacks, "add_integration_callbacks", _only_mlflow_callbacks(route)))
-        if route:
-            stack.enter_context(_mlflow_run_active(tracking_uri, run_id))
-        trainer = _detector_trainer_class()(overrides=args)
+    with _torch_determinism_restored():
+        trainer = DetectionTrainer(overrides=args)
         trainer.train()
     _publish(trainer, weights)
     logger.info("detector for %s written to %s", description, weights)
@@ -326,70 +325,14 @@ def add_background(
     return added
 
 
-# ---------------------------------------------------------------------------------------------------------- Ray
-
-
-def fit_detectors(
-    points: pd.DataFrame,
-    cache: SeriesCache,
-    folds: pd.DataFrame,
-    cfg: LocalizeConfig,
-    out_dir: Path,
-    tracking_uri: str | None = None,
-    parent_run_id: str | None = None,
-) -> dict[str, Path]:
-    """Train the Sagittal T2/STIR and Sagittal T1 detectors as Ray tasks; finished ones are not retrained.
-
-    Args:
-        points: POINTS frame of the label points (cache pixels).
-        cache: the cache the points refer to.
-        folds: study_id -> fold; ``cfg.val_fold`` validates.
-        cfg: the detectors' settings, including the resources of each Ray task.
-        out_dir: shared folder; each series type trains under ``out_dir/<slug>``.
-        tracking_uri: MLflow store of ``parent_run_id``.
-        parent_run_id: run under which each detector gets a child run; None = no MLflow.
-
-    Returns:
-        ``{description: weights path}`` for both series types.
-
-    Raises:
-        ray.exceptions.RayTaskError: if a training task failed (its child run is marked FAILED).
-    """
-    import ray
-    from mlflow import MlflowClient
-
-    from lumbar_ray.tracking import child_run
-
-    out_dir = Path(out_dir).resolve()
-    client = MlflowClient(tracking_uri=tracking_uri) if tracking_uri and parent_run_id else None
-    remote = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(train_detector)
-    result: dict[str, Path] = {}
-    pending: dict[str, tuple[Any, str | None]] = {}
-    for description in DETECTOR_DESCRIPTIONS:
-        folder = out_dir / series_slug(description)
-        if (folder / WEIGHTS_NAME).is_file():
-            logger.info("detector for %s already trained: %s", description, folder / WEIGHTS_NAME)
-            result[description] = folder / WEIGHTS_NAME
-            continue
-        export = export_yolo_dataset(points, cache, description, folds, cfg.val_fold, folder / "dataset",
-                                     cfg.box_fraction)  # fmt: skip
-        add_background(points, cache, description, export.dataset_yaml, BACKGROUND_OFFSET[description])
-        if len(_side_groups(description)) > 1:
-            merge_sides(export.dataset_yaml)
-        run_id = child_run(client, parent_run_id, DETECTOR_TAG, series_slug(description), "detector",
-                           f"detector_{series_slug(description)}") if client else None  # fmt: skip
-        ref = remote.remote(export.dataset_yaml, description, cfg, folder, tracking_uri, run_id)
-        pending[description] = (ref, run_id)
-    for description, (ref, run_id) in pending.items():
-        try:
-            result[description] = Path(ray.get(ref))
-        except Exception:
-            if client and run_id:
-                client.set_terminated(run_id, "FAILED")
-            raise
-        if client and run_id:
-            client.set_terminated(run_id, "FINISHED")
-    return {description: result[description] for description in DETECTOR_DESCRIPTIONS}
+def complete_export(points: pd.DataFrame, cache: SeriesCache, description: str, dataset_yaml: Path) -> Path:
+    """Turn an export of the label slices into what the detector of ``description`` trains on: background
+    slices (:func:`add_background`, :data:`BACKGROUND_OFFSET` away) and, on Sagittal T1, one class per level
+    (:func:`merge_sides`). Returns ``dataset_yaml``."""
+    add_background(points, cache, description, dataset_yaml, BACKGROUND_OFFSET[description])
+    if len(_side_groups(description)) > 1:
+        merge_sides(dataset_yaml)
+    return Path(dataset_yaml)
 
 
 # ------------------------------------------------------------------------------------------------------ inference
@@ -401,17 +344,6 @@ def _side_groups(description: str) -> list[list[int]]:
     return [targets[start : start + len(LEVELS)] for start in range(0, len(targets), len(LEVELS))]
 
 
-def left_first(meta: dict) -> bool:
-    """Whether slice 0 of a cached sagittal series lies on the patient's left (True when unknown).
-
-    The cache orders slices along the normal ``row x column`` of the stack; patient left is +x in DICOM's LPS
-    frame, so a normal pointing to -x (the usual sagittal orientation) starts on the left.
-    """
-    stacks = meta.get("stacks") or []
-    normal = stacks[0].get("normal") if stacks else None
-    return True if normal is None else bool(normal[0] <= 0)
-
-
 class SagittalDetector:
     """A trained detector of one sagittal series type, applied to cached volumes.
 
@@ -420,34 +352,38 @@ class SagittalDetector:
         description: the series type it was trained on (fixes its classes).
         cfg: ``conf`` is the minimum confidence of a detection.
         device: torch device; None = CUDA when available, else CPU.
+        settings_dir: see :func:`train_detector`.
     """
 
-    def __init__(self, weights: str | Path, description: str, cfg: LocalizeConfig, device: str | None = None) -> None:
+    def __init__(
+        self,
+        weights: str | Path,
+        description: str,
+        cfg: LocalizeConfig,
+        device: str | None = None,
+        settings_dir: str | Path | None = None,
+    ) -> None:
+        ultralytics = _ultralytics(settings_dir)
         import torch
-        from ultralytics.nn.tasks import load_checkpoint
 
         self.description = description
         self.cfg = cfg
         self.targets = detector_targets(description)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, _ = load_checkpoint(str(weights), device=self.device)
-        self.model = model.eval()
         self.groups = _side_groups(description)
-        if len(self.model.names) not in {len(LEVELS), len(self.targets)}:
-            raise ValueError(f"{weights} has {len(self.model.names)} classes, {description} needs {len(self.targets)}"
+        self.device = str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        self.model = ultralytics.YOLO(str(weights), task="detect")
+        n_classes = len(self.model.names)
+        if n_classes not in {len(LEVELS), len(self.targets)}:
+            raise ValueError(f"{weights} has {n_classes} classes, {description} needs {len(self.targets)}"
                              f" (or {len(LEVELS)}: one per level, sides from the slices)")  # fmt: skip
-        self.imgsz = int(self.model.args.get("imgsz", cfg.imgsz))
-        self.stride = int(max(self.model.stride.max(), 32))
+        self.imgsz = int(self.model.overrides.get("imgsz", cfg.imgsz))  # the size it was trained at
 
-    def _batch(self, volume: np.ndarray) -> Any:
-        """Letterbox every slice to the training size, as ultralytics' validator does; (n, 3, s, s) in 0..1."""
-        import torch
-        from ultralytics.data.augment import LetterBox
-
-        letterbox = LetterBox((self.imgsz, self.imgsz), auto=False, stride=self.stride)
-        images = [letterbox(image=np.repeat(np.asarray(s)[:, :, None], 3, axis=2)) for s in volume]
-        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-        return batch.to(self.device).float() / 255.0
+    def _predict(self, volume: np.ndarray) -> list[Any]:
+        """Ultralytics' predictor on every slice, as one batch: letterboxed to the training size, NMS, boxes
+        scaled back to the slice. Grey slices go in as three equal channels (so their BGR order is moot)."""
+        images = [np.repeat(np.asarray(image)[:, :, None], 3, axis=2) for image in volume]
+        return self.model.predict(images, imgsz=self.imgsz, conf=self.cfg.conf, iou=NMS_IOU, max_det=MAX_DETECTIONS,
+                                  device=self.device, verbose=False)  # fmt: skip
 
     def detect(self, volume: np.ndarray, left_first: bool = True) -> pd.DataFrame:
         """Every detection above ``cfg.conf`` on every slice of a cached ``(n_slices, H, W)`` uint8 volume.
@@ -458,32 +394,24 @@ class SagittalDetector:
 
         Args:
             volume: cached ``(n_slices, H, W)`` uint8 volume.
-            left_first: whether slice 0 lies on the patient's left (:func:`left_first`); used on T1 only.
+            left_first: whether slice 0 lies on the patient's left
+                (:func:`~lumbar_ray.localize.geometry.left_first`); used on T1 only.
 
         Returns:
             Columns ``target`` (index into TARGETS), ``slice``, ``x``, ``y`` (cache pixels, pixel centres),
             ``confidence``.
         """
-        import torch
-        from ultralytics.utils import nms
-        from ultralytics.utils.ops import scale_boxes
-
         volume = np.asarray(volume)
         if volume.ndim != 3 or volume.shape[0] == 0:
             raise ValueError(f"expected a (n_slices, H, W) volume, got shape {volume.shape}")
-        with torch.inference_mode():
-            batch = self._batch(volume)
-            output = self.model(batch)
-            per_slice = nms.non_max_suppression(output, self.cfg.conf, 0.7, max_det=300,
-                                                end2end=getattr(self.model, "end2end", False))  # fmt: skip
         rows = []
-        for index, boxes in enumerate(per_slice):
+        for index, result in enumerate(self._predict(volume)):
+            boxes = result.boxes.cpu()
             if not len(boxes):
                 continue
-            boxes = boxes.cpu()
-            xyxy = scale_boxes(batch.shape[2:], boxes[:, :4].clone(), volume.shape[1:]).numpy()
+            xyxy = boxes.xyxy.numpy()
             centre = (xyxy[:, :2] + xyxy[:, 2:]) / 2 - 0.5  # continuous -> pixel-centre convention
-            for (x, y), conf, cls in zip(centre, boxes[:, 4].numpy(), boxes[:, 5].numpy().astype(int), strict=True):
+            for (x, y), conf, cls in zip(centre, boxes.conf.numpy(), boxes.cls.numpy().astype(int), strict=True):
                 target = self._target(int(cls), index, len(volume), left_first)
                 if target is not None:
                     rows.append((target, index, float(x), float(y), float(conf)))
@@ -514,7 +442,8 @@ class SagittalDetector:
 
         Args:
             volume: cached ``(n_slices, H, W)`` uint8 volume.
-            left_first: whether slice 0 lies on the patient's left (see :func:`left_first`); used on T1 only.
+            left_first: whether slice 0 lies on the patient's left
+                (:func:`~lumbar_ray.localize.geometry.left_first`); used on T1 only.
 
         Returns:
             Columns ``target``, ``slice`` (int; float NaN only for a side without detections), ``x``, ``y``,
@@ -585,3 +514,21 @@ def slab_centre(detections: pd.DataFrame, keep: float = 0.5) -> dict[str, float]
         "y": float(np.average(slab["y"], weights=weights)),
         "confidence": float(best.at[peak, "confidence"]),
     }
+
+
+def load_detectors(
+    weights: dict[str, str | Path],
+    cfg: LocalizeConfig,
+    device: str | None = None,
+    settings_dir: str | Path | None = None,
+) -> dict[str, SagittalDetector]:
+    """A :class:`SagittalDetector` per series type from its weights (``cfg.conf`` filters detections).
+
+    Args:
+        weights: series type -> ``detector.pt``.
+        cfg: the localisation settings.
+        device: see :class:`SagittalDetector`.
+        settings_dir: see :func:`train_detector`.
+    """
+    return {description: SagittalDetector(path, description, cfg, device=device, settings_dir=settings_dir)
+            for description, path in weights.items()}  # fmt: skip

@@ -3,46 +3,54 @@
 A point on a sagittal slice (cache pixels) is mapped to patient coordinates (mm) with that slice's
 ImagePositionPatient, ImageOrientationPatient and PixelSpacing; each level's Axial T2 slice is then the one,
 across every axial series and stack of the study, whose plane lies nearest to the point (that lies inside its
-field of view), and the point's projection gives its in-plane position there. Pure numpy: no Ray, no DICOM.
+field of view), and the point's projection gives its in-plane position there. Pure numpy: no Ray, no file read.
 
-DICOM convention: ImageOrientationPatient holds the row direction X (towards increasing column index) then the
-column direction Y (towards increasing row index); PixelSpacing is (row spacing, column spacing); the centre of
-pixel (row r, column c) is at ``IPP + c * spacing_col * X + r * spacing_row * Y``.
+The DICOM pixel <-> patient rule itself lives in :func:`lumbar_ray.data.dicom.pixel_to_patient` and its inverse
+:func:`lumbar_ray.data.dicom.patient_to_pixel`; the cache <-> original pixel rule in
+:class:`lumbar_ray.data.cache.CachedSeries`. This module only applies them to the slices of cached series.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from lumbar_ray.data.cache import CachedSeries
+from lumbar_ray.data.cache import CachedSeries, SeriesMeta
+from lumbar_ray.data.dicom import patient_to_pixel, pixel_to_patient
 
 
-def _slice_frame(series: CachedSeries, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
-    slices = series.meta["slices"]
-    position = np.asarray(slices["position"][index], dtype=np.float64)
-    orientation = np.asarray(slices["orientation"][index], dtype=np.float64)
-    row_spacing, col_spacing = (float(v) for v in slices["pixel_spacing"][index])
-    return position, orientation[:3], orientation[3:], row_spacing, col_spacing
+def _slice_frame(series: CachedSeries, index: int) -> tuple[Sequence[float], Sequence[float], Sequence[float]]:
+    """ImagePositionPatient, ImageOrientationPatient and PixelSpacing of slice ``index``, as cached."""
+    slices = series.meta.slices
+    return slices.position[index], slices.orientation[index], slices.pixel_spacing[index]
+
+
+def left_first(meta: SeriesMeta) -> bool:
+    """Whether slice 0 of a cached sagittal series lies on the patient's left (True when unknown).
+
+    The cache orders slices along the normal ``row x column`` of the stack; patient left is +x in DICOM's LPS
+    frame, so a normal pointing to -x (the usual sagittal orientation) starts on the left.
+    """
+    normal = meta.stacks[0].normal if meta.stacks else None
+    return True if normal is None else bool(normal[0] <= 0)
 
 
 def cache_point_to_patient(series: CachedSeries, index: int, x: float, y: float) -> np.ndarray:
     """Patient coordinates (mm) of the cache point ``(x, y)`` on slice ``index`` of ``series``."""
     _, column, row = series.cache_to_original(index, x, y)
-    position, x_dir, y_dir, row_spacing, col_spacing = _slice_frame(series, index)
-    return position + column * col_spacing * x_dir + row * row_spacing * y_dir
+    return pixel_to_patient(*_slice_frame(series, index), column, row)
 
 
 def plane_distance(series: CachedSeries, index: int, point: np.ndarray) -> float:
     """Distance (mm) from a patient-space ``point`` to the plane of slice ``index`` of ``series``."""
-    position, x_dir, y_dir, _, _ = _slice_frame(series, index)
-    return abs(float(np.dot(np.cross(x_dir, y_dir), np.asarray(point, dtype=np.float64) - position)))
+    return abs(patient_to_pixel(*_slice_frame(series, index), point)[2])
 
 
 def mm_per_cache_pixel(series: CachedSeries, index: int) -> np.ndarray:
     """``(x, y)`` millimetres per cache pixel on slice ``index``: its PixelSpacing over the cache's resize."""
-    _, _, _, row_spacing, col_spacing = _slice_frame(series, index)
+    row_spacing, col_spacing = (float(v) for v in series.meta.slices.pixel_spacing[index])
     scale_y, scale_x = series.scale[index]
     return np.array([col_spacing / scale_x, row_spacing / scale_y])
 
@@ -83,20 +91,19 @@ def nearest_axial_slice(point: np.ndarray, axial_series: list[CachedSeries]) -> 
         raise ValueError("no axial series to assign the point to")
     best: tuple[tuple[bool, float], AxialHit] | None = None
     for position_in_list, series in enumerate(axial_series):
-        shapes = series.meta["slices"]["original_shape"]
-        for index in range(len(series.instance_numbers)):
-            position, x_dir, y_dir, row_spacing, col_spacing = _slice_frame(series, index)
-            offset = np.asarray(point, dtype=np.float64) - position
-            distance = plane_distance(series, index, point)
-            column = float(np.dot(offset, x_dir)) / col_spacing
-            row = float(np.dot(offset, y_dir)) / row_spacing
-            rows, columns = shapes[index]
-            inside = -0.5 <= column <= columns - 0.5 and -0.5 <= row <= rows - 0.5
-            instance = int(series.instance_numbers[index])
-            scale_y, scale_x = series.scale[index]  # by index: instance numbers may repeat across stacks
-            x, y = (column + 0.5) * scale_x - 0.5, (row + 0.5) * scale_y - 0.5
-            hit = AxialHit(position_in_list, index, instance, distance, x, y, inside)
-            rank = (not inside, distance)
+        for index in range(len(series.meta.slices)):
+            hit = _axial_hit(point, series, position_in_list, index)
+            rank = (not hit.inside, hit.distance_mm)
             if best is None or rank < best[0]:
                 best = (rank, hit)
     return best[1]
+
+
+def _axial_hit(point: np.ndarray, series: CachedSeries, position_in_list: int, index: int) -> AxialHit:
+    """Where ``point`` projects onto slice ``index`` of ``series`` (see :class:`AxialHit`)."""
+    column, row, signed_distance = patient_to_pixel(*_slice_frame(series, index), point)
+    rows, columns = series.meta.slices.original_shape[index]
+    inside = -0.5 <= column <= columns - 0.5 and -0.5 <= row <= rows - 0.5
+    instance = int(series.instance_numbers[index])
+    x, y = series.original_to_cache_at(index, column, row)
+    return AxialHit(position_in_list, index, instance, abs(signed_distance), x, y, inside)

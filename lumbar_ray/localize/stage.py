@@ -4,20 +4,19 @@
 
 1. maps the label coordinates into the cache and fixes the CV folds (the same seeded folds the CV uses);
 2. trains one YOLO detector per sagittal series type on the studies outside ``localize.val_fold``, each as a Ray
-   task with the GPU it asks for (:func:`lumbar_ray.localize.detector.fit_detectors`); ultralytics' metrics land
-   in child runs of one MLflow ``localize`` run;
+   task with the GPU it asks for (:func:`fit_detectors`); ultralytics' metrics land in child runs of one MLflow
+   ``localize`` run, routed by environment variables given to the task (the driver's MLflow state is untouched);
 3. places all 25 points of every validation-fold study with the detectors and the axial geometry, and logs the
    localisation metrics (share within 5/10 px and mm, slice accuracy, per series type and level), the axial
    assignment accuracy from the labelled sagittal points, and overlay images of predicted vs labelled points.
 
-Everything lands under ``<workdir>/localize/<key>/`` (the key hashes every setting that changes the detectors);
-a rerun finds the trained detectors and the written evaluation and redoes neither. The CV registers the detectors
-with the fold ensemble, so a registered model carries its own localisation.
+Everything lands under :func:`lumbar_ray.paths.localize_dir_for` (the key hashes every setting that changes the
+detectors); a rerun finds the trained detectors and the written evaluation and redoes neither. The CV registers
+the detectors with the fold ensemble, so a registered model carries its own localisation.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -27,68 +26,39 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
-from lumbar_ray.config import LOCALIZE_RESOURCE_FIELDS, Config, LocalizeConfig, cache_root_for, data_root_for
-from lumbar_ray.constants import series_slug
+from lumbar_ray import plots
+from lumbar_ray.config import Config, cache_settings
+from lumbar_ray.constants import DETECTED_SERIES_TYPES, series_slug
 from lumbar_ray.data.cache import CachedSeries, SeriesCache
-from lumbar_ray.localize.detector import DETECTOR_DESCRIPTIONS, WEIGHTS_NAME
+from lumbar_ray.data.crops import points_from_coordinates
+from lumbar_ray.data.rsna import encode_labels, load_rsna
+from lumbar_ray.data.splits import make_folds
+from lumbar_ray.localize.detector import complete_export, load_detectors, mlflow_env, train_detector, ultralytics_env
 from lumbar_ray.localize.evaluate import point_errors, summarise_errors, summary_metrics
-from lumbar_ray.localize.study import AXIAL, axial_rows, localise_study, patient_points
+from lumbar_ray.localize.study import AXIAL, LOCATED_COLUMNS, axial_rows, localise_study, patient_points, study_series
+from lumbar_ray.localize.yolo_data import export_yolo_dataset
+from lumbar_ray.paths import (
+    DETECTOR_WEIGHTS,
+    cache_root_for,
+    data_root_for,
+    detector_dir_for,
+    localize_dir_for,
+    localize_key,
+    ultralytics_settings_dir,
+)
+from lumbar_ray.raytools import ensure_ray
+from lumbar_ray.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
+DETECTOR_TAG = "lumbar_ray.detector"
+"""Child-run tag naming the series type (its slug) a detector run belongs to."""
 SUMMARY_NAME = "localisation_summary.csv"
 AXIAL_SUMMARY_NAME = "axial_from_labels_summary.csv"
 VAL_POINTS_NAME = "val_points.parquet"
 OVERLAY_STUDIES = 3
-
-
-def localize_key(cfg: Config) -> str:
-    """Hash of what changes the detectors: their settings (not resources), the cache version and the folds."""
-    from lumbar_ray.data.preprocess import cache_settings
-
-    settings = cfg.localize.model_dump(mode="json", exclude=set(LOCALIZE_RESOURCE_FIELDS))
-    payload = {"localize": settings, "cache": cache_settings(cfg.preprocess), "cv": cfg.cv.model_dump(mode="json")}
-    return "loc-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def detector_dir_for(cfg: Config) -> Path:
-    """``<workdir>/localize/<key>``: the detectors and evaluation of this config."""
-    return Path(cfg.workdir) / "localize" / localize_key(cfg)
-
-
-def trained_detectors(cfg: Config) -> dict[str, Path]:
-    """The detector weights of this config that exist (empty before :func:`run_localize`)."""
-    folder = detector_dir_for(cfg)
-    found = {description: folder / series_slug(description) / WEIGHTS_NAME for description in DETECTOR_DESCRIPTIONS}
-    return {description: path for description, path in found.items() if path.is_file()}
-
-
-def load_detectors(weights: dict[str, str | Path], cfg: LocalizeConfig, device: str | None = None) -> dict:
-    """``SagittalDetector`` per series type from weight files (``cfg.conf`` filters detections)."""
-    from lumbar_ray.localize.detector import SagittalDetector
-
-    return {description: SagittalDetector(path, description, cfg, device=device)
-            for description, path in weights.items()}  # fmt: skip
-
-
-def study_series(
-    cache: SeriesCache, series: pd.DataFrame, study_id: int, cached: set[tuple[int, int]]
-) -> dict[str, list[CachedSeries]]:
-    """A study's cached series by type, in series-id order: sagittal volumes loaded (memory-mapped), axial
-    metadata only. Series listed but not cached (failed or missing) are left out (and so reported missing)."""
-    rows = series[series["study_id"] == study_id].sort_values("series_id")
-    out: dict[str, list[CachedSeries]] = {}
-    for row in rows.itertuples(index=False):
-        key = (int(row.study_id), int(row.series_id))
-        if key not in cached:
-            continue
-        if row.series_description == AXIAL:
-            entry = CachedSeries(np.zeros((0, 0, 0), np.uint8), cache.read_meta(*key))
-        else:
-            entry = cache.read(*key, mmap=True)
-        out.setdefault(str(row.series_description), []).append(entry)
-    return out
 
 
 @dataclass
@@ -114,6 +84,102 @@ class LocalizeResult:
         return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def _export(points: pd.DataFrame, cache: SeriesCache, folds: pd.DataFrame, cfg: Config, description: str) -> Path:
+    """The training data of one series type's detector, in its folder; returns its ``dataset.yaml``."""
+    export = export_yolo_dataset(points, cache, description, folds, cfg.localize.val_fold,
+                                 detector_dir_for(cfg, description) / "dataset", cfg.localize.box_fraction)  # fmt: skip
+    return complete_export(points, cache, description, export.dataset_yaml)
+
+
+def _task_env(cfg: Config, tracker: Tracker | None, run_id: str | None, run_name: str) -> dict[str, str]:
+    """The environment of one training task: ultralytics' private settings, and its MLflow routing to
+    ``run_id`` (in the run's own experiment) when there is one."""
+    env = ultralytics_env(ultralytics_settings_dir(cfg))
+    if tracker is not None and run_id is not None:
+        experiment_id = tracker.client.get_run(run_id).info.experiment_id
+        experiment = tracker.client.get_experiment(experiment_id).name
+        env |= mlflow_env(tracker.uri, experiment, run_id, run_name)
+    return env
+
+
+def _collect(pending: dict[str, tuple[Any, str | None]], tracker: Tracker | None) -> dict[str, Path]:
+    """Wait for every training task and end its child run FINISHED or FAILED; then raise the first failure."""
+    import ray
+
+    trained: dict[str, Path] = {}
+    failure: Exception | None = None
+    for description, (ref, run_id) in pending.items():
+        try:
+            trained[description] = Path(ray.get(ref))
+        except Exception as error:  # a RayTaskError wrapping the training's own error
+            logger.error("training the %s detector failed: %s", description, error)
+            failure = failure or error
+        if tracker is not None and run_id is not None:
+            tracker.finish(run_id, "FINISHED" if description in trained else "FAILED")
+    if failure is not None:
+        raise failure
+    return trained
+
+
+def fit_detectors(
+    points: pd.DataFrame,
+    cache: SeriesCache,
+    folds: pd.DataFrame,
+    cfg: Config,
+    tracker: Tracker | None = None,
+    parent: str | None = None,
+) -> dict[str, Path]:
+    """Train the Sagittal T2/STIR and Sagittal T1 detectors as Ray tasks; finished ones are not retrained.
+
+    Each trains in :func:`lumbar_ray.paths.detector_dir_for` with the resources ``cfg.localize`` asks for, in a
+    worker whose environment (Ray's ``runtime_env``) points ultralytics at its private settings and, with a
+    ``parent`` run, its MLflow callback at the series type's child run (tag :data:`DETECTOR_TAG`).
+
+    Args:
+        points: POINTS frame of the label points (cache pixels).
+        cache: the cache the points refer to.
+        folds: study_id -> fold; ``cfg.localize.val_fold`` validates.
+        cfg: the config (the detectors' settings and folders).
+        tracker: the MLflow store and experiment of ``parent``.
+        parent: the run under which each detector gets a child run; None = no MLflow.
+
+    Returns:
+        ``{description: weights path}`` for both series types, in training order.
+
+    Raises:
+        ray.exceptions.RayTaskError: if a training task failed (its child run is marked FAILED; the other
+            tasks are waited for first).
+    """
+    result = {d: detector_dir_for(cfg, d) / DETECTOR_WEIGHTS for d in DETECTED_SERIES_TYPES}
+    missing = [description for description, weights in result.items() if not weights.is_file()]
+    for description in (d for d in DETECTED_SERIES_TYPES if d not in missing):
+        logger.info("detector for %s already trained: %s", description, result[description])
+    if not missing:
+        return result
+    ensure_ray()
+    import ray
+
+    track = tracker is not None and parent is not None
+    task = ray.remote(train_detector)
+    pending: dict[str, tuple[Any, str | None]] = {}
+    for description in missing:  # each task starts as soon as its data is exported
+        slug = series_slug(description)
+        run_id = tracker.child_run(parent, DETECTOR_TAG, slug, "detector", f"detector_{slug}") if track else None
+        runtime_env = {"env_vars": _task_env(cfg, tracker, run_id, f"detector_{slug}")}
+        dataset_yaml = _export(points, cache, folds, cfg, description)
+        remote = task.options(num_cpus=cfg.localize.num_cpus, num_gpus=cfg.localize.num_gpus, runtime_env=runtime_env)
+        ref = remote.remote(dataset_yaml, description, cfg.localize, detector_dir_for(cfg, description),
+                            settings_dir=ultralytics_settings_dir(cfg), track=track)  # fmt: skip
+        pending[description] = (ref, run_id)
+    return result | _collect(pending, tracker if track else None)
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+
+
 def _series_reader(cache: SeriesCache):
     @lru_cache(maxsize=4096)
     def series_of(study_id: int, series_id: int) -> CachedSeries:
@@ -123,27 +189,29 @@ def _series_reader(cache: SeriesCache):
 
 
 def axial_from_labels(points: pd.DataFrame, series: pd.DataFrame, cache: SeriesCache, fraction: float) -> pd.DataFrame:
-    """Axial points placed by geometry from the *labelled* sagittal points: the geometry alone, detector-free."""
+    """Axial points placed by geometry from the *labelled* sagittal points: the geometry alone, detector-free.
+
+    Only cached axial series are searched (a failed or missing one is left out, as in :func:`localise_studies`).
+    """
     series_of = _series_reader(cache)
+    cached = cache.cached_keys()
     rows = []
-    axial_ids = series[series["series_description"] == AXIAL]
+    axial_series = series[series["series_description"] == AXIAL]
     for study_id, group in points.groupby("study_id"):
-        axial = [series_of(int(study_id), int(s)) for s in sorted(axial_ids.loc[axial_ids["study_id"] == study_id,
-                                                                                "series_id"])]  # fmt: skip
-        sagittal = group[~group["series_id"].isin([int(a.meta["series_id"]) for a in axial])]
+        axial_ids = sorted(int(s) for s in axial_series.loc[axial_series["study_id"] == study_id, "series_id"])
+        axial = [series_of(int(study_id), s) for s in axial_ids if (int(study_id), s) in cached]
+        sagittal = group[~group["series_id"].isin(axial_ids)]
         if not axial or sagittal.empty:
             continue
         by_id = {int(s): series_of(int(study_id), int(s)) for s in sagittal["series_id"].unique()}
         rows += axial_rows(int(study_id), axial, patient_points(sagittal, by_id), fraction)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(LOCATED_COLUMNS))  # the columns even when no study has an axial series
 
 
 def localise_studies(
     study_ids: list[int], cache: SeriesCache, series: pd.DataFrame, detectors: dict, fraction: float
 ) -> tuple[pd.DataFrame, list[dict]]:
     """Points of many studies (a progress bar over them) and their per-study reports."""
-    from tqdm.auto import tqdm
-
     cached = cache.cached_keys()
     frames, reports = [], []
     for study_id in tqdm(study_ids, desc="localising studies", unit="study", leave=False):
@@ -154,65 +222,86 @@ def localise_studies(
     return pd.concat(frames, ignore_index=True), reports
 
 
-def run_localize(cfg: Config) -> LocalizeResult:
-    """Train (or reuse) the detectors and evaluate them on the validation fold (see the module docstring)."""
-    from lumbar_ray.data.crops import points_from_coordinates
-    from lumbar_ray.data.preprocess import cache_settings
-    from lumbar_ray.data.rsna import encode_labels, load_rsna
-    from lumbar_ray.data.splits import make_folds
-    from lumbar_ray.localize.detector import fit_detectors
-    from lumbar_ray.tracking import Tracker
+@dataclass
+class _Inputs:
+    """What the stage reads: the label points in the cache, the folds, and the training series table."""
 
-    folder = detector_dir_for(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
+    cache: SeriesCache
+    points: pd.DataFrame
+    folds: pd.DataFrame
+    series: pd.DataFrame
+
+
+def _inputs(cfg: Config) -> _Inputs:
+    """Label points in cache pixels and the CV's seeded folds; clear errors when the data or cache is missing."""
     data = load_rsna(data_root_for(cfg))
     if data.coordinates is None or data.train is None:
         raise FileNotFoundError(f"{data_root_for(cfg)} has no train.csv or train_label_coordinates.csv")
+    if cfg.localize.val_fold >= cfg.cv.n_folds:
+        raise ValueError(f"localize.val_fold {cfg.localize.val_fold} is not a fold of cv.n_folds={cfg.cv.n_folds}")
     cache = SeriesCache(cache_root_for(cfg), cache_settings(cfg.preprocess))
     if cache.read_manifest().empty:
-        raise FileNotFoundError(f"cache {cache.path} is empty: run `lumbar-ray preprocess` first")
+        raise FileNotFoundError(f"cache {cache.path} is empty: complete it (`lumbar-ray preprocess`) first")
     points = points_from_coordinates(data.coordinates, cache, data.train_series).points
     study_ids, labels = encode_labels(data.train)
     folds = make_folds(study_ids, labels, cfg.cv.n_folds, cfg.cv.seed)
-    if cfg.localize.val_fold >= cfg.cv.n_folds:
-        raise ValueError(f"localize.val_fold {cfg.localize.val_fold} is not a fold of cv.n_folds={cfg.cv.n_folds}")
-    folds.to_csv(folder / "folds.csv", index=False)
+    return _Inputs(cache, points, folds, data.train_series)
 
-    tracker = Tracker(cfg)
-    parent = tracker.parent_run(localize_key(cfg), kind="localize")
-    weights = fit_detectors(points, cache, folds, cfg.localize, folder, tracker.uri, parent)
-    if (folder / SUMMARY_NAME).is_file() and (folder / VAL_POINTS_NAME).is_file():
-        logger.info("localisation of %s already evaluated: reusing %s", folder.name, folder / SUMMARY_NAME)
-        result = LocalizeResult(folder, weights, pd.read_csv(folder / SUMMARY_NAME),
-                                pd.read_csv(folder / AXIAL_SUMMARY_NAME), pd.read_parquet(folder / VAL_POINTS_NAME),
-                                parent)  # fmt: skip
-        tracker.finish(parent)
-        return result
 
+def _evaluate(cfg: Config, inputs: _Inputs, weights: dict[str, Path], tracker: Tracker, parent: str) -> LocalizeResult:
+    """Localise the validation fold, measure it against the labels, log it and write it (summary last)."""
+    folder = localize_dir_for(cfg)
+    cache, folds, series = inputs.cache, inputs.folds, inputs.series
     val_ids = sorted(int(s) for s in folds.loc[folds["fold"] == cfg.localize.val_fold, "study_id"])
-    detectors = load_detectors(weights, cfg.localize)
+    detectors = load_detectors(weights, cfg.localize, settings_dir=ultralytics_settings_dir(cfg))
     fraction = cfg.localize.subarticular_fraction
-    predicted, reports = localise_studies(val_ids, cache, data.train_series, detectors, fraction)
-    truth = points[points["study_id"].isin(val_ids)]
+    predicted, reports = localise_studies(val_ids, cache, series, detectors, fraction)
+    truth = inputs.points[inputs.points["study_id"].isin(val_ids)]
     series_of = _series_reader(cache)
     summary = summarise_errors(point_errors(predicted, truth, series_of))
-    from_labels = axial_from_labels(truth, data.train_series, cache, fraction)
-    axial_truth = truth[truth["series_id"].isin(data.train_series.loc[data.train_series["series_description"] == AXIAL,
-                                                                      "series_id"])]  # fmt: skip
-    axial_summary = summarise_errors(point_errors(from_labels, axial_truth, series_of))
+    from_labels = axial_from_labels(truth, series, cache, fraction)
+    axial_ids = series.loc[series["series_description"] == AXIAL, "series_id"]
+    axial_summary = summarise_errors(point_errors(from_labels, truth[truth["series_id"].isin(axial_ids)], series_of))
 
     _log_localisation(tracker, parent, summary, axial_summary, reports, predicted, truth, cache)
     predicted.to_parquet(folder / VAL_POINTS_NAME, index=False)
     axial_summary.to_csv(folder / AXIAL_SUMMARY_NAME, index=False)
     summary.to_csv(folder / SUMMARY_NAME, index=False)  # last: the evaluation's commit marker
+    return LocalizeResult(folder, weights, summary, axial_summary, predicted, parent)
+
+
+def run_localize(cfg: Config) -> LocalizeResult:
+    """Train (or reuse) the detectors and evaluate them on the validation fold (see the module docstring).
+
+    Raises:
+        FileNotFoundError: if the data has no label coordinates or the cache is empty.
+        ValueError: if ``localize.val_fold`` is not a fold.
+    """
+    folder = localize_dir_for(cfg)
+    inputs = _inputs(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs.folds.to_csv(folder / "folds.csv", index=False)
+    tracker = Tracker.from_config(cfg)
+    parent = tracker.parent_run(localize_key(cfg), kind="localize", config=cfg)
+    try:
+        weights = fit_detectors(inputs.points, inputs.cache, inputs.folds, cfg, tracker, parent)
+        if (folder / SUMMARY_NAME).is_file() and (folder / VAL_POINTS_NAME).is_file():
+            logger.info("localisation of %s already evaluated: reusing %s", folder.name, folder / SUMMARY_NAME)
+            result = LocalizeResult(folder, weights, pd.read_csv(folder / SUMMARY_NAME),
+                                    pd.read_csv(folder / AXIAL_SUMMARY_NAME), pd.read_parquet(folder / VAL_POINTS_NAME),
+                                    parent)  # fmt: skip
+        else:
+            result = _evaluate(cfg, inputs, weights, tracker, parent)
+    except BaseException:
+        tracker.finish(parent, "FAILED")
+        raise
     tracker.finish(parent)
-    result = LocalizeResult(folder, weights, summary, axial_summary, predicted, parent)
     logger.info("%s", result.format())
     return result
 
 
 def _log_localisation(
-    tracker: Any,
+    tracker: Tracker,
     parent: str,
     summary: pd.DataFrame,
     axial_summary: pd.DataFrame,
@@ -222,16 +311,13 @@ def _log_localisation(
     cache: SeriesCache,
 ) -> None:
     """Metrics, tables, per-study reports and overlay figures of the evaluation, on the ``localize`` run."""
-    from lumbar_ray import plots
-    from lumbar_ray.tracking import log_values
-
     values = summary_metrics(summary) | summary_metrics(axial_summary, prefix="axial_from_labels")
-    log_values(tracker.client, parent, values)
-    tracker.client.log_text(parent, summary.to_csv(index=False), "localisation/summary.csv")
-    tracker.client.log_text(parent, axial_summary.to_csv(index=False), "localisation/axial_from_labels.csv")
-    tracker.client.log_text(parent, json.dumps(reports, indent=1), "localisation/val_studies.json")
+    tracker.log_values(parent, values)
+    tracker.log_text(parent, summary.to_csv(index=False), "localisation/summary.csv")
+    tracker.log_text(parent, axial_summary.to_csv(index=False), "localisation/axial_from_labels.csv")
+    tracker.log_text(parent, json.dumps(reports, indent=1), "localisation/val_studies.json")
     for study_id in sorted(predicted["study_id"].unique())[:OVERLAY_STUDIES]:
         figure = plots.localisation_overlay(
             int(study_id), predicted[predicted["study_id"] == study_id], truth[truth["study_id"] == study_id], cache
         )
-        tracker.client.log_figure(parent, figure, f"localisation/overlay_{study_id}.png")
+        tracker.log_figure(parent, figure, f"localisation/overlay_{study_id}.png")

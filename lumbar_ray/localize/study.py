@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.constants import LEVELS, SERIES_TYPES, TARGETS, target_index
-from lumbar_ray.data.cache import CachedSeries
-from lumbar_ray.data.crops import POINT_COLUMNS
-from lumbar_ray.localize.detector import left_first
-from lumbar_ray.localize.geometry import cache_point_to_patient, nearest_axial_slice
+from lumbar_ray.constants import LEVELS, POINT_COLUMNS, SERIES_TYPES, TARGETS, target_index
+from lumbar_ray.data.cache import CachedSeries, SeriesCache
+from lumbar_ray.localize.geometry import cache_point_to_patient, left_first, nearest_axial_slice
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +37,27 @@ SIDES = {"left": 1.0, "right": -1.0}
 
 
 class Locator(Protocol):
-    """What :func:`localise_study` needs of a sagittal detector (see :class:`~lumbar_ray.localize.detector`)."""
+    """What :func:`localise_study` needs of a sagittal detector: one point per target of its series type.
+
+    :class:`lumbar_ray.localize.detector.SagittalDetector` is one; a test can stand in with the labelled points.
+    """
 
     def locate(self, volume: np.ndarray, left_first: bool = True) -> pd.DataFrame:
         """One row per target: target, slice, x, y, confidence, filled (``left_first``: slice 0 is patient-left)."""
+        ...
+
+
+@runtime_checkable
+class LevelDetector(Locator, Protocol):
+    """A :class:`Locator` whose raw detections can be re-levelled before they are resolved: on Sagittal T1 the
+    foramina then take their levels from the canal found on Sagittal T2 (:func:`relevel_by_canal`)."""
+
+    def detect(self, volume: np.ndarray, left_first: bool = True) -> pd.DataFrame:
+        """Every detection: target, slice, x, y, confidence."""
+        ...
+
+    def resolve(self, detections: pd.DataFrame, n_slices: int) -> pd.DataFrame:
+        """What :meth:`locate` returns, from the given detections on a volume of ``n_slices`` slices."""
         ...
 
 
@@ -85,6 +100,35 @@ class StudyPoints:
         }
 
 
+def study_series(
+    cache: SeriesCache, series: pd.DataFrame, study_id: int, cached: set[tuple[int, int]]
+) -> dict[str, list[CachedSeries]]:
+    """A study's cached series by type, in series-id order, as :func:`localise_study` takes them.
+
+    Sagittal volumes are loaded (memory-mapped: the detectors read every slice); of axial series only the
+    metadata, which is all the geometry needs. Series listed but not cached (failed or missing) are left out, and
+    so reported missing.
+
+    Args:
+        cache: the cache.
+        series: the ``*_series_descriptions.csv`` frame (``study_id``, ``series_id``, ``series_description``).
+        study_id: the study.
+        cached: ``(study_id, series_id)`` keys the cache holds (:meth:`SeriesCache.cached_keys`).
+    """
+    rows = series[series["study_id"] == study_id].sort_values("series_id")
+    out: dict[str, list[CachedSeries]] = {}
+    for row in rows.itertuples(index=False):
+        key = (int(row.study_id), int(row.series_id))
+        if key not in cached:
+            continue
+        if row.series_description == AXIAL:
+            entry = CachedSeries(np.zeros((0, 0, 0), np.uint8), cache.read_meta(*key))
+        else:
+            entry = cache.read(*key, mmap=True)
+        out.setdefault(str(row.series_description), []).append(entry)
+    return out
+
+
 def _sagittal_rows(study_id: int, series: CachedSeries, located: pd.DataFrame) -> list[dict]:
     """POINTS rows (with confidence, filled, source) from a detector's output on ``series``."""
     rows = []
@@ -93,7 +137,7 @@ def _sagittal_rows(study_id: int, series: CachedSeries, located: pd.DataFrame) -
         if not (np.isfinite(row.x) and np.isfinite(row.y) and np.isfinite(row.slice)):
             continue
         index = int(np.clip(round(float(row.slice)), 0, n_slices - 1))
-        rows.append({"study_id": study_id, "target": int(row.target), "series_id": int(series.meta["series_id"]),
+        rows.append({"study_id": study_id, "target": int(row.target), "series_id": int(series.meta.series_id),
                      "slice": index, "x": float(row.x), "y": float(row.y), "confidence": float(row.confidence),
                      "filled": bool(row.filled), "source": "detector"})  # fmt: skip
     return rows
@@ -198,7 +242,7 @@ def axial_rows(study_id: int, axial: list[CachedSeries], patient: dict, fraction
             hit = nearest_axial_slice(point, axial)
             series = axial[hit.series_position]
             rows.append({"study_id": study_id, "target": target_index(f"{side}_subarticular_stenosis", LEVELS[level]),
-                         "series_id": int(series.meta["series_id"]), "slice": hit.slice_index, "x": hit.x,
+                         "series_id": int(series.meta.series_id), "slice": hit.slice_index, "x": hit.x,
                          "y": hit.y, "confidence": confidence, "filled": confidence == 0.0,
                          "source": "geometry"})  # fmt: skip
     return rows
@@ -207,7 +251,7 @@ def axial_rows(study_id: int, axial: list[CachedSeries], patient: dict, fraction
 def localise_study(
     study_id: int,
     series: dict[str, list[CachedSeries]],
-    detectors: dict[str, Locator],
+    detectors: dict[str, Locator | LevelDetector],
     subarticular_fraction: float = 0.4,
 ) -> StudyPoints:
     """Place the 25 target points of one study (see the module docstring).
@@ -217,7 +261,8 @@ def localise_study(
         series: series description -> that study's cached series of the type (the first sagittal one of a
             type is used, as the label coordinates do; every axial series is searched). Sagittal volumes must be
             loaded; axial ones need only their metadata.
-        detectors: ``Sagittal T2/STIR`` and ``Sagittal T1`` -> a located detector.
+        detectors: ``Sagittal T2/STIR`` and/or ``Sagittal T1`` -> its detector (a series type without one gets no
+            sagittal points).
         subarticular_fraction: see :func:`subarticular_points`.
     """
     rows: list[dict] = []
@@ -231,7 +276,7 @@ def localise_study(
             raise ValueError(f"study {study_id}: the {description} volume must be loaded to detect levels")
         detector = detectors[description]
         first_left = left_first(entry.meta)
-        if description == SAG_T1 and len(canal) >= 2 and hasattr(detector, "resolve"):
+        if description == SAG_T1 and len(canal) >= 2 and isinstance(detector, LevelDetector):
             detections = relevel_by_canal(detector.detect(entry.volume, first_left), entry, canal)
             located = detector.resolve(detections, entry.volume.shape[0])
         else:
@@ -239,9 +284,9 @@ def localise_study(
         new_rows = _sagittal_rows(study_id, entry, located)
         rows += new_rows
         if description == SAG_T2:
-            canal = patient_points(pd.DataFrame(new_rows), {int(entry.meta["series_id"]): entry})
+            canal = patient_points(pd.DataFrame(new_rows), {int(entry.meta.series_id): entry})
     if series.get(AXIAL) and rows:
-        by_id = {int(s.meta["series_id"]): s for description in (SAG_T2, SAG_T1) for s in series.get(description, [])}
+        by_id = {int(s.meta.series_id): s for description in (SAG_T2, SAG_T1) for s in series.get(description, [])}
         patient = patient_points(pd.DataFrame(rows), by_id)
         rows += axial_rows(study_id, series[AXIAL], patient, subarticular_fraction)
     frame = pd.DataFrame(rows, columns=list(LOCATED_COLUMNS))

@@ -1,7 +1,10 @@
-"""Plain-torch training and evaluation steps: no Ray here, so they are tested (and benchmarked) on their own.
+"""Plain-torch training and evaluation of a fold: no Ray here, so it is tested (and benchmarked) on its own.
 
-The Ray Train worker loop (:mod:`lumbar_ray.train.worker`) and the bare-PyTorch benchmark loop call the same
-functions, so whatever Ray adds is measured against exactly this code.
+:func:`build_fold` assembles one fold's datasets, loaders, model, loss, optimiser and scheduler (with hooks through
+which Ray Train wraps the model and loader for DDP), and :func:`run_epoch` runs one epoch of it: train, predict
+the validation fold, fill targets without a crop with the prior, score. The Ray Train worker loop
+(:mod:`lumbar_ray.train.worker`), the bare-PyTorch benchmark loop and the tests call exactly these functions, so
+whatever Ray adds is measured against this code.
 """
 
 from __future__ import annotations
@@ -9,16 +12,24 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from lumbar_ray.config import TrainConfig
+from lumbar_ray.baseline import fill_with_prior
+from lumbar_ray.config import Config, TrainConfig
 from lumbar_ray.constants import IGNORE_INDEX
+from lumbar_ray.data.cache import SeriesCache
+from lumbar_ray.data.crops import CropDataset
+from lumbar_ray.losses import SeverityLoss
 from lumbar_ray.metrics import ScoreResult, score_arrays
+from lumbar_ray.models import build_model
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -154,17 +165,182 @@ def predict(model: nn.Module, loader: Any, device: torch.device, amp: str = "off
 
 
 def fill_missing(predictions: Predictions, prior: np.ndarray) -> np.ndarray:
-    """Probabilities where targets without a point (no series, no coordinate) get the prior instead.
-
-    A crop of zeros says nothing about the target, so its prediction falls back to the training prior
-    (``(25, 3)``, see :func:`lumbar_ray.baseline.fit_prior`): every target is still predicted and scored.
-    """
-    filled = predictions.probs.copy()
-    missing = ~predictions.mask.astype(bool)
-    filled[missing] = np.broadcast_to(prior, filled.shape)[missing]
-    return filled
+    """Probabilities where targets without a point (no series, no coordinate) get the prior instead
+    (:func:`lumbar_ray.baseline.fill_with_prior`): every target is still predicted and scored."""
+    return fill_with_prior(predictions.probs, predictions.mask, prior)
 
 
 def score_predictions(probs: np.ndarray, labels: np.ndarray) -> ScoreResult:
     """The official score over every labelled target (labels keep :data:`IGNORE_INDEX` for empty cells)."""
     return score_arrays(np.where(labels < 0, IGNORE_INDEX, labels), probs)
+
+
+@dataclass
+class FoldPayload:
+    """What one fold's training needs besides the config: picklable, built once on the driver.
+
+    Attributes:
+        cache_root: the preprocessing cache root (folder or URI).
+        cache_settings: its settings (:func:`lumbar_ray.config.cache_settings`).
+        points: POINTS frame of every label point (cache pixels).
+        train_ids: ``(n_train,)`` study ids trained on; ``train_labels`` ``(n_train, 25)`` their labels.
+        val_ids: ``(n_val,)`` held-out study ids; ``val_labels`` their labels.
+        prior: ``(25, 3)`` prior of the training labels, for targets without a crop.
+    """
+
+    cache_root: str
+    cache_settings: dict[str, Any]
+    points: pd.DataFrame
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    train_labels: np.ndarray
+    val_labels: np.ndarray
+    prior: np.ndarray
+
+
+def fold_loaders(cfg: Config, payload: FoldPayload) -> tuple[CropDataset, DataLoader, DataLoader]:
+    """The fold's training dataset and the training/validation DataLoaders (not yet prepared for DDP)."""
+    cache = SeriesCache(payload.cache_root, payload.cache_settings)
+    train_set = CropDataset(cache, payload.train_ids, payload.points, cfg.crop, labels=payload.train_labels,
+                            augment=cfg.augment, seed=cfg.train.seed)  # fmt: skip
+    val_set = CropDataset(cache, payload.val_ids, payload.points, cfg.crop, labels=payload.val_labels)
+    workers = cfg.train.loader_workers
+    common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": cfg.train.use_gpu}
+    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=False, **common)
+    val_loader = DataLoader(val_set, batch_size=cfg.train.batch_size, shuffle=False, **common)
+    return train_set, train_loader, val_loader
+
+
+@dataclass
+class Fold:
+    """One fold's training parts, as :func:`build_fold` assembles them.
+
+    ``model`` is what is trained (DDP-wrapped under Ray Train), ``bare`` the plain network inside it (evaluated,
+    checkpointed and registered).
+    """
+
+    model: nn.Module
+    bare: nn.Module
+    train_set: CropDataset
+    train_loader: Any
+    val_loader: Any
+    loss_fn: SeverityLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp: str
+    prior: np.ndarray
+
+
+def _unchanged(thing: Any) -> Any:
+    return thing
+
+
+def build_fold(
+    cfg: Config,
+    payload: FoldPayload,
+    device: torch.device,
+    state: dict[str, Any] | None = None,
+    wrap_model: Callable[[nn.Module], nn.Module] = _unchanged,
+    wrap_loader: Callable[[DataLoader], Any] = _unchanged,
+) -> Fold:
+    """Datasets, loaders, model (restored from ``state``), loss, optimiser, scheduler and loss scaler of a fold.
+
+    The order of construction is fixed (it draws from torch's RNG: the model's initial weights), so a seeded
+    run builds the same fold whoever calls this.
+
+    Args:
+        cfg: the resolved config.
+        payload: the fold's data.
+        device: where the model trains.
+        state: a checkpoint's state (``model``, ``optimizer``, ``scheduler``) to resume from; None = fresh.
+        wrap_model: e.g. ``ray.train.torch.prepare_model`` (moves to the device, wraps in DDP).
+        wrap_loader: e.g. ``ray.train.torch.prepare_data_loader`` (a distributed sampler).
+    """
+    amp = cfg.train.amp if device.type == "cuda" else "off"
+    train_set, train_loader, val_loader = fold_loaders(cfg, payload)
+    train_loader = wrap_loader(train_loader)
+    model = build_model(cfg.model, cfg.crop)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model = wrap_model(model) if wrap_model is not _unchanged else model.to(device)
+    bare = model.module if hasattr(model, "module") else model
+    loss_fn = SeverityLoss(cfg.loss).to(device)
+    optimizer = make_optimizer(model, cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train, len(train_loader))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return Fold(model, bare, train_set, train_loader, val_loader, loss_fn, optimizer, scheduler,
+                make_grad_scaler(device, amp), device, amp, np.asarray(payload.prior))  # fmt: skip
+
+
+@dataclass
+class Epoch:
+    """One epoch's outcome: its metrics, the validation predictions and their prior-filled probabilities."""
+
+    metrics: dict[str, float]
+    predictions: Predictions
+    probs: np.ndarray
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def run_epoch(fold: Fold, epoch: int) -> Epoch:
+    """Train one epoch, then predict and score the whole validation fold.
+
+    Every rank of a DDP run evaluates the whole validation fold (deterministic crops), so all ranks agree on the
+    score without a gather.
+    """
+    epoch_started_at = time.time()  # consecutive starts bound the whole epoch: train, eval, report
+    sampler = getattr(fold.train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)  # a new shuffle per epoch under DistributedSampler
+    fold.train_set.set_epoch(epoch)  # a new augmentation stream per epoch
+    trained = train_epoch(fold.model, fold.train_loader, fold.loss_fn, fold.optimizer, fold.scheduler, fold.device,
+                          fold.amp, fold.scaler)  # fmt: skip
+    predictions = predict(fold.bare, fold.val_loader, fold.device, fold.amp)
+    probs = fill_missing(predictions, fold.prior)
+    score = score_predictions(probs, predictions.labels)
+    val_loss = fold.loss_fn(
+        torch.log(torch.as_tensor(predictions.probs).clamp_min(1e-12)), torch.as_tensor(predictions.labels)
+    )  # log-probs are valid logits: softmax(log p) = p
+    metrics = {
+        "epoch": epoch,
+        "train_loss": trained["loss"],
+        "train_samples": trained["samples"],
+        "world_size": _world_size(),
+        "torch_threads": torch.get_num_threads(),
+        "train_seconds": trained["seconds"],
+        "train_samples_per_s": trained["samples"] / max(trained["seconds"], 1e-9),
+        "val_loss": float(val_loss.total),
+        "lr": fold.optimizer.param_groups[0]["lr"],
+        "epoch_started_at": epoch_started_at,
+        **score.to_dict(prefix="val_"),
+    }
+    metrics["val_score"] = metrics.pop("val_total")
+    return Epoch(metrics, predictions, probs)
+
+
+def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model``'s weights (safe to keep while training goes on)."""
+    return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+
+
+def keep_best(best: dict[str, Any] | None, epoch: Epoch, model: nn.Module) -> dict[str, Any]:
+    """The best epoch so far by validation score (lower is better): its score, weights and probabilities."""
+    if best is not None and epoch.metrics["val_score"] >= best["score"]:
+        return best
+    return {
+        "score": epoch.metrics["val_score"],
+        "epoch": int(epoch.metrics["epoch"]),
+        "model": state_dict_cpu(model),
+        "study_ids": epoch.predictions.study_ids,
+        "probs": epoch.probs,
+        "labels": epoch.predictions.labels,
+    }

@@ -1,12 +1,10 @@
 """The Ray Train worker loop of one fold: the thin Ray layer over :mod:`lumbar_ray.train.steps`.
 
-Each worker builds the fold's crop datasets from the cache, wraps model and loader with ``prepare_model`` /
+Each worker builds the fold with :func:`~lumbar_ray.train.steps.build_fold`, through ``prepare_model`` /
 ``prepare_data_loader`` (DDP and a distributed sampler), and resumes from ``ray.train.get_checkpoint()`` when Ray
-restarts it after a failure or when an interrupted CV is rerun under the same run name.
-
-Every epoch every worker evaluates the whole validation fold (deterministic crops, so all ranks agree on the
-score without a gather; the validation fold is a fifth of the data), then every worker calls
-``ray.train.report`` once (it is a barrier); rank 0 attaches the checkpoint and logs the epoch to MLflow.
+restarts it after a failure or when an interrupted CV is rerun under the same run name. Each epoch is
+:func:`~lumbar_ray.train.steps.run_epoch`; then every worker calls ``ray.train.report`` once (it is a barrier);
+rank 0 attaches the checkpoint and logs the epoch to MLflow.
 
 A checkpoint holds the latest state (model, optimiser, scheduler, epoch, history) and the best epoch's weights
 and validation probabilities: Ray keeps only the latest checkpoint, which therefore always carries the best model
@@ -16,9 +14,8 @@ by the validation score.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,52 +23,69 @@ import numpy as np
 import torch
 
 from lumbar_ray.config import Config
+from lumbar_ray.paths import atomic_path
+from lumbar_ray.raytools import quiet_ray_train_info
+from lumbar_ray.tracking import RunLogger
+from lumbar_ray.train.steps import Fold, FoldPayload, build_fold, keep_best, run_epoch, state_dict_cpu
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
 
 
-def fold_loaders(cfg: Config, payload: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """The fold's training dataset and the training/validation DataLoaders (not yet prepared for Ray).
+@dataclass
+class FoldJob:
+    """The ``train_loop_config`` of a fold's ``TorchTrainer`` (besides the config): which fold, its data, and
+    the MLflow run its epochs go to (None: no logging)."""
 
-    Args:
-        cfg: the resolved config.
-        payload: ``cache_root``, ``cache_settings``, ``points`` (POINTS frame), ``train_ids``/``val_ids`` and
-            ``train_labels``/``val_labels`` as built by :func:`lumbar_ray.train.cv.fold_payload`.
+    fold: int
+    payload: FoldPayload
+    run_logger: RunLogger | None = None
+
+
+@dataclass
+class FoldOutcome:
+    """A finished fold: its best epoch's weights and out-of-fold probabilities.
+
+    ``starts`` lists the epoch each (re)start of the fold's workers began at (``[0]`` for an uninterrupted fold);
+    ``ranks`` holds the last epoch's per-rank training samples and weight checksums.
     """
-    from torch.utils.data import DataLoader
 
-    from lumbar_ray.data.cache import SeriesCache
-    from lumbar_ray.data.crops import CropDataset
+    fold: int
+    best_score: float
+    best_epoch: int
+    study_ids: np.ndarray
+    probs: np.ndarray
+    history: list[dict[str, Any]]
+    model_state: dict[str, torch.Tensor]
+    starts: list[int] = field(default_factory=list)
+    ranks: dict[str, list[float]] = field(default_factory=dict)
+    checkpoint_path: str | None = None
 
-    cache = SeriesCache(payload["cache_root"], payload["cache_settings"])
-    train_set = CropDataset(
-        cache,
-        payload["train_ids"],
-        payload["points"],
-        cfg.crop,
-        labels=payload["train_labels"],
-        augment=cfg.augment,
-        seed=cfg.train.seed,
-    )
-    val_set = CropDataset(cache, payload["val_ids"], payload["points"], cfg.crop, labels=payload["val_labels"])
-    workers = cfg.train.loader_workers
-    common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": cfg.train.use_gpu}
-    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=False, **common)
-    val_loader = DataLoader(val_set, batch_size=cfg.train.batch_size, shuffle=False, **common)
-    return train_set, train_loader, val_loader
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as temporary:  # a fold counts as done only once its file is whole
+            torch.save(self.__dict__, temporary)
+
+    @classmethod
+    def load(cls, path: Path) -> FoldOutcome:
+        return cls(**torch.load(path, map_location="cpu", weights_only=False))
+
+    @classmethod
+    def from_state(cls, fold: int, state: dict[str, Any], checkpoint_path: str | None = None) -> FoldOutcome:
+        """The outcome a finished fold's last checkpoint state holds (see :func:`train_fold_loop`)."""
+        best = state["best"]
+        return cls(fold=fold, best_score=float(best["score"]), best_epoch=int(best["epoch"]),
+                   study_ids=np.asarray(best["study_ids"]), probs=np.asarray(best["probs"]), history=state["history"],
+                   model_state=best["model"], starts=list(state.get("starts", [])),
+                   ranks=dict(state.get("ranks", {})), checkpoint_path=checkpoint_path)  # fmt: skip
 
 
-def _load_state(checkpoint: Any) -> dict[str, Any] | None:
+def load_checkpoint_state(checkpoint: Any) -> dict[str, Any] | None:
+    """The state saved in a Ray Train checkpoint of this loop (None for no checkpoint)."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
         return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-
-
-def _state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
 
 
 def _per_rank(value: float, device: torch.device) -> list[float]:
@@ -94,126 +108,45 @@ def train_fold_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the fold's ``TorchTrainer``.
 
     Args:
-        config: ``cfg`` (the resolved config as a dict), ``fold``, ``payload`` (see :func:`fold_loaders`),
-            ``prior`` ((25, 3) training-fold prior for targets without a crop), ``mlflow`` (``tracking_uri``
-            and ``run_id`` of the fold's child run, or None).
+        config: ``cfg`` (the resolved config as a dict) and ``job`` (a :class:`FoldJob`).
     """
     import ray.train
     import ray.train.torch
 
-    from lumbar_ray.losses import SeverityLoss
-    from lumbar_ray.models import build_model
-    from lumbar_ray.train.steps import (
-        fill_missing,
-        make_grad_scaler,
-        make_optimizer,
-        make_scheduler,
-        predict,
-        score_predictions,
-        train_epoch,
-    )
-
-    cfg = Config.model_validate(config["cfg"])
-    _quiet_ray_train_info()
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
+    cfg, job = Config.model_validate(config["cfg"]), config["job"]
+    quiet_ray_train_info()
+    rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.train.seed + rank)
-    device = ray.train.torch.get_device()
-    amp = cfg.train.amp if device.type == "cuda" else "off"
-
-    train_set, train_loader, val_loader = fold_loaders(cfg, config["payload"])
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)
-    model = build_model(cfg.model, cfg.crop)
-    state = _load_state(ray.train.get_checkpoint())
-    if state is not None:
-        model.load_state_dict(state["model"])
-    model = ray.train.torch.prepare_model(model)
-    bare = model.module if hasattr(model, "module") else model
-    loss_fn = SeverityLoss(cfg.loss).to(device)
-    optimizer = make_optimizer(model, cfg.train)
-    scheduler = make_scheduler(optimizer, cfg.train, len(train_loader))
-    scaler = make_grad_scaler(device, amp)
+    state = load_checkpoint_state(ray.train.get_checkpoint())
+    fold = build_fold(cfg, job.payload, ray.train.torch.get_device(), state, ray.train.torch.prepare_model,
+                      ray.train.torch.prepare_data_loader)  # fmt: skip
     start_epoch, best, history, starts = 0, None, [], []
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         starts = state.get("starts", [])
-        logger.info("fold %s rank %d: resumed after epoch %d", config["fold"], rank, state["epoch"])
+        logger.info("fold %s rank %d: resumed after epoch %d", job.fold, rank, state["epoch"])
     starts = [*starts, start_epoch]  # the epoch each (re)start of this fold began at, for the record
-
-    run_logger = None
-    if rank == 0 and config.get("mlflow"):
-        from lumbar_ray.tracking import RunLogger
-
-        run_logger = RunLogger(config["mlflow"]["tracking_uri"], config["mlflow"]["run_id"])
-
-    prior = np.asarray(config["prior"])
-    for epoch in range(start_epoch, cfg.train.epochs):
-        epoch_started_at = time.time()  # consecutive starts bound the whole epoch: train, eval, report
-        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)  # a new shuffle per epoch under DistributedSampler
-        train_set.set_epoch(epoch)  # a new augmentation stream per epoch
-        trained = train_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, amp, scaler)
-        predictions = predict(bare, val_loader, device, amp)
-        probs = fill_missing(predictions, prior)
-        score = score_predictions(probs, predictions.labels)
-        val_loss = loss_fn(
-            torch.log(torch.as_tensor(predictions.probs).clamp_min(1e-12)), torch.as_tensor(predictions.labels)
-        )  # log-probs are valid logits: softmax(log p) = p
-        metrics = {
-            "epoch": epoch,
-            "train_loss": trained["loss"],
-            "train_samples": trained["samples"],
-            "world_size": context.get_world_size(),
-            "torch_threads": torch.get_num_threads(),
-            "train_seconds": trained["seconds"],
-            "train_samples_per_s": trained["samples"] / max(trained["seconds"], 1e-9),
-            "val_loss": float(val_loss.total),
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_started_at": epoch_started_at,
-            **score.to_dict(prefix="val_"),
-        }
-        metrics["val_score"] = metrics.pop("val_total")
+    for epoch_index in range(start_epoch, cfg.train.epochs):
+        epoch = run_epoch(fold, epoch_index)
+        metrics = epoch.metrics
         history.append(metrics)
         # Per-rank evidence (kept in the checkpoint, not sent to MLflow): every replica trained, and in sync.
-        ranks = {
-            "samples": _per_rank(trained["samples"], device),
-            "checksum": _per_rank(_parameter_checksum(bare), device),
-        }
-        improved = best is None or metrics["val_score"] < best["score"]
-        if improved:
-            best = {
-                "score": metrics["val_score"],
-                "epoch": epoch,
-                "model": _state_dict_cpu(bare),
-                "study_ids": predictions.study_ids,
-                "probs": probs,
-                "labels": predictions.labels,
-            }
+        ranks = {"samples": _per_rank(metrics["train_samples"], fold.device),
+                 "checksum": _per_rank(_parameter_checksum(fold.bare), fold.device)}  # fmt: skip
+        best = keep_best(best, epoch, fold.bare)
         metrics["best_val_score"] = best["score"]
         if rank == 0:
-            _log_progress(config["fold"], epoch, cfg.train.epochs, metrics)
-        if run_logger is not None:
-            run_logger.log_epoch(epoch, {k: v for k, v in metrics.items() if k not in ("epoch", "epoch_started_at")})
-        _report(rank, metrics, {
-            "model": _state_dict_cpu(bare),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "best": best,
-            "history": history,
-            "starts": starts,
-            "ranks": ranks,
-        })  # fmt: skip
+            _log_progress(job.fold, epoch_index, cfg.train.epochs, metrics)
+            if job.run_logger is not None:
+                job.run_logger.log_epoch(epoch_index, {k: v for k, v in metrics.items()
+                                                       if k not in ("epoch", "epoch_started_at")})  # fmt: skip
+        _report(rank, metrics, _checkpoint_state(fold, epoch_index, best, history, starts, ranks))
 
 
-def _quiet_ray_train_info() -> None:
-    """One progress line per epoch (ours) instead of Ray Train's INFO line per report and per checkpoint, which
-    ``log_to_driver`` would forward; some of Ray Train's loggers are named by file path, not module."""
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("ray.train") or f"{os.sep}ray{os.sep}train{os.sep}" in name:
-            logging.getLogger(name).setLevel(logging.WARNING)
+def _checkpoint_state(fold: Fold, epoch: int, best: dict, history: list, starts: list, ranks: dict) -> dict:
+    return {"model": state_dict_cpu(fold.bare), "optimizer": fold.optimizer.state_dict(),
+            "scheduler": fold.scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
+            "starts": starts, "ranks": ranks}  # fmt: skip
 
 
 def _log_progress(fold: int, epoch: int, epochs: int, metrics: dict[str, Any]) -> None:

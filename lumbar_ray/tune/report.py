@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from mlflow.entities import Param
 
 from lumbar_ray.config import Config
-from lumbar_ray.tracking import KIND_TAG, PARENT_TAG, VERSION_TAG, Tracker, package_version, quote
+from lumbar_ray.tracking import KIND_TAG, PARENT_TAG, Tracker, log_params, quote
 from lumbar_ray.tune.trainable import METRIC
 
 logger = logging.getLogger(__name__)
@@ -27,20 +27,16 @@ TUNE_TAG = "lumbar_ray.tune"
 
 def tune_parent_run(tracker: Tracker, cfg: Config) -> str:
     """Find (on resume) or create the tuning run named ``tune.name``; a new one logs the space and the budget."""
-    found = tracker.find_run(f"tags.`{TUNE_TAG}` = {quote(cfg.tune.name)} and tags.`{KIND_TAG}` = 'tune'")
-    if found is not None:
-        return tracker.reuse_run(found, f"tuning {cfg.tune.name!r}")
-    tags = {TUNE_TAG: cfg.tune.name, KIND_TAG: "tune", VERSION_TAG: package_version()}
-    run = tracker.client.create_run(tracker.experiment_id, tags=tags, run_name=f"tune-{cfg.tune.name}")
-    parent = run.info.run_id
+    tags = {TUNE_TAG: cfg.tune.name, KIND_TAG: "tune"}
+    if tracker.find_run(tags) is not None:
+        return tracker.run_for(tags, f"tune-{cfg.tune.name}")
+    parent = tracker.run_for(tags, f"tune-{cfg.tune.name}")
     settings = cfg.tune.model_dump(mode="json")
     space = settings.pop("space")
-    params = [Param(f"tune.{key}", json.dumps(value)) for key, value in settings.items()]
-    params += [Param(f"space.{key}", json.dumps(dim)) for key, dim in space.items()]
-    tracker.client.log_batch(parent, params=params)
+    params = {f"tune.{key}": json.dumps(value) for key, value in settings.items()}
+    log_params(tracker.client, parent, params | {f"space.{key}": json.dumps(dim) for key, dim in space.items()})
     tracker.client.log_dict(parent, space, "search_space.json")
-    tracker.client.log_text(parent, cfg.to_yaml(), "base_config.yaml")
-    logger.info("MLflow: created tuning run %s for %r", parent, cfg.tune.name)
+    tracker.log_text(parent, cfg.to_yaml(), "base_config.yaml")
     return parent
 
 
@@ -62,18 +58,21 @@ def score_by_trial(trials: pd.DataFrame) -> Figure:
     return figure
 
 
-def param_importances(trials: pd.DataFrame, cfg: Config) -> dict[str, float]:
-    """Optuna's fANOVA importances of the searched settings over the complete trials (needs >= 2 of them)."""
-    import optuna
+def param_importances(trials: pd.DataFrame, cfg: Config, domains: dict[str, Any]) -> dict[str, float]:
+    """Optuna's fANOVA importances of the searched settings over the complete trials (needs >= 2 of them).
 
-    from lumbar_ray.tune.space import tune_domain
+    Args:
+        trials: the trial table.
+        cfg: the tuning config (``tune.space`` names the settings).
+        domains: the Ray Tune domains of the space (``lumbar_ray.tune.run.search_space``).
+    """
+    import optuna
+    from ray.tune.search.optuna.optuna_search import OptunaSearch
 
     complete = trials[trials["status"] == "complete"]
     if len(complete) < 2:
         return {}
-    from ray.tune.search.optuna.optuna_search import OptunaSearch
-
-    distributions = OptunaSearch.convert_search_space({k: tune_domain(d) for k, d in cfg.tune.space.items()})
+    distributions = OptunaSearch.convert_search_space(domains)
     study = optuna.create_study(direction="minimize")
     for _, row in complete.iterrows():
         params = {key: row[key] for key in cfg.tune.space}
@@ -103,6 +102,7 @@ def finish_tuning(
     best_params: dict[str, Any],
     best_score: float,
     best_path: Path,
+    domains: dict[str, Any],
 ) -> None:
     """Log the outcome to the tuning run, close the CV runs of early-stopped trials, end the tuning run."""
     client = tracker.client
@@ -114,7 +114,7 @@ def finish_tuning(
     client.log_text(parent, trials.to_csv(index=False), "trials.csv")
     client.log_artifact(parent, str(best_path))
     client.log_figure(parent, score_by_trial(trials), "plots/score_by_trial.png")
-    importances = param_importances(trials, cfg)
+    importances = param_importances(trials, cfg, domains)
     if importances:
         client.log_dict(parent, importances, "param_importances.json")
         client.log_figure(parent, importance_figure(importances), "plots/param_importances.png")

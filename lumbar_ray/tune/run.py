@@ -9,17 +9,28 @@ complete config that ``lumbar-ray train --config`` takes as is.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from lumbar_ray.config import Config, ConfigError
-from lumbar_ray.tune.space import apply_params, search_space
+from lumbar_ray.config import Config, ConfigError, SearchDim
+from lumbar_ray.paths import cv_run_id, run_dir_for, tune_dir_for, tune_storage_for
+from lumbar_ray.raytools import ensure_ray
+from lumbar_ray.registry import RegisteredEnsemble
+from lumbar_ray.tracking import Tracker
+from lumbar_ray.train.cv import run_cv
+from lumbar_ray.train.inputs import prepare_inputs
+from lumbar_ray.train.register import register_cv
+from lumbar_ray.tune.report import finish_tuning, tune_parent_run
+from lumbar_ray.tune.space import apply_params
 from lumbar_ray.tune.trainable import METRIC, TIME_ATTR, cv_trial
+
+if TYPE_CHECKING:  # Ray Tune's types, for annotations only: importing ray.tune costs seconds
+    from ray.tune import ResultGrid, Tuner
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +48,7 @@ class TuneResult:
     best_config_path: Path
     stopped_early: int
     mlflow_run_id: str
-    registered: Any = None
+    registered: RegisteredEnsemble | str | None = None
 
     def format(self) -> str:
         done = int((self.trials["status"] == "complete").sum())
@@ -52,12 +63,22 @@ class TuneResult:
         return "\n".join(lines)
 
 
-def tune_storage(cfg: Config) -> str:
-    """``tune.storage``, else ``$LUMBAR_RAY_STORAGE/ray_tune``, else ``<workdir>/ray_tune`` (absolute)."""
-    if cfg.tune.storage:
-        return cfg.tune.storage
-    shared = os.environ.get("LUMBAR_RAY_STORAGE")
-    return f"{shared.rstrip('/')}/ray_tune" if shared else str((Path(cfg.workdir) / "ray_tune").resolve())
+def tune_domain(dim: SearchDim) -> Any:
+    """The Ray Tune domain of one searched setting (OptunaSearch converts it to an Optuna distribution)."""
+    from ray import tune
+
+    if dim.dist == "uniform":
+        return tune.uniform(dim.low, dim.high)
+    if dim.dist == "loguniform":
+        return tune.loguniform(dim.low, dim.high)
+    if dim.dist == "int":
+        return tune.randint(int(dim.low), int(dim.high) + 1)  # randint's upper bound is exclusive
+    return tune.choice(list(dim.values))
+
+
+def search_space(space: dict[str, SearchDim]) -> dict[str, Any]:
+    """``tune.space`` as a flat Ray Tune ``param_space`` (dotted key -> domain)."""
+    return {key: tune_domain(dim) for key, dim in space.items()}
 
 
 def folds_per_trial(cfg: Config) -> int:
@@ -76,7 +97,7 @@ def max_concurrency(cfg: Config, resources: dict[str, float]) -> int:
 
 
 def _experiment_path(cfg: Config) -> str:
-    return f"{tune_storage(cfg).rstrip('/')}/{cfg.tune.name}"
+    return f"{tune_storage_for(cfg).rstrip('/')}/{cfg.tune.name}"
 
 
 def experiment_exists(cfg: Config) -> bool:
@@ -86,7 +107,7 @@ def experiment_exists(cfg: Config) -> bool:
     return tune.Tuner.can_restore(_experiment_path(cfg))
 
 
-def build_tuner(cfg: Config, trainable: Any, concurrency: int) -> Any:
+def build_tuner(cfg: Config, trainable: Callable[..., None], concurrency: int) -> Tuner:
     """A fresh ``Tuner``: seeded OptunaSearch (TPE), ASHA over folds done, trial retries."""
     from optuna.samplers import TPESampler
     from ray import tune
@@ -118,14 +139,14 @@ def build_tuner(cfg: Config, trainable: Any, concurrency: int) -> Any:
         ),
         run_config=tune.RunConfig(
             name=cfg.tune.name,
-            storage_path=tune_storage(cfg),
+            storage_path=tune_storage_for(cfg),
             failure_config=tune.FailureConfig(max_failures=cfg.tune.trial_max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # each checkpoint holds every finished fold
         ),
     )
 
 
-def trials_frame(results: Any, n_folds: int, keys: list[str]) -> pd.DataFrame:
+def trials_frame(results: ResultGrid, n_folds: int, keys: list[str]) -> pd.DataFrame:
     """One row per trial: id, status (complete / stopped early / error), folds done, score, params."""
     rows = []
     for result in results:
@@ -170,12 +191,7 @@ def run_tune(cfg: Config, resume: bool = False, register_best: bool = False) -> 
     import ray
     from ray import tune
 
-    from lumbar_ray.data.preprocess import ensure_ray
-    from lumbar_ray.tracking import Tracker
-    from lumbar_ray.train.cv import prepare_inputs
-    from lumbar_ray.tune.report import finish_tuning, tune_parent_run
-
-    out_dir = Path(cfg.workdir) / "tune" / cfg.tune.name
+    out_dir = tune_dir_for(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = _experiment_path(cfg)
     ensure_ray()
@@ -185,7 +201,7 @@ def run_tune(cfg: Config, resume: bool = False, register_best: bool = False) -> 
     if exists and not resume:
         raise ConfigError(f"a tuning experiment already exists at {path}: pass --resume, or change tune.name")
     inputs = prepare_inputs(cfg, out_dir)  # once for every trial: labels, cache, folds, label points
-    tracker = Tracker(cfg)
+    tracker = Tracker.from_config(cfg)
     parent = tune_parent_run(tracker, cfg)
     trainable = tune.with_parameters(cv_trial, base=cfg.model_dump(mode="json"), inputs=inputs, tune_parent=parent)
     # The trial only waits on its TorchTrainers, which hold the CPUs. Tune refuses an empty request, and any CPU
@@ -214,7 +230,7 @@ def run_tune(cfg: Config, resume: bool = False, register_best: bool = False) -> 
     best_path.write_text(best.to_yaml())
     stopped = int((trials["status"] == "stopped early").sum())
     result = TuneResult(cfg.tune.name, trials, best_params, float(best_row[METRIC]), best_path, stopped, parent)
-    finish_tuning(tracker, parent, cfg, trials, best_params, result.best_score, best_path)
+    finish_tuning(tracker, parent, cfg, trials, best_params, result.best_score, best_path, search_space(cfg.tune.space))
     if register_best:
         result.registered = register_best_config(best, results, best_row["trial_id"])
     return result
@@ -225,11 +241,9 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def register_best_config(best: Config, results: Any, trial_id: str) -> Any:
+def register_best_config(best: Config, results: ResultGrid, trial_id: str) -> RegisteredEnsemble | str | None:
     """Retrain the best config with ``run_cv`` and register it; the best trial's finished folds are reused."""
-    from lumbar_ray.train.cv import resolve_run_id, run_cv, run_dir_for
-
-    run_dir = run_dir_for(best, resolve_run_id(best))
+    run_dir = run_dir_for(best, cv_run_id(best))
     run_dir.mkdir(parents=True, exist_ok=True)
     for result in results:
         if (result.metrics or {}).get("trial_id") == trial_id and result.checkpoint is not None:
@@ -238,5 +252,6 @@ def register_best_config(best: Config, results: Any, trial_id: str) -> Any:
                     if not (run_dir / path.name).is_file():
                         shutil.copy2(path, run_dir / path.name)
     cv = run_cv(best)  # folds found on disk are skipped; the rest (if tune.folds was a subset) are trained
-    logger.info("best config retrained: CV %.5f; registered %s", cv.score.total, cv.registered)
-    return cv.registered
+    registered = register_cv(best, cv)
+    logger.info("best config retrained: CV %.5f; registered %s", cv.score.total, registered)
+    return registered

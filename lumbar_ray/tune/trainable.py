@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow.entities import Param
 
 from lumbar_ray.config import Config
+from lumbar_ray.data.splits import save_folds
+from lumbar_ray.paths import cv_run_id, run_dir_for
+from lumbar_ray.tracking import log_params
+from lumbar_ray.train.cv import finish_cv, start_cv, train_folds
+from lumbar_ray.train.inputs import CVInputs
 from lumbar_ray.tune.space import apply_params
 
 logger = logging.getLogger(__name__)
@@ -55,45 +59,38 @@ def restore_folds(run_dir: Path) -> list[str]:
     return restored
 
 
-def cv_trial(params: dict[str, Any], base: dict[str, Any], inputs: Any, tune_parent: str | None) -> None:
+def cv_trial(params: dict[str, Any], base: dict[str, Any], inputs: CVInputs, tune_parent: str | None) -> None:
     """Ray Tune function trainable: train the CV's folds, reporting ``cv_score`` and ``folds_done`` after each.
 
     Args:
         params: the sampled settings (dotted config key -> value).
         base: the tuning run's resolved config (as a dict).
-        inputs: the :class:`lumbar_ray.train.cv.CVInputs` prepared once by the tuning driver.
+        inputs: the CV inputs prepared once by the tuning driver.
         tune_parent: the tuning run's MLflow run id; the trial's CV run is its child.
     """
     import ray.tune
 
-    from lumbar_ray.data.splits import save_folds
-    from lumbar_ray.train.cv import finish_cv, resolve_run_id, run_dir_for, start_cv, train_folds
-
     cfg = trial_config(Config.model_validate(base), params)
-    run_dir = run_dir_for(cfg, resolve_run_id(cfg))
-    restore_folds(run_dir)
-    run_id, run_dir, inputs, tracker, parent = start_cv(cfg, inputs, nest_under=tune_parent)
-    if not (run_dir / "folds.csv").is_file():
-        save_folds(inputs.folds, run_dir / "folds.csv")
-    tracker.client.set_tag(parent, TRIAL_TAG, ray.tune.get_context().get_trial_id())
+    restore_folds(run_dir_for(cfg, cv_run_id(cfg)))
+    run = start_cv(cfg, inputs, nest_under=tune_parent)
+    if not (run.run_dir / "folds.csv").is_file():
+        save_folds(inputs.folds, run.run_dir / "folds.csv")
+    run.tracker.client.set_tag(run.parent, TRIAL_TAG, ray.tune.get_context().get_trial_id())
     # The sampled values under their own keys (list settings are one JSON param in the config's flattening).
-    sampled = [Param(key, json.dumps(value)) for key, value in params.items()]
-    existing = tracker.client.get_run(parent).data.params
-    tracker.client.log_batch(parent, params=[p for p in sampled if p.key not in existing])
+    log_params(run.tracker.client, run.parent, {key: json.dumps(value) for key, value in params.items()})
     wanted = len(cfg.train.folds) if cfg.train.folds is not None else cfg.cv.n_folds
     outcomes, trained, skipped = {}, [], []
-    for fold, outcome, trained_now in train_folds(cfg, inputs, run_id, run_dir, tracker, parent):
+    for fold, outcome, trained_now in train_folds(cfg, run):
         outcomes[fold] = outcome
         (trained if trained_now else skipped).append(fold)
         running = float(np.mean([o.best_score for o in outcomes.values()]))
         metrics = {METRIC: running, TIME_ATTR: len(outcomes), "fold": fold, "fold_score": outcome.best_score,
-                   "run_id": run_id}  # fmt: skip
-        tracker.client.log_metric(parent, "running_cv_score", running, step=len(outcomes))
-        tracker.client.log_metric(parent, "fold_score", outcome.best_score, step=fold)
+                   "run_id": run.run_id}  # fmt: skip
+        run.tracker.log_values(run.parent, {"running_cv_score": running}, step=len(outcomes))
+        run.tracker.log_values(run.parent, {"fold_score": outcome.best_score}, step=fold)
         if len(outcomes) == wanted:  # the last report also carries the out-of-fold score of the whole CV
-            result = finish_cv(cfg, inputs, run_id, run_dir, outcomes, trained, skipped, tracker, parent)
-            metrics["oof_score"] = result.score.total
-        _report_with_folds(metrics, run_dir, sorted(outcomes))
+            metrics["oof_score"] = finish_cv(cfg, run, outcomes, trained, skipped).score.total
+        _report_with_folds(metrics, run.run_dir, sorted(outcomes))
 
 
 def _report_with_folds(metrics: dict[str, Any], run_dir: Path, folds: list[int]) -> None:

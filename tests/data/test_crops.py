@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from lumbar_ray.config import AugmentConfig, CropConfig, PreprocessConfig
+from lumbar_ray.config import AugmentConfig, CropConfig, PreprocessConfig, cache_settings
 from lumbar_ray.constants import CONDITION_TITLES, CONDITIONS, IGNORE_INDEX, LEVEL_TITLES, LEVELS, TARGETS
 from lumbar_ray.data.augment import flip_targets
 from lumbar_ray.data.cache import SeriesCache, manifest_row
 from lumbar_ray.data.crops import POINT_COLUMNS, CropDataset, crop_stack, points_from_coordinates
-from lumbar_ray.data.preprocess import cache_settings, process_row, series_items
-from lumbar_ray.data.rsna import RsnaData, encode_labels, load_rsna
+from lumbar_ray.data.preprocess import process_row, series_items
+from lumbar_ray.data.rsna import RsnaData, load_rsna
+from lumbar_ray.labels import encode_labels
 
 CROP = CropConfig(size=16, region=24, slices=3)
 ONE_TO_ONE = CropConfig(size=17, region=17, slices=3)  # one crop pixel per cache pixel, centre pixel (8, 8)

@@ -16,6 +16,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from lumbar_ray.data.dicom import (
     WHITELISTED_TAGS,
     DicomReadError,
+    SliceGeometry,
+    patient_to_pixel,
+    pixel_to_patient,
     read_series,
     read_slice,
     resize_bilinear,
@@ -318,6 +321,31 @@ def test_mixed_shapes_resized_to_modal_shape(tmp_path: Path) -> None:
     back = stack.stack_to_original(3, x, y)
     assert back == pytest.approx((12.25, 7.5))
     assert stack.original_to_stack(0, 12.25, 7.5) == pytest.approx((12.25, 7.5))
+
+
+def test_pixel_to_patient_follows_the_dicom_convention() -> None:
+    # PixelSpacing is (row spacing, column spacing): a column step moves along the row direction (IOP[:3]).
+    point = pixel_to_patient((10.0, -50.0, 80.0), SAGITTAL, (0.5, 0.8), column=9.5, row=4.5)
+    np.testing.assert_allclose(point, [10.0, -50.0 + 9.5 * 0.8, 80.0 - 4.5 * 0.5])
+    geometry = SliceGeometry(1, (10.0, -50.0, 80.0), SAGITTAL, (0.5, 0.8), (100, 120), None, "1.dcm")
+    np.testing.assert_array_equal(geometry.pixel_to_patient(9.5, 4.5), point)
+    with pytest.raises(ValueError, match="missing"):
+        SliceGeometry(1, None, SAGITTAL, (0.5, 0.8), (100, 120), None, "1.dcm").pixel_to_patient(0.0, 0.0)
+
+
+def test_pixel_patient_round_trip_on_an_oblique_plane() -> None:
+    rng = np.random.default_rng(3)
+    row_dir = np.array([0.8, 0.36, 0.48])  # a unit vector off every axis
+    col_dir = np.cross(row_dir, [0.1, -0.3, 1.0])
+    col_dir /= np.linalg.norm(col_dir)
+    normal = np.cross(row_dir, col_dir)
+    orientation, position, spacing = (*row_dir, *col_dir), (-72.5, 13.0, 140.25), (0.45, 0.7)
+    for column, row in rng.uniform(-5.0, 300.0, size=(20, 2)):
+        point = pixel_to_patient(position, orientation, spacing, column, row)
+        assert patient_to_pixel(position, orientation, spacing, point) == pytest.approx((column, row, 0.0), abs=1e-9)
+        # off the plane: the same pixel, and the signed distance along row x column
+        off = patient_to_pixel(position, orientation, spacing, point - 2.5 * normal)
+        assert off == pytest.approx((column, row, -2.5), abs=1e-9)
 
 
 def test_resize_bilinear_keeps_constant_and_shape() -> None:

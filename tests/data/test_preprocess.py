@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +17,13 @@ import pandas as pd
 import pydicom
 import pytest
 
-from lumbar_ray.config import PreprocessConfig, SynthConfig
-from lumbar_ray.data.cache import CachedSeries, SeriesCache
+from lumbar_ray.config import PreprocessConfig, SynthConfig, cache_settings
+from lumbar_ray.data.cache import CachedSeries, SeriesCache, SeriesMeta
 from lumbar_ray.data.dicom import read_series
-from lumbar_ray.data.preprocess import (
-    cache_settings,
-    preprocess_series,
-    resize_slice,
-    run_preprocess,
-    to_uint8,
-)
+from lumbar_ray.data.preprocess import run_preprocess
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.data.synthetic import write_dataset
+from lumbar_ray.data.volume import preprocess_series, resize_slice, to_uint8
 
 CFG = PreprocessConfig(image_size=96, workers=2)
 
@@ -49,15 +46,45 @@ def test_entry_matches_the_reader(synthetic_dir):
     series = read_series(folder)
     volume, meta = preprocess_series(series, CFG)
     assert volume.dtype == np.uint8 and volume.shape == (series.n_slices, 96, 96)
-    low, high = meta["intensity_window"]
+    low, high = meta.intensity_window
     stack = series.stacks[0]
     for i in (0, stack.n_slices // 2, stack.n_slices - 1):
         np.testing.assert_array_equal(volume[i], to_uint8(resize_slice(stack.volume[i], 96), low, high))
-    assert meta["slices"]["instance_number"] == stack.instance_numbers
-    np.testing.assert_allclose(meta["slices"]["position"], [g.position for g in stack.geometry])
-    np.testing.assert_allclose(meta["slices"]["pixel_spacing"], [g.pixel_spacing for g in stack.geometry])
-    assert meta["slices"]["original_shape"] == [list(g.shape) for g in stack.geometry]
+    assert list(meta.slices.instance_number) == stack.instance_numbers
+    np.testing.assert_allclose(meta.slices.position, [g.position for g in stack.geometry])
+    np.testing.assert_allclose(meta.slices.pixel_spacing, [g.pixel_spacing for g in stack.geometry])
+    assert list(meta.slices.original_shape) == [g.shape for g in stack.geometry]
     assert "PatientName" not in str(meta) and "Synthetic^Phantom" not in str(meta)
+    assert meta.study_id is None and "study_id" not in meta.to_json()  # the job adds the ids
+
+
+def test_metadata_json_keeps_the_format_and_round_trips_byte_for_byte(tmp_path):
+    """The typed metadata writes the format's keys in their order; reading an entry back and writing it again
+    gives the same bytes (existing caches stay valid), missing geometry (null, NaN) included."""
+    _write_dot_series(tmp_path / "s", [(128, 128), (160, 120), (128, 128)], [(30, 90), (100, 40), (64, 20)])
+    (tmp_path / "s" / "4.dcm").write_bytes((tmp_path / "s" / "3.dcm").read_bytes())
+    ds = pydicom.dcmread(tmp_path / "s" / "4.dcm")
+    del ds.ImagePositionPatient  # a slice without geometry: its own stack, null position, NaN along the normal
+    ds.InstanceNumber = 4
+    ds.save_as(tmp_path / "s" / "4.dcm")
+    _, meta = preprocess_series(read_series(tmp_path / "s"), CFG)
+    meta = replace(meta, study_id=1, series_id=2, split="train", series_description="Sagittal T1")
+    data = meta.to_json()
+    top = ["size", "intensity_window", "stacks", "slices", "dicom", "warnings"]
+    assert list(data) == [*top, "study_id", "series_id", "split", "series_description"]
+    assert list(data["stacks"][0]) == ["start", "stop", "orientation", "normal"]
+    geometry = ["instance_number", "stack", "position", "orientation", "pixel_spacing", "original_shape"]
+    assert list(data["slices"]) == [*geometry, "scale", "resized", "position_along_normal", "file_name"]
+    assert data["slices"]["position"][-1] is None and np.isnan(data["slices"]["position_along_normal"][-1])
+    assert data["slices"]["original_shape"][1] == [160, 120] and data["stacks"][-1]["normal"] is None
+    cache = SeriesCache(tmp_path / "cache", cache_settings(CFG))
+    cache.prepare()
+    cache.write(1, 2, np.zeros((4, 96, 96), np.uint8), meta)
+    written = Path(cache._entry(1, 2, "json")).read_bytes()
+    assert written == json.dumps(data).encode()
+    again = cache.read_meta(1, 2)
+    assert json.dumps(again.to_json()).encode() == written
+    assert again.slices.original_shape == meta.slices.original_shape and again.stacks == meta.stacks
 
 
 def _write_dot_series(folder: Path, shapes: list[tuple[int, int]], dots: list[tuple[int, int]]) -> None:
@@ -100,13 +127,13 @@ def test_points_map_both_ways_even_on_mixed_shapes(tmp_path):
         assert abs(peak_x - xc) <= 1.0 and abs(peak_y - yc) <= 1.0, (instance, (xc, yc), (peak_x, peak_y))
         back = cached.cache_to_original(index, xc, yc)
         assert back[0] == instance and back[1:] == pytest.approx((x, y))
-    assert any(w.startswith("mixed_shapes") for w in meta["warnings"])
+    assert any(w.startswith("mixed_shapes") for w in meta.warnings)
 
 
 # --- the Ray Data job
 
 
-def _entries(cache: SeriesCache) -> dict[tuple[int, int], tuple[np.ndarray, dict]]:
+def _entries(cache: SeriesCache) -> dict[tuple[int, int], tuple[np.ndarray, SeriesMeta]]:
     manifest = cache.read_manifest()
     out = {}
     for row in manifest.itertuples():

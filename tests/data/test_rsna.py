@@ -14,10 +14,9 @@ from lumbar_ray.constants import IGNORE_INDEX, SERIES_TYPES, TARGETS, target_ind
 from lumbar_ray.data.rsna import (
     RsnaFormatError,
     build_report,
-    decode_labels,
-    encode_labels,
     load_rsna,
 )
+from lumbar_ray.labels import decode_labels, encode_labels
 
 
 @pytest.fixture(scope="module")

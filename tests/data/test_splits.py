@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from lumbar_ray.constants import IGNORE_INDEX
-from lumbar_ray.data.rsna import encode_labels, load_rsna
+from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.data.splits import load_folds, make_folds, save_folds
+from lumbar_ray.labels import encode_labels
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from lumbar_ray.config import SynthConfig
 from lumbar_ray.constants import CONDITION_TITLES, CONDITIONS, LEVEL_TITLES, LEVELS, SEVERITIES
 from lumbar_ray.data import synthetic
 from lumbar_ray.data.dicom import read_series, read_slice
-from lumbar_ray.data.rsna import build_report, encode_labels, load_rsna
+from lumbar_ray.data.rsna import build_report, load_rsna
+from lumbar_ray.labels import encode_labels
 
 
 def _tree_digest(root: Path) -> str:

@@ -1,7 +1,9 @@
-"""The YOLO level detectors: training finds the points, MLflow gets ultralytics' metrics, Ray trains and resumes."""
+"""The YOLO level detectors: training finds the points, ultralytics' predictor reports them in cache pixels, its
+MLflow callback logs into the run the environment names, and ultralytics stays in its private settings."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -11,7 +13,8 @@ import yaml
 
 from lumbar_ray.config import LocalizeConfig
 from lumbar_ray.localize import detector as det
-from lumbar_ray.localize.detector import SagittalDetector, fit_detectors, slab_centre, train_detector
+from lumbar_ray.localize.detector import SagittalDetector, slab_centre, train_detector
+from lumbar_ray.localize.study import LevelDetector
 from lumbar_ray.localize.yolo_data import detector_targets, export_yolo_dataset
 
 T2, T1 = "Sagittal T2/STIR", "Sagittal T1"
@@ -27,19 +30,19 @@ def cached(sagittal_cached):
 def _export(cached, description, out):
     cache, points, folds = cached
     export = export_yolo_dataset(points, cache, description, folds, val_fold=0, out=out)
-    det.add_background(points, cache, description, export.dataset_yaml, det.BACKGROUND_OFFSET[description])
-    return export.dataset_yaml
+    return det.complete_export(points, cache, description, export.dataset_yaml)
 
 
 @pytest.fixture(scope="module")
-def t2_detector(cached, tmp_path_factory):
+def t2_detector(cached, tmp_path_factory, ultralytics_dir):
     """A Sagittal T2 detector trained long enough to place the points of the (easy) synthetic spines."""
     out = tmp_path_factory.mktemp("t2_detector")
     cfg = LocalizeConfig(width=0.125, imgsz=96, epochs=30, batch=4, lr0=0.003, num_cpus=2)
-    weights = train_detector(_export(cached, T2, out / "dataset"), T2, cfg, out / "model")
-    return SagittalDetector(weights, T2, cfg, device="cpu")
+    weights = train_detector(_export(cached, T2, out / "dataset"), T2, cfg, out / "model", settings_dir=ultralytics_dir)
+    return SagittalDetector(weights, T2, cfg, device="cpu", settings_dir=ultralytics_dir)
 
 
+@pytest.mark.slow
 def test_trained_detector_finds_the_validation_points(cached, t2_detector):
     # A test-sized detector (27 training slices, seconds of CPU) finds where the canal is, on the right slices;
     # telling its five levels apart takes the quickstart's data and schedule (see the module's report).
@@ -56,6 +59,7 @@ def test_trained_detector_finds_the_validation_points(cached, t2_detector):
     assert np.mean(hits) >= 0.9  # 4 px of 96 = 10 px of the quickstart's 256
 
 
+@pytest.mark.slow
 def test_detect_reports_cache_pixels_on_every_slice(cached, t2_detector):
     cache, points, _ = cached
     study_id, series_id = points.loc[points["target"] == 0, ["study_id", "series_id"]].iloc[0]
@@ -66,6 +70,23 @@ def test_detect_reports_cache_pixels_on_every_slice(cached, t2_detector):
     assert found["slice"].between(0, len(volume) - 1).all()
     assert found["x"].between(-0.5, 95.5).all() and found["y"].between(-0.5, 95.5).all()
     assert (found["confidence"] >= t2_detector.cfg.conf).all()
+    assert isinstance(t2_detector, LevelDetector)  # so localise_study can re-level its Sagittal T1 twin
+    with pytest.raises(ValueError, match="n_slices, H, W"):
+        t2_detector.detect(volume[0])
+
+
+@pytest.mark.slow
+def test_detectors_load_from_weights_and_keep_the_settings_private(t2_detector):
+    from ultralytics.utils import SETTINGS_FILE
+
+    weights = t2_detector.model.ckpt_path
+    loaded = det.load_detectors({T2: weights}, t2_detector.cfg, device="cpu")
+    assert list(loaded) == [T2] and loaded[T2].imgsz == 96 and loaded[T2].targets == detector_targets(T2)
+    # Whichever private folder this process's first detector chose: never the user's ~/.config/Ultralytics.
+    assert SETTINGS_FILE.resolve().is_relative_to(os.environ["YOLO_CONFIG_DIR"])
+    settings = json.loads(SETTINGS_FILE.read_text())
+    assert not any(settings[key] for key in ("sync", "mlflow", "clearml", "comet", "dvc", "raytune", "wandb"))
+    assert os.environ["YOLO_OFFLINE"] == "True"
 
 
 def test_slab_centre_is_the_middle_of_the_run_around_the_peak():
@@ -125,69 +146,61 @@ def test_t1_side_comes_from_the_volume_half():
     assert stub._target(2, 9, 11, left_first=True) == right[2]
     assert stub._target(2, 9, 11, left_first=False) == left[2]
     assert stub._target(2, 5, 11, left_first=True) is None  # the centre slice has no side
-    assert det.left_first({"stacks": [{"normal": [-1.0, 0.0, 0.0]}]})
-    assert not det.left_first({"stacks": [{"normal": [1.0, 0.0, 0.0]}]})
 
 
-def test_merge_sides_makes_t1_classes_per_level(cached, tmp_path):
+def test_complete_export_adds_background_and_makes_t1_classes_per_level(cached, tmp_path):
     dataset_yaml = _export(cached, T1, tmp_path / "t1")
-    det.merge_sides(dataset_yaml)
     det.merge_sides(dataset_yaml)  # idempotent
     assert len(yaml.safe_load(dataset_yaml.read_text())["names"]) == 5
-    classes = {int(line.split()[0]) for f in (tmp_path / "t1" / "labels").rglob("*.txt") for line in f.open()}
+    labels = list((tmp_path / "t1" / "labels").rglob("*.txt"))
+    classes = {int(line.split()[0]) for f in labels for line in f.open()}
     assert classes == set(range(5))
+    assert any(f.read_text() == "" for f in labels)  # background slices: images without a box
 
 
-def test_mlflow_metrics_of_ultralytics_land_in_our_run(cached, tmp_path, monkeypatch):
-    # The name matters: ultralytics' MLflow callback only runs under pytest in tests named test_mlflow*.
+def test_the_environment_points_ultralytics_and_its_mlflow_callback_at_ours(tmp_path):
+    env = det.ultralytics_env(tmp_path / "settings")
+    assert env == {"YOLO_CONFIG_DIR": str((tmp_path / "settings").resolve()), "YOLO_OFFLINE": "True",
+                   "ULTRALYTICS_API_KEY": ""}  # fmt: skip
+    routed = det.mlflow_env("sqlite:////store/mlflow.db", "lumbar_ray", "abc123", "detector_sagittal_t1")
+    assert routed == {"MLFLOW_TRACKING_URI": "sqlite:////store/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "lumbar_ray",
+                      "MLFLOW_RUN_ID": "abc123", "MLFLOW_RUN": "detector_sagittal_t1"}  # fmt: skip
+    with pytest.raises(ValueError, match="MLFLOW_RUN_ID"):
+        train_detector(tmp_path / "dataset.yaml", T2, TINY, tmp_path / "out", track=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_mlflow_metrics_of_ultralytics_land_in_the_run_the_task_environment_names(cached, ray_local, tmp_path):
+    # Routed as the stage routes it: the MLflow variables reach only the Ray task's process. The name matters:
+    # ultralytics' MLflow callback only runs under pytest in tests named test_mlflow*, hence PYTEST_CURRENT_TEST.
+    import mlflow
     from mlflow import MlflowClient
-    from ultralytics.utils import SETTINGS
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    settings_before = dict(SETTINGS)
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("detectors", artifact_location=(tmp_path / "store" / "artifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
+    run_id = client.create_run(experiment, run_name="detector_sagittal_t2_stir").info.run_id
     dataset_yaml = _export(cached, T2, tmp_path / "out" / "dataset")
+    driver_uri, driver_env = mlflow.get_tracking_uri(), dict(os.environ)
+    env = det.ultralytics_env(tmp_path / "ultralytics") | det.mlflow_env(uri, "detectors", run_id,
+                                                                          "detector_sagittal_t2_stir")  # fmt: skip
+    env["PYTEST_CURRENT_TEST"] = "test_mlflow (call)"
+    task = ray_local.remote(train_detector).options(num_cpus=1, runtime_env={"env_vars": env})
+    cwd = ray_local.get(ray_local.remote(lambda: os.getcwd()).options(runtime_env={"env_vars": env}).remote())
+    before = set(os.listdir(cwd))
 
-    weights = train_detector(dataset_yaml, T2, TINY, tmp_path / "out" / "model", uri, run_id)
+    weights = ray_local.get(task.remote(dataset_yaml, T2, TINY, tmp_path / "out" / "model", track=True))
 
     assert weights == tmp_path / "out" / "model" / "detector.pt" and weights.is_file()
     run = client.get_run(run_id)
     assert "metrics/mAP50B" in run.data.metrics and "train/box_loss" in run.data.metrics
-    assert run.data.params["epochs"] == "1"
-    assert run.info.status == "RUNNING"  # ultralytics did not end our run
+    assert run.data.params["epochs"] == "1" and run.info.run_name == "detector_sagittal_t2_stir"
+    assert run.info.status == "FINISHED"  # ultralytics ended the run it resumed: nothing left active in the worker
     assert [r.info.run_id for r in client.search_runs([experiment])] == [run_id]
     assert {e.name for e in client.search_experiments()} == {"detectors", "Default"}  # no experiment "out"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "store"]  # no mlflow.db, mlruns, runs/ in cwd
-    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_NAME" not in os.environ
-    assert dict(SETTINGS) == settings_before
-
-
-def test_fit_detectors_trains_both_on_ray_then_resumes(cached, ray_local, tmp_path):
-    from mlflow import MlflowClient
-
-    cache, points, folds = cached
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("cv", artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = client.create_run(experiment).info.run_id
-
-    weights = fit_detectors(points, cache, folds, TINY, tmp_path / "detectors", uri, parent)
-
-    assert list(weights) == [T2, T1] and all(path.is_file() for path in weights.values())
-    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(r.data.tags[det.DETECTOR_TAG] for r in children) == ["sagittal_t1", "sagittal_t2_stir"]
-    assert {r.info.status for r in children} == {"FINISHED"}
-    stamps = {description: path.stat().st_mtime_ns for description, path in weights.items()}
-
-    again = fit_detectors(points, cache, folds, TINY, tmp_path / "detectors", uri, parent)
-
-    assert again == weights and {d: p.stat().st_mtime_ns for d, p in again.items()} == stamps
-    assert len(client.search_runs([experiment])) == 3  # no new child run either
-    study_id, series_id = points.loc[points["target"] == detector_targets(T1)[0], ["study_id", "series_id"]].iloc[0]
-    located = SagittalDetector(weights[T1], T1, TINY).locate(cache.read(int(study_id), int(series_id)).volume)
-    assert located["target"].tolist() == detector_targets(T1)  # a 1-epoch model: rows, not accuracy
+    assert set(os.listdir(cwd)) == before  # no mlflow.db, mlruns, runs/ where the worker runs
+    assert mlflow.get_tracking_uri() == driver_uri and dict(os.environ) == driver_env  # the driver untouched
+    settings = json.loads(next((tmp_path / "ultralytics").rglob("settings.json")).read_text())
+    assert settings["mlflow"] and not any(settings[key] for key in ("sync", "clearml", "comet", "dvc", "wandb"))

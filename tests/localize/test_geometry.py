@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from lumbar_ray.config import PreprocessConfig
-from lumbar_ray.data.cache import CachedSeries, SeriesCache
-from lumbar_ray.data.preprocess import cache_settings, process_row, series_items
+from lumbar_ray.config import PreprocessConfig, cache_settings
+from lumbar_ray.data.cache import SeriesCache, StackMeta
+from lumbar_ray.data.preprocess import process_row, series_items
 from lumbar_ray.data.rsna import load_rsna
-from lumbar_ray.localize.geometry import cache_point_to_patient, nearest_axial_slice
-
-
-def fake_series(positions, orientation, spacing=(0.5, 0.8), shape=(100, 120), scale=(2.0, 2.0)) -> CachedSeries:
-    n = len(positions)
-    slices = {
-        "instance_number": list(range(1, n + 1)),
-        "position": [list(p) for p in positions],
-        "orientation": [list(orientation)] * n,
-        "pixel_spacing": [list(spacing)] * n,
-        "original_shape": [list(shape)] * n,
-        "scale": [list(scale)] * n,
-    }
-    return CachedSeries(np.zeros((n, 4, 4), np.uint8), {"series_id": 1, "slices": slices})
+from lumbar_ray.localize.geometry import cache_point_to_patient, left_first, nearest_axial_slice, plane_distance
+from tests.localize.conftest import fake_series
 
 
 def test_cache_point_maps_through_position_orientation_and_spacing():
@@ -30,6 +20,36 @@ def test_cache_point_maps_through_position_orientation_and_spacing():
     # cache (x=19.5, y=9.5) -> original column 9.5 / row 4.5 at scale 2 (pixel centres: (v + 0.5) / 2 - 0.5)
     point = cache_point_to_patient(sagittal, 0, 19.5, 9.5)
     np.testing.assert_allclose(point, [10.0, -50.0 + 9.5 * 0.8, 80.0 - 4.5 * 0.5])
+
+
+def test_left_first_follows_the_stack_normal():
+    meta = fake_series([(0.0, 0.0, 0.0)], (0, 1, 0, 0, 0, -1)).meta
+
+    def with_normal(*normals):
+        return replace(meta, stacks=tuple(StackMeta(0, 1, None, normal) for normal in normals))
+
+    assert left_first(with_normal((-1.0, 0.0, 0.0)))  # towards patient right: slice 0 is the left
+    assert not left_first(with_normal((1.0, 0.0, 0.0)))
+    assert left_first(with_normal()) and left_first(with_normal(None))  # unknown: the usual orientation
+
+
+def test_cache_point_to_patient_and_back_on_an_oblique_plane():
+    """cache pixel -> patient -> cache pixel on a tilted, anisotropic, resized slice: the same slice and point."""
+    tilt = np.deg2rad(17.0)
+    row_dir = (np.cos(tilt), 0.3 * np.sin(tilt), np.sin(tilt))
+    row_dir = tuple(np.asarray(row_dir) / np.linalg.norm(row_dir))
+    col_dir = np.cross(row_dir, (0.2, 0.1, -1.0))
+    col_dir = tuple(col_dir / np.linalg.norm(col_dir))
+    normal = np.cross(row_dir, col_dir)
+    positions = [np.array([-40.0, -35.0, 12.0]) + k * 3.5 * normal for k in range(5)]
+    series = fake_series(positions, row_dir + col_dir, spacing=(0.55, 0.8), shape=(90, 130), scale=(1.2, 0.9))
+    for index, (x, y) in [(1, (10.25, 77.5)), (3, (100.0, 3.75)), (4, (0.0, 0.0))]:
+        point = cache_point_to_patient(series, index, x, y)
+        assert plane_distance(series, index, point) == pytest.approx(0.0, abs=1e-9)
+        assert plane_distance(series, 0, point) == pytest.approx(3.5 * index)
+        hit = nearest_axial_slice(point, [series])
+        assert (hit.slice_index, hit.instance_number, hit.inside) == (index, index + 1, True)
+        assert (hit.x, hit.y) == pytest.approx((x, y)) and hit.distance_mm == pytest.approx(0.0, abs=1e-9)
 
 
 def test_nearest_plane_inside_the_field_of_view_wins():

@@ -10,9 +10,9 @@ import pytest
 from lumbar_ray.constants import TARGETS, target_index
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.localize.evaluate import point_errors, summarise_errors, summary_metrics
-from lumbar_ray.localize.stage import axial_from_labels, study_series
-from lumbar_ray.localize.study import AXIAL, SAG_T1, SAG_T2, localise_study
-from tests.localize.conftest import build_cache
+from lumbar_ray.localize.stage import axial_from_labels
+from lumbar_ray.localize.study import AXIAL, SAG_T1, SAG_T2, LevelDetector, localise_study, study_series
+from tests.localize.conftest import build_cache, fake_series
 
 N_STUDIES = 8
 
@@ -45,7 +45,7 @@ def _locators(points: pd.DataFrame, series: dict, drop: tuple[int, ...] = ()) ->
     for description in (SAG_T2, SAG_T1):
         if series.get(description):
             locator = LabelLocator(points, drop)
-            locator.series_id = int(series[description][0].meta["series_id"])
+            locator.series_id = int(series[description][0].meta.series_id)
             locators[description] = locator
     return locators
 
@@ -59,9 +59,20 @@ def _complete_study(cache, points, series_frame, cached_keys, studies):
     pytest.fail("no complete study among the first synthetic studies")
 
 
+def test_study_series_loads_sagittal_volumes_and_leaves_out_what_is_not_cached(cached):
+    cache, points, series_frame, cached_keys, studies = cached
+    study_id, series, _ = _complete_study(cache, points, series_frame, cached_keys, studies)
+    assert all(entry.volume.shape[0] > 0 for description in (SAG_T2, SAG_T1) for entry in series[description])
+    assert all(entry.volume.shape[0] == 0 and len(entry.meta.slices) > 0 for entry in series[AXIAL])  # metadata only
+    t1_id = int(series[SAG_T1][0].meta.series_id)
+    without_t1 = study_series(cache, series_frame, study_id, cached_keys - {(study_id, t1_id)})
+    assert SAG_T1 not in without_t1 or t1_id not in [int(e.meta.series_id) for e in without_t1[SAG_T1]]
+
+
 def test_labelled_sagittal_points_place_all_25_targets_and_the_axial_slices(cached):
     cache, points, series_frame, cached_keys, studies = cached
     study_id, series, labelled = _complete_study(cache, points, series_frame, cached_keys, studies)
+    assert not isinstance(LabelLocator(labelled), LevelDetector)  # located, never re-levelled
     located = localise_study(study_id, series, _locators(labelled, series))
     assert located.unplaced == [] and located.missing_series == []
     assert located.points["target"].tolist() == list(range(len(TARGETS)))
@@ -113,17 +124,14 @@ def test_axial_assignment_from_labels_over_studies_and_the_metric_names(cached):
 
 
 def test_point_errors_in_plane_and_across_series():
-    from lumbar_ray.data.cache import CachedSeries
+    def series(series_id: int, z: float):
+        positions = [(0.0, 0.0, z + k) for k in range(3)]
+        return fake_series(positions, (1, 0, 0, 0, 1, 0), (0.5, 0.5), series_id=series_id, volume=np.zeros((0, 0, 0)))
 
-    def meta(series_id: int, z: float) -> dict:
-        return {"series_id": series_id, "slices": {"pixel_spacing": [[0.5, 0.5]] * 3, "scale": [[2.0, 2.0]] * 3,
-                "instance_number": [1, 2, 3], "position": [[0.0, 0.0, z + k] for k in range(3)],
-                "orientation": [[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]] * 3}}  # fmt: skip
-
-    metas = {1: meta(1, 0.0), 2: meta(2, 100.0), 3: meta(3, 0.0)}
+    entries = {1: series(1, 0.0), 2: series(2, 100.0), 3: series(3, 0.0)}
 
     def series_of(study_id, series_id):
-        return CachedSeries(np.zeros((0, 0, 0)), metas[series_id])
+        return entries[series_id]
 
     truth = pd.DataFrame({"study_id": [7, 7, 7], "target": [0, 1, 2], "series_id": [1, 1, 1], "slice": [1, 1, 1],
                           "x": [10.0, 20.0, 20.0], "y": [10.0, 20.0, 20.0]})  # fmt: skip
@@ -148,12 +156,12 @@ def test_foramen_levels_are_reassigned_from_the_canal_on_sagittal_t2(cached):
     cache, points, series_frame, cached_keys, studies = cached
     _, series, labelled = _complete_study(cache, points, series_frame, cached_keys, studies)
     t1, t2 = series[SAG_T1][0], series[SAG_T2][0]
-    foramina = labelled[labelled["series_id"] == int(t1.meta["series_id"])]
+    foramina = labelled[labelled["series_id"] == int(t1.meta.series_id)]
     # A detector that confuses every level with the next one down (L5/S1 wraps to L1/L2), on both sides.
     wrong = foramina[["target", "slice", "x", "y"]].assign(
         target=lambda f: f["target"] - f["target"] % 5 + (f["target"] % 5 + 1) % 5, confidence=0.8
     )
-    t2_id = int(t2.meta["series_id"])
+    t2_id = int(t2.meta.series_id)
     canal = patient_points(labelled[labelled["series_id"] == t2_id], {t2_id: t2})
     fixed = relevel_by_canal(wrong, t1, canal)
     assert sorted(fixed["target"]) == sorted(foramina["target"])

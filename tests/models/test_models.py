@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -36,16 +34,13 @@ def test_every_architecture_gives_25x3_logits(arch: str) -> None:
     assert torch.isfinite(logits).all()
 
 
-def test_tiny_forward_is_fast_on_cpu() -> None:
+def test_tiny_model_is_cpu_sized() -> None:
+    """The quickstart's model: tens of thousands of weights (its speed is measured by benchmarks/train.py)."""
     model = build_model(ModelConfig(), CropConfig()).eval()
-    crops = _crops(8, 5, 32)
     with torch.no_grad():
-        model(crops)  # warm-up: first-call allocations are not what the quickstart pays per step
-        start = time.perf_counter()
-        logits = model(crops)
-        elapsed = time.perf_counter() - start
+        logits = model(_crops(8, 5, 32))
     assert logits.shape == (8, len(TARGETS), 3)
-    assert elapsed < 1.0
+    assert sum(parameter.numel() for parameter in model.parameters()) < 100_000
 
 
 @pytest.mark.parametrize(("slices", "size", "pool"), [(1, 32, "attention"), (9, 40, "lstm"), (5, 64, "mean")])

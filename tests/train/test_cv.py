@@ -12,54 +12,59 @@ import numpy as np
 import pytest
 import torch
 
-from lumbar_ray.train.cv import resolve_run_id, run_cv, storage_for
+from lumbar_ray.paths import cv_run_id, ray_storage_for, run_dir_for
+from lumbar_ray.pipeline import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def interrupted_then_resumed(ray_local, tmp_path_factory, small_config):
-    """Fold 0 alone (an interrupted CV), then the full CV under the same run id, then a rerun of it."""
+    """Fold 0 alone (an interrupted CV), then the full CV under the same run id, then a rerun of it: each through
+    ``pipeline.train`` (the cache is completed first, the ensemble registered after)."""
     workdir = tmp_path_factory.mktemp("cv")
     cfg = small_config(workdir)
-    first = run_cv(cfg.model_copy(update={"train": cfg.train.model_copy(update={"folds": [0]})}))
-    second = run_cv(cfg)
-    third = run_cv(cfg)
+    first = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"folds": [0]})}))
+    second = train(cfg)
+    third = train(cfg)
     return cfg, first, second, third
 
 
 def test_fold_ran_ddp_on_two_workers_with_one_checkpoint(interrupted_then_resumed):
     cfg, first, _, _ = interrupted_then_resumed
-    outcome = first.outcomes[0]
+    outcome = first.cv.outcomes[0]
     assert [entry["world_size"] for entry in outcome.history] == [2, 2]
     samples = outcome.ranks["samples"]
     assert len(samples) == 2 and min(samples) > 0  # both ranks trained on their shard
-    n_train = int((first.folds["fold"] != 0).sum())
+    n_train = int((first.cv.folds["fold"] != 0).sum())
     assert sum(samples) >= n_train  # the distributed sampler covers the whole training fold
     checksum = outcome.ranks["checksum"]
     assert checksum[0] == pytest.approx(checksum[1], rel=1e-9)  # DDP kept the replicas identical
-    fold_dir = storage_for(cfg).rstrip("/") + f"/{resolve_run_id(cfg)}-fold0"
+    fold_dir = ray_storage_for(cfg).rstrip("/") + f"/{cv_run_id(cfg)}-fold0"
     checkpoints = sorted(p.name for p in Path(fold_dir).rglob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 1, checkpoints  # num_to_keep=1: the latest, carrying the best weights
     assert outcome.checkpoint_path is not None and Path(outcome.checkpoint_path).name == checkpoints[0]
 
 
 def test_interrupted_cv_rerun_trains_only_missing_folds(interrupted_then_resumed):
-    _, first, second, third = interrupted_then_resumed
-    assert (first.trained_folds, first.skipped_folds, first.registered) == ([0], [], None)
+    _, first_run, second_run, third_run = interrupted_then_resumed
+    first, second, third = first_run.cv, second_run.cv, third_run.cv
+    assert (first.trained_folds, first.skipped_folds, first_run.registered) == ([0], [], None)
     assert (second.trained_folds, second.skipped_folds) == ([1], [0])
     assert (third.trained_folds, third.skipped_folds) == ([], [0, 1])
     assert first.run_id == second.run_id == third.run_id
     torch.testing.assert_close(second.outcomes[0].model_state, first.outcomes[0].model_state)
     assert third.score.total == pytest.approx(second.score.total, abs=1e-12)
     assert len(second.oof) == 24 * 25  # every training study predicted out of fold, every target
-    assert "registered earlier" in str(third.registered)  # no duplicate model version
+    assert second_run.registered.version == 1
+    assert "registered earlier" in str(third_run.registered)  # no duplicate model version
 
 
 def test_mlflow_holds_runs_metrics_plots_and_the_version(interrupted_then_resumed):
     from mlflow import MlflowClient
 
-    cfg, _, second, _ = interrupted_then_resumed
+    cfg, _, second_run, _ = interrupted_then_resumed
+    second = second_run.cv
     client = MlflowClient(cfg.tracking.tracking_uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([experiment.experiment_id])
@@ -89,9 +94,10 @@ def test_model_loaded_by_alias_reproduces_a_folds_oof(interrupted_then_resumed):
     from lumbar_ray.data.cache import SeriesCache
     from lumbar_ray.data.crops import CropDataset
     from lumbar_ray.registry import load_ensemble
-    from lumbar_ray.train.cv import prepare_inputs, run_dir_for
+    from lumbar_ray.train.inputs import prepare_inputs
 
-    cfg, _, second, _ = interrupted_then_resumed
+    cfg, _, second_run, _ = interrupted_then_resumed
+    second = second_run.cv
     uri = f"models:/{cfg.tracking.model_name}@{cfg.tracking.alias}"
     ensemble = load_ensemble(uri, cfg.tracking.tracking_uri)
     inputs = prepare_inputs(cfg, run_dir_for(cfg, second.run_id))

@@ -1,4 +1,7 @@
-"""Fault tolerance on the real Ray Train: a training worker SIGKILLed mid-fold resumes from its checkpoint."""
+"""Fault tolerance on the real Ray Train: a training worker SIGKILLed mid-fold resumes from its checkpoint.
+
+The worker to kill is found through Ray's state API among the live ``RayTrainWorker`` actors of this test's own
+Ray job, by pid: no other process on the machine is touched."""
 
 from __future__ import annotations
 
@@ -12,19 +15,21 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lumbar_ray.train.cv import resolve_run_id, run_cv, storage_for
+from lumbar_ray.paths import cv_run_id, ray_storage_for
+from lumbar_ray.pipeline import complete_cache
+from lumbar_ray.train.cv import run_cv
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def train_worker_pids() -> list[int]:
-    """The processes of Ray Train's worker actors (their title is ``ray::RayTrainWorker...``)."""
-    pids = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith("ray::RayTrainWorker"):
-            pids.append(process.info["pid"])
-    return pids
+def train_worker_pids(gcs_address: str, job_id: str) -> list[int]:
+    """The pids of the live Ray Train worker actors of Ray job ``job_id`` of the Ray instance at ``gcs_address``,
+    from Ray's state API (the address, because other Ray instances may run on the machine)."""
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", job_id)]
+    actors = list_actors(address=gcs_address, filters=filters, detail=True)
+    return [int(actor.pid) for actor in actors if actor.pid]
 
 
 def registered_checkpoints(fold_dir: Path) -> int:
@@ -40,12 +45,13 @@ def registered_checkpoints(fold_dir: Path) -> int:
         return 0
 
 
-def kill_a_worker_after_first_checkpoint(fold_dir: Path, killed: list[int], timeout: float = 600) -> None:
-    """Wait until the controller holds a checkpoint of the fold, then SIGKILL one training worker."""
+def kill_a_worker_after_first_checkpoint(fold_dir: Path, ray_job: tuple[str, str], killed: list[int],
+                                         timeout: float = 600) -> None:  # fmt: skip
+    """Wait until the controller holds a checkpoint of the fold, then SIGKILL one of this job's training workers."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if registered_checkpoints(fold_dir):
-            pids = train_worker_pids()
+            pids = train_worker_pids(*ray_job)
             if pids:
                 os.kill(pids[-1], signal.SIGKILL)
                 killed.append(pids[-1])
@@ -56,9 +62,14 @@ def kill_a_worker_after_first_checkpoint(fold_dir: Path, killed: list[int], time
 def test_worker_killed_mid_fold_resumes_from_its_checkpoint(ray_local, tmp_path, small_config):
     cfg = small_config(tmp_path, epochs=6, folds=[0], max_failures=2)
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"register_model": False})})
-    fold_dir = Path(storage_for(cfg)) / f"{resolve_run_id(cfg)}-fold0"
+    fold_dir = Path(ray_storage_for(cfg)) / f"{cv_run_id(cfg)}-fold0"
+    complete_cache(cfg)
+    context = ray_local.get_runtime_context()
+    ray_job = (context.gcs_address, context.get_job_id())
     killed: list[int] = []
-    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(fold_dir, killed), daemon=True)
+    killer = threading.Thread(
+        target=kill_a_worker_after_first_checkpoint, args=(fold_dir, ray_job, killed), daemon=True
+    )
     killer.start()
     result = run_cv(cfg)  # the driver stays in the main thread; the killer strikes from the side
     killer.join(timeout=5)

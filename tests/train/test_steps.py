@@ -130,3 +130,62 @@ def test_fill_missing_puts_the_prior_where_no_crop_was_cut():
     np.testing.assert_allclose(filled[1, 4], [0.7, 0.2, 0.1])
     np.testing.assert_allclose(np.delete(filled.reshape(50, 3), 29, axis=0), 1 / 3)
     assert probs[1, 4, 0] == pytest.approx(1 / 3)  # the input is left alone
+
+
+@pytest.fixture(scope="module")
+def small_fold(synthetic_dir, tmp_path_factory):
+    """A fold's payload over 12 synthetic studies cached without Ray (8 train, 4 validation)."""
+    import pandas as pd
+
+    from lumbar_ray.baseline import fit_prior
+    from lumbar_ray.config import PreprocessConfig, cache_settings
+    from lumbar_ray.data.cache import SeriesCache, manifest_row
+    from lumbar_ray.data.crops import points_from_coordinates
+    from lumbar_ray.data.preprocess import process_row, series_items
+    from lumbar_ray.data.rsna import load_rsna
+    from lumbar_ray.labels import encode_labels
+    from lumbar_ray.train.steps import FoldPayload
+
+    data = load_rsna(synthetic_dir)
+    study_ids, labels = encode_labels(data.train)
+    study_ids, labels = study_ids[:12], labels[:12]
+    preprocess = PreprocessConfig(image_size=64)
+    cache = SeriesCache(tmp_path_factory.mktemp("steps_cache"), cache_settings(preprocess))
+    cache.prepare()
+    rows = []
+    for item in series_items(synthetic_dir, splits=["train"], study_ids=set(study_ids.tolist())):
+        assert process_row(item, cache, preprocess)["status"] == "done"
+        rows.append(manifest_row(cache.read_meta(item["study_id"], item["series_id"])))
+    cache.write_manifest(pd.DataFrame(rows))
+    points = points_from_coordinates(data.coordinates, cache, data.train_series).points
+    return FoldPayload(cache.root, cache_settings(preprocess), points, study_ids[:8], study_ids[8:], labels[:8],
+                       labels[8:], fit_prior(labels[:8]))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_build_fold_and_run_epoch_are_the_worker_loop_without_ray(small_fold):
+    """The epoch the Ray worker, the benchmark and this test all run: seeded, so two builds train alike."""
+    from lumbar_ray.config import Config
+    from lumbar_ray.train.steps import build_fold, keep_best, run_epoch
+
+    cfg = Config.model_validate({"crop": {"size": 16, "region": 24, "slices": 3},
+                                 "train": {"epochs": 2, "batch_size": 4, "warmup_epochs": 0.5}})  # fmt: skip
+    histories = []
+    for _ in range(2):
+        torch.manual_seed(cfg.train.seed)
+        fold = build_fold(cfg, small_fold, torch.device("cpu"))
+        best, history = None, []
+        for epoch_index in range(cfg.train.epochs):
+            epoch = run_epoch(fold, epoch_index)
+            best = keep_best(best, epoch, fold.bare)
+            history.append(epoch.metrics)
+        histories.append(history)
+    first, second = histories
+    assert [m["epoch"] for m in first] == [0, 1] and first[0]["train_samples"] == 8 and first[0]["world_size"] == 1
+    assert {"train_loss", "val_loss", "val_score", "val_spinal", "lr"} <= set(first[0])
+    assert [m["val_score"] for m in first] == [m["val_score"] for m in second]  # seeded: the same run twice
+    assert best["score"] == min(m["val_score"] for m in second)
+    assert epoch.probs.shape == (4, 25, 3) and np.allclose(epoch.probs.sum(-1), 1)
+    # targets without a crop get the fold's prior, exactly
+    missing = ~epoch.predictions.mask.astype(bool)
+    np.testing.assert_allclose(epoch.probs[missing], np.broadcast_to(small_fold.prior, epoch.probs.shape)[missing])

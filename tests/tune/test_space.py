@@ -12,8 +12,8 @@ from lumbar_ray.data.augment import Augmenter
 from lumbar_ray.losses import SeverityLoss
 from lumbar_ray.models import build_model
 from lumbar_ray.train.steps import make_optimizer, predict, train_epoch
-from lumbar_ray.tune.run import max_concurrency
-from lumbar_ray.tune.space import apply_params, search_space
+from lumbar_ray.tune.run import max_concurrency, search_space
+from lumbar_ray.tune.space import apply_params
 from lumbar_ray.tune.trainable import trial_config
 
 

@@ -1,0 +1,173 @@
+"""Where every stage's outputs live: one function per place, so stages find each other's outputs here and never
+read each other's code.
+
+Roots: ``<workdir>`` (``Config.workdir``, absolute) for what one machine keeps, and the shared storage named by
+``$LUMBAR_RAY_STORAGE`` (``cluster.yaml`` sets it on every node: an ``s3://`` prefix or a shared mount) for what
+every node must see (the preprocessing cache, Ray Train checkpoints)::
+
+    <workdir>/data/synthetic/                 the built-in synthetic dataset (data.root = null)
+    <workdir>/cache/   or  $LUMBAR_RAY_STORAGE/cache/              preprocess.cache = null
+    <workdir>/ray_results/  or  $LUMBAR_RAY_STORAGE/ray_results/   train.storage = null
+    <workdir>/runs/<cv run id>/               a CV's folds.csv, fold<k>.pt, oof.csv, config.yaml
+    <workdir>/localize/<localize key>/<series slug>/detector.pt    the level detectors of a config
+    <workdir>/localize/ultralytics/           ultralytics' private settings (YOLO_CONFIG_DIR)
+    <workdir>/ray_tune/  or  $LUMBAR_RAY_STORAGE/ray_tune/         tune.storage = null
+    <workdir>/tune/<tune.name>/               a tuning run's trials.csv and best.yaml
+    <workdir>/predict/submission.csv          predict.out = null
+    <workdir>/mlflow.db                       tracking.tracking_uri = null and no $MLFLOW_TRACKING_URI
+
+Ids derived from settings (the CV run id, the localisation key) hash only what changes the result, never the
+resources a run is given, so the same model trained on more workers finds its earlier folds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from lumbar_ray.config import LOCALIZE_RESOURCE_FIELDS, Config, cache_settings, settings_hash
+from lumbar_ray.constants import DETECTED_SERIES_TYPES, series_slug
+
+STORAGE_ENV = "LUMBAR_RAY_STORAGE"
+DETECTOR_WEIGHTS = "detector.pt"
+
+# Settings that change how fast or where a CV runs, not what it learns: left out of the run id.
+_CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
+    "workdir": None,
+    "preprocess": {"cache", "workers", "num_cpus", "strict"},
+    "train": {
+        "run_id",
+        "folds",
+        "num_workers",
+        "use_gpu",
+        "cpus_per_worker",
+        "loader_workers",
+        "max_failures",
+        "storage",
+    },
+    "tracking": None,
+    "tune": None,
+    # The detectors ship with the registered ensemble, so their settings are part of the run; not their resources.
+    "localize": set(LOCALIZE_RESOURCE_FIELDS),
+    "predict": None,
+}
+
+
+def shared_storage(name: str) -> str | None:
+    """``$LUMBAR_RAY_STORAGE/<name>`` when the shared-storage root is set, else None."""
+    root = os.environ.get(STORAGE_ENV)
+    return f"{root.rstrip('/')}/{name}" if root else None
+
+
+def data_root_for(cfg: Config) -> Path:
+    """The RSNA-format folder a config points at: ``data.root``, or the synthetic one under the workdir."""
+    return Path(cfg.data.root) if cfg.data.root else Path(cfg.workdir) / "data" / "synthetic"
+
+
+def cache_root_for(cfg: Config) -> str:
+    """The preprocessing cache root: ``preprocess.cache``, else ``$LUMBAR_RAY_STORAGE/cache``, else
+    ``<workdir>/cache``."""
+    return cfg.preprocess.cache or shared_storage("cache") or str(Path(cfg.workdir) / "cache")
+
+
+def ray_storage_for(cfg: Config) -> str:
+    """Ray Train's storage path: ``train.storage``, else ``$LUMBAR_RAY_STORAGE/ray_results``, else
+    ``<workdir>/ray_results`` (absolute, as Ray requires)."""
+    return cfg.train.storage or shared_storage("ray_results") or str((Path(cfg.workdir) / "ray_results").resolve())
+
+
+def cv_run_id(cfg: Config) -> str:
+    """``train.run_id``, else ``cv-`` + a hash of the settings that define the model (not the resources)."""
+    if cfg.train.run_id:
+        return cfg.train.run_id
+    tree = cfg.model_dump(mode="json")
+    for section, keys in _CV_RESOURCE_KEYS.items():
+        if keys is None:
+            tree.pop(section, None)
+        else:
+            for key in keys:
+                tree[section].pop(key, None)
+    return settings_hash(tree, "cv-", length=10)
+
+
+def run_dir_for(cfg: Config, run_id: str) -> Path:
+    """Where the driver keeps a CV's folds, finished fold outputs and OOF predictions."""
+    return Path(cfg.workdir) / "runs" / run_id
+
+
+def localize_key(cfg: Config) -> str:
+    """Hash of what changes the detectors: their settings (not resources), the cache version and the folds."""
+    settings = cfg.localize.model_dump(mode="json", exclude=set(LOCALIZE_RESOURCE_FIELDS))
+    payload = {"localize": settings, "cache": cache_settings(cfg.preprocess), "cv": cfg.cv.model_dump(mode="json")}
+    return settings_hash(payload, "loc-")
+
+
+def localize_dir_for(cfg: Config) -> Path:
+    """``<workdir>/localize/<key>``: the detectors and the localisation evaluation of this config."""
+    return Path(cfg.workdir) / "localize" / localize_key(cfg)
+
+
+def detector_dir_for(cfg: Config, description: str) -> Path:
+    """The folder one series type's detector trains in (its export, ultralytics' output, the weights)."""
+    return localize_dir_for(cfg) / series_slug(description)
+
+
+def trained_detectors(cfg: Config) -> dict[str, Path]:
+    """Series type -> weights of this config's level detectors that exist (empty before localisation ran)."""
+    found = {kind: detector_dir_for(cfg, kind) / DETECTOR_WEIGHTS for kind in DETECTED_SERIES_TYPES}
+    return {description: path for description, path in found.items() if path.is_file()}
+
+
+def ultralytics_settings_dir(cfg: Config) -> Path:
+    """``<workdir>/localize/ultralytics``: the private ultralytics settings (``YOLO_CONFIG_DIR``) of a workdir's
+    detectors, so that the user's own ultralytics settings are never read or changed."""
+    return Path(cfg.workdir) / "localize" / "ultralytics"
+
+
+def tune_storage_for(cfg: Config) -> str:
+    """Ray Tune's storage: ``tune.storage``, else ``$LUMBAR_RAY_STORAGE/ray_tune``, else ``<workdir>/ray_tune``."""
+    return cfg.tune.storage or shared_storage("ray_tune") or str((Path(cfg.workdir) / "ray_tune").resolve())
+
+
+def tune_dir_for(cfg: Config) -> Path:
+    """``<workdir>/tune/<tune.name>``: a tuning run's trial table and best config."""
+    return Path(cfg.workdir) / "tune" / cfg.tune.name
+
+
+def submission_path_for(cfg: Config) -> Path:
+    """``predict.out``, else ``<workdir>/predict/submission.csv``."""
+    return Path(cfg.predict.out) if cfg.predict.out else Path(cfg.workdir) / "predict" / "submission.csv"
+
+
+def tracking_uri_for(cfg: Config) -> str:
+    """``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store ``<workdir>/mlflow.db``.
+
+    The default is absolute, so Ray workers started in other directories log to the same store.
+    """
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    workdir = Path(cfg.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends without an error.
+
+    A reader (or a rerun after a crash) sees either the old file or the whole new one, never a partial write:
+    the rule behind every "done" marker (finished folds, detector weights, submissions).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

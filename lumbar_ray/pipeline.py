@@ -1,0 +1,197 @@
+"""The composition layer: stages put together into what the commands, the jobs and the quickstart run.
+
+Stages never import each other; this module is where one stage's output becomes the next one's input:
+
+- :func:`prepare_data` writes the built-in synthetic dataset when no ``data.root`` is given, and
+  :func:`complete_cache` caches every series the cache lacks: every command that needs the cache calls it first;
+- :func:`train` = cache, CV (:func:`lumbar_ray.train.cv.run_cv`), registration
+  (:func:`lumbar_ray.train.register.register_cv`);
+- :func:`predict` = the model's contract, the studies cached with the model's own preprocessing, inference;
+- :func:`compare_points_on_fold`: one fold's held-out studies through the whole inference path against the same
+  fold's out-of-fold predictions at the labelled points;
+- :func:`run_quickstart`: the whole pipeline on built-in synthetic data with embedded defaults: synthesise,
+  validate and report, score the prior, preprocess with Ray Data, train the sagittal YOLO level detectors and
+  measure localisation on a held-out fold, train the k-fold CV on Ray Train, register the ensemble with its
+  detectors, run a short Ray Tune + Optuna search and predict the synthetic test studies with the model pulled
+  back by its alias.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lumbar_ray.baseline import BaselineResult, fit_prior, run_baseline
+from lumbar_ray.config import Config, save_config
+from lumbar_ray.data.preprocess import PreprocessSummary, run_preprocess
+from lumbar_ray.data.rsna import DataReport, build_report, load_rsna
+from lumbar_ray.data.synthetic import write_dataset
+from lumbar_ray.labels import encode_labels
+from lumbar_ray.localize.stage import LocalizeResult, run_localize
+from lumbar_ray.metrics import ScoreResult, score_arrays, score_submission, submission_to_probs
+from lumbar_ray.paths import cache_root_for, data_root_for, tracking_uri_for
+from lumbar_ray.predict import PredictResult, plan_prediction, run_predict
+from lumbar_ray.registry import RegisteredEnsemble
+from lumbar_ray.tracking import Tracker
+from lumbar_ray.train.cv import CVResult, run_cv
+from lumbar_ray.train.register import register_cv, registered_model_uri
+from lumbar_ray.tune.run import TuneResult, experiment_exists, run_tune
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_data(cfg: Config) -> Path:
+    """The RSNA-format folder of ``cfg``: ``data.root`` as it is, or the built-in synthetic dataset (written once,
+    reused when its files are there).
+
+    Raises:
+        FileNotFoundError: ``data.root`` names a folder that does not exist.
+    """
+    root = data_root_for(cfg)
+    if cfg.data.root is not None:
+        if not root.is_dir():
+            raise FileNotFoundError(f"data folder not found: {root}")
+        return root
+    if not (root / "train.csv").is_file():
+        write_dataset(root, cfg.synth)  # the embedded default: the built-in synthetic dataset
+    return root
+
+
+def complete_cache(cfg: Config) -> PreprocessSummary:
+    """Cache every series of the config's data that the cache version lacks (resumable: nothing is redone)."""
+    summary = run_preprocess(prepare_data(cfg), cache_root_for(cfg), cfg.preprocess)
+    if summary.failed:
+        logger.warning("%d series failed preprocessing; their targets fall back to the prior", summary.failed)
+    return summary
+
+
+@dataclass
+class TrainResult:
+    """A CV and what registering it did."""
+
+    cv: CVResult
+    registered: RegisteredEnsemble | str | None
+
+    def format(self) -> str:
+        text = self.cv.format()
+        return text + (f"\n  registered: {self.registered}" if self.registered is not None else "")
+
+
+def train(cfg: Config) -> TrainResult:
+    """Complete the cache, run the CV (resumable) and register its ensemble with the config's detectors."""
+    complete_cache(cfg)
+    cv = run_cv(cfg)
+    return TrainResult(cv, register_cv(cfg, cv))
+
+
+def localize(cfg: Config) -> LocalizeResult:
+    """Complete the cache, then train (or reuse) and evaluate the level detectors."""
+    complete_cache(cfg)
+    return run_localize(cfg)
+
+
+def tune(cfg: Config, resume: bool = False, register_best: bool = False) -> TuneResult:
+    """Complete the cache, then search ``tune.space`` (see :func:`lumbar_ray.tune.run.run_tune`)."""
+    complete_cache(cfg)
+    return run_tune(cfg, resume=resume, register_best=register_best)
+
+
+def predict(cfg: Config) -> PredictResult:
+    """Predict the studies of ``cfg.predict``: cache them with the model's own preprocessing, then infer."""
+    plan = plan_prediction(cfg)
+    summary = run_preprocess(plan.data_root, plan.cache_root, plan.preprocess, splits=[plan.split],
+                             study_ids=plan.study_ids)  # fmt: skip
+    logger.info("inference cache: %s", summary.format())
+    return run_predict(cfg, plan)
+
+
+@dataclass
+class PointsComparison:
+    """One fold's held-out studies scored three ways: crops at predicted points, at labelled points, the prior."""
+
+    fold: int
+    studies: int
+    predicted_points: ScoreResult
+    labelled_points: ScoreResult
+    prior: ScoreResult
+    prediction: PredictResult
+
+    def format(self) -> str:
+        return (f"fold {self.fold} ({self.studies} held-out studies), official score: predicted points "
+                f"{self.predicted_points.total:.5f}, labelled points {self.labelled_points.total:.5f}, "
+                f"prior {self.prior.total:.5f}")  # fmt: skip
+
+
+def compare_points_on_fold(cfg: Config, cv: CVResult, fold: int) -> PointsComparison:
+    """Score fold ``fold``'s held-out training studies with that fold's model on crops at *predicted* points
+    (the whole inference path: detectors, geometry, Ray Data), against its out-of-fold predictions at the
+    *labelled* points and the prior of the other folds. The detectors must not have seen the fold: use
+    ``localize.val_fold``.
+    """
+    held_out = sorted(int(s) for s in cv.folds.loc[cv.folds["fold"] == fold, "study_id"])
+    out = Path(cfg.workdir) / "predict" / f"fold{fold}_predicted_points" / "submission.csv"
+    options = {"model": registered_model_uri(cfg, cv.mlflow_run_id), "split": "train", "study_ids": held_out,
+               "fold": fold, "out": str(out), "data": None}  # fmt: skip
+    prediction = predict(cfg.model_copy(update={"predict": cfg.predict.model_copy(update=options)}))
+    train_frame = load_rsna(data_root_for(cfg)).train
+    study_ids, labels = encode_labels(train_frame)
+    in_fold = np.isin(study_ids, held_out)
+    predicted = score_submission(train_frame[train_frame["study_id"].isin(held_out)], pd.read_csv(out))
+    labelled = score_arrays(labels[in_fold], submission_to_probs(cv.oof, study_ids[in_fold]))
+    prior = fit_prior(labels[~in_fold])
+    prior_score = score_arrays(labels[in_fold], np.broadcast_to(prior, (int(in_fold.sum()), *prior.shape)))
+    comparison = PointsComparison(fold, len(held_out), predicted, labelled, prior_score, prediction)
+    scores = {"predicted": predicted, "labelled": labelled, "prior": prior_score}
+    Tracker.from_config(cfg).log_values(cv.mlflow_run_id, {f"points_fold{fold}_{name}": score.total
+                                                           for name, score in scores.items()})  # fmt: skip
+    logger.info("%s", comparison.format())
+    return comparison
+
+
+@dataclass
+class QuickstartResult:
+    """Where the quickstart put things and what it measured."""
+
+    workdir: Path
+    data_root: Path
+    report: DataReport
+    baseline: BaselineResult
+    preprocess: PreprocessSummary
+    localize: LocalizeResult
+    cv: CVResult
+    registered: RegisteredEnsemble | str | None
+    prediction: PredictResult
+    tracking_uri: str
+    points_check: PointsComparison | None = None
+    tuning: TuneResult | None = None
+
+
+def run_quickstart(config: Config, tune: bool = True) -> QuickstartResult:
+    """Synthesise (or reuse) the dataset, validate and report it, score the prior, preprocess, localise, train,
+    register, tune and predict the test studies with the model pulled back by its alias."""
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(config, workdir / "resolved_config.yaml")
+    root = data_root_for(config)
+    if config.data.root is None:
+        write_dataset(root, config.synth, overwrite=True)
+    report = build_report(load_rsna(root), check_images=True)
+    (workdir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    baseline = run_baseline(root, n_folds=config.cv.n_folds, seed=config.cv.seed, out_csv=workdir / "baseline_oof.csv")
+    preprocessed = complete_cache(config)
+    localized = run_localize(config)  # resumable: trained detectors and a written evaluation are reused
+    cv = run_cv(config)  # resumable: a rerun skips the folds already trained
+    registered = register_cv(config, cv)
+    # The detectors never saw localize.val_fold: its studies show what predicted points cost against labelled ones.
+    points_check = compare_points_on_fold(config, cv, config.localize.val_fold) if registered else None
+    tuning = run_tune(config, resume=experiment_exists(config)) if tune else None  # a rerun resumes (or just reads)
+    model_uri = f"models:/{config.tracking.model_name}@{config.tracking.alias}"
+    prediction = predict(config.model_copy(update={"predict": config.predict.model_copy(update={"model": model_uri})}))
+    logger.info("quickstart finished in %s", workdir)
+    return QuickstartResult(workdir, root, report, baseline, preprocessed, localized, cv, registered, prediction,
+                            tracking_uri_for(config), points_check, tuning)  # fmt: skip

@@ -1,0 +1,62 @@
+"""Registering a finished CV: its fold ensemble, with the level detectors of its config, as one model version.
+
+A step of its own, after :func:`lumbar_ray.train.cv.run_cv`: ``lumbar-ray train``, the pipeline and
+``lumbar-ray tune --register-best`` compose the two. The detectors are found through :mod:`lumbar_ray.paths`
+(trained by ``lumbar-ray localize``), so the registered model localises new studies itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mlflow import MlflowClient
+
+from lumbar_ray.config import Config
+from lumbar_ray.paths import tracking_uri_for, trained_detectors
+from lumbar_ray.registry import REGISTERED_TAG, RegisteredEnsemble, ensemble_contract, log_and_register
+from lumbar_ray.train.cv import CVResult
+
+logger = logging.getLogger(__name__)
+
+
+def register_cv(cfg: Config, cv: CVResult) -> RegisteredEnsemble | str | None:
+    """Log and register the fold ensemble of a complete CV, once per CV run.
+
+    A rerun that finds every fold done (and the ensemble already registered from this parent run) must not add
+    a duplicate model version: the parent run's ``lumbar_ray.registered_version`` tag records the version.
+
+    Returns:
+        The new version; a string naming the version registered earlier; or None when nothing is registered
+        (``tracking.register_model`` off, or a CV of only some folds).
+    """
+    if not cfg.tracking.register_model:
+        return None
+    if not cv.complete:
+        logger.info("CV %s covers folds %s only: no ensemble registered", cv.run_id, sorted(cv.outcomes))
+        return None
+    uri = tracking_uri_for(cfg)
+    client = MlflowClient(uri)
+    done = client.get_run(cv.mlflow_run_id).data.tags.get(REGISTERED_TAG)
+    if done is not None:
+        logger.info("the ensemble of this CV is already registered (version %s): not registering again", done)
+        return f"{cfg.tracking.model_name} version {done} (registered earlier)"
+    states = {fold: outcome.model_state for fold, outcome in sorted(cv.outcomes.items())}
+    detectors = trained_detectors(cfg)
+    if not detectors:
+        logger.warning("no level detectors trained for this config: the model can only predict from given points")
+    contract = ensemble_contract(cfg, sorted(cv.outcomes), cv.prior, sorted(detectors), cv.fold_priors)
+    registered = log_and_register(states, contract, cfg.tracking, uri, cv.mlflow_run_id, cv.score.total, detectors)
+    client.set_tag(cv.mlflow_run_id, REGISTERED_TAG, str(registered.version))
+    return registered
+
+
+def registered_model_uri(cfg: Config, mlflow_run_id: str) -> str:
+    """``models:/<name>/<version>`` of the ensemble a CV parent run registered.
+
+    Raises:
+        ValueError: if that run registered nothing (an incomplete CV, or ``tracking.register_model`` off).
+    """
+    version = MlflowClient(tracking_uri_for(cfg)).get_run(mlflow_run_id).data.tags.get(REGISTERED_TAG)
+    if version is None:
+        raise ValueError(f"CV run {mlflow_run_id} registered no ensemble")
+    return f"models:/{cfg.tracking.model_name}/{version}"

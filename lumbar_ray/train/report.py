@@ -1,0 +1,68 @@
+"""MLflow records of a CV: the fold child runs (best score, training curves) and the CV's scores, tables and
+plots on its parent run.
+
+- parent (``lumbar_ray.kind=cv``): the resolved config (params ``section.key`` and ``config.yaml``), ``cv_*``
+  scores next to the prior's ``prior_*`` on the same folds, ``oof.csv``, ``folds.csv``, ``skipped_points.csv``,
+  ``plots/confusion_matrices.png`` and ``plots/level_scores.png``;
+- child per fold (``lumbar_ray.fold=<k>``, named ``fold<k>``): per-epoch metrics (logged by the rank-0 Ray worker,
+  ``step`` = epoch, so a retried epoch overwrites its point), ``best_val_score``, ``best_epoch`` and
+  ``plots/training_curves.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lumbar_ray import plots
+from lumbar_ray.metrics import ScoreResult
+from lumbar_ray.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+FOLD_TAG = "lumbar_ray.fold"
+
+
+def fold_run(tracker: Tracker, parent: str, fold: int) -> str:
+    """Find or create fold ``fold``'s child run of ``parent`` (a rerun reuses it; epochs overwrite steps)."""
+    return tracker.child_run(parent, FOLD_TAG, str(int(fold)), "fold", f"fold{fold}")
+
+
+def finish_fold(tracker: Tracker, child: str, best_score: float, best_epoch: int,
+                history: list[dict[str, Any]]) -> None:  # fmt: skip
+    """Log the fold's best score and epoch and its training curves, then end the child run."""
+    tracker.log_values(child, {"best_val_score": best_score, "best_epoch": best_epoch})
+    tracker.log_figure(child, plots.training_curves(history), "plots/training_curves.png")
+    tracker.finish(child)
+
+
+def log_cv(
+    tracker: Tracker,
+    parent: str,
+    scores: tuple[ScoreResult, ScoreResult],
+    tables: dict[str, pd.DataFrame],
+    labels: np.ndarray,
+    probs: np.ndarray,
+) -> None:
+    """Log the CV's out-of-fold scores (``cv_*``) against the prior's (``prior_*``), tables and plots.
+
+    Args:
+        tracker: the store.
+        parent: the CV's parent run.
+        scores: the model's and the prior's out-of-fold scores on the same studies.
+        tables: artifact name -> frame (``oof.csv``, ``folds.csv``; an empty frame is not logged).
+        labels: ``(n, 25)`` labels of the scored studies (IGNORE_INDEX where empty).
+        probs: ``(n, 25, 3)`` their out-of-fold probabilities.
+    """
+    model, prior = scores
+    values = model.to_dict(prefix="cv_") | prior.to_dict(prefix="prior_") | {"cv_studies": float(len(labels))}
+    tracker.log_values(parent, values)
+    for name, table in tables.items():
+        if table is not None and len(table):
+            tracker.log_text(parent, table.to_csv(index=False), name)
+    tracker.log_figure(parent, plots.confusion_matrices(labels, probs), "plots/confusion_matrices.png")
+    tracker.log_figure(parent, plots.level_score_heatmap(labels, probs), "plots/level_scores.png")
+    logger.info("MLflow: CV metrics and artifacts logged to %s", parent)

@@ -1,0 +1,70 @@
+"""Where outputs live: the storage-root rule, settings-derived ids, the tracking URI, atomic writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lumbar_ray.config import Config
+from lumbar_ray.paths import (
+    atomic_path,
+    cache_root_for,
+    cv_run_id,
+    localize_key,
+    ray_storage_for,
+    tracking_uri_for,
+    tune_storage_for,
+)
+
+
+def test_tracking_uri_for(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = Config(workdir=str(tmp_path / "new" / "work"))
+    uri = tracking_uri_for(cfg)
+    assert uri == f"sqlite:///{(tmp_path / 'new' / 'work').resolve()}/mlflow.db"
+    assert (tmp_path / "new" / "work").is_dir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri_for(cfg) == "http://127.0.0.1:5000"
+    cfg.tracking.tracking_uri = "sqlite:///x.db"
+    assert tracking_uri_for(cfg) == "sqlite:///x.db"
+
+
+def test_shared_storage_root_and_explicit_settings(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("LUMBAR_RAY_STORAGE", raising=False)
+    cfg = Config(workdir=str(tmp_path))
+    assert cache_root_for(cfg) == str(tmp_path / "cache")
+    assert ray_storage_for(cfg) == str(tmp_path / "ray_results")
+    assert tune_storage_for(cfg) == str(tmp_path / "ray_tune")
+    monkeypatch.setenv("LUMBAR_RAY_STORAGE", "s3://bucket/lumbar/")
+    assert cache_root_for(cfg) == "s3://bucket/lumbar/cache"
+    assert ray_storage_for(cfg) == "s3://bucket/lumbar/ray_results"
+    assert tune_storage_for(cfg) == "s3://bucket/lumbar/ray_tune"
+    explicit = Config.model_validate({"workdir": str(tmp_path), "preprocess": {"cache": "s3://other/c"},
+                                      "train": {"storage": "/mnt/ckpt"}})  # fmt: skip
+    assert cache_root_for(explicit) == "s3://other/c" and ray_storage_for(explicit) == "/mnt/ckpt"
+
+
+def test_run_ids_hash_what_is_learnt_not_the_resources(tmp_path: Path) -> None:
+    base = Config(workdir=str(tmp_path / "a"))
+    elsewhere = Config.model_validate({"workdir": str(tmp_path / "b"), "train": {"num_workers": 4},
+                                       "localize": {"num_cpus": 8.0}})  # fmt: skip
+    assert cv_run_id(base) == cv_run_id(elsewhere) and cv_run_id(base).startswith("cv-")
+    assert localize_key(base) == localize_key(elsewhere) and localize_key(base).startswith("loc-")
+    other = Config.model_validate({"workdir": str(tmp_path / "a"), "train": {"lr": 0.01}})
+    assert cv_run_id(other) != cv_run_id(base)
+    assert localize_key(other) == localize_key(base)  # the detectors do not depend on the classifier
+    named = Config.model_validate({"workdir": str(tmp_path), "train": {"run_id": "mine"}})
+    assert cv_run_id(named) == "mine"
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "done.txt"
+    with atomic_path(target) as temporary:
+        temporary.write_text("whole")
+        assert not target.exists()
+    assert target.read_text() == "whole"
+    with pytest.raises(RuntimeError), atomic_path(target) as temporary:
+        temporary.write_text("partial")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "whole" and list(target.parent.iterdir()) == [target]
