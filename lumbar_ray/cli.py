@@ -16,7 +16,14 @@ from typing import Annotated, Any
 
 import typer
 
-from lumbar_ray.config import Config, get_path, load_config, save_config
+from lumbar_ray.config import Config, ConfigError, get_path, load_config, save_config
+from lumbar_ray.errors import (
+    DicomReadError,
+    ModelNotFoundError,
+    RsnaFormatError,
+    SubmissionError,
+    UnknownStudyError,
+)
 from lumbar_ray.provenance import package_version
 
 logger = logging.getLogger(__name__)
@@ -163,10 +170,12 @@ def preprocess(
     overrides: Overrides = None,
 ) -> None:
     """Decode every series into the cache with Ray Data (resumable; failures tabled, never fatal)."""
-    from lumbar_ray.pipeline import complete_cache
-
+    if data is not None:
+        _existing_folder(data, "data folder")
     options = {"data.root": data, "preprocess.cache": cache, "preprocess.workers": workers}
     cfg = load(config, options, overrides)
+    from lumbar_ray.pipeline import complete_cache
+
     summary = complete_cache(cfg)
     typer.echo(summary.format())
     if (strict or cfg.preprocess.strict) and summary.failed:
@@ -178,9 +187,9 @@ def preprocess(
 def train(config: ConfigFile = None, overrides: Overrides = None) -> None:
     """k-fold training on Ray Train, scored out of fold, tracked in MLflow, ensemble registered (resumable; the
     cache is completed first)."""
+    cfg = load(config, {}, overrides)
     from lumbar_ray.pipeline import train as run_train
 
-    cfg = load(config, {}, overrides)
     _save_resolved(cfg)
     typer.echo(run_train(cfg).format())
 
@@ -194,9 +203,9 @@ def tune(
     register_best: Annotated[bool, typer.Option(help="retrain the best config and register it")] = False,
 ) -> None:
     """Ray Tune + Optuna (TPE) + ASHA over the k-fold CV; writes the best config; resumable."""
+    cfg = load(config, {"tune.num_samples": num_samples}, overrides)
     from lumbar_ray.pipeline import tune as run_tune
 
-    cfg = load(config, {"tune.num_samples": num_samples}, overrides)
     _save_resolved(cfg)
     typer.echo(run_tune(cfg, resume=resume, register_best=register_best).format())
 
@@ -205,9 +214,10 @@ def tune(
 def localize(config: ConfigFile = None, overrides: Overrides = None) -> None:
     """Train the sagittal YOLO level detectors (Ray tasks) and measure localisation on a held-out fold (resumable;
     the cache is completed first)."""
+    cfg = load(config, {}, overrides)
     from lumbar_ray.pipeline import localize as run_localize
 
-    typer.echo(run_localize(load(config, {}, overrides)).format())
+    typer.echo(run_localize(cfg).format())
 
 
 @app.command()
@@ -220,12 +230,13 @@ def predict(
     overrides: Overrides = None,
 ) -> None:
     """Registered ensemble -> competition submission: preprocess, localise, crop, predict (Ray Data)."""
-    from lumbar_ray.pipeline import predict as run_predict
-
     if data is not None:
         _existing_folder(data, "data folder")
     options = {"predict.model": model, "predict.data": data, "predict.out": out, "predict.split": split}
-    typer.echo(run_predict(load(config, options, overrides)).format())
+    cfg = load(config, options, overrides)
+    from lumbar_ray.pipeline import predict as run_predict
+
+    typer.echo(run_predict(cfg).format())
 
 
 @app.command()
@@ -236,9 +247,9 @@ def quickstart(
     tune: Annotated[bool, typer.Option(help="end with the short tuning stage (tune.*)")] = True,
 ) -> None:
     """Run the pipeline end to end on synthetic data with embedded defaults (no network, CPU)."""
+    cfg = load(config, {"workdir": workdir}, overrides)
     from lumbar_ray.pipeline import run_quickstart
 
-    cfg = load(config, {"workdir": workdir}, overrides)
     result = run_quickstart(cfg, tune=tune)
     sections = [
         ("", result.report.format()),
@@ -262,17 +273,10 @@ def quickstart(
     typer.echo(f"MLflow UI:  mlflow ui --backend-store-uri {result.tracking_uri}  (then http://127.0.0.1:5000)")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean bad input rather than a bug: reported as one line, exit code 2."""
-    from lumbar_ray.config import ConfigError
-    from lumbar_ray.data.dicom import DicomReadError
-    from lumbar_ray.data.rsna import RsnaFormatError
-    from lumbar_ray.metrics import SubmissionError
-    from lumbar_ray.predict import UnknownStudyError
-    from lumbar_ray.registry import ModelNotFoundError
-
-    return (ConfigError, RsnaFormatError, DicomReadError, SubmissionError, ModelNotFoundError, UnknownStudyError,
-            FileExistsError, FileNotFoundError)  # fmt: skip
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, RsnaFormatError, DicomReadError, SubmissionError,
+                                                ModelNotFoundError, UnknownStudyError, FileExistsError,
+                                                FileNotFoundError)  # fmt: skip
+"""The exceptions that mean bad input rather than a bug: reported as one line, exit code 2."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,9 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     Args:
         argv: arguments instead of ``sys.argv[1:]`` (the ``jobs/*.py`` entrypoints pass theirs).
     """
-    errors = _user_errors()
     try:
         app(argv)
-    except errors as exc:
+    except USER_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None

@@ -42,6 +42,7 @@ from lumbar_ray.constants import (
     TARGETS,
     row_id,
 )
+from lumbar_ray.errors import SubmissionError
 from lumbar_ray.labels import encode_labels
 
 logger = logging.getLogger(__name__)
@@ -61,10 +62,6 @@ _SPINAL_COLUMNS = _GROUP_COLUMNS["spinal"]
 _TARGET_INDEX = pd.Index(TARGETS)
 # Row ids listed in an error message; more would drown the message.
 _MAX_LISTED = 5
-
-
-class SubmissionError(ValueError):
-    """A submission that does not fit the competition format (names the offending row_ids)."""
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from lumbar_ray.constants import SEVERITIES, TARGETS
 from lumbar_ray.data.cache import SeriesCache
 from lumbar_ray.data.crops import CropDataset
 from lumbar_ray.data.rsna import RsnaData, load_rsna
+from lumbar_ray.errors import UnknownStudyError
 from lumbar_ray.localize.detector import load_detectors
 from lumbar_ray.localize.study import localise_study, study_series
 from lumbar_ray.metrics import labels_to_submission, validate_submission
@@ -166,10 +167,6 @@ def studies_to_predict(data: RsnaData, split: str, study_ids: list[int] | None) 
             raise UnknownStudyError(f"studies {unknown} are not in the {split} split of the data")
         listed = set(study_ids)
     return sorted(listed), series[series["study_id"].astype(int).isin(listed)]
-
-
-class UnknownStudyError(ValueError):
-    """Study ids asked for that the data does not list in the split."""
 
 
 @dataclass

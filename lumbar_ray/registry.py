@@ -37,6 +37,7 @@ from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from lumbar_ray.config import Config, CropConfig, ModelConfig, TrackingConfig, cache_settings
 from lumbar_ray.constants import SEVERITIES, TARGETS, series_slug
+from lumbar_ray.errors import ModelNotFoundError
 from lumbar_ray.models import build_model
 from lumbar_ray.provenance import library_versions
 
@@ -306,10 +307,6 @@ def log_and_register(
         logger.info("registered %s v%s (cv %.5f); alias %r stays on v%s (%s)", name, version.version, cv_score,
                     alias, holder.version, previous)  # fmt: skip
     return RegisteredEnsemble(name, int(version.version), alias, move, previous, f"models:/{name}/{version.version}")
-
-
-class ModelNotFoundError(LookupError):
-    """A model URI that names no model, version or alias of the registry (or no lumbar_ray ensemble)."""
 
 
 def model_source(model_uri: str, tracking_uri: str) -> str:

@@ -18,9 +18,15 @@ from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.metrics import score_submission, validate_submission
 from lumbar_ray.pipeline import predict
 from tests.net import free_port, wait_for_http
+from tests.pipeline import pipeline_figures
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 logger = logging.getLogger(__name__)
+
+# Thresholds on the shared pipeline (tests/pipeline.py) sit well outside its run-to-run spread, measured with
+# `python benchmarks/pipeline_spread.py --runs 2:0 1:0 2:1 1:2` (OMP threads 1 and 2, training and detector seeds
+# 0, 1, 2; 2026-12-02): each comment gives min..max over those 4 runs. Threads alone changed no localisation figure
+# (the detectors train in 1-CPU Ray tasks); seeds moved them by up to the spreads below.
 
 
 @pytest.fixture
@@ -54,20 +60,21 @@ def test_quickstart_prediction_is_a_valid_submission_with_points(trained_pipelin
         report = json.loads((prediction.points_dir / f"{study_id}.json").read_text())
         assert report["study_id"] == study_id and len(report["points"]) + len(report["unplaced_targets"]) == 25
     assert result.registered is not None and result.localize.weights
-    assert json.loads(prediction.report_path.read_text())["prior_targets"] <= 0.2 * 25 * len(test_ids)
+    assert json.loads(prediction.report_path.read_text())["prior_targets"] <= 0.2 * 25 * len(test_ids)  # 0..0
 
 
 def test_localisation_metrics_of_the_held_out_fold(trained_pipeline):
     """Detectors trained on 30 studies at 96 px for seconds: rough but working; the axial geometry is exact."""
     cfg, result = trained_pipeline
     summary = result.localize.summary.set_index(["series_type", "level"])
-    assert summary.loc[("Sagittal T2/STIR", "all"), "within_10px"] >= 0.8
-    assert summary.loc[("Sagittal T2/STIR", "all"), "slice_within_1"] >= 0.8
-    assert summary.loc[("Sagittal T1", "all"), "within_10px"] >= 0.8  # levels re-assigned from the canal on T2
-    assert summary.loc[("Sagittal T1", "all"), "slice_within_1"] >= 0.9
-    assert summary.loc[("Axial T2", "all"), "slice_within_1"] >= 0.6  # 4 mm slices vs a ~2 mm/px sagittal grid
-    from_labels = result.localize.axial_from_labels.set_index(["series_type", "level"])
-    assert from_labels.loc[("Axial T2", "all"), "slice_accuracy"] >= 0.95
+    figures = pipeline_figures(result)
+    logger.warning("pipeline figures: %s", figures)
+    assert figures["t2_within_10px"] >= 0.75  # spread 0.905..1.000
+    assert figures["t2_slice_within_1"] >= 0.9  # 0.987..1.000
+    assert figures["t1_within_10px"] >= 0.75  # 0.928..1.000; levels re-assigned from the canal on T2
+    assert figures["t1_slice_within_1"] >= 0.9  # 1.000..1.000
+    assert figures["axial_slice_within_1"] >= 0.6  # 0.820..1.000; 4 mm slices vs a ~2 mm/px sagittal grid
+    assert figures["axial_from_labels_slice"] >= 0.95  # 1.000..1.000: the geometry alone, no detector
     val_studies = result.cv.folds.loc[result.cv.folds["fold"] == cfg.localize.val_fold, "study_id"]
     assert set(result.localize.val_points["study_id"]) == set(val_studies)  # no study dropped
 
@@ -108,8 +115,10 @@ def test_held_out_training_studies_beat_the_prior_with_predicted_points(trained_
     held_out = sorted(int(s) for s in result.cv.folds.loc[result.cv.folds["fold"] == check.fold, "study_id"])
     assert check.fold == cfg.localize.val_fold and check.studies == len(held_out)
     logger.warning("%s", check.format())
+    # predicted 0.532..0.597 against a prior of 0.736 (the same studies every run): a margin of 0.14, twice the spread
     assert check.predicted_points.total < check.prior.total
-    assert check.predicted_points.total < check.labelled_points.total + 0.2  # localisation costs little here
+    # predicted minus labelled: -0.035..+0.054; localisation costs little here
+    assert check.predicted_points.total < check.labelled_points.total + 0.2
     submission = validate_submission(pd.read_csv(check.prediction.submission_path), study_ids=held_out)
     own = score_submission(data.train[data.train["study_id"].isin(held_out)], submission)
     assert own.total == pytest.approx(check.predicted_points.total, abs=1e-9)

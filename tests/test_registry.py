@@ -144,6 +144,7 @@ def test_mismatched_folds_are_refused(registered) -> None:
         log_and_register({0: {}}, registered["contract"], cfg.tracking, registered["uri"], "unused", 0.1)
 
 
+@pytest.mark.slow
 def test_registered_model_loads_in_a_fresh_process_from_its_own_code(registered, tmp_path: Path) -> None:
     """The version carries lumbar_ray (``code_paths``): a fresh process loads it from there, not from the checkout."""
     script = (

@@ -58,6 +58,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 
+from lumbar_ray.errors import DicomReadError
+
 logger = logging.getLogger(__name__)
 
 WHITELISTED_TAGS: tuple[str, ...] = (
@@ -93,6 +95,7 @@ WHITELISTED_TAGS: tuple[str, ...] = (
     "PatientPosition",
     "SeriesDescription",
 )
+
 """DICOM keywords allowed out of this module: geometry and acquisition only (no names, IDs, dates, UIDs,
 institutions or devices)."""
 
@@ -105,26 +108,6 @@ TIE_TOLERANCE_MM: float = 1e-3
 _COS_TOLERANCE: float = math.cos(math.radians(ORIENTATION_TOLERANCE_DEG))
 _PIXEL_DATA_KEYWORDS: tuple[str, ...] = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _NOT_PARSED = object()
-
-
-class DicomReadError(ValueError):
-    """A DICOM file or series folder cannot be read; the message names the path and the cause.
-
-    Attributes:
-        path: The offending file or folder.
-        cause: What is wrong, in words.
-        kind: A short category for failure tables: ``not_dicom``, ``no_pixels``, ``undecodable`` (truncated or
-            corrupt pixel data), ``not_grayscale``, ``missing_folder`` or ``empty_folder``.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], cause: str, kind: str = "unreadable") -> None:
-        self.path = str(path)
-        self.cause = cause
-        self.kind = kind
-        super().__init__(f"{self.path}: {cause}")
-
-    def __reduce__(self):  # keep path/cause/kind when the error crosses a process boundary (Ray)
-        return (type(self), (self.path, self.cause, self.kind))
 
 
 def _directions(orientation: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -39,6 +39,7 @@ from lumbar_ray.constants import (
     SUBMISSION_COLUMNS,
     TARGETS,
 )
+from lumbar_ray.errors import RsnaFormatError
 from lumbar_ray.labels import encode_labels
 
 logger = logging.getLogger(__name__)
@@ -61,28 +62,13 @@ COORDINATE_COLUMNS: tuple[str, ...] = (
     "x",
     "y",
 )
+
 SUBMISSION_FILE_COLUMNS: tuple[str, ...] = ("row_id", *SUBMISSION_COLUMNS)
 
 # Ids are non-negative decimal integers; 18 digits keep them inside int64 (real series ids have 10 digits).
 _INT_PATTERN = r"\d{1,18}"
 # Report at most this many ids inline; the full lists stay in the report's fields.
 _MAX_LISTED = 10
-
-
-class RsnaFormatError(ValueError):
-    """A competition CSV that does not follow the format.
-
-    Attributes:
-        file: the offending file.
-        line: CSV line number (the header is line 1).
-        value: the offending value (a cell, a column name or a list of column names).
-    """
-
-    def __init__(self, file: Path | str, line: int, value: Any, problem: str) -> None:
-        self.file = Path(file)
-        self.line = line
-        self.value = value
-        super().__init__(f"{self.file}, line {line}: {problem}: {value!r}")
 
 
 @dataclass

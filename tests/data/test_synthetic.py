@@ -136,6 +136,7 @@ def test_planted_severity_is_measurable_at_the_labelled_points(synthetic_dir):
         assert values[0] - values[2] > 0.25, (group, by_severity)
 
 
+@pytest.mark.slow
 def test_without_planted_lesions_severity_is_not_visible(tmp_path, synthetic_config):
     """Control: with signal_strength=0 the same windows no longer separate the severities."""
     cfg = synthetic_config.model_copy(update={"signal_strength": 0.0, "train_studies": 25, "test_studies": 0})
