@@ -24,6 +24,7 @@ from lumbar_ray.errors import (
     SubmissionError,
     UnknownStudyError,
 )
+from lumbar_ray.paths import RESOLVED_CONFIG
 from lumbar_ray.provenance import package_version
 
 logger = logging.getLogger(__name__)
@@ -74,17 +75,16 @@ def load(config: Path | None, options: dict[str, Any], overrides: list[str] | No
     overridden = {text.partition("=")[0].strip() for text in overrides or []}
     for key in sorted(given.keys() & overridden):
         logger.warning("%s is set by an option and by %s=...: the key=value argument wins", key, key)
-    option_args = [f"{key}={value}" for key, value in given.items()]
-    if config is not None and option_args:
+    if config is not None and given:
         base = load_config(config)
         for key, value in given.items():
             logger.info("option sets %s=%s (the config file had %r)", key, value, get_path(base.model_dump(), key))
-    return load_config(config, [*option_args, *(overrides or [])])
+    return load_config(config, overrides or [], values=given)
 
 
 def _save_resolved(cfg: Config) -> None:
     Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-    save_config(cfg, Path(cfg.workdir) / "resolved_config.yaml")
+    save_config(cfg, Path(cfg.workdir) / RESOLVED_CONFIG)
 
 
 def _existing_folder(path: Path, what: str) -> Path:
@@ -257,7 +257,7 @@ def quickstart(
         ("Preprocessing (Ray Data):", result.preprocess.format()),
         ("Localisation (YOLO level detectors + axial geometry), validation fold:", result.localize.format()),
         ("k-fold training (Ray Train), out of fold:",
-         result.cv.format() + (f"\n  registered: {result.registered}" if result.registered else "")),
+         result.cv.format(result.registered)),
     ]  # fmt: skip
     if result.points_check is not None:
         sections.append(("Predicted vs labelled points (the detectors' held-out fold, through the inference path):",

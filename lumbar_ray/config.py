@@ -373,12 +373,16 @@ def _describe(error: ValidationError, source: str) -> str:
     return f"invalid config from {source}: " + "; ".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build the resolved config: embedded defaults <- YAML file <- ``key.sub=value`` overrides.
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), values: dict[str, Any] | None = None
+) -> Config:
+    """Build the resolved config: embedded defaults <- YAML file <- ``values`` <- ``key.sub=value`` overrides.
 
     Args:
         path: optional YAML file; its keys must all exist in :class:`Config`.
         overrides: CLI-style overrides such as ``synth.train_studies=150``; values are parsed as YAML.
+        values: dotted key -> value set as given, not parsed (a command's typed options: a path with ``#`` or
+            ``:`` in it stays a path).
 
     Raises:
         ConfigError: on a missing file, malformed YAML, an unknown key (named) or a value of the wrong type.
@@ -396,9 +400,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping, not {type(loaded).__name__}")
         tree, source = loaded, str(path)
+    for key, value in (values or {}).items():
+        set_path(tree, key, str(value) if isinstance(value, Path) else value, create=True)
     for text in overrides:
         key_path, value = parse_override(text)
         set_path(tree, ".".join(key_path), value, create=True)
+    if values:
+        source += f" + options {values}"
     if overrides:
         source += f" + overrides {list(overrides)}"
     try:

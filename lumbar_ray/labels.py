@@ -58,6 +58,3 @@ def decode_labels(study_ids: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
     frame = pd.DataFrame(names[codes], columns=list(TARGETS))
     frame.insert(0, "study_id", study_ids)
     return frame
-
-
-# --- the report

@@ -93,6 +93,17 @@ def cv_run_id(cfg: Config) -> str:
     return settings_hash(tree, "cv-", length=10)
 
 
+RESOLVED_CONFIG = "resolved_config.yaml"
+"""The resolved config written beside what a command produced (its workdir, a submission)."""
+FOLDS_CSV = "folds.csv"
+"""A CV's (or the localisation's) fixed folds: study_id -> fold, written once, reused on resume."""
+
+
+def fold_outcome_path(run_dir: Path, fold: int) -> Path:
+    """``<run_dir>/fold<k>.pt``: a finished fold's outcome; its presence marks the fold done."""
+    return Path(run_dir) / f"fold{int(fold)}.pt"
+
+
 def run_dir_for(cfg: Config, run_id: str) -> Path:
     """Where the driver keeps a CV's folds, finished fold outputs and OOF predictions."""
     return Path(cfg.workdir) / "runs" / run_id

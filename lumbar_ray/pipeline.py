@@ -34,7 +34,7 @@ from lumbar_ray.data.synthetic import write_dataset
 from lumbar_ray.labels import encode_labels
 from lumbar_ray.localize.stage import LocalizeResult, run_localize
 from lumbar_ray.metrics import ScoreResult, score_arrays, score_submission, submission_to_probs
-from lumbar_ray.paths import cache_root_for, data_root_for, tracking_uri_for
+from lumbar_ray.paths import RESOLVED_CONFIG, cache_root_for, data_root_for, tracking_uri_for
 from lumbar_ray.predict import PredictResult, plan_prediction, run_predict
 from lumbar_ray.registry import RegisteredEnsemble
 from lumbar_ray.tracking import Tracker
@@ -78,8 +78,7 @@ class TrainResult:
     registered: RegisteredEnsemble | str | None
 
     def format(self) -> str:
-        text = self.cv.format()
-        return text + (f"\n  registered: {self.registered}" if self.registered is not None else "")
+        return self.cv.format(self.registered)
 
 
 def train(cfg: Config) -> TrainResult:
@@ -176,7 +175,7 @@ def run_quickstart(config: Config, tune: bool = True) -> QuickstartResult:
     register, tune and predict the test studies with the model pulled back by its alias."""
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir / "resolved_config.yaml")
+    save_config(config, workdir / RESOLVED_CONFIG)
     root = data_root_for(config)
     if config.data.root is None:
         write_dataset(root, config.synth, overwrite=True)

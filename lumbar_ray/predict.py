@@ -40,6 +40,7 @@ from lumbar_ray.localize.detector import load_detectors
 from lumbar_ray.localize.study import localise_study, study_series
 from lumbar_ray.metrics import labels_to_submission, validate_submission
 from lumbar_ray.paths import (
+    RESOLVED_CONFIG,
     atomic_path,
     cache_root_for,
     data_root_for,
@@ -53,7 +54,6 @@ from lumbar_ray.registry import load_ensemble, read_contract
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "predict_report.json"
-CONFIG_NAME = "resolved_config.yaml"
 POINTS_FOLDER = "points"
 
 
@@ -204,7 +204,7 @@ def plan_prediction(cfg: Config) -> PredictionPlan:
     contract = read_contract(options.model, tracking_uri_for(cfg))
     study_ids, series = studies_to_predict(load_rsna(root), options.split, options.study_ids)
     if not study_ids:
-        raise ValueError(f"{root} lists no {options.split} studies to predict")
+        raise UnknownStudyError(f"{root} lists no {options.split} studies to predict")
     preprocess = preprocess_config_for(contract, cfg.preprocess)
     return PredictionPlan(contract, root, options.split, study_ids, series, preprocess, cache_root_for(cfg))
 
@@ -216,7 +216,7 @@ def run_predict(cfg: Config, plan: PredictionPlan) -> PredictResult:
 
     start = time.perf_counter()
     options, out = cfg.predict, submission_path_for(cfg)
-    save_config(cfg, out.parent / CONFIG_NAME)  # what produced the submission, beside it
+    save_config(cfg, out.parent / RESOLVED_CONFIG)  # what produced the submission, beside it
     ensure_ray()
     records = plan.series[["study_id", "series_id", "series_description"]].astype({"study_id": int, "series_id": int})
     dataset = ray.data.from_items([{"study_id": s} for s in plan.study_ids]).map_batches(

@@ -309,23 +309,38 @@ def log_and_register(
     return RegisteredEnsemble(name, int(version.version), alias, move, previous, f"models:/{name}/{version.version}")
 
 
+def registered_version(tracking_uri: str, run_id: str) -> str | None:
+    """The model version a CV's MLflow run registered its ensemble as (its :data:`REGISTERED_TAG`), or None."""
+    return MlflowClient(tracking_uri).get_run(run_id).data.tags.get(REGISTERED_TAG)
+
+
+def mark_registered(tracking_uri: str, run_id: str, version: int) -> None:
+    """Record on a CV's MLflow run that its ensemble is registered as ``version`` (a rerun registers no twin)."""
+    MlflowClient(tracking_uri).set_tag(run_id, REGISTERED_TAG, str(version))
+
+
 def model_source(model_uri: str, tracking_uri: str) -> str:
-    """Where the files of a model live: ``models:/<name>/<version>`` and ``models:/<name>@<alias>`` resolved
-    through the registry; any other URI (``runs:/<id>/ensemble``, a folder) as it is.
+    """Where the files of a model live: ``models:/<name>/<version>`` (``latest`` too) and ``models:/<name>@<alias>``
+    resolved through the registry; any other URI (``runs:/<id>/ensemble``, a logged model ``models:/m-<id>``, a
+    folder) as it is, for MLflow to resolve.
 
     Raises:
         ModelNotFoundError: an unknown model name, version or alias (the message says which).
     """
-    if not model_uri.startswith("models:/"):
+    path = model_uri.removeprefix("models:/")
+    if path == model_uri or ("@" not in path and "/" not in path):
         return model_uri
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    name, at, alias = model_uri.removeprefix("models:/").partition("@")
+    name, at, alias = path.partition("@")
     version = None if at else name.rpartition("/")[2]
     name = name if at else name.rpartition("/")[0]
     try:
         client.get_registered_model(name)
     except MlflowException:
         raise ModelNotFoundError(f"{model_uri}: no registered model named {name!r} in {tracking_uri}") from None
+    if version == "latest":
+        versions = client.search_model_versions(f"name = {name!r}")
+        version = str(max((int(v.version) for v in versions), default=0)) if versions else "latest"
     try:
         version = client.get_model_version_by_alias(name, alias).version if at else version
         return client.get_model_version_download_uri(name, version)

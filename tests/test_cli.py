@@ -16,6 +16,13 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     )
 
 
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """The ``error:`` lines of a failed command (logging may write other lines to stderr before it)."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
 # The quickstart trains too: keep its CV as small as a CV gets (1 worker, 1 epoch, 16 px crops). Its tuning stage is
 # left out here (--no-tune): tests/tune/test_tune_resume.py runs the tuning CLI end to end.
 TINY_TRAINING = (
@@ -108,8 +115,7 @@ def test_version_and_missing_data_folder_are_one_line(tmp_path):
     commands = (("report",), ("baseline",), ("predict", f"workdir={tmp_path}"), ("preprocess", f"workdir={tmp_path}"))
     for command in commands:
         missing = run_cli(command[0], "--data", str(tmp_path / "nowhere"), *command[1:])
-        assert missing.returncode == 2, (command, missing.stderr)
-        assert missing.stderr.strip().splitlines() == [f"error: data folder not found: {tmp_path / 'nowhere'}"]
+        assert error_lines(missing) == [f"error: data folder not found: {tmp_path / 'nowhere'}"], command
 
 
 def test_options_sit_between_the_config_file_and_key_value_overrides(tmp_path):
@@ -128,20 +134,29 @@ def test_options_sit_between_the_config_file_and_key_value_overrides(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_registry_user_errors_are_one_line(trained_pipeline, tmp_path):
-    """The mistakes a registry user makes first: an unknown model, alias or study id."""
-    cfg, _ = trained_pipeline
-    store = f"tracking.tracking_uri={cfg.tracking.tracking_uri}"
-    common = ("predict", f"workdir={tmp_path}", store, "predict.split=train")
+def test_registry_user_errors_are_one_line(trained_pipeline, tmp_path, capsys):
+    """The mistakes a registry user makes first: an unknown model, alias, version or study id. In-process (the
+    console entry point itself): the shared pipeline's store is already open, a subprocess would re-import it all."""
+    from lumbar_ray.cli import main
+
+    cfg, result = trained_pipeline
+    common = ["predict", f"workdir={tmp_path}", f"tracking.tracking_uri={cfg.tracking.tracking_uri}",
+              "predict.split=train", f"predict.data={result.data_root}"]  # fmt: skip
+
+    def error_of(*extra: str) -> list[str]:
+        with pytest.raises(SystemExit) as exited:
+            main([*common, *extra])
+        stderr = capsys.readouterr().err
+        assert exited.value.code == 2 and "Traceback" not in stderr
+        return [line for line in stderr.splitlines() if line.startswith("error:")]
+
     cases = {
         "models:/no_such_model@champion": "no registered model named 'no_such_model'",
         "models:/pipeline_ensemble@no_such_alias": "registered model 'pipeline_ensemble' has no alias 'no_such_alias'",
+        "models:/pipeline_ensemble/99": "registered model 'pipeline_ensemble' has no version '99'",
     }
     for model, message in cases.items():
-        result = run_cli(*common, f"predict.model={model}", "predict.data=" + str(cfg.data.root or
-                         Path(cfg.workdir) / "data" / "synthetic"))  # fmt: skip
-        assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {model}: {message}"]
-    unknown = run_cli(*common, "predict.model=models:/pipeline_ensemble@champion", "predict.study_ids=[424242]",
-                      "predict.data=" + str(Path(cfg.workdir) / "data" / "synthetic"))  # fmt: skip
-    assert unknown.returncode == 2
-    assert unknown.stderr.strip().splitlines() == ["error: studies [424242] are not in the train split of the data"]
+        lines = error_of(f"predict.model={model}")
+        assert len(lines) == 1 and lines[0].startswith(f"error: {model}: {message}"), lines
+    unknown = error_of("predict.model=models:/pipeline_ensemble@champion", "predict.study_ids=[424242]")
+    assert unknown == ["error: studies [424242] are not in the train split of the data"]

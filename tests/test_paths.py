@@ -68,3 +68,15 @@ def test_atomic_path_replaces_only_on_success(tmp_path: Path) -> None:
         temporary.write_text("partial")
         raise RuntimeError("killed mid-write")
     assert target.read_text() == "whole" and list(target.parent.iterdir()) == [target]
+
+
+def test_ids_of_the_default_config_are_those_existing_workdirs_hold(tmp_path: Path) -> None:
+    """Golden values (computed by the code before the layered redesign, 61141a8): a workdir, a cache or a tuning
+    run made then is found again, so its folds, detectors and cache entries are reused, not redone."""
+    from lumbar_ray.config import cache_settings
+    from lumbar_ray.data.cache import cache_key
+
+    cfg = Config(workdir=str(tmp_path))
+    assert cv_run_id(cfg) == "cv-a45d0f059f"
+    assert localize_key(cfg) == "loc-169c20482517"
+    assert cache_key(cache_settings(cfg.preprocess)) == "pp-b617c510463a"

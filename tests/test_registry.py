@@ -182,3 +182,13 @@ def test_unknown_model_alias_or_version_is_named(registered) -> None:
     with pytest.raises(ModelNotFoundError, match="has no version '9'"):
         read_contract(f"models:/{cfg.tracking.model_name}/9", uri)
     assert read_contract(f"models:/{cfg.tracking.model_name}/2", uri) == registered["contract"]
+
+
+def test_latest_version_and_run_uris_resolve(registered) -> None:
+    from lumbar_ray.registry import model_source
+
+    cfg, uri = registered["cfg"], registered["uri"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    latest = model_source(f"models:/{cfg.tracking.model_name}/latest", uri)
+    assert latest == client.get_model_version_download_uri(cfg.tracking.model_name, "3")
+    assert model_source("runs:/abc/ensemble", uri) == "runs:/abc/ensemble"  # MLflow's own URIs pass through

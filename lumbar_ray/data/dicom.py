@@ -95,7 +95,6 @@ WHITELISTED_TAGS: tuple[str, ...] = (
     "PatientPosition",
     "SeriesDescription",
 )
-
 """DICOM keywords allowed out of this module: geometry and acquisition only (no names, IDs, dates, UIDs,
 institutions or devices)."""
 

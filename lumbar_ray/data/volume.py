@@ -9,7 +9,7 @@
   :mod:`lumbar_ray.data.cache`);
 - warnings, not failures: several orientations (stacks), slices of mixed shapes, incomplete geometry.
 
-The Ray Data job (:mod:`lumbar_ray.data.preprocess`) and the server that takes one uploaded study call it alike.
+The Ray Data job (:mod:`lumbar_ray.data.preprocess`) calls it once per series.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ module:
 - ``YOLO_CONFIG_DIR``: a private settings folder (:func:`ultralytics_env`), so the user's
   ``~/.config/Ultralytics/settings.json`` is neither read nor changed; in it ``ultralytics.settings`` turns every
   integration and the analytics ``sync`` off, except MLflow for a training that is routed to a run;
-- ``YOLO_OFFLINE``: no online check at import and no analytics; the one lookup left, the font check of the
-  dataset check (``check_font``), fails at once without a network (no ``plots``, so no font is needed);
+- ``YOLO_OFFLINE``: no online check at import and no analytics; the font that ultralytics' dataset check
+  (``check_font``) would otherwise download is found in the private settings folder (:func:`_provide_font`);
 - ``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``, ``MLFLOW_RUN_ID``, ``MLFLOW_RUN`` (:func:`mlflow_env`): the
   run ultralytics' MLflow callback resumes, logs its parameters, per-epoch losses and final mAPs to, and ends.
   They are set in the environment of the process that trains (the stage's Ray task), never changed here.
@@ -105,6 +105,19 @@ def mlflow_env(tracking_uri: str, experiment: str, run_id: str, run_name: str) -
             "MLFLOW_RUN": run_name}  # fmt: skip
 
 
+def _provide_font(config_dir: Path) -> None:
+    """Put a font where ultralytics' dataset check (``check_font``) looks first, its settings folder, under the
+    name it asks for: found there, it never tries the network. Nothing is drawn with it (``plots=False``), so any
+    TrueType font will do: matplotlib's bundled DejaVu Sans."""
+    from matplotlib import font_manager
+
+    target = config_dir / "Arial.ttf"
+    if not target.is_file():
+        config_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as partial:
+            shutil.copyfile(font_manager.findfont("DejaVu Sans", fallback_to_default=True), partial)
+
+
 def _ultralytics(settings_dir: str | Path | None = None, track: bool = False) -> ModuleType:
     """``ultralytics``, imported under :func:`ultralytics_env` and with only the wanted integrations on.
 
@@ -124,6 +137,7 @@ def _ultralytics(settings_dir: str | Path | None = None, track: bool = False) ->
         # Imported before this module could point it elsewhere: leave the user's settings file as it is.
         logger.warning("ultralytics was imported with the settings %s; not changing them", SETTINGS_FILE)
         return ultralytics
+    _provide_font(Path(SETTINGS_FILE).parent)
     wanted = _SETTINGS_OFF | {"mlflow": track}
     if any(ultralytics.settings.get(key) != value for key, value in wanted.items()):
         ultralytics.settings.update(wanted)

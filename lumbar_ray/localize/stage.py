@@ -11,8 +11,9 @@
    assignment accuracy from the labelled sagittal points, and overlay images of predicted vs labelled points.
 
 Everything lands under :func:`lumbar_ray.paths.localize_dir_for` (the key hashes every setting that changes the
-detectors); a rerun finds the trained detectors and the written evaluation and redoes neither. The CV registers
-the detectors with the fold ensemble, so a registered model carries its own localisation.
+detectors); a rerun finds the trained detectors and the written evaluation and redoes neither. Registering a CV
+(:mod:`lumbar_ray.train.register`) finds them there and ships them with the fold ensemble, so a registered model
+carries its own localisation.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lumbar_ray import plots
-from lumbar_ray.config import Config, cache_settings
+from lumbar_ray.config import Config, ConfigError, cache_settings
 from lumbar_ray.constants import DETECTED_SERIES_TYPES, series_slug
 from lumbar_ray.data.cache import CachedSeries, SeriesCache
 from lumbar_ray.data.crops import points_from_coordinates
@@ -41,6 +42,7 @@ from lumbar_ray.localize.study import AXIAL, LOCATED_COLUMNS, axial_rows, locali
 from lumbar_ray.localize.yolo_data import export_yolo_dataset
 from lumbar_ray.paths import (
     DETECTOR_WEIGHTS,
+    FOLDS_CSV,
     cache_root_for,
     data_root_for,
     detector_dir_for,
@@ -167,9 +169,9 @@ def fit_detectors(
     pending: dict[str, tuple[Any, str | None]] = {}
     for description in missing:  # each task starts as soon as its data is exported
         slug = series_slug(description)
+        dataset_yaml = _export(points, cache, folds, cfg, description)  # before the run: a failed export leaves none
         run_id = tracker.child_run(parent, DETECTOR_TAG, slug, "detector", f"detector_{slug}") if track else None
         runtime_env = {"env_vars": _task_env(cfg, tracker, run_id, f"detector_{slug}")}
-        dataset_yaml = _export(points, cache, folds, cfg, description)
         remote = task.options(num_cpus=cfg.localize.num_cpus, num_gpus=cfg.localize.num_gpus, runtime_env=runtime_env)
         ref = remote.remote(dataset_yaml, description, cfg.localize, detector_dir_for(cfg, description),
                             settings_dir=ultralytics_settings_dir(cfg), track=track)  # fmt: skip
@@ -238,7 +240,7 @@ def _inputs(cfg: Config) -> _Inputs:
     if data.coordinates is None or data.train is None:
         raise FileNotFoundError(f"{data_root_for(cfg)} has no train.csv or train_label_coordinates.csv")
     if cfg.localize.val_fold >= cfg.cv.n_folds:
-        raise ValueError(f"localize.val_fold {cfg.localize.val_fold} is not a fold of cv.n_folds={cfg.cv.n_folds}")
+        raise ConfigError(f"localize.val_fold {cfg.localize.val_fold} is not a fold of cv.n_folds={cfg.cv.n_folds}")
     cache = SeriesCache(cache_root_for(cfg), cache_settings(cfg.preprocess))
     if cache.read_manifest().empty:
         raise FileNotFoundError(f"cache {cache.path} is empty: complete it (`lumbar-ray preprocess`) first")
@@ -280,7 +282,7 @@ def run_localize(cfg: Config) -> LocalizeResult:
     folder = localize_dir_for(cfg)
     inputs = _inputs(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    inputs.folds.to_csv(folder / "folds.csv", index=False)
+    inputs.folds.to_csv(folder / FOLDS_CSV, index=False)
     tracker = Tracker.from_config(cfg)
     parent = tracker.parent_run(localize_key(cfg), kind="localize", config=cfg)
     try:

@@ -31,7 +31,7 @@ import pandas as pd
 from lumbar_ray.baseline import fit_prior, prior_oof_probs
 from lumbar_ray.config import Config
 from lumbar_ray.metrics import ScoreResult, labels_to_submission, score_arrays
-from lumbar_ray.paths import cv_run_id, ray_storage_for, run_dir_for
+from lumbar_ray.paths import FOLDS_CSV, cv_run_id, fold_outcome_path, ray_storage_for, run_dir_for
 from lumbar_ray.raytools import ensure_ray
 from lumbar_ray.tracking import RunLogger, Tracker
 from lumbar_ray.train import report
@@ -63,7 +63,8 @@ class CVResult:
     complete: bool
     notes: list[str] = field(default_factory=list)
 
-    def format(self) -> str:
+    def format(self, registered: object | None = None) -> str:
+        """The CV as text; ``registered``: what registering it did (printed before the notes), if anything."""
         lines = [f"CV {self.run_id}: {len(self.outcomes)} folds ({len(self.trained_folds)} trained now, "
                  f"{len(self.skipped_folds)} already done)"]  # fmt: skip
         lines.append(f"  {'':<18} {'model':>9} {'prior':>9}")
@@ -72,6 +73,8 @@ class CVResult:
         for fold, outcome in sorted(self.outcomes.items()):
             lines.append(f"  fold {fold}: best val score {outcome.best_score:.5f} at epoch {outcome.best_epoch}")
         lines.append(f"  MLflow parent run: {self.mlflow_run_id}")
+        if registered is not None:
+            lines.append(f"  registered: {registered}")
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 
@@ -146,7 +149,7 @@ def train_folds(cfg: Config, run: CVRun) -> Iterator[tuple[int, FoldOutcome, boo
     """
     wanted = wanted_folds(cfg)
     for index, fold in enumerate(wanted):
-        path = run.run_dir / f"fold{fold}.pt"
+        path = fold_outcome_path(run.run_dir, fold)
         if path.is_file():
             logger.info("fold %d already finished (%s): skipped", fold, path)
             yield fold, FoldOutcome.load(path), False
@@ -219,7 +222,7 @@ def finish_cv(cfg: Config, run: CVRun, outcomes: dict[int, FoldOutcome], trained
     fold_priors = {k: fit_prior(inputs.labels[inputs.fold_of() != k]) for k in outcomes}
     result = CVResult(run.run_id, score, baseline, oof, inputs.folds, outcomes, trained, skipped, run.parent,
                       fit_prior(inputs.labels), fold_priors, len(outcomes) == cfg.cv.n_folds, notes)  # fmt: skip
-    tables = {"oof.csv": oof, "folds.csv": inputs.folds, "skipped_points.csv": inputs.skipped_points}
+    tables = {"oof.csv": oof, FOLDS_CSV: inputs.folds, "skipped_points.csv": inputs.skipped_points}
     report.log_cv(run.tracker, run.parent, (score, baseline), tables, scored.labels, probs)
     run.tracker.log_values(run.parent, {"cv_folds": float(len(outcomes))})
     run.tracker.finish(run.parent)

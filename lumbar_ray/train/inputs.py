@@ -21,7 +21,7 @@ from lumbar_ray.data.crops import points_from_coordinates
 from lumbar_ray.data.rsna import RsnaData, load_rsna
 from lumbar_ray.data.splits import load_folds, make_folds, save_folds
 from lumbar_ray.labels import encode_labels
-from lumbar_ray.paths import cache_root_for, data_root_for
+from lumbar_ray.paths import FOLDS_CSV, cache_root_for, data_root_for
 from lumbar_ray.train.steps import FoldPayload
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def prepare_inputs(cfg: Config, run_dir: Path) -> CVInputs:
     if cache.read_manifest().empty:
         raise FileNotFoundError(f"cache {cache.path} is empty: run `lumbar-ray preprocess` first")
     study_ids, labels = encode_labels(data.train)
-    folds_csv = run_dir / "folds.csv"
+    folds_csv = run_dir / FOLDS_CSV
     if folds_csv.is_file():
         folds = load_folds(folds_csv)
     else:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 
-from mlflow import MlflowClient
-
 from lumbar_ray.config import Config
 from lumbar_ray.paths import tracking_uri_for, trained_detectors
-from lumbar_ray.registry import REGISTERED_TAG, RegisteredEnsemble, ensemble_contract, log_and_register
+from lumbar_ray.registry import (
+    RegisteredEnsemble,
+    ensemble_contract,
+    log_and_register,
+    mark_registered,
+    registered_version,
+)
 from lumbar_ray.train.cv import CVResult
 
 logger = logging.getLogger(__name__)
@@ -35,8 +39,7 @@ def register_cv(cfg: Config, cv: CVResult) -> RegisteredEnsemble | str | None:
         logger.info("CV %s covers folds %s only: no ensemble registered", cv.run_id, sorted(cv.outcomes))
         return None
     uri = tracking_uri_for(cfg)
-    client = MlflowClient(uri)
-    done = client.get_run(cv.mlflow_run_id).data.tags.get(REGISTERED_TAG)
+    done = registered_version(uri, cv.mlflow_run_id)
     if done is not None:
         logger.info("the ensemble of this CV is already registered (version %s): not registering again", done)
         return f"{cfg.tracking.model_name} version {done} (registered earlier)"
@@ -46,7 +49,7 @@ def register_cv(cfg: Config, cv: CVResult) -> RegisteredEnsemble | str | None:
         logger.warning("no level detectors trained for this config: the model can only predict from given points")
     contract = ensemble_contract(cfg, sorted(cv.outcomes), cv.prior, sorted(detectors), cv.fold_priors)
     registered = log_and_register(states, contract, cfg.tracking, uri, cv.mlflow_run_id, cv.score.total, detectors)
-    client.set_tag(cv.mlflow_run_id, REGISTERED_TAG, str(registered.version))
+    mark_registered(uri, cv.mlflow_run_id, registered.version)
     return registered
 
 
@@ -56,7 +59,7 @@ def registered_model_uri(cfg: Config, mlflow_run_id: str) -> str:
     Raises:
         ValueError: if that run registered nothing (an incomplete CV, or ``tracking.register_model`` off).
     """
-    version = MlflowClient(tracking_uri_for(cfg)).get_run(mlflow_run_id).data.tags.get(REGISTERED_TAG)
+    version = registered_version(tracking_uri_for(cfg), mlflow_run_id)
     if version is None:
         raise ValueError(f"CV run {mlflow_run_id} registered no ensemble")
     return f"models:/{cfg.tracking.model_name}/{version}"

@@ -20,7 +20,7 @@ import numpy as np
 
 from lumbar_ray.config import Config
 from lumbar_ray.data.splits import save_folds
-from lumbar_ray.paths import cv_run_id, run_dir_for
+from lumbar_ray.paths import FOLDS_CSV, cv_run_id, fold_outcome_path, run_dir_for
 from lumbar_ray.tracking import log_params
 from lumbar_ray.train.cv import finish_cv, start_cv, train_folds
 from lumbar_ray.train.inputs import CVInputs
@@ -73,8 +73,8 @@ def cv_trial(params: dict[str, Any], base: dict[str, Any], inputs: CVInputs, tun
     cfg = trial_config(Config.model_validate(base), params)
     restore_folds(run_dir_for(cfg, cv_run_id(cfg)))
     run = start_cv(cfg, inputs, nest_under=tune_parent)
-    if not (run.run_dir / "folds.csv").is_file():
-        save_folds(inputs.folds, run.run_dir / "folds.csv")
+    if not (run.run_dir / FOLDS_CSV).is_file():
+        save_folds(inputs.folds, run.run_dir / FOLDS_CSV)
     run.tracker.client.set_tag(run.parent, TRIAL_TAG, ray.tune.get_context().get_trial_id())
     # The sampled values under their own keys (list settings are one JSON param in the config's flattening).
     log_params(run.tracker.client, run.parent, {key: json.dumps(value) for key, value in params.items()})
@@ -99,5 +99,6 @@ def _report_with_folds(metrics: dict[str, Any], run_dir: Path, folds: list[int])
 
     with tempfile.TemporaryDirectory() as folder:
         for fold in folds:
-            shutil.copy2(run_dir / f"fold{fold}.pt", Path(folder) / f"fold{fold}.pt")
+            source = fold_outcome_path(run_dir, fold)
+            shutil.copy2(source, Path(folder) / source.name)
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
