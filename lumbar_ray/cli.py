@@ -99,6 +99,7 @@ def synth(
     studies: Annotated[int | None, typer.Option(help="training studies (synth.train_studies)")] = None,
     test_studies: Annotated[int | None, typer.Option(help="test studies (synth.test_studies)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed; same seed, same bytes (synth.seed)")] = None,
+    preset: Annotated[str | None, typer.Option(help="easy (separable) or hard (reader noise; synth.preset)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace whatever is in OUT")] = False,
     config: ConfigFile = None,
     overrides: Overrides = None,
@@ -106,11 +107,22 @@ def synth(
     """Write a synthetic RSNA-format dataset of DICOM spine phantoms with planted severities."""
     from lumbar_ray.data.synthetic import write_dataset
 
-    options = {"synth.train_studies": studies, "synth.test_studies": test_studies, "synth.seed": seed}
+    options = {
+        "synth.train_studies": studies,
+        "synth.test_studies": test_studies,
+        "synth.seed": seed,
+        "synth.preset": preset,
+    }
     cfg = load(config, options, overrides)
     result = write_dataset(out, cfg.synth, overwrite=overwrite)
     state = "reused" if result.reused else "written"
     typer.echo(f"{result.files} DICOM files of {result.train_studies}+{result.test_studies} studies {state}: {out}")
+    if result.bayes_floor is not None:
+        terms = ", ".join(f"{k} {v:.4f}" for k, v in result.bayes_floor.items() if k != "total")
+        typer.echo(
+            f"Bayes floor (a perfect model, real label distribution): {result.bayes_floor['total']:.4f} ({terms})"
+        )
+        typer.echo(f"a perfect model on these training labels: {result.oracle_train['total']:.4f}")
 
 
 @app.command()

@@ -35,6 +35,11 @@ class SynthConfig(_Strict):
     train_studies: int = Field(150, ge=1, description="studies written under train_images/")
     test_studies: int = Field(4, ge=0, description="studies written under test_images/")
     seed: int = Field(0, description="everything in the dataset is a function of this seed")
+    preset: Literal["easy", "hard"] = Field(
+        "easy",
+        description="easy: separable planted severities (floor near 0); hard: reader noise (floor about 0.34), "
+        "curved and varied anatomy, varied acquisition, annotation noise (lumbar_ray.data.spine)",
+    )
     image_sizes: list[int] = Field([128, 144, 160], min_length=1, description="in-plane sizes drawn per series")
     missing_series_rate: float = Field(0.02, ge=0, le=1, description="studies lacking one series type")
     extra_axial_rate: float = Field(0.15, ge=0, le=1, description="studies with a second Axial T2 series")
@@ -220,7 +225,10 @@ class LocalizeConfig(_Strict):
         "yolov8n.yaml", description="ultralytics model: a .yaml builds from scratch (no download), a .pt loads weights"
     )
     width: float | None = Field(
-        0.125, gt=0, le=1.5, description="width multiple overriding the yaml's scale (small = fast on CPU); None = keep"
+        0.125,
+        gt=0,
+        le=1.5,
+        description="width multiple overriding a .yaml model's scale (small = fast on CPU); None = keep (a .pt: must)",
     )
     imgsz: int = Field(128, ge=32, description="detector input side (pixels); the cached slice is resized to it")
     epochs: int = Field(20, ge=1)
@@ -236,6 +244,21 @@ class LocalizeConfig(_Strict):
     subarticular_fraction: float = Field(
         0.4, ge=0, le=1, description="subarticular point: this fraction of the way from the canal to the foramen"
     )
+
+    @property
+    def from_weights(self) -> bool:
+        """Whether ``model`` names pretrained weights (a ``.pt``) to fine-tune rather than a yaml to build."""
+        return not self.model.lower().endswith((".yaml", ".yml"))
+
+    @model_validator(mode="after")
+    def _width_needs_a_yaml(self) -> LocalizeConfig:
+        # Weights fix the width they were trained at: a width override could only be ignored or drop the weights.
+        if self.from_weights and self.width is not None:
+            raise ValueError(
+                f"localize.width={self.width} rescales a model built from its yaml; {self.model!r} names weights,"
+                " which keep their own width: set localize.width: null"
+            )
+        return self
 
 
 class PredictConfig(_Strict):

@@ -168,6 +168,58 @@ def _any_severe_loss(spinal_labels: np.ndarray, spinal_severe: np.ndarray) -> fl
     return weighted_log_loss(true_probs, weight)
 
 
+# --- calibration
+
+
+CALIBRATION_BINS = 10
+
+
+def unweighted(probs: np.ndarray) -> np.ndarray:
+    """Undo the metric's class weights: ``q_c ~ p_c / w_c``.
+
+    A model trained with the metric's 1/2/4 weights predicts ``p_c ~ w_c * P(c)`` (what the score rewards), so its
+    raw probabilities over-state the rarer classes by design; ``P(c)`` itself is what calibration is about.
+    """
+    plain = np.asarray(probs, dtype=np.float64) / _WEIGHTS
+    return plain / plain.sum(axis=-1, keepdims=True)
+
+
+def calibration_table(labels: np.ndarray, probs: np.ndarray, n_bins: int = CALIBRATION_BINS) -> pd.DataFrame:
+    """Reliability of each class's probability per condition group, over the scored cells.
+
+    Args:
+        labels: ``(n, 25)`` class ids (IGNORE_INDEX for unscored cells).
+        probs: ``(n, 25, 3)`` predictions as scored (weighted); they are :func:`unweighted` first.
+        n_bins: equal-width bins of the predicted probability.
+
+    Returns:
+        One row per group, class and non-empty bin: ``group, severity, bin, count, predicted`` (mean probability),
+        ``observed`` (share of cells of that class).
+    """
+    labels, probs = _check_arrays(labels, probs)
+    plain = unweighted(probs)
+    rows = []
+    for group, columns in _GROUP_COLUMNS.items():
+        scored = labels[:, columns] != IGNORE_INDEX
+        truth = labels[:, columns][scored]
+        predicted = plain[:, columns][scored]
+        for c, severity in enumerate(SEVERITIES):
+            bins = np.minimum((predicted[:, c] * n_bins).astype(int), n_bins - 1)
+            for b in np.unique(bins):
+                chosen = bins == b
+                rows.append((group, severity, int(b), int(chosen.sum()), float(predicted[chosen, c].mean()),
+                             float((truth[chosen] == c).mean())))  # fmt: skip
+    return pd.DataFrame(rows, columns=["group", "severity", "bin", "count", "predicted", "observed"])
+
+
+def expected_calibration_error(table: pd.DataFrame) -> dict[str, float]:
+    """Class-wise ECE per group from :func:`calibration_table`: the count-weighted mean gap between predicted and
+    observed frequency over bins, averaged over the three classes (0 = perfectly calibrated)."""
+    gaps = table.assign(gap=(table["predicted"] - table["observed"]).abs() * table["count"])
+    per_class = gaps.groupby(["group", "severity"]).apply(lambda g: g["gap"].sum() / g["count"].sum())
+    return {group: float(values.mean()) for group, values in per_class.groupby(level="group")}
+
+
 # --- submission checks
 
 

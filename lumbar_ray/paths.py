@@ -63,8 +63,19 @@ def shared_storage(name: str) -> str | None:
 
 
 def data_root_for(cfg: Config) -> Path:
-    """The RSNA-format folder a config points at: ``data.root``, or the synthetic one under the workdir."""
-    return Path(cfg.data.root) if cfg.data.root else Path(cfg.workdir) / "data" / "synthetic"
+    """The RSNA-format folder a config points at: ``data.root``, or the synthetic one of its preset under the
+    workdir (``data/synthetic``, ``data/synthetic-hard``)."""
+    if cfg.data.root:
+        return Path(cfg.data.root)
+    return Path(cfg.workdir) / "data" / ("synthetic" if cfg.synth.preset == "easy" else f"synthetic-{cfg.synth.preset}")
+
+
+def _data_identity(cfg: Config) -> dict[str, str]:
+    """What tells the data apart in the run ids, beyond the settings hashed already: nothing for the built-in easy
+    dataset (ids made before the presets existed stay valid), else its preset or ``data.root``."""
+    if cfg.data.root:
+        return {"data_root": str(cfg.data.root)}
+    return {} if cfg.synth.preset == "easy" else {"synth_preset": cfg.synth.preset}
 
 
 def cache_root_for(cfg: Config) -> str:
@@ -84,6 +95,8 @@ def cv_run_id(cfg: Config) -> str:
     if cfg.train.run_id:
         return cfg.train.run_id
     tree = cfg.model_dump(mode="json")
+    if tree["synth"]["preset"] == "easy":  # added after ids were published: at its default it changes no id
+        del tree["synth"]["preset"]
     for section, keys in _CV_RESOURCE_KEYS.items():
         if keys is None:
             tree.pop(section, None)
@@ -113,7 +126,7 @@ def localize_key(cfg: Config) -> str:
     """Hash of what changes the detectors: their settings (not resources), the cache version and the folds."""
     settings = cfg.localize.model_dump(mode="json", exclude=set(LOCALIZE_RESOURCE_FIELDS))
     payload = {"localize": settings, "cache": cache_settings(cfg.preprocess), "cv": cfg.cv.model_dump(mode="json")}
-    return settings_hash(payload, "loc-")
+    return settings_hash(payload | _data_identity(cfg), "loc-")
 
 
 def localize_dir_for(cfg: Config) -> Path:

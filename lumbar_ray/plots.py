@@ -194,3 +194,19 @@ def localisation_overlay(study_id: int, predicted: Any, truth: Any, cache: Any) 
         ax.legend(fontsize=7, loc="lower right")
     figure.suptitle(f"study {study_id}: predicted vs labelled points")
     return figure
+
+
+def reliability_diagram(table: Any) -> Figure:
+    """Predicted against observed frequency per condition group and class, from
+    :func:`lumbar_ray.metrics.calibration_table` (the diagonal is perfect calibration)."""
+    groups = list(dict.fromkeys(table["group"]))
+    figure = Figure(figsize=(4.2 * max(len(groups), 1), 4.0), layout="constrained")
+    axes = figure.subplots(1, max(len(groups), 1), squeeze=False)[0]
+    for ax, group in zip(axes, groups, strict=False):
+        ax.plot([0, 1], [0, 1], color="0.7", linewidth=1)
+        for c, severity in enumerate(SEVERITIES):
+            rows = table[(table["group"] == group) & (table["severity"] == severity)]
+            ax.plot(rows["predicted"], rows["observed"], marker="o", markersize=3, label=_SHORT_CLASSES[c])
+        ax.set(title=group, xlabel="predicted (class weights undone)", ylabel="observed", xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=7)
+    return figure

@@ -57,6 +57,20 @@ def synthetic_dir(tmp_path_factory, synthetic_config) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hard_config(synthetic_config):
+    """The fixture dataset's settings with the hard preset (reader noise, varied anatomy and acquisition)."""
+    return synthetic_config.model_copy(update={"preset": "hard", "train_studies": 30, "seed": 8})
+
+
+@pytest.fixture(scope="session")
+def hard_dir(tmp_path_factory, hard_config) -> Path:
+    """A hard-preset RSNA-format dataset written once per test session (read-only for tests)."""
+    from lumbar_ray.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("synthetic_hard") / "rsna", hard_config).root
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance (2 CPUs) shared by every in-process Ray test of the session.
 
@@ -76,6 +90,13 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def ray_env(ray_local) -> dict[str, str]:
+    """The environment of a CLI subprocess that joins the session's Ray instead of starting its own: a new local
+    Ray takes 20-40 s on 2 cores, joining one takes seconds. (Tests of a crashed driver keep their own Ray.)"""
+    return os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="session")
 def trained_pipeline(ray_local, tmp_path_factory):
     """``run_quickstart`` without tuning on :func:`tests.pipeline.pipeline_config`: synth -> preprocess ->
     localise -> CV -> register -> predict the test studies. Shared by the inference, registry-server and job tests."""
@@ -86,7 +107,7 @@ def trained_pipeline(ray_local, tmp_path_factory):
     return cfg, run_quickstart(cfg, tune=False)
 
 
-RAY_FIXTURES = frozenset({"ray_local", "trained_pipeline"})
+RAY_FIXTURES = frozenset({"ray_local", "ray_env", "trained_pipeline"})
 
 
 def pytest_collection_modifyitems(config, items):

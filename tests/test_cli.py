@@ -9,10 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lumbar_ray.data.grading import HARD_READERS, bayes_floor
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lumbar_ray", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+        [sys.executable, "-m", "lumbar_ray", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
     )
 
 
@@ -41,7 +43,7 @@ def test_help_lists_every_command_with_help_text():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_quickstart_prints_report_and_baseline_score(tmp_path):
+def test_quickstart_prints_report_and_baseline_score(ray_env, tmp_path):
     workdir = tmp_path / "work"
     result = run_cli(
         "quickstart",
@@ -52,6 +54,7 @@ def test_quickstart_prints_report_and_baseline_score(tmp_path):
         "synth.image_sizes=[96]",
         "cv.n_folds=2",
         *TINY_TRAINING,
+        env=ray_env,
     )
     assert result.returncode == 0, result.stderr
     assert "RSNA data report" in result.stdout and "train: 12 studies" in result.stdout
@@ -76,9 +79,19 @@ def test_quickstart_prints_report_and_baseline_score(tmp_path):
         "synth.image_sizes=[96]",
         "cv.n_folds=2",
         *TINY_TRAINING,
+        env=ray_env,
     )
     assert again.returncode == 0 and "reusing it" in again.stderr
     assert "0 trained now, 2 already done" in again.stdout  # the rerun resumed instead of training again
+
+
+def test_synth_hard_preset_prints_its_bayes_floor(tmp_path):
+    result = run_cli("synth", "--out", str(tmp_path / "hard"), "--studies", "2", "--test-studies", "0",
+                     "--preset", "hard", "synth.image_sizes=[96]")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    floor = next(line for line in result.stdout.splitlines() if line.startswith("Bayes floor"))
+    assert f": {bayes_floor(HARD_READERS).total:.4f} (spinal " in floor
+    assert "a perfect model on these training labels: " in result.stdout
 
 
 def test_synth_then_report_and_score(tmp_path):

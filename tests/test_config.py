@@ -74,3 +74,12 @@ def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
     assert cfg.workdir == str(tmp_path / "rel") and cfg.preprocess.cache == str(tmp_path / "rel" / "cache")
     assert Config().workdir == str(tmp_path / "lumbar_ray_work")
     assert load_config(None, ["preprocess.cache=s3://bucket/cache"]).preprocess.cache == "s3://bucket/cache"
+
+
+def test_a_width_with_pretrained_detector_weights_is_an_error():
+    # Weights keep the width they were trained at: a width override could only be ignored or drop the weights.
+    with pytest.raises(ConfigError, match=r"localize.width.*set localize.width: null"):
+        load_config(None, ["localize.model=yolov8s.pt"])
+    cfg = load_config(None, ["localize.model=yolov8s.pt", "localize.width=null"])
+    assert cfg.localize.from_weights and cfg.localize.width is None
+    assert not load_config().localize.from_weights  # the quickstart's yaml, rescaled by its width

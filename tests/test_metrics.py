@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 import sklearn.metrics
 
+from lumbar_ray import metrics
 from lumbar_ray.constants import IGNORE_INDEX, SEVERITIES, SUBMISSION_COLUMNS, TARGETS, target_index
+from lumbar_ray.data import grading
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.labels import decode_labels, encode_labels
 from lumbar_ray.metrics import (
@@ -337,3 +339,37 @@ def test_group_without_scored_rows_is_nan_and_left_out_of_total() -> None:
     assert math.isnan(result.foraminal)
     expected = (2 * math.log(3) + math.log(3 / 2)) / 3
     assert result.total == pytest.approx(expected, abs=1e-12)
+
+
+def _graded(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn by the hard preset's readers and the exact posterior of each."""
+    rng = np.random.default_rng(seed)
+    severity = grading.severity_units(grading.sample_latents(rng, n, 0.5), grading.HARD_READERS)
+    return grading.read_labels(rng, severity, grading.HARD_READERS), grading.posterior(severity, grading.HARD_READERS)
+
+
+def test_the_true_posterior_is_calibrated_and_a_flattened_one_is_not():
+    labels, posterior = _graded(6000, seed=0)
+    weighted = posterior * np.array([1.0, 2.0, 4.0])
+    weighted /= weighted.sum(axis=-1, keepdims=True)  # as a model trained with the metric's weights predicts
+    calibrated = metrics.expected_calibration_error(metrics.calibration_table(labels, weighted))
+    assert set(calibrated) == {"spinal", "foraminal", "subarticular"}
+    assert max(calibrated.values()) < 0.01, calibrated
+    flattened = np.sqrt(weighted) / np.sqrt(weighted).sum(axis=-1, keepdims=True)  # under-confident
+    worse = metrics.expected_calibration_error(metrics.calibration_table(labels, flattened))
+    assert min(worse.values()) > 0.03, worse
+
+
+def test_unweighted_undoes_the_metric_weights():
+    p = np.array([[0.7, 0.2, 0.1]])
+    weighted = p * np.array([1.0, 2.0, 4.0]) / (p * np.array([1.0, 2.0, 4.0])).sum()
+    np.testing.assert_allclose(metrics.unweighted(weighted), p)
+
+
+def test_calibration_table_skips_unscored_cells():
+    labels, posterior = _graded(200, seed=1)
+    labels[:, :5] = IGNORE_INDEX  # no spinal cell scored
+    table = metrics.calibration_table(labels, posterior)
+    assert set(table["group"]) == {"foraminal", "subarticular"}
+    scored = int((labels[:, 5:15] != IGNORE_INDEX).sum())
+    assert table[(table["group"] == "foraminal") & (table["severity"] == "Severe")]["count"].sum() == scored

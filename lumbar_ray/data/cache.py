@@ -39,6 +39,10 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.parquet"
 FAILURES_NAME = "failures.csv"
 FAILURE_COLUMNS = ("study_id", "series_id", "split", "file", "kind", "error", "outcome")
+# Adjacent slices of one stack farther apart than this many of its usual spacings lie in separate blocks: per-level
+# axial blocks sharing one orientation are ~30 mm apart at ~4 mm spacing (a factor of ~7), while a single missing
+# slice leaves a gap of two spacings and must keep its block whole.
+BLOCK_GAP_FACTOR = 2.5
 
 
 def cache_key(settings: dict[str, Any]) -> str:
@@ -142,6 +146,15 @@ class SliceTable:
 _ID_FIELDS = ("study_id", "series_id", "split", "series_description")
 
 
+def _positive_float(value: Any) -> float | None:
+    """A DICOM tag's value as a positive finite float, or None (absent, malformed, zero)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None
+
+
 @dataclass(frozen=True)
 class SeriesMeta:
     """The metadata of one cache entry (its ``.json``): what maps points to and from the original images.
@@ -169,6 +182,49 @@ class SeriesMeta:
     series_id: int | None = None
     split: str | None = None
     series_description: str | None = None
+
+    def stack_bounds(self, index: int) -> tuple[int, int]:
+        """``(start, stop)`` of the stack holding slice ``index`` (the whole volume when no stack is recorded)."""
+        if not self.stacks:
+            return 0, len(self.slices)
+        stack = self.stacks[self.slices.stack[index]]
+        return stack.start, stack.stop
+
+    def stack_spacing(self, index: int) -> float | None:
+        """Usual distance (mm) between adjacent slices of the stack holding slice ``index``.
+
+        The median gap along the stack's normal (robust to the wide gaps between blocks of one orientation); for a
+        stack without two positioned slices, the series' SpacingBetweenSlices, else its SliceThickness; None when
+        none of these is known.
+        """
+        start, stop = self.stack_bounds(index)
+        positions = np.asarray(self.slices.position_along_normal[start:stop], dtype=np.float64)
+        gaps = np.abs(np.diff(positions[np.isfinite(positions)]))
+        gaps = gaps[gaps > 0]
+        if len(gaps):
+            return float(np.median(gaps))
+        for tag in ("SpacingBetweenSlices", "SliceThickness"):
+            value = _positive_float(self.dicom.get(tag))
+            if value is not None:
+                return value
+        return None
+
+    def block_bounds(self, index: int) -> tuple[int, int]:
+        """``(start, stop)`` of the block of slices holding slice ``index``: the run of its stack in which no two
+        adjacent slices lie more than :data:`BLOCK_GAP_FACTOR` usual spacings apart.
+
+        A stack is one orientation; a block is one acquired slab. Tilted per-level axial blocks are separate
+        stacks already; untilted ones share a stack and are told apart by the gap between them. Without
+        positions along the normal the whole stack is one block.
+        """
+        start, stop = self.stack_bounds(index)
+        positions = np.asarray(self.slices.position_along_normal[start:stop], dtype=np.float64)
+        spacing = self.stack_spacing(index)
+        if spacing is None or not np.isfinite(positions).all():
+            return start, stop
+        breaks = start + 1 + np.flatnonzero(np.abs(np.diff(positions)) > BLOCK_GAP_FACTOR * spacing)
+        before, after = breaks[breaks <= index], breaks[breaks > index]
+        return int(before[-1]) if len(before) else start, int(after[0]) if len(after) else stop
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object stored on disk.

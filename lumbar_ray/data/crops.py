@@ -7,6 +7,8 @@ come from the mid-line Sagittal T2/STIR slices of the point, foraminal crops fro
 around the labelled point, subarticular crops from the Axial T2 slices around the level's point. Because the
 point carries its series and slice, the crop is simply cut around the point in its own series; where the points
 come from is an argument (a POINTS frame), so inference can pass predicted points instead of the labelled ones.
+A crop's slices all come from the point's own block of slices (:func:`point_block`): an axial series made of
+several blocks (tilted per level, or one orientation with gaps) never mixes two blocks in one crop.
 
 POINTS frame: one row per ``(study_id, target)`` with ``study_id`` (int), ``target`` (int 0..24), ``series_id``
 (int), ``slice`` (int, index into the cached volume), ``x``, ``y`` (float, cache pixels; x = column, y = row).
@@ -230,18 +232,21 @@ def crop_stack(
     cfg: CropConfig,
     angle_deg: float = 0.0,
     zoom: float = 1.0,
+    bounds: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Cut the 2.5D crop of one target.
 
     Args:
         volume: uint8 ``(n, H, W)`` cached volume (a memory map is fine: only the rows needed are read).
-        slice: index of the centre slice; the stack is ``slice - S//2 .. slice + S//2``, indices outside the
-            volume repeat its edge slice.
+        slice: index of the centre slice; the stack is ``slice - S//2 .. slice + S//2``, indices outside
+            ``bounds`` repeat its edge slice.
         x: point column, cache pixels (may lie outside the image: the outside is zero).
         y: point row, cache pixels.
         cfg: output size, region and number of slices.
         angle_deg: in-plane rotation (content turns counter-clockwise as displayed).
         zoom: magnification; > 1 cuts a smaller region.
+        bounds: ``(start, stop)``: the only slices the crop may use, those of the point's own block
+            (:meth:`~lumbar_ray.data.cache.SeriesMeta.block_bounds`); None = the whole volume.
 
     Returns:
         float32 ``(cfg.slices, cfg.size, cfg.size)`` in [0, 1].
@@ -258,7 +263,8 @@ def crop_stack(
     if x0 >= x1 or y0 >= y1:
         return out  # the whole region lies outside the image
     matrix[:, 2] -= (x0, y0)
-    indices = np.clip(np.arange(slice - cfg.slices // 2, slice + cfg.slices // 2 + 1), 0, n - 1)
+    first, stop = (0, n) if bounds is None else (max(0, bounds[0]), min(n, bounds[1]))
+    indices = np.clip(np.arange(slice - cfg.slices // 2, slice + cfg.slices // 2 + 1), first, stop - 1)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     for k, index in enumerate(indices):
         patch = np.ascontiguousarray(volume[index, y0:y1, x0:x1], dtype=np.float32)
@@ -270,6 +276,19 @@ def crop_stack(
 
 
 # --- the dataset
+
+
+def point_block(series: CachedSeries, slice: int) -> tuple[int, int]:
+    """``(start, stop)`` of the block of slices a point on ``slice`` belongs to: its crop's slices come from there.
+
+    The point's own (labelled or located) slice fixes the block, before any slice jitter: a jittered or edge
+    crop repeats its block's end slice rather than reaching into a neighbouring block, whose slices are another
+    orientation or another level (:meth:`~lumbar_ray.data.cache.SeriesMeta.block_bounds`).
+    """
+    n = len(series.meta.slices)
+    if n == 0:
+        return 0, len(series.volume)
+    return series.meta.block_bounds(int(np.clip(slice, 0, n - 1)))
 
 
 def _point_arrays(study_ids: np.ndarray, points: pd.DataFrame) -> tuple[np.ndarray, ...]:
@@ -363,14 +382,14 @@ class CropDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         return self.augmenter.sample(rng)
 
-    def _volumes(self, index: int, mask: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:
-        """The volumes of an item's series (each opened once); targets whose series is unreadable are dropped."""
+    def _volumes(self, index: int, mask: np.ndarray) -> tuple[dict[int, CachedSeries], np.ndarray]:
+        """The series of an item (each opened once); targets whose series is unreadable are dropped."""
         study_id = int(self.study_ids[index])
-        volumes: dict[int, np.ndarray] = {}
+        volumes: dict[int, CachedSeries] = {}
         mask = mask.copy()
         for series_id in np.unique(self.series[index][mask]):
             try:
-                volumes[int(series_id)] = self.cache.read(study_id, int(series_id), mmap=True).volume
+                volumes[int(series_id)] = self.cache.read(study_id, int(series_id), mmap=True)
             except (OSError, ValueError) as error:  # lose the targets of that series, never the study
                 logger.warning(
                     "study %s: series %s unreadable (%s); its targets are masked", study_id, series_id, error
@@ -385,14 +404,16 @@ class CropDataset(Dataset):
         slices, xs, ys = Augmenter.jitter_points(self.slices[index], self.xy[index, :, 0], self.xy[index, :, 1], params)
         crops = np.zeros((len(TARGETS), self.crop.slices, self.crop.size, self.crop.size), dtype=np.float32)
         for t in np.flatnonzero(mask):
+            series = volumes[int(self.series[index, t])]
             crops[t] = crop_stack(
-                volumes[int(self.series[index, t])],
+                series.volume,
                 int(slices[t]),
                 float(xs[t]),
                 float(ys[t]),
                 self.crop,
                 angle_deg=float(params.angle_deg[t]),
                 zoom=float(params.zoom[t]),
+                bounds=point_block(series, int(self.slices[index, t])),
             )
         labels = np.where(mask, self.labels[index], IGNORE_INDEX).astype(np.int64)
         if self.augmenter is not None:

@@ -29,7 +29,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 
@@ -41,15 +42,33 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, ExplicitVR
 
 from lumbar_ray.config import SynthConfig
 from lumbar_ray.constants import (
-    CONDITION_TITLES,
     CONDITIONS,
-    LEVEL_TITLES,
+    IGNORE_INDEX,
     LEVELS,
     SEVERITIES,
     SUBMISSION_COLUMNS,
     TARGETS,
     row_id,
 )
+from lumbar_ray.data.grading import HARD_READERS, REAL_CLASS_FREQUENCIES, SEVERITY_NAME, bayes_floor, oracle_score
+from lumbar_ray.data.phantom import (
+    BONE,
+    CSF,
+    DISC,
+    FAT,
+    LESION,
+    POSTERIOR,
+    SERIES_SEQUENCE,
+    SOFT,
+    Primitive,
+    SeriesSpec,
+    SliceSpec,
+    label_coordinates,
+    render_slice,
+    sample_look,
+    tissue_to_pixels,
+)
+from lumbar_ray.data.spine import SpineCurve, annotate, axial_series, plan_hard_study
 
 logger = logging.getLogger(__name__)
 
@@ -57,80 +76,12 @@ GENERATOR_VERSION = 1
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 MANIFEST_NAME = "synthetic.json"
 
-# Class frequencies (Normal/Mild, Moderate, Severe) per condition and level, measured on the real train.csv.
-REAL_CLASS_FREQUENCIES: dict[str, tuple[tuple[float, float, float], ...]] = {
-    "spinal_canal_stenosis": (
-        (0.955, 0.034, 0.011),
-        (0.897, 0.076, 0.027),
-        (0.822, 0.117, 0.062),
-        (0.751, 0.120, 0.129),
-        (0.965, 0.026, 0.010),
-    ),
-    "left_neural_foraminal_narrowing": (
-        (0.967, 0.032, 0.001),
-        (0.908, 0.087, 0.006),
-        (0.771, 0.208, 0.020),
-        (0.610, 0.319, 0.071),
-        (0.632, 0.264, 0.104),
-    ),
-    "right_neural_foraminal_narrowing": (
-        (0.961, 0.032, 0.007),
-        (0.912, 0.085, 0.003),
-        (0.769, 0.210, 0.021),
-        (0.614, 0.320, 0.066),
-        (0.651, 0.252, 0.097),
-    ),
-    "left_subarticular_stenosis": (
-        (0.933, 0.051, 0.015),
-        (0.821, 0.135, 0.044),
-        (0.671, 0.230, 0.098),
-        (0.450, 0.316, 0.234),
-        (0.717, 0.208, 0.075),
-    ),
-    "right_subarticular_stenosis": (
-        (0.926, 0.061, 0.013),
-        (0.833, 0.128, 0.039),
-        (0.670, 0.230, 0.100),
-        (0.452, 0.315, 0.233),
-        (0.711, 0.201, 0.088),
-    ),
-}
-
-# Tissue classes of the phantom and their signal (0..1) on each sequence: CSF bright on T2 and dark on T1,
-# foraminal fat bright on T1, lesion tissue dark on both (like disc bulge or ligament).
-AIR, SOFT, BONE, DISC, POSTERIOR, CSF, FAT, LESION = range(8)
-TISSUE_SIGNAL = {
-    "T1": np.array([0.0, 0.35, 0.55, 0.30, 0.45, 0.12, 0.85, 0.15], dtype=np.float32),
-    "T2": np.array([0.0, 0.25, 0.35, 0.60, 0.30, 0.90, 0.55, 0.12], dtype=np.float32),
-}
-SERIES_SEQUENCE = {"Sagittal T1": "T1", "Sagittal T2/STIR": "T2", "Axial T2": "T2"}
-
 # Lesion size as a fraction of the structure it narrows: mean per severity, jittered per target so that the
 # classes overlap a little, as real gradings do.
 SEVERITY_FRACTION = (0.12, 0.55, 0.92)
 SEVERITY_JITTER = 0.07
 SAGITTAL_ORIENTATION = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 AXIAL_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-
-
-@dataclass(frozen=True)
-class Primitive:
-    """A region of the phantom: an ellipsoid, or an elliptic cylinder along z when ``half_height`` is set.
-
-    ``replaces`` restricts painting to pixels currently of those tissues (lesions only narrow CSF or fat).
-    """
-
-    center: tuple[float, float, float]
-    radii: tuple[float, float, float]
-    tissue: int
-    half_height: float | None = None
-    replaces: tuple[int, ...] = ()
-
-    @property
-    def bounding_radius(self) -> float:
-        rx, ry, rz = self.radii
-        extent_z = rz if self.half_height is None else self.half_height
-        return float(np.sqrt(rx * rx + ry * ry + extent_z * extent_z))
 
 
 @dataclass
@@ -162,37 +113,16 @@ class Anatomy:
 
 
 @dataclass
-class SliceSpec:
-    """One slice to render: its DICOM geometry and instance number."""
-
-    position: np.ndarray
-    orientation: tuple[float, ...]
-    instance_number: int
-
-
-@dataclass
-class SeriesSpec:
-    """One series of a study: its description, pixel grid and slices."""
-
-    series_id: int
-    description: str
-    rows: int
-    cols: int
-    spacing: tuple[float, float]
-    thickness: float
-    slices: list[SliceSpec] = field(default_factory=list)
-
-
-@dataclass
 class StudySpec:
     """Everything drawn for one study: labels, anatomy, series and the label coordinates."""
 
     study_id: int
     labels: np.ndarray
-    anatomy: Anatomy
+    anatomy: Anatomy | SpineCurve
     primitives: list[Primitive]
     series: list[SeriesSpec]
     coordinates: list[dict]
+    severity: np.ndarray | None = None  # the hard preset's latent severities (severity units), TARGETS order
 
 
 def sample_severities(rng: np.random.Generator, correlation: float = 0.5) -> np.ndarray:
@@ -285,69 +215,6 @@ def _lesions(a: Anatomy, labels: np.ndarray, rng: np.random.Generator, strength:
     return lesions
 
 
-def render_slice(primitives: list[Primitive], spec: SliceSpec, series: SeriesSpec) -> np.ndarray:
-    """Sample the phantom's tissue classes on one slice plane, shape (rows, cols), uint8.
-
-    Pixel (r, c) lies at ``position + c * col_spacing * row_dir + r * row_spacing * col_dir`` (DICOM's
-    convention: the first three IOP cosines run along a row). Each primitive is evaluated only on the pixel
-    box its bounding sphere covers, which keeps rendering cheap.
-    """
-    row_dir = np.asarray(spec.orientation[:3])
-    col_dir = np.asarray(spec.orientation[3:])
-    normal = np.cross(row_dir, col_dir)
-    row_spacing, col_spacing = series.spacing
-    tissue = np.zeros((series.rows, series.cols), dtype=np.uint8)
-    for part in primitives:
-        offset = spec.position - np.asarray(part.center)
-        box = _pixel_box(part, offset, row_dir, col_dir, normal, series)
-        if box is None:
-            continue
-        r0, r1, c0, c1 = box
-        rr = np.arange(r0, r1, dtype=np.float32)[:, None] * row_spacing
-        cc = np.arange(c0, c1, dtype=np.float32)[None, :] * col_spacing
-        d = [offset[i] + cc * row_dir[i] + rr * col_dir[i] for i in range(3)]
-        inside = (d[0] / part.radii[0]) ** 2 + (d[1] / part.radii[1]) ** 2
-        if part.half_height is None:
-            inside = inside + (d[2] / part.radii[2]) ** 2 <= 1.0
-        else:
-            inside = (inside <= 1.0) & (np.abs(d[2]) <= part.half_height)
-        window = tissue[r0:r1, c0:c1]
-        if part.replaces:
-            inside &= np.isin(window, part.replaces)
-        window[inside] = part.tissue
-    return tissue
-
-
-def _pixel_box(part, offset, row_dir, col_dir, normal, series) -> tuple[int, int, int, int] | None:
-    """Pixel rows/cols that the primitive can cover on this plane, or None if it misses the plane."""
-    if part.half_height is not None and part.half_height > 1e6:
-        return 0, series.rows, 0, series.cols
-    radius = part.bounding_radius
-    if abs(float(offset @ normal)) > radius:
-        return None
-    row_spacing, col_spacing = series.spacing
-    centre_c = -float(offset @ row_dir) / col_spacing
-    centre_r = -float(offset @ col_dir) / row_spacing
-    r0 = max(int(np.floor(centre_r - radius / row_spacing)), 0)
-    r1 = min(int(np.ceil(centre_r + radius / row_spacing)) + 1, series.rows)
-    c0 = max(int(np.floor(centre_c - radius / col_spacing)), 0)
-    c1 = min(int(np.ceil(centre_c + radius / col_spacing)) + 1, series.cols)
-    if r0 >= r1 or c0 >= c1:
-        return None
-    return r0, r1, c0, c1
-
-
-def tissue_to_pixels(
-    tissue: np.ndarray, sequence: str, rng: np.random.Generator, noise: float, gain: float
-) -> np.ndarray:
-    """Turn a tissue map into 12-bit MR-like pixels: signal table, smooth bias field, Rician-like noise."""
-    signal = TISSUE_SIGNAL[sequence][tissue]
-    rows, cols = tissue.shape
-    bias = 1.0 + 0.08 * np.linspace(-1, 1, rows, dtype=np.float32)[:, None] * rng.uniform(-1, 1)
-    noisy = np.abs(signal * bias + noise * rng.standard_normal((rows, cols), dtype=np.float32))
-    return np.clip(noisy * gain, 0, 4095).astype(np.uint16)
-
-
 def _sagittal_series(rng, anatomy: Anatomy, series_id: int, description: str, size: int) -> SeriesSpec:
     n_slices = int(rng.integers(15, 19))
     spacing_x = rng.uniform(3.3, 4.0)
@@ -392,57 +259,6 @@ def _axial_series(rng, anatomy: Anatomy, series_id: int, size: int, levels: rang
     return series
 
 
-def _pixel_of(point: np.ndarray, series: SeriesSpec, spec: SliceSpec) -> tuple[float, float]:
-    """(x=column, y=row) of a patient-space point projected onto one slice."""
-    offset = point - spec.position
-    x = float(offset @ np.asarray(spec.orientation[:3])) / series.spacing[1]
-    y = float(offset @ np.asarray(spec.orientation[3:])) / series.spacing[0]
-    return x, y
-
-
-def _nearest_slice(point: np.ndarray, series: SeriesSpec) -> SliceSpec:
-    def distance(spec: SliceSpec) -> float:
-        normal = np.cross(spec.orientation[:3], spec.orientation[3:])
-        return abs(float((point - spec.position) @ normal))
-
-    return min(series.slices, key=distance)
-
-
-def label_coordinates(study_id: int, labels: np.ndarray, anatomy: Anatomy, series: list[SeriesSpec]) -> list[dict]:
-    """Rows of train_label_coordinates.csv: each labelled target's point on the slice nearest to it."""
-    by_type = {}
-    for spec in series:
-        by_type.setdefault(spec.description, spec)  # the first series of a type carries the labels
-    points = {
-        "spinal_canal_stenosis": ("Sagittal T2/STIR", anatomy.spinal_point),
-        "left_neural_foraminal_narrowing": ("Sagittal T1", anatomy.foramen_point(1)),
-        "right_neural_foraminal_narrowing": ("Sagittal T1", anatomy.foramen_point(-1)),
-        "left_subarticular_stenosis": ("Axial T2", anatomy.subarticular_point(1)),
-        "right_subarticular_stenosis": ("Axial T2", anatomy.subarticular_point(-1)),
-    }
-    rows = []
-    for c_index, condition in enumerate(CONDITIONS):
-        description, level_points = points[condition]
-        target_series = by_type.get(description)
-        for k, level in enumerate(LEVELS):
-            if target_series is None or labels[c_index * len(LEVELS) + k] < 0:
-                continue
-            spec = _nearest_slice(level_points[k], target_series)
-            x, y = _pixel_of(level_points[k], target_series, spec)
-            rows.append(
-                {
-                    "study_id": study_id,
-                    "series_id": target_series.series_id,
-                    "instance_number": spec.instance_number,
-                    "condition": CONDITION_TITLES[condition],
-                    "level": LEVEL_TITLES[level],
-                    "x": round(x, 3),
-                    "y": round(y, 3),
-                }
-            )
-    return rows
-
-
 def _blank_cells(rng: np.random.Generator, labels: np.ndarray, rate: float) -> np.ndarray:
     """Empty some label cells, mostly subarticular L1/L2 and L2/L3 as in the real data."""
     weights = np.full(len(TARGETS), 0.5)
@@ -457,6 +273,8 @@ def _blank_cells(rng: np.random.Generator, labels: np.ndarray, rate: float) -> n
 
 def plan_study(study_id: int, series_ids: list[int], rng: np.random.Generator, cfg: SynthConfig) -> StudySpec:
     """Draw one study: severities, anatomy, phantom, series geometry (with quirks) and label coordinates."""
+    if cfg.preset == "hard":
+        return _plan_hard_study(study_id, series_ids, rng, cfg)
     severities = sample_severities(rng)
     anatomy = sample_anatomy(rng)
     primitives = build_primitives(anatomy, severities, rng, cfg.signal_strength)
@@ -466,8 +284,36 @@ def plan_study(study_id: int, series_ids: list[int], rng: np.random.Generator, c
         _sagittal_series(rng, anatomy, series_ids[1], "Sagittal T2/STIR", size),
         _axial_series(rng, anatomy, series_ids[2], size, range(len(LEVELS)), rng.random() < cfg.tilted_axial_rate),
     ]
+    series = _add_quirks(
+        rng, series, cfg, lambda: _axial_series(rng, anatomy, series_ids[3], size, range(2, len(LEVELS)), False)
+    )
+    labels = _blank_cells(rng, severities, cfg.empty_label_rate)
+    coordinates = label_coordinates(study_id, labels, anatomy, series)
+    return StudySpec(study_id, labels, anatomy, primitives, series, coordinates)
+
+
+def _plan_hard_study(study_id: int, series_ids: list[int], rng: np.random.Generator, cfg: SynthConfig) -> StudySpec:
+    """The hard preset's study (:mod:`lumbar_ray.data.spine`), with the same quirks as the easy one."""
+    size = int(rng.choice(cfg.image_sizes))
+    hard = plan_hard_study(rng, series_ids, size, cfg.signal_strength, cfg.noise)
+
+    def extra_axial() -> SeriesSpec:
+        extra = axial_series(rng, hard.spine, series_ids[3], size, range(2, len(LEVELS)))
+        extra.look = sample_look(rng, extra.description, cfg.noise)
+        return extra
+
+    series = _add_quirks(rng, hard.series, cfg, extra_axial)
+    labels = _blank_cells(rng, hard.labels, cfg.empty_label_rate)
+    coordinates = annotate(study_id, labels, hard.spine, series, rng)
+    return StudySpec(study_id, labels, hard.spine, hard.primitives, series, coordinates, severity=hard.severity)
+
+
+def _add_quirks(
+    rng: np.random.Generator, series: list[SeriesSpec], cfg: SynthConfig, extra_axial: Callable[[], SeriesSpec]
+) -> list[SeriesSpec]:
+    """A repeated axial acquisition, a missing series type, instance numbers out of spatial order (at cfg's rates)."""
     if rng.random() < cfg.extra_axial_rate:  # a repeat acquisition over the lower levels
-        series.append(_axial_series(rng, anatomy, series_ids[3], size, range(2, len(LEVELS)), False))
+        series.append(extra_axial())
     if rng.random() < cfg.missing_series_rate:
         series.pop(int(rng.integers(0, 3)))
     for spec in series:
@@ -475,9 +321,7 @@ def plan_study(study_id: int, series_ids: list[int], rng: np.random.Generator, c
             numbers = rng.permutation([s.instance_number for s in spec.slices])
             for slice_spec, number in zip(spec.slices, numbers, strict=True):
                 slice_spec.instance_number = int(number)
-    labels = _blank_cells(rng, severities, cfg.empty_label_rate)
-    coordinates = label_coordinates(study_id, labels, anatomy, series)
-    return StudySpec(study_id, labels, anatomy, primitives, series, coordinates)
+    return series
 
 
 def _uid(*parts: int) -> str:
@@ -522,11 +366,14 @@ def write_study(root: Path, split: str, study: StudySpec, rng: np.random.Generat
         folder = root / f"{split}_images" / str(study.study_id) / str(series.series_id)
         folder.mkdir(parents=True, exist_ok=True)
         ds = _series_dataset(study, series, number)
-        gain = rng.uniform(1800.0, 3600.0)
+        gain = rng.uniform(1800.0, 3600.0) if series.look is None else None
         sequence = SERIES_SEQUENCE[series.description]
         for spec in series.slices:
             tissue = render_slice(study.primitives, spec, series)
-            pixels = tissue_to_pixels(tissue, sequence, rng, cfg.noise, gain)
+            if series.look is None:
+                pixels = tissue_to_pixels(tissue, sequence, rng, cfg.noise, gain)
+            else:
+                pixels = series.look.pixels(tissue, rng)
             uid = _uid(study.study_id, series.series_id, spec.instance_number)
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
             ds.InstanceNumber = spec.instance_number
@@ -568,13 +415,19 @@ def _sample_submission(studies: list[StudySpec]) -> pd.DataFrame:
 
 @dataclass
 class SynthResult:
-    """What :func:`write_dataset` produced."""
+    """What :func:`write_dataset` produced.
+
+    ``bayes_floor`` (hard preset only, else None) is the official score of a perfect model, by term, over the real
+    label distribution; ``oracle_train`` is that perfect model's score on this dataset's own training labels.
+    """
 
     root: Path
     train_studies: int
     test_studies: int
     files: int
     reused: bool
+    bayes_floor: dict[str, float] | None = None
+    oracle_train: dict[str, float] | None = None
 
 
 def _manifest(cfg: SynthConfig) -> dict:
@@ -601,14 +454,23 @@ def write_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bo
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("manifest") == _manifest(cfg):
         summary = json.loads(manifest_path.read_text())
         logger.info("synthetic dataset at %s is complete for this config; reusing it", root)
-        return SynthResult(root, cfg.train_studies, cfg.test_studies, summary["files"], reused=True)
+        return SynthResult(
+            root,
+            cfg.train_studies,
+            cfg.test_studies,
+            summary["files"],
+            reused=True,
+            bayes_floor=summary.get("bayes_floor"),
+            oracle_train=summary.get("oracle_train"),
+        )
     if root.exists() and any(root.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{root} exists and is not a synthetic dataset of this config; pass overwrite")
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     total = cfg.train_studies + cfg.test_studies
-    master = np.random.default_rng(cfg.seed)
+    # The hard preset draws other ids: a cache or workdir shared with the easy dataset never confuses their series.
+    master = np.random.default_rng(cfg.seed if cfg.preset == "easy" else [cfg.seed, 1])
     study_ids = _draw_ids(master, total)
     series_ids = _draw_ids(master, 4 * total)
     studies = {"train": [], "test": []}
@@ -620,7 +482,8 @@ def write_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bo
         files += write_study(root, split, study, rng, cfg)
         studies[split].append(study)
     _write_tables(root, studies["train"], studies["test"])
-    manifest_path.write_text(json.dumps({"manifest": _manifest(cfg), "files": files}, indent=2))
+    floors = _floors(root, studies["train"]) if cfg.preset == "hard" else {}
+    manifest_path.write_text(json.dumps({"manifest": _manifest(cfg), "files": files, **floors}, indent=2))
     logger.info(
         "wrote %d train + %d test synthetic studies (%d DICOM files) to %s",
         cfg.train_studies,
@@ -628,7 +491,20 @@ def write_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bo
         files,
         root,
     )
-    return SynthResult(root, cfg.train_studies, cfg.test_studies, files, reused=False)
+    return SynthResult(root, cfg.train_studies, cfg.test_studies, files, reused=False, **floors)
+
+
+def _floors(root: Path, train: list[StudySpec]) -> dict[str, dict[str, float]]:
+    """The hard preset's Bayes floor, a perfect model's score on these labels, and the latents (a CSV)."""
+    severity = np.stack([study.severity for study in train])
+    frame = pd.DataFrame(severity, columns=list(TARGETS))
+    frame.insert(0, "study_id", [study.study_id for study in train])
+    frame.to_csv(root / SEVERITY_NAME, index=False, float_format="%.6f")
+    labels = np.stack([study.labels for study in train])
+    floor = bayes_floor(HARD_READERS)
+    oracle = oracle_score(np.where(labels < 0, IGNORE_INDEX, labels), severity, HARD_READERS)
+    logger.info("hard preset: Bayes floor %s; a perfect model on these training labels: %s", floor, oracle)
+    return {"bayes_floor": floor.to_dict(), "oracle_train": oracle.to_dict()}
 
 
 def _write_tables(root: Path, train: list[StudySpec], test: list[StudySpec]) -> None:

@@ -3,8 +3,9 @@ volumes. No Ray and no MLflow here: :mod:`lumbar_ray.localize.stage` runs the tr
 MLflow runs.
 
 :func:`train_detector` trains one detector in-process from a :func:`~lumbar_ray.localize.yolo_data.export_yolo_dataset`
-export. The model is built from a yaml (no weights download) at a reduced width so that it trains in about a
-minute on two CPUs. :class:`SagittalDetector` runs one through ultralytics' own predictor on every slice of a
+export. The quickstart's model is built from a yaml (no weights download) at a reduced width so that it trains in
+about a minute on two CPUs; a real config names pretrained weights (a ``.pt``), which the detector is fine-tuned
+from. :class:`SagittalDetector` runs one through ultralytics' own predictor on every slice of a
 cached volume and turns its boxes into one point per target through :func:`~lumbar_ray.localize.levels.resolve_levels`.
 
 Ultralytics is configured only through its documented means, in every process that imports it through this
@@ -151,9 +152,9 @@ def _model_source(cfg: LocalizeConfig, folder: Path) -> str:
     """The ``model`` argument of the trainer: ``cfg.model``, or a copy of its yaml at width ``cfg.width``.
 
     The copy keeps the file name, so ultralytics picks the same scale (``n`` of ``yolov8n``) and only that
-    scale's width multiple changes.
+    scale's width multiple changes. Weights (a ``.pt``) are never rescaled: the config refuses a width with them.
     """
-    if cfg.width is None or not cfg.model.endswith((".yaml", ".yml")):
+    if cfg.width is None or cfg.from_weights:
         return cfg.model
     from ultralytics.nn.tasks import yaml_model_load
 
@@ -173,7 +174,20 @@ def _model_source(cfg: LocalizeConfig, folder: Path) -> str:
 
 
 def _train_args(dataset_yaml: Path, cfg: LocalizeConfig, out_dir: Path, model: str) -> dict[str, Any]:
-    """Ultralytics training arguments: everything under ``out_dir``, nothing that plots or downloads."""
+    """Ultralytics training arguments: everything under ``out_dir``, nothing that plots or downloads (but the
+    pretrained weights a ``.pt`` model names).
+
+    Args:
+        dataset_yaml: the export's ``dataset.yaml``.
+        cfg: model, size and schedule of the detector.
+        out_dir: ultralytics writes under ``out_dir/train``.
+        model: what the trainer builds (:func:`_model_source`): ``cfg.model`` or a rescaled copy of its yaml.
+
+    Returns:
+        The ``overrides`` of ultralytics' ``DetectionTrainer``. ``pretrained`` is True for weights, so the trainer
+        starts from the ``.pt`` that ``model`` names (False would build the ``.pt``'s architecture and drop its
+        weights), and False for a yaml (nothing to load, nothing to download).
+    """
     import torch
 
     return {
@@ -193,7 +207,7 @@ def _train_args(dataset_yaml: Path, cfg: LocalizeConfig, out_dir: Path, model: s
         "project": str(out_dir.resolve()),
         "name": "train",
         "exist_ok": True,  # a retried task trains again in the same folder
-        "pretrained": False,
+        "pretrained": cfg.from_weights,
         "plots": False,  # plots need a font download
         "amp": False,  # the AMP check downloads a model
         "cache": True,  # a few hundred small images: decode once
@@ -402,9 +416,9 @@ class SagittalDetector:
     def detect(self, volume: np.ndarray, left_first: bool = True) -> pd.DataFrame:
         """Every detection above ``cfg.conf`` on every slice of a cached ``(n_slices, H, W)`` uint8 volume.
 
-        The detector's class gives the level. On Sagittal T1 the side is the half of the volume the slice lies
-        in, whatever the class says: a left and a right foramen look alike on their own slices, so no 2D
-        detector can tell them apart, while the slice order can. Detections on the centre slice are dropped.
+        The detector's class gives the level. On Sagittal T1 a left and a right foramen look alike on their own
+        slices, so no 2D detector can tell them apart: the side here is provisional (:meth:`_target`), and the
+        study-level localisation sides each detection again from its patient-space position.
 
         Args:
             volume: cached ``(n_slices, H, W)`` uint8 volume.
@@ -426,23 +440,24 @@ class SagittalDetector:
             xyxy = boxes.xyxy.numpy()
             centre = (xyxy[:, :2] + xyxy[:, 2:]) / 2 - 0.5  # continuous -> pixel-centre convention
             for (x, y), conf, cls in zip(centre, boxes.conf.numpy(), boxes.cls.numpy().astype(int), strict=True):
-                target = self._target(int(cls), index, len(volume), left_first)
-                if target is not None:
-                    rows.append((target, index, float(x), float(y), float(conf)))
+                rows.append((self._target(int(cls), index, len(volume), left_first), index, float(x), float(y),
+                             float(conf)))  # fmt: skip
         frame = pd.DataFrame(rows, columns=list(DETECTION_COLUMNS))
         return frame.astype({"target": "int64", "slice": "int64", "x": "float64", "y": "float64",
                              "confidence": "float64"})  # fmt: skip
 
-    def _target(self, cls: int, slice_index: int, n_slices: int, left_first: bool) -> int | None:
-        """The target of a detection of class ``cls`` on slice ``slice_index`` (None: centre slice of T1)."""
+    def _target(self, cls: int, slice_index: int, n_slices: int, left_first: bool) -> int:
+        """The target of a detection of class ``cls`` on slice ``slice_index``.
+
+        On Sagittal T1 the side is provisional (the half of the slab, the centre slice going with the first half):
+        :func:`lumbar_ray.localize.study.localise_study` sides every T1 detection again from its patient-space x
+        against the canal, which an off-centre field of view or a scoliosis does not fool.
+        """
         level = cls % len(LEVELS)
         if len(self.groups) == 1:
             return self.groups[0][level]
-        centre = (n_slices - 1) / 2
-        if slice_index == centre:
-            return None
         first, second = self.groups if left_first else self.groups[::-1]
-        return (first if slice_index < centre else second)[level]
+        return (first if slice_index <= (n_slices - 1) / 2 else second)[level]
 
     def locate(self, volume: np.ndarray, left_first: bool = True) -> pd.DataFrame:
         """Exactly one point per target of this series type, in TARGETS order.
@@ -452,7 +467,7 @@ class SagittalDetector:
         filled). A side without any detection gets NaN points, confidence 0 and ``filled`` True, for the caller
         to fall back on.
 
-        On Sagittal T1 the side is the half of the volume a detection lies in (see :meth:`detect`).
+        On Sagittal T1 the side is provisional: the half of the volume a detection lies in (see :meth:`_target`).
 
         Args:
             volume: cached ``(n_slices, H, W)`` uint8 volume.

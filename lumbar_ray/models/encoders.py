@@ -10,6 +10,7 @@ import logging
 
 import timm
 import torch
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,15 @@ class TinyCNN(nn.Module):
         return self.features(images).mean(dim=(2, 3))
 
 
+def has_pretrained_weights(name: str) -> bool:
+    """Whether timm has pretrained weights for ``name`` (a timm model name, with or without a ``.tag``), with a
+    place to fetch them from; :data:`TINY_CNN` and timm names without a pretrained tag have none."""
+    if name == TINY_CNN or not timm.is_model_pretrained(name):
+        return False
+    source = get_pretrained_cfg(name)
+    return bool(source and (source.hf_hub_id or source.url or source.file))
+
+
 def create_encoder(name: str, pretrained: bool, in_chans: int) -> nn.Module:
     """Build a headless encoder with a ``num_features`` attribute.
 
@@ -59,7 +69,8 @@ def create_encoder(name: str, pretrained: bool, in_chans: int) -> nn.Module:
         in_chans: image channels (adjacent slices) per encoder input.
 
     Raises:
-        ValueError: if ``name`` is neither the tiny CNN nor a known timm model.
+        ValueError: if ``name`` is neither the tiny CNN nor a known timm model, or if ``pretrained`` is asked of
+            a timm model without pretrained weights.
     """
     if name == TINY_CNN:
         if pretrained:
@@ -67,5 +78,8 @@ def create_encoder(name: str, pretrained: bool, in_chans: int) -> nn.Module:
         return TinyCNN(in_chans=in_chans)
     if not timm.is_model(name):
         raise ValueError(f"unknown encoder {name!r}: neither {TINY_CNN!r} nor a timm model name")
+    if pretrained and not has_pretrained_weights(name):
+        # timm would only log a warning and start from random weights: a GPU run would train from scratch unnoticed.
+        raise ValueError(f"encoder {name!r} has no pretrained weights in timm (timm.list_pretrained() lists them)")
     # num_classes=0 removes the classifier: the output is the pooled feature vector of size num_features.
     return timm.create_model(name, pretrained=pretrained, in_chans=in_chans, num_classes=0)

@@ -27,11 +27,15 @@ class ArchSpec:
         encoder: timm model name (or :data:`lumbar_ray.models.encoders.TINY_CNN`).
         pool: default slice pooling: ``attention``, ``lstm`` or ``mean``.
         notes: what the entry is for.
+        has_weights: whether ``encoder`` has pretrained weights (``ModelConfig.pretrained``). Every real
+            backbone must: a timm name without a pretrained tag (``efficientnetv2_s``) silently starts from
+            random weights. Only the built-in CPU quickstart CNN goes without.
     """
 
     encoder: str
     pool: str
     notes: str
+    has_weights: bool = True
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -39,6 +43,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         encoder=TINY_CNN,
         pool="attention",
         notes="built-in 4-block CNN (~40k parameters); CPU tests and the synthetic quickstart",
+        has_weights=False,
     ),
     "resnet18d": ArchSpec(
         encoder="resnet18d",
@@ -50,10 +55,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         pool="lstm",
         notes="timm ConvNeXt-nano (15M); the competition's ConvNeXt family at a single-GPU size",
     ),
-    "efficientnetv2_s": ArchSpec(
-        encoder="efficientnetv2_s",
+    # The TensorFlow port: timm's own ``efficientnetv2_s`` has no pretrained weights at all.
+    "tf_efficientnetv2_s": ArchSpec(
+        encoder="tf_efficientnetv2_s",
         pool="lstm",
-        notes="timm EfficientNetV2-S (20M); the strongest single backbones used this family, 96-128 px crops",
+        notes="timm EfficientNetV2-S (20M, ImageNet-21k then 1k); the strongest single backbones used this family,"
+        " 96-128 px crops",
     ),
 }
 """Known values of ``ModelConfig.arch``."""

@@ -30,8 +30,9 @@ import pandas as pd
 
 from lumbar_ray.baseline import fit_prior, prior_oof_probs
 from lumbar_ray.config import Config
+from lumbar_ray.data.grading import known_floor
 from lumbar_ray.metrics import ScoreResult, labels_to_submission, score_arrays
-from lumbar_ray.paths import FOLDS_CSV, cv_run_id, fold_outcome_path, ray_storage_for, run_dir_for
+from lumbar_ray.paths import FOLDS_CSV, cv_run_id, data_root_for, fold_outcome_path, ray_storage_for, run_dir_for
 from lumbar_ray.raytools import ensure_ray
 from lumbar_ray.tracking import RunLogger, Tracker
 from lumbar_ray.train import report
@@ -62,14 +63,31 @@ class CVResult:
     fold_priors: dict[int, np.ndarray]
     complete: bool
     notes: list[str] = field(default_factory=list)
+    last_epoch_score: ScoreResult | None = None
+    floor: ScoreResult | None = None
+    calibration: dict[str, float] = field(default_factory=dict)
+
+    def columns(self) -> dict[str, ScoreResult]:
+        """The scores side by side: best epoch (picked on the scored fold: flattering), last epoch (honest: a fixed
+        schedule), the prior on the same folds, and where the data knows it, a perfect model on the same labels."""
+        named = {"best epoch": self.score, "last epoch": self.last_epoch_score, "prior": self.baseline,
+                 "floor": self.floor}  # fmt: skip
+        return {name: score for name, score in named.items() if score is not None}
 
     def format(self, registered: object | None = None) -> str:
         """The CV as text; ``registered``: what registering it did (printed before the notes), if anything."""
         lines = [f"CV {self.run_id}: {len(self.outcomes)} folds ({len(self.trained_folds)} trained now, "
                  f"{len(self.skipped_folds)} already done)"]  # fmt: skip
-        lines.append(f"  {'':<18} {'model':>9} {'prior':>9}")
-        for name, value in self.score.to_dict().items():
-            lines.append(f"  {name:<18} {value:>9.5f} {self.baseline.to_dict()[name]:>9.5f}")
+        columns = self.columns()
+        lines.append(f"  {'':<18}" + "".join(f" {name:>11}" for name in columns))
+        for name in self.score.to_dict():
+            lines.append(f"  {name:<18}" + "".join(f" {s.to_dict()[name]:>11.5f}" for s in columns.values()))
+        if self.floor is not None:
+            excess = self.last_epoch_score or self.score
+            lines.append(f"  excess over the floor (last epoch): {excess.total - self.floor.total:.5f}")
+        if self.calibration:
+            ece = ", ".join(f"{group} {value:.3f}" for group, value in self.calibration.items())
+            lines.append(f"  calibration (class-wise ECE, best epoch, class weights undone): {ece}")
         for fold, outcome in sorted(self.outcomes.items()):
             lines.append(f"  fold {fold}: best val score {outcome.best_score:.5f} at epoch {outcome.best_epoch}")
         lines.append(f"  MLflow parent run: {self.mlflow_run_id}")
@@ -122,12 +140,13 @@ def run_fold(cfg: Config, job: FoldJob, run_id: str) -> FoldOutcome:
     return FoldOutcome.from_state(job.fold, state, result.checkpoint.path)
 
 
-def assemble_oof(inputs: CVInputs, outcomes: dict[int, FoldOutcome]) -> np.ndarray:
-    """``(n, 25, 3)`` out-of-fold probabilities aligned with ``inputs.study_ids``."""
+def assemble_oof(inputs: CVInputs, outcomes: dict[int, FoldOutcome], epoch: str = "best") -> np.ndarray:
+    """``(n, 25, 3)`` out-of-fold probabilities aligned with ``inputs.study_ids``, of each fold's ``best`` or
+    ``last`` epoch."""
     position = {int(study): i for i, study in enumerate(inputs.study_ids)}
     probs = np.full((len(inputs.study_ids), *next(iter(outcomes.values())).probs.shape[1:]), np.nan)
     for outcome in outcomes.values():
-        probs[[position[int(s)] for s in outcome.study_ids]] = outcome.probs
+        probs[[position[int(s)] for s in outcome.study_ids]] = outcome.probs if epoch == "best" else outcome.last_probs
     missing = np.isnan(probs).any(axis=(1, 2))
     if missing.any():
         raise RuntimeError(f"{int(missing.sum())} studies have no out-of-fold prediction")
@@ -212,6 +231,10 @@ def finish_cv(cfg: Config, run: CVRun, outcomes: dict[int, FoldOutcome], trained
     probs = assemble_oof(scored, outcomes)
     score = score_arrays(scored.labels, probs)
     baseline = score_arrays(scored.labels, prior_oof_probs(inputs.labels, inputs.fold_of())[in_folds])
+    honest = None
+    if all(outcome.last_probs is not None for outcome in outcomes.values()):  # folds of older runs lack them
+        honest = score_arrays(scored.labels, assemble_oof(scored, outcomes, epoch="last"))
+    floor = known_floor(data_root_for(cfg), scored.study_ids, scored.labels)
     oof = labels_to_submission(scored.study_ids, probs)
     oof.to_csv(run.run_dir / "oof.csv", index=False)
     notes = []
@@ -221,10 +244,12 @@ def finish_cv(cfg: Config, run: CVRun, outcomes: dict[int, FoldOutcome], trained
         notes.append(f"only folds {sorted(outcomes)} of {cfg.cv.n_folds}: the score covers their studies only")
     fold_priors = {k: fit_prior(inputs.labels[inputs.fold_of() != k]) for k in outcomes}
     result = CVResult(run.run_id, score, baseline, oof, inputs.folds, outcomes, trained, skipped, run.parent,
-                      fit_prior(inputs.labels), fold_priors, len(outcomes) == cfg.cv.n_folds, notes)  # fmt: skip
+                      fit_prior(inputs.labels), fold_priors, len(outcomes) == cfg.cv.n_folds, notes,
+                      honest, floor)  # fmt: skip
     tables = {"oof.csv": oof, FOLDS_CSV: inputs.folds, "skipped_points.csv": inputs.skipped_points}
-    report.log_cv(run.tracker, run.parent, (score, baseline), tables, scored.labels, probs)
+    result.calibration = report.log_cv(run.tracker, run.parent, result.columns(), tables, scored.labels, probs)
     run.tracker.log_values(run.parent, {"cv_folds": float(len(outcomes))})
     run.tracker.finish(run.parent)
-    logger.info("CV %s: score %.5f (prior %.5f)", run.run_id, score.total, baseline.total)
+    logger.info("CV %s: score %.5f at the best epochs, %s at the last (prior %.5f)", run.run_id, score.total,
+                "n/a" if honest is None else f"{honest.total:.5f}", baseline.total)  # fmt: skip
     return result

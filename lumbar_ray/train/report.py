@@ -2,8 +2,10 @@
 plots on its parent run.
 
 - parent (``lumbar_ray.kind=cv``): the resolved config (params ``section.key`` and ``config.yaml``), ``cv_*``
-  scores next to the prior's ``prior_*`` on the same folds, ``oof.csv``, ``folds.csv``, ``skipped_points.csv``,
-  ``plots/confusion_matrices.png`` and ``plots/level_scores.png``;
+  (best epoch) and ``cv_last_epoch_*`` (the honest CV) scores next to the prior's ``prior_*`` on the same folds and,
+  where the data knows its latents, a perfect model's ``floor_*``; ``ece_<group>``; ``oof.csv``, ``folds.csv``,
+  ``skipped_points.csv``, ``calibration.csv``, ``plots/confusion_matrices.png``, ``plots/level_scores.png`` and
+  ``plots/reliability.png``;
 - child per fold (``lumbar_ray.fold=<k>``, named ``fold<k>``): per-epoch metrics (logged by the rank-0 Ray worker,
   ``step`` = epoch, so a retried epoch overwrites its point), ``best_val_score``, ``best_epoch`` and
   ``plots/training_curves.png``.
@@ -18,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray import plots
-from lumbar_ray.metrics import ScoreResult
+from lumbar_ray.metrics import ScoreResult, calibration_table, expected_calibration_error
 from lumbar_ray.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -39,30 +41,43 @@ def finish_fold(tracker: Tracker, child: str, best_score: float, best_epoch: int
     tracker.finish(child)
 
 
+SCORE_PREFIXES = {"best epoch": "cv_", "last epoch": "cv_last_epoch_", "prior": "prior_", "floor": "floor_"}
+"""MLflow metric prefix of each CV score column (:meth:`lumbar_ray.train.cv.CVResult.columns`)."""
+
+
 def log_cv(
     tracker: Tracker,
     parent: str,
-    scores: tuple[ScoreResult, ScoreResult],
+    scores: dict[str, ScoreResult],
     tables: dict[str, pd.DataFrame],
     labels: np.ndarray,
     probs: np.ndarray,
-) -> None:
-    """Log the CV's out-of-fold scores (``cv_*``) against the prior's (``prior_*``), tables and plots.
+) -> dict[str, float]:
+    """Log the CV's out-of-fold scores side by side, calibration, tables and plots; return the ECE per group.
 
     Args:
         tracker: the store.
         parent: the CV's parent run.
-        scores: the model's and the prior's out-of-fold scores on the same studies.
+        scores: column name -> score on the same studies: ``best epoch`` (``cv_*``), ``last epoch``
+            (``cv_last_epoch_*``: the honest CV), ``prior`` (``prior_*``), ``floor`` (``floor_*``, where known).
         tables: artifact name -> frame (``oof.csv``, ``folds.csv``; an empty frame is not logged).
         labels: ``(n, 25)`` labels of the scored studies (IGNORE_INDEX where empty).
-        probs: ``(n, 25, 3)`` their out-of-fold probabilities.
+        probs: ``(n, 25, 3)`` their out-of-fold probabilities (calibration: ``ece_<group>``, ``calibration.csv``,
+            ``plots/reliability.png``, of the class-weight-free probabilities).
     """
-    model, prior = scores
-    values = model.to_dict(prefix="cv_") | prior.to_dict(prefix="prior_") | {"cv_studies": float(len(labels))}
+    values = {"cv_studies": float(len(labels))}
+    for name, score in scores.items():
+        values |= score.to_dict(prefix=SCORE_PREFIXES[name])
+    calibration = calibration_table(labels, probs)
+    ece = expected_calibration_error(calibration)
+    values |= {f"ece_{group}": value for group, value in ece.items()}
     tracker.log_values(parent, values)
     for name, table in tables.items():
         if table is not None and len(table):
             tracker.log_text(parent, table.to_csv(index=False), name)
     tracker.log_figure(parent, plots.confusion_matrices(labels, probs), "plots/confusion_matrices.png")
     tracker.log_figure(parent, plots.level_score_heatmap(labels, probs), "plots/level_scores.png")
+    tracker.log_figure(parent, plots.reliability_diagram(calibration), "plots/reliability.png")
+    tracker.log_text(parent, calibration.to_csv(index=False), "calibration.csv")
     logger.info("MLflow: CV metrics and artifacts logged to %s", parent)
+    return ece

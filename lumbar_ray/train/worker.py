@@ -6,9 +6,10 @@ restarts it after a failure or when an interrupted CV is rerun under the same ru
 :func:`~lumbar_ray.train.steps.run_epoch`; then every worker calls ``ray.train.report`` once (it is a barrier);
 rank 0 attaches the checkpoint and logs the epoch to MLflow.
 
-A checkpoint holds the latest state (model, optimiser, scheduler, epoch, history) and the best epoch's weights
-and validation probabilities: Ray keeps only the latest checkpoint, which therefore always carries the best model
-by the validation score.
+A checkpoint holds the latest state (model, optimiser, scheduler, epoch, history), the best epoch's weights and
+validation probabilities, and the latest epoch's validation probabilities: Ray keeps only the latest checkpoint,
+which therefore always carries the best model by the validation score, and the last epoch's predictions for the
+honest CV (an epoch fixed in advance, not chosen on the scored fold).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class FoldOutcome:
     starts: list[int] = field(default_factory=list)
     ranks: dict[str, list[float]] = field(default_factory=dict)
     checkpoint_path: str | None = None
+    last_epoch: int | None = None
+    last_probs: np.ndarray | None = None
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as temporary:  # a fold counts as done only once its file is whole
@@ -73,11 +76,14 @@ class FoldOutcome:
     @classmethod
     def from_state(cls, fold: int, state: dict[str, Any], checkpoint_path: str | None = None) -> FoldOutcome:
         """The outcome a finished fold's last checkpoint state holds (see :func:`train_fold_loop`)."""
-        best = state["best"]
+        best, last = state["best"], state.get("last") or {}
+        if "study_ids" in last and not np.array_equal(last["study_ids"], best["study_ids"]):
+            raise RuntimeError(f"fold {fold}: the last and the best epoch scored different studies")
         return cls(fold=fold, best_score=float(best["score"]), best_epoch=int(best["epoch"]),
                    study_ids=np.asarray(best["study_ids"]), probs=np.asarray(best["probs"]), history=state["history"],
                    model_state=best["model"], starts=list(state.get("starts", [])),
-                   ranks=dict(state.get("ranks", {})), checkpoint_path=checkpoint_path)  # fmt: skip
+                   ranks=dict(state.get("ranks", {})), checkpoint_path=checkpoint_path,
+                   last_epoch=last.get("epoch"), last_probs=last.get("probs"))  # fmt: skip
 
 
 def load_checkpoint_state(checkpoint: Any) -> dict[str, Any] | None:
@@ -134,19 +140,22 @@ def train_fold_loop(config: dict[str, Any]) -> None:
         ranks = {"samples": _per_rank(metrics["train_samples"], fold.device),
                  "checksum": _per_rank(_parameter_checksum(fold.bare), fold.device)}  # fmt: skip
         best = keep_best(best, epoch, fold.bare)
+        # The last epoch's predictions give the honest CV: a fixed schedule, not an epoch picked on this fold.
+        last = {"epoch": epoch_index, "study_ids": epoch.predictions.study_ids, "probs": epoch.probs}
         metrics["best_val_score"] = best["score"]
         if rank == 0:
             _log_progress(job.fold, epoch_index, cfg.train.epochs, metrics)
             if job.run_logger is not None:
                 job.run_logger.log_epoch(epoch_index, {k: v for k, v in metrics.items()
                                                        if k not in ("epoch", "epoch_started_at")})  # fmt: skip
-        _report(rank, metrics, _checkpoint_state(fold, epoch_index, best, history, starts, ranks))
+        _report(rank, metrics, _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks))
 
 
-def _checkpoint_state(fold: Fold, epoch: int, best: dict, history: list, starts: list, ranks: dict) -> dict:
+def _checkpoint_state(fold: Fold, epoch: int, best: dict, last: dict, history: list, starts: list,
+                      ranks: dict) -> dict:  # fmt: skip
     return {"model": state_dict_cpu(fold.bare), "optimizer": fold.optimizer.state_dict(),
-            "scheduler": fold.scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
-            "starts": starts, "ranks": ranks}  # fmt: skip
+            "scheduler": fold.scheduler.state_dict(), "epoch": epoch, "best": best, "last": last,
+            "history": history, "starts": starts, "ranks": ranks}  # fmt: skip
 
 
 def _log_progress(fold: int, epoch: int, epochs: int, metrics: dict[str, Any]) -> None:

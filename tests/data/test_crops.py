@@ -19,6 +19,7 @@ from lumbar_ray.data.crops import POINT_COLUMNS, CropDataset, crop_stack, points
 from lumbar_ray.data.preprocess import process_row, series_items
 from lumbar_ray.data.rsna import RsnaData, load_rsna
 from lumbar_ray.labels import encode_labels
+from tests.data.conftest import stacked_meta
 
 CROP = CropConfig(size=16, region=24, slices=3)
 ONE_TO_ONE = CropConfig(size=17, region=17, slices=3)  # one crop pixel per cache pixel, centre pixel (8, 8)
@@ -86,6 +87,32 @@ def test_edge_slices_repeat():
     assert levels(3) == [60, 90, 120]
     wide = crop_stack(volume, 0, 16.0, 16.0, CropConfig(size=8, region=8, slices=5))
     np.testing.assert_allclose(wide[:, 4, 4] * 255, [0, 0, 0, 30, 60], atol=1e-3)
+
+
+def test_bounds_keep_a_crop_inside_its_block():
+    volume = np.broadcast_to((np.arange(7) * 30).astype(np.uint8)[:, None, None], (7, 32, 32)).copy()
+
+    def levels(centre: int, bounds: tuple[int, int]) -> list[float]:
+        crop = crop_stack(volume, centre, 16.0, 16.0, ONE_TO_ONE, bounds=bounds)
+        return [round(float(v) * 255) for v in crop[:, 8, 8]]
+
+    assert levels(2, (0, 3)) == [30, 60, 60]  # the block's last slice repeats; slice 3 is another block's
+    assert levels(3, (3, 7)) == [90, 90, 120]
+    assert levels(5, (3, 4)) == [90, 90, 90]  # a jittered centre beyond a one-slice block
+
+
+def test_a_dataset_crop_never_mixes_the_stacks_of_a_series(tmp_path):
+    """Two tilted per-level blocks in one axial series: a point on a block's end slice repeats that slice."""
+    meta = stacked_meta([(-8.0, [0.0, 4.0, 8.0]), (8.0, [0.0, 4.0, 8.0])], size=32)
+    volume = np.broadcast_to((np.arange(6) * 30 + 30).astype(np.uint8)[:, None, None], (6, 32, 32)).copy()
+    cache = SeriesCache(tmp_path, {"test": "stacks"})
+    cache.prepare()
+    cache.write(1, 1, volume, meta)
+    points = pd.DataFrame({"study_id": [1, 1], "target": [0, 1], "series_id": [1, 1], "slice": [2, 3],
+                           "x": [16.0, 16.0], "y": [16.0, 16.0]})  # fmt: skip
+    crops = CropDataset(cache, [1], points, ONE_TO_ONE)[0]["crops"].numpy()
+    assert [round(float(v) * 255) for v in crops[0, :, 8, 8]] == [60, 90, 90]  # slice 3 is the other block's
+    assert [round(float(v) * 255) for v in crops[1, :, 8, 8]] == [120, 120, 150]
 
 
 def test_outside_the_image_is_zero():

@@ -152,7 +152,10 @@ def _assert_same_cache(a: SeriesCache, b: SeriesCache) -> None:
 
 
 @pytest.mark.ray
-def test_cache_is_complete_then_rerun_skips_everything(ray_local, synthetic_dir, tmp_path):
+def test_cache_is_complete_then_rerun_skips_everything(ray_local, tmp_path):
+    # A dataset of its own, small: three full passes over the session's 42 studies would take a minute and more.
+    small = SynthConfig(train_studies=4, test_studies=1, image_sizes=[96], extra_axial_rate=0.5, seed=11)
+    synthetic_dir = write_dataset(tmp_path / "rsna", small).root
     first = run_preprocess(synthetic_dir, tmp_path / "cache", CFG)
     n_series = len(load_rsna(synthetic_dir).train_series) + len(load_rsna(synthetic_dir).test_series)
     assert first.total == n_series and first.done == n_series and first.failed == 0
@@ -206,7 +209,7 @@ def test_bad_input_is_tabled_and_everything_else_cached(ray_local, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_strict_exits_non_zero_on_failures(tmp_path):
+def test_strict_exits_non_zero_on_failures(ray_env, tmp_path):
     root = write_dataset(tmp_path / "rsna", SynthConfig(train_studies=2, test_studies=0, image_sizes=[96])).root
     _break_dataset(root)
     command = [
@@ -222,10 +225,9 @@ def test_strict_exits_non_zero_on_failures(tmp_path):
         "1",
         "preprocess.image_size=64",
     ]
-    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
-    lenient = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    lenient = subprocess.run(command, capture_output=True, text=True, env=ray_env, timeout=300)
     assert lenient.returncode == 0, lenient.stderr
-    strict = subprocess.run([*command, "--strict"], capture_output=True, text=True, env=env, timeout=300)
+    strict = subprocess.run([*command, "--strict"], capture_output=True, text=True, env=ray_env, timeout=300)
     assert strict.returncode == 1 and "series failed (--strict)" in strict.stderr
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from lumbar_ray.config import SynthConfig
 from lumbar_ray.constants import CONDITION_TITLES, CONDITIONS, LEVEL_TITLES, LEVELS, SEVERITIES
-from lumbar_ray.data import synthetic
+from lumbar_ray.data import grading, synthetic
 from lumbar_ray.data.dicom import read_series, read_slice
 from lumbar_ray.data.rsna import build_report, load_rsna
 from lumbar_ray.labels import encode_labels
@@ -57,7 +58,16 @@ def test_class_frequencies_match_the_real_ones():
             np.testing.assert_allclose(observed, expected, atol=0.025, err_msg=f"{condition} {l_index}")
 
 
-def test_dataset_round_trips_through_loader_and_reader(synthetic_dir, synthetic_config):
+@pytest.fixture(params=["easy", "hard"])
+def preset_dir(request) -> tuple[Path, SynthConfig]:
+    """Both presets' fixture datasets with their configs: checks of the RSNA format hold for each."""
+    if request.param == "easy":
+        return request.getfixturevalue("synthetic_dir"), request.getfixturevalue("synthetic_config")
+    return request.getfixturevalue("hard_dir"), request.getfixturevalue("hard_config")
+
+
+def test_dataset_round_trips_through_loader_and_reader(preset_dir):
+    synthetic_dir, synthetic_config = preset_dir
     data = load_rsna(synthetic_dir)
     study_ids, _ = encode_labels(data.train)
     assert len(study_ids) == synthetic_config.train_studies
@@ -72,7 +82,8 @@ def test_dataset_round_trips_through_loader_and_reader(synthetic_dir, synthetic_
                 assert np.all(np.diff(stack.positions_along_normal) > 0)
 
 
-def test_coordinates_point_at_existing_instances_inside_the_image(synthetic_dir):
+def test_coordinates_point_at_existing_instances_inside_the_image(preset_dir):
+    synthetic_dir, _ = preset_dir
     data = load_rsna(synthetic_dir)
     coords = data.coordinates
     assert len(coords) > 0
@@ -101,10 +112,15 @@ def test_left_foramina_lie_on_the_patients_left(synthetic_dir):
     assert checked > 10
 
 
-def _window_means(root: Path) -> pd.DataFrame:
-    """Mean of a 3x3 window at each labelled point, scaled by the slice's 99th percentile."""
+def _window_means(root: Path, latent: bool = False) -> pd.DataFrame:
+    """Mean of a 3x3 window at each labelled point, scaled by the slice's 99th percentile.
+
+    ``severity`` is the label, or with ``latent`` the hard preset's latent severity of the target.
+    """
     data = load_rsna(root)
     study_ids, labels = encode_labels(data.train)
+    if latent:
+        labels = pd.read_csv(root / synthetic.SEVERITY_NAME).set_index("study_id").loc[study_ids].to_numpy()
     label_of = {sid: row for sid, row in zip(study_ids, labels, strict=True)}
     rows = []
     for row in data.coordinates.itertuples():
@@ -118,7 +134,7 @@ def _window_means(root: Path) -> pd.DataFrame:
         rows.append(
             {
                 "group": condition.split("_")[-2] if "subarticular" in condition else condition.split("_")[-1],
-                "severity": int(label_of[row.study_id][target]),
+                "severity": label_of[row.study_id][target],
                 "value": float(window.mean() / np.percentile(pixels, 99)),
             }
         )
@@ -182,3 +198,71 @@ def test_missing_series_and_empty_cells_are_reported(tmp_path):
     assert missing == 6
     assert report["empty_label_cells"] == int(data.train[list(data.train.columns[1:])].isna().sum().sum()) > 0
     assert set(data.train.iloc[:, 1:].stack().dropna().astype(str).unique()) <= set(SEVERITIES)
+
+
+def _pixel_digest(root: Path) -> str:
+    """Digest of what the pipeline reads (pixels, geometry, tables): independent of pydicom's file meta."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(ds.pixel_array.tobytes())
+        digest.update(repr([ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing]).encode())
+    for name in ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv"):
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def test_easy_preset_is_unchanged(tmp_path):
+    """The quickstart's data (and so its published figures) stays as it was when the hard preset came."""
+    cfg = SynthConfig(train_studies=3, test_studies=0, seed=5, image_sizes=[96], tilted_axial_rate=0.5)
+    assert _pixel_digest(synthetic.write_dataset(tmp_path / "easy", cfg).root) == "5346f118449a618b"
+
+
+def test_hard_preset_is_deterministic_and_writes_its_floor(tmp_path):
+    cfg = SynthConfig(preset="hard", train_studies=2, test_studies=1, seed=3, image_sizes=[96])
+    first = synthetic.write_dataset(tmp_path / "a", cfg)
+    second = synthetic.write_dataset(tmp_path / "b", cfg)
+    assert _tree_digest(first.root) == _tree_digest(second.root)
+    easy = synthetic.write_dataset(tmp_path / "c", cfg.model_copy(update={"preset": "easy"}))
+    assert easy.bayes_floor is None and _tree_digest(easy.root) != _tree_digest(first.root)
+    assert first.bayes_floor == grading.bayes_floor(grading.HARD_READERS).to_dict()
+    assert 0.33 <= first.bayes_floor["total"] <= 0.36
+    assert synthetic.write_dataset(tmp_path / "a", cfg).bayes_floor == first.bayes_floor  # reused, same floor
+
+
+def test_hard_labels_are_the_readers_view_of_the_written_severities(hard_dir):
+    """The latents file and train.csv agree: a perfect model scores the manifest's figure on them."""
+    data = load_rsna(hard_dir)
+    study_ids, labels = encode_labels(data.train)
+    severity = pd.read_csv(hard_dir / synthetic.SEVERITY_NAME).set_index("study_id").loc[study_ids]
+    manifest = json.loads((hard_dir / synthetic.MANIFEST_NAME).read_text())
+    oracle = grading.oracle_score(labels, severity.to_numpy(), grading.HARD_READERS)
+    assert oracle.total == pytest.approx(manifest["oracle_train"]["total"])
+    # Readers disagree with the latent near the boundaries: some labels sit on the other side of their cut.
+    crossed = ((severity.to_numpy() < 0) & (labels == 2)) | ((severity.to_numpy() > 1) & (labels == 0))
+    assert crossed.sum() > 0
+
+
+def test_hard_lesions_grow_with_the_latent_severity(hard_dir):
+    """At the labelled points, brightness falls with the latent (not the label) severity in every group."""
+    means = _window_means(hard_dir, latent=True)
+    for group in ("stenosis", "narrowing", "subarticular"):
+        chosen = means[means["group"] == group]
+        rho = chosen["severity"].rank().corr(chosen["value"].rank())
+        assert rho < -0.2, (group, rho)
+
+
+def test_hard_anatomy_and_acquisition_vary(hard_dir):
+    data = load_rsna(hard_dir)
+    thickness, spacing_x, fov = [], [], []
+    for row in data.train_series[data.train_series["series_description"] == "Sagittal T2/STIR"].itertuples():
+        folder = hard_dir / "train_images" / str(row.study_id) / str(row.series_id)
+        series = read_series(folder)
+        first = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
+        positions = series.stacks[0].positions_along_normal
+        thickness.append(float(first.SliceThickness))
+        spacing_x.append(float(np.median(np.diff(positions))))
+        fov.append(float(first.PixelSpacing[0]) * int(first.Rows))
+    assert np.ptp(thickness) > 0.8 and np.ptp(fov) > 40
+    assert (np.array(spacing_x) > np.array(thickness) + 0.1).any(), "some stacks have gaps between slices"

@@ -17,13 +17,22 @@ from lumbar_ray.data.rsna import load_rsna
 
 
 def fake_series(
-    positions, orientation, spacing=(0.5, 0.8), shape=(100, 120), scale=(2.0, 2.0), series_id: int = 1, volume=None
+    positions,
+    orientation,
+    spacing=(0.5, 0.8),
+    shape=(100, 120),
+    scale=(2.0, 2.0),
+    series_id: int = 1,
+    volume=None,
+    dicom=None,
 ) -> CachedSeries:
     """A cached series of one stack built by hand: one slice per position, all with the same geometry.
 
-    ``volume`` defaults to a tiny placeholder (the geometry needs only the metadata).
+    Positions along the normal are filled in as the reader would (projections on ``row x column``); ``volume``
+    defaults to a tiny placeholder (the geometry needs only the metadata); ``dicom`` is the series' common tags.
     """
     n = len(positions)
+    normal = np.cross(np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:], dtype=float))
     slices = SliceTable(
         instance_number=tuple(range(1, n + 1)),
         stack=(0,) * n,
@@ -33,11 +42,11 @@ def fake_series(
         original_shape=(tuple(shape),) * n,
         scale=(tuple(scale),) * n,
         resized=(False,) * n,
-        position_along_normal=(float("nan"),) * n,
+        position_along_normal=tuple(float(np.dot(p, normal)) for p in positions),
         file_name=tuple(f"{i}.dcm" for i in range(1, n + 1)),
     )
-    stack = StackMeta(0, n, tuple(float(v) for v in orientation), None)
-    meta = SeriesMeta(96, (0.0, 1.0), (stack,), slices, {}, (), series_id=series_id)
+    stack = StackMeta(0, n, tuple(float(v) for v in orientation), tuple(float(v) for v in normal))
+    meta = SeriesMeta(96, (0.0, 1.0), (stack,), slices, dict(dicom or {}), (), series_id=series_id)
     return CachedSeries(np.zeros((n, 4, 4), np.uint8) if volume is None else volume, meta)
 
 

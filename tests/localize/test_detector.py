@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from lumbar_ray.config import LocalizeConfig
@@ -92,6 +94,61 @@ def test_detectors_load_from_weights_and_keep_the_settings_private(t2_detector):
     assert os.environ["YOLO_OFFLINE"] == "True"
 
 
+def test_train_args_keep_named_weights_and_build_a_yaml_from_scratch(tmp_path):
+    # A .pt is fine-tuned: ultralytics' trainer drops the weights of a model given with pretrained=False.
+    weights = LocalizeConfig(model="yolov8s.pt", width=None)
+    args = det._train_args(tmp_path / "dataset.yaml", weights, tmp_path, det._model_source(weights, tmp_path / "m"))
+    assert args["model"] == "yolov8s.pt" and args["pretrained"] is True
+    # A yaml has nothing to load: built from scratch, nothing downloaded.
+    scratch = LocalizeConfig(model="yolov8n.yaml", width=None)
+    args = det._train_args(tmp_path / "dataset.yaml", scratch, tmp_path, det._model_source(scratch, tmp_path / "m"))
+    assert args["model"] == "yolov8n.yaml" and args["pretrained"] is False
+    assert not (tmp_path / "m").exists()  # neither was rescaled
+
+
+def _one_image_dataset(folder):
+    """A one-class YOLO dataset of one image per split: all ultralytics' trainer checks before it builds a model."""
+    for split in ("train", "val"):
+        (folder / "images" / split).mkdir(parents=True)
+        (folder / "labels" / split).mkdir(parents=True)
+        cv2.imwrite(str(folder / "images" / split / "a.png"), np.zeros((32, 32), np.uint8))
+        (folder / "labels" / split / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    dataset = {"path": str(folder), "train": "images/train", "val": "images/val", "names": {0: "canal"}}
+    (folder / "dataset.yaml").write_text(yaml.safe_dump(dataset))
+    return folder / "dataset.yaml"
+
+
+def _trainer_model(args):
+    """The state of the model ultralytics' trainer sets up from ``args``, before any training step."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    with det._torch_determinism_restored():
+        trainer = DetectionTrainer(overrides=args)
+        trainer.setup_model()
+    return trainer.model.state_dict()
+
+
+@pytest.mark.slow
+def test_the_trainer_starts_from_the_weights_a_pt_names(tmp_path, ultralytics_dir):
+    # ultralytics' own behaviour under the arguments train_detector passes: no download, no training step.
+    ultralytics = det._ultralytics(ultralytics_dir)
+    torch.manual_seed(1234)  # not the trainer's seed: a model it builds afresh cannot equal this one
+    start = ultralytics.YOLO(det._model_source(LocalizeConfig(), tmp_path / "yaml"))  # the quickstart's width
+    start.save(tmp_path / "start.pt")
+    cfg = LocalizeConfig(model=str(tmp_path / "start.pt"), width=None)
+    args = det._train_args(_one_image_dataset(tmp_path / "dataset"), cfg, tmp_path / "out", cfg.model)
+    expected = start.model.state_dict()
+
+    def kept(state):  # the .pt's conv weights found in the trainer's model (the 1-class head's differ in shape)
+        keys = [k for k in expected if k.endswith("conv.weight") and state[k].shape == expected[k].shape]
+        return sum(torch.allclose(state[k].float(), expected[k].float(), atol=1e-3) for k in keys), len(keys)
+
+    same, compared = kept(_trainer_model(args))
+    assert compared >= 40 and same == compared
+    same, _ = kept(_trainer_model(args | {"pretrained": False}))  # what train_detector used to pass
+    assert same <= 1
+
+
 def test_slab_centre_is_the_middle_of_the_run_around_the_peak():
     # The canal seen on slices 5..9 at about the same confidence, a weak stray on 12 (not adjacent to the run).
     detections = pd.DataFrame(
@@ -141,14 +198,15 @@ def test_locate_gives_one_row_per_target_and_fills_a_removed_level():
     assert right["filled"].all() and right["x"].isna().all() and (right["confidence"] == 0).all()
 
 
-def test_t1_side_comes_from_the_volume_half():
+def test_t1_provisional_side_comes_from_the_volume_half():
     stub = _stub(T1, pd.DataFrame())
     left, right = stub.groups
     assert stub._target(2, 1, 11, left_first=True) == left[2]
     assert stub._target(7, 1, 11, left_first=True) == left[2]  # a 10-class model's "right" on the left half
     assert stub._target(2, 9, 11, left_first=True) == right[2]
     assert stub._target(2, 9, 11, left_first=False) == left[2]
-    assert stub._target(2, 5, 11, left_first=True) is None  # the centre slice has no side
+    # The centre slice is kept (with the first half): the study-level localisation sides it by patient x.
+    assert stub._target(2, 5, 11, left_first=True) == left[2]
 
 
 def test_complete_export_adds_background_and_makes_t1_classes_per_level(cached, tmp_path):

@@ -3,16 +3,35 @@ missing series and missing detections never drop the study; the localisation met
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from lumbar_ray.constants import TARGETS, target_index
+from lumbar_ray.constants import LEVELS, TARGETS, target_index
+from lumbar_ray.data.cache import CachedSeries, SeriesCache
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.localize.evaluate import point_errors, summarise_errors, summary_metrics
 from lumbar_ray.localize.stage import axial_from_labels
-from lumbar_ray.localize.study import AXIAL, SAG_T1, SAG_T2, LevelDetector, localise_study, study_series
+from lumbar_ray.localize.study import (
+    AXIAL,
+    SAG_T1,
+    SAG_T2,
+    LevelDetector,
+    assign_sides,
+    axial_rows,
+    canal_x_by_level,
+    localise_study,
+    patient_points,
+    relevel_by_canal,
+    slab_centre_x,
+    study_series,
+)
 from tests.localize.conftest import build_cache, fake_series
+
+SAGITTAL_ORIENTATION = (0, 1, 0, 0, 0, -1)  # normal along -x: slice 0 is the patient's left (``left_first``)
+AXIAL_ORIENTATION = (1, 0, 0, 0, 1, 0)
 
 N_STUDIES = 8
 
@@ -151,8 +170,6 @@ def test_point_errors_in_plane_and_across_series():
 
 
 def test_foramen_levels_are_reassigned_from_the_canal_on_sagittal_t2(cached):
-    from lumbar_ray.localize.study import patient_points, relevel_by_canal
-
     cache, points, series_frame, cached_keys, studies = cached
     _, series, labelled = _complete_study(cache, points, series_frame, cached_keys, studies)
     t1, t2 = series[SAG_T1][0], series[SAG_T2][0]
@@ -167,3 +184,148 @@ def test_foramen_levels_are_reassigned_from_the_canal_on_sagittal_t2(cached):
     assert sorted(fixed["target"]) == sorted(foramina["target"])
     far = wrong.assign(y=wrong["y"] - 500.0)  # far above the whole spine: no canal level near, dropped
     assert relevel_by_canal(far, t1, canal).empty
+
+
+# --- hardened for real scans: foramen sides, axial reach, the better of two sagittal series
+
+
+def _sagittal(xs, series_id: int) -> CachedSeries:
+    """A sagittal series with one slice at each patient x (mm), all at the same (y, z) origin."""
+    return fake_series([(x, -50.0, 80.0) for x in xs], SAGITTAL_ORIENTATION, series_id=series_id)
+
+
+class FixedLocator:
+    """A plain locator: the same rows whatever volume it is shown."""
+
+    def __init__(self, rows: pd.DataFrame) -> None:
+        self.rows = rows
+
+    def locate(self, volume: np.ndarray, left_first: bool = True) -> pd.DataFrame:
+        return self.rows
+
+
+class HalfSidedDetector:
+    """Stands in for the Sagittal T1 detector: its raw detections are sided by the half of the volume their slice
+    lies in, as a 2D detector's are; each target resolves to the mean of its detections."""
+
+    def __init__(self, level, slice_index, x, y) -> None:
+        self.raw = pd.DataFrame({"level": level, "slice": slice_index, "x": x, "y": y}).astype({"x": float, "y": float})
+
+    def detect(self, volume: np.ndarray, left_first: bool = True) -> pd.DataFrame:
+        first_half = self.raw["slice"] < (len(volume) - 1) / 2
+        sides = np.where(first_half == left_first, "left", "right")
+        targets = [target_index(f"{side}_neural_foraminal_narrowing", LEVELS[level])
+                   for side, level in zip(sides, self.raw["level"], strict=True)]  # fmt: skip
+        detections = self.raw.drop(columns="level").assign(target=targets, confidence=0.8)
+        return detections[["target", "slice", "x", "y", "confidence"]]  # the detector's column order
+
+    def resolve(self, detections: pd.DataFrame, n_slices: int) -> pd.DataFrame:
+        means = detections.groupby("target", as_index=False)[["slice", "x", "y", "confidence"]].mean()
+        return means.assign(slice=means["slice"].round().astype(int), filled=False)
+
+    def locate(self, volume: np.ndarray, left_first: bool = True) -> pd.DataFrame:
+        return self.resolve(self.detect(volume, left_first), len(volume))
+
+
+# The T1 slab runs from x = +40 to -36 mm (20 slices, 4 mm): its middle is x = 2 mm, but the canal lies at x = -16.
+T1_XS = [40.0 - 4.0 * k for k in range(20)]
+CANAL_X = -16.0
+LEVEL_ROWS = [40.0 + 30.0 * level for level in range(len(LEVELS))]
+
+
+def _off_centre_foramina() -> HalfSidedDetector:
+    """Each level's left foramen on T1 slices 9-11 (x = 4, 0, -4 mm: left of the canal, slices 10 and 11 past the
+    slab's middle) and its right foramen on slices 17-18 (x = -28, -32 mm)."""
+    rows = [(level, k, 100.0, y) for level, y in enumerate(LEVEL_ROWS) for k in (9, 10, 11, 17, 18)]
+    return HalfSidedDetector(*zip(*rows, strict=True))
+
+
+def _canal_locator() -> FixedLocator:
+    rows = pd.DataFrame({"target": [target_index("spinal_canal_stenosis", level) for level in LEVELS], "slice": 2,
+                         "x": 100.0, "y": LEVEL_ROWS, "confidence": 0.9, "filled": False})  # fmt: skip
+    return FixedLocator(rows)
+
+
+def _foramen_sides(located) -> dict[str, set[float]]:
+    """Side -> patient x (mm) of the slices the foramen points were placed on (slices of :data:`T1_XS`)."""
+    out = {"left": set(), "right": set()}
+    for row in located.points.itertuples(index=False):
+        name = TARGETS[row.target]
+        if "foraminal" in name:
+            out[name.split("_")[0]].add(T1_XS[row.slice])
+    return out
+
+
+def test_foramen_sides_come_from_patient_x_against_the_canal_not_the_slab_half():
+    t1 = _sagittal(T1_XS, series_id=1)
+    t2 = _sagittal([CANAL_X + 8.0 - 4.0 * k for k in range(5)], series_id=2)  # slice 2 at the canal's x
+    detectors = {SAG_T2: _canal_locator(), SAG_T1: _off_centre_foramina()}
+    located = localise_study(7, {SAG_T2: [t2], SAG_T1: [t1]}, detectors)
+    # Left foramina at the middle of slices 9-11 (x = 0), right ones at slices 17-18 (x = -28 or -32).
+    sides = _foramen_sides(located)
+    assert sides["left"] == {0.0} and sides["right"] <= {-28.0, -32.0}
+    assert len(located.points) == 15  # 5 canal and 10 foramen points (no axial series)
+
+
+def test_without_sagittal_t2_the_canal_lies_between_a_levels_two_foramina():
+    located = localise_study(7, {SAG_T1: [_sagittal(T1_XS, series_id=1)]}, {SAG_T1: _off_centre_foramina()})
+    sides = _foramen_sides(located)
+    assert sides["left"] == {0.0} and sides["right"] <= {-28.0, -32.0}
+
+
+def test_canal_reference_falls_back_from_t2_to_the_foramina_to_other_levels_to_the_slab():
+    t1 = _sagittal(T1_XS, series_id=1)
+    spinal = {target_index("spinal_canal_stenosis", LEVELS[0]): (np.array([-10.0, 0.0, 0.0]), 0.9)}
+    level = np.array([1, 1, 2, 3, 4])
+    xs = np.array([6.0, -30.0, 4.0, 5.0, -9.0])  # level 1: both sides seen; levels 2-4: one foramen each
+    np.testing.assert_allclose(canal_x_by_level(level, xs, spinal, t1), [-10.0, -12.0, -11.0, -11.0, -11.0])
+    alone = canal_x_by_level(level[2:], xs[2:], {}, t1)  # nothing places the canal: the slab's middle
+    assert slab_centre_x(t1) == pytest.approx(2.0) and np.allclose(alone, 2.0)
+
+
+def test_axial_rows_leave_a_level_no_axial_stack_reaches_without_a_point():
+    axial = fake_series([(-30.0, -30.0, z) for z in (-4.0, 0.0, 4.0)], AXIAL_ORIENTATION, series_id=3)
+    canal = {target_index("spinal_canal_stenosis", LEVELS[0]): (np.array([0.0, 0.0, 1.0]), 0.9),
+             target_index("spinal_canal_stenosis", LEVELS[1]): (np.array([0.0, 0.0, -35.0]), 0.9)}  # fmt: skip
+    rows = axial_rows(7, [axial], canal, fraction=0.4)
+    placed = sorted(row["target"] for row in rows)
+    assert placed == sorted(target_index(f"{side}_subarticular_stenosis", LEVELS[0]) for side in ("left", "right"))
+    assert {row["slice"] for row in rows} == {1}
+
+
+def test_a_study_with_two_series_of_one_sagittal_type_uses_the_better(tmp_path):
+    partial = _sagittal([CANAL_X + 4.0 * k for k in range(-2, 2)], series_id=1)  # 4 slices: 16 mm
+    complete = _sagittal([CANAL_X + 28.0 - 4.0 * k for k in range(15)], series_id=2)
+    located = localise_study(7, {SAG_T2: [partial, complete]}, {SAG_T2: _canal_locator()})
+    assert set(located.points["series_id"]) == {2}
+    cache = SeriesCache(tmp_path, {"test": "two sagittal series"})
+    cache.prepare()
+    for entry in (partial, complete):
+        meta = replace(entry.meta, study_id=7, split="train", series_description=SAG_T2)
+        cache.write(7, int(meta.series_id), np.zeros((len(meta.slices), 4, 4), np.uint8), meta)
+    frame = pd.DataFrame({"study_id": [7, 7], "series_id": [1, 2], "series_description": [SAG_T2, SAG_T2]})
+    listed = study_series(cache, frame, 7, {(7, 1), (7, 2)})
+    assert [int(entry.meta.series_id) for entry in listed[SAG_T2]] == [2, 1]  # the better one first
+
+
+def test_labelled_foramina_get_their_labelled_sides_back_from_patient_space(cached):
+    cache, points, series_frame, cached_keys, studies = cached
+    checked = 0
+    for study_id in studies:
+        series = study_series(cache, series_frame, int(study_id), cached_keys)
+        labelled = points[points["study_id"] == study_id]
+        if not (series.get(SAG_T1) and series.get(SAG_T2)):
+            continue
+        t1, t2 = series[SAG_T1][0], series[SAG_T2][0]
+        foramina = labelled[labelled["series_id"] == int(t1.meta.series_id)]
+        foramina = foramina[foramina["target"].map(lambda t: "foraminal" in TARGETS[t])]
+        # Every detection claims the left side: the sides must come back from patient x alone.
+        claimed = foramina[["target", "slice", "x", "y"]].assign(confidence=0.8)
+        claimed["target"] = target_index("left_neural_foraminal_narrowing", LEVELS[0]) + claimed["target"] % 5
+        t2_id = int(t2.meta.series_id)
+        canal = patient_points(labelled[labelled["series_id"] == t2_id], {t2_id: t2})
+        for reference in (canal, {}):  # the Sagittal T2 canal, then the gap between the two foramina
+            sided = assign_sides(claimed, t1, reference)
+            assert sorted(sided["target"]) == sorted(foramina["target"]), (study_id, bool(reference))
+        checked += 1
+    assert checked >= 3

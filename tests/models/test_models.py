@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 from lumbar_ray.config import CropConfig, LossConfig, ModelConfig
 from lumbar_ray.constants import TARGETS
 from lumbar_ray.losses import SeverityLoss
 from lumbar_ray.models import ARCHITECTURES, DEFAULT_CLASS_PRIOR, POOLS, SeverityNet, build_model
+from lumbar_ray.models.encoders import TINY_CNN, TinyCNN, has_pretrained_weights
 from lumbar_ray.models.net import slice_windows
 
 
@@ -18,9 +20,54 @@ def _crops(batch: int, slices: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_architectures_lists_the_four_named_entries() -> None:
-    assert {"tiny", "resnet18d", "convnext_nano", "efficientnetv2_s"} <= set(ARCHITECTURES)
+    assert {"tiny", "resnet18d", "convnext_nano", "tf_efficientnetv2_s"} <= set(ARCHITECTURES)
     for spec in ARCHITECTURES.values():
         assert spec.pool in POOLS
+
+
+def test_weights_are_known_to_timm_without_a_download() -> None:
+    assert has_pretrained_weights("tf_efficientnetv2_s") and has_pretrained_weights("convnext_nano.in12k")
+    assert not has_pretrained_weights("efficientnetv2_s")  # a timm model, but timm has no weights for it
+    assert not has_pretrained_weights("convnext_nano.no_such_tag")
+    assert not has_pretrained_weights(TINY_CNN)
+
+
+def test_only_the_builtin_quickstart_cnn_goes_without_weights() -> None:
+    assert [arch for arch, spec in ARCHITECTURES.items() if not spec.has_weights] == ["tiny"]
+    assert ARCHITECTURES["tiny"].encoder == TINY_CNN
+
+
+@pytest.mark.parametrize("arch", sorted(arch for arch, spec in ARCHITECTURES.items() if spec.has_weights))
+def test_every_real_architecture_has_pretrained_timm_weights(arch: str) -> None:
+    assert has_pretrained_weights(ARCHITECTURES[arch].encoder)
+
+
+@pytest.fixture
+def timm_calls(monkeypatch) -> list[tuple[str, bool]]:
+    """``(name, pretrained)`` of every ``timm.create_model`` call; each gets a small stand-in encoder (no download,
+    no large backbone: what timm is asked for is what is tested)."""
+    calls = []
+
+    def recording(name, **kwargs):
+        calls.append((name, kwargs["pretrained"]))
+        return TinyCNN(in_chans=kwargs["in_chans"])
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    return calls
+
+
+def test_the_pretrained_flag_reaches_timm(timm_calls) -> None:
+    build_model(ModelConfig(arch="resnet18d", pretrained=True), CropConfig(size=32, slices=3))
+    build_model(ModelConfig(arch="resnet18d"), CropConfig(size=32, slices=3))
+    assert timm_calls == [("resnet18d", True), ("resnet18d", False)]
+
+
+def test_pretrained_refuses_an_encoder_without_weights(timm_calls) -> None:
+    # timm itself would only warn and start from random weights.
+    with pytest.raises(ValueError, match="'efficientnetv2_s' has no pretrained weights"):
+        build_model(ModelConfig(arch="resnet18d", encoder="efficientnetv2_s", pretrained=True), CropConfig())
+    build_model(ModelConfig(arch="resnet18d", encoder="efficientnetv2_s"), CropConfig())  # from scratch: asked for
+    assert timm_calls == [("efficientnetv2_s", False)]
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -80,6 +80,11 @@ def test_mlflow_holds_runs_metrics_plots_and_the_version(interrupted_then_resume
         history = client.get_metric_history(child.info.run_id, "val_score")
         assert [m.step for m in history] == [0, 1]
     assert parent.data.metrics["cv_total"] == pytest.approx(second.score.total)
+    # The honest CV (each fold's last epoch, fixed in advance) sits beside the best-epoch one.
+    assert parent.data.metrics["cv_last_epoch_total"] == pytest.approx(second.last_epoch_score.total)
+    assert all(outcome.last_epoch == cfg.train.epochs - 1 for outcome in second.outcomes.values())
+    assert all(o.best_score <= o.history[-1]["val_score"] for o in second.outcomes.values())
+    assert "last epoch" in second.format()
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"oof.csv", "folds.csv", "config.yaml"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}

@@ -58,19 +58,26 @@ def test_log_cv_metrics_and_artifacts(tracker: Tracker, tmp_path: Path) -> None:
     labels, probs, prior, folds = _scored()
     oof = labels_to_submission(folds["study_id"].to_numpy(), probs)
     skipped = pd.DataFrame({"study_id": [1000], "series_id": [5], "instance_number": [3], "reason": ["no slice"]})
-    scores = (score_arrays(labels, probs), score_arrays(labels, prior))
+    flat = np.broadcast_to(np.array([1 / 3, 1 / 3, 1 / 3]), probs.shape)
+    scores = {"best epoch": score_arrays(labels, probs), "last epoch": score_arrays(labels, flat),
+              "prior": score_arrays(labels, prior)}  # fmt: skip
     report.log_cv(tracker, parent, scores, {"oof.csv": oof, "folds.csv": folds, "skipped_points.csv": skipped},
                   labels, probs)  # fmt: skip
     client = MlflowClient(tracker.uri)
     metrics = client.get_run(parent).data.metrics
-    assert metrics["cv_total"] == pytest.approx(scores[0].total)
-    assert metrics["cv_any_severe_spinal"] == pytest.approx(scores[0].any_severe_spinal)
-    assert metrics["prior_total"] == pytest.approx(scores[1].total) != pytest.approx(metrics["cv_total"])
+    assert metrics["cv_total"] == pytest.approx(scores["best epoch"].total)
+    assert metrics["cv_any_severe_spinal"] == pytest.approx(scores["best epoch"].any_severe_spinal)
+    assert metrics["prior_total"] == pytest.approx(scores["prior"].total) != pytest.approx(metrics["cv_total"])
+    assert metrics["cv_last_epoch_total"] == pytest.approx(scores["last epoch"].total)
+    assert not any(name.startswith("floor_") for name in metrics)  # no floor given, none logged
     assert metrics["cv_studies"] == 30
     names = {a.path for a in client.list_artifacts(parent)}
     assert {"oof.csv", "folds.csv", "skipped_points.csv", "plots"} <= names
     pngs = {a.path for a in client.list_artifacts(parent, "plots")}
-    assert pngs == {"plots/confusion_matrices.png", "plots/level_scores.png"}
+    assert pngs == {"plots/confusion_matrices.png", "plots/level_scores.png", "plots/reliability.png"}
+    assert "calibration.csv" in names
+    assert {f"ece_{group}" for group in ("spinal", "foraminal", "subarticular")} <= set(metrics)
+    assert 0 < metrics["ece_spinal"] < 1
     logged = pd.read_csv(client.download_artifacts(parent, "oof.csv", str(tmp_path)))
     pd.testing.assert_frame_equal(logged, oof, check_exact=False, rtol=1e-12)
     assert Path(client.download_artifacts(parent, "plots/level_scores.png", str(tmp_path))).read_bytes()[:4] == (
@@ -81,6 +88,6 @@ def test_log_cv_metrics_and_artifacts(tracker: Tracker, tmp_path: Path) -> None:
 def test_log_cv_leaves_out_empty_tables(tracker: Tracker) -> None:
     parent = tracker.parent_run("cv-clean", kind="cv")
     labels, probs, prior, folds = _scored(seed=1)
-    scores = (score_arrays(labels, probs), score_arrays(labels, prior))
+    scores = {"best epoch": score_arrays(labels, probs), "prior": score_arrays(labels, prior)}
     report.log_cv(tracker, parent, scores, {"folds.csv": folds, "skipped_points.csv": pd.DataFrame()}, labels, probs)
     assert "skipped_points.csv" not in {a.path for a in tracker.client.list_artifacts(parent)}
