@@ -112,6 +112,9 @@ class ModelConfig(_Strict):
     arch: str = Field("tiny", description="a name of lumbar_ray.models.ARCHITECTURES")
     encoder: str | None = Field(None, description="timm model name overriding the architecture's encoder")
     pretrained: bool = Field(False, description="timm pretrained weights (needs network or a local cache)")
+    pretrained_file: str | None = Field(
+        None, description="a local copy of the encoder's timm weights (.safetensors/.pth): clusters without internet"
+    )
     in_chans: int = Field(1, ge=1, description="adjacent slices fed to the encoder as channels, per slice")
     pool: Literal["attention", "lstm", "mean"] | None = Field(None, description="slice pooling; None = arch's")
     dropout: float = Field(0.1, ge=0, lt=1)

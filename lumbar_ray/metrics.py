@@ -174,30 +174,38 @@ def _any_severe_loss(spinal_labels: np.ndarray, spinal_severe: np.ndarray) -> fl
 CALIBRATION_BINS = 10
 
 
-def unweighted(probs: np.ndarray) -> np.ndarray:
-    """Undo the metric's class weights: ``q_c ~ p_c / w_c``.
+def unweighted(probs: np.ndarray, class_weights: Sequence[float] = SEVERITY_WEIGHTS) -> np.ndarray:
+    """Undo a model's class weights: ``q_c ~ p_c / w_c``.
 
-    A model trained with the metric's 1/2/4 weights predicts ``p_c ~ w_c * P(c)`` (what the score rewards), so its
-    raw probabilities over-state the rarer classes by design; ``P(c)`` itself is what calibration is about.
+    A model trained with class weights ``w`` (the metric's 1/2/4 by default) predicts ``p_c ~ w_c * P(c)``, which
+    is what the score rewards for the metric's weights, so its raw probabilities over-state the rarer classes by
+    design; ``P(c)`` itself is what calibration is about. (The any-severe loss term also pushes spinal P(severe)
+    up a little; that part is left in.)
     """
-    plain = np.asarray(probs, dtype=np.float64) / _WEIGHTS
+    plain = np.asarray(probs, dtype=np.float64) / np.asarray(class_weights, dtype=np.float64)
     return plain / plain.sum(axis=-1, keepdims=True)
 
 
-def calibration_table(labels: np.ndarray, probs: np.ndarray, n_bins: int = CALIBRATION_BINS) -> pd.DataFrame:
+def calibration_table(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    n_bins: int = CALIBRATION_BINS,
+    class_weights: Sequence[float] = SEVERITY_WEIGHTS,
+) -> pd.DataFrame:
     """Reliability of each class's probability per condition group, over the scored cells.
 
     Args:
         labels: ``(n, 25)`` class ids (IGNORE_INDEX for unscored cells).
-        probs: ``(n, 25, 3)`` predictions as scored (weighted); they are :func:`unweighted` first.
+        probs: ``(n, 25, 3)`` predictions as scored; they are :func:`unweighted` by ``class_weights`` first.
         n_bins: equal-width bins of the predicted probability.
+        class_weights: the class weights the model was trained with (``loss.class_weights``).
 
     Returns:
         One row per group, class and non-empty bin: ``group, severity, bin, count, predicted`` (mean probability),
         ``observed`` (share of cells of that class).
     """
     labels, probs = _check_arrays(labels, probs)
-    plain = unweighted(probs)
+    plain = unweighted(probs, class_weights)
     rows = []
     for group, columns in _GROUP_COLUMNS.items():
         scored = labels[:, columns] != IGNORE_INDEX

@@ -27,6 +27,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from lumbar_ray.config import LOCALIZE_RESOURCE_FIELDS, Config, cache_settings, settings_hash
 from lumbar_ray.constants import DETECTED_SERIES_TYPES, series_slug
@@ -35,6 +36,8 @@ STORAGE_ENV = "LUMBAR_RAY_STORAGE"
 DETECTOR_WEIGHTS = "detector.pt"
 
 # Settings that change how fast or where a CV runs, not what it learns: left out of the run id.
+# Settings added after run ids were first published: at their defaults they change no id (existing runs are found).
+_ADDED_AFTER_IDS: dict[tuple[str, str], Any] = {("synth", "preset"): "easy", ("model", "pretrained_file"): None}
 _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     "workdir": None,
     "preprocess": {"cache", "workers", "num_cpus", "strict"},
@@ -95,8 +98,9 @@ def cv_run_id(cfg: Config) -> str:
     if cfg.train.run_id:
         return cfg.train.run_id
     tree = cfg.model_dump(mode="json")
-    if tree["synth"]["preset"] == "easy":  # added after ids were published: at its default it changes no id
-        del tree["synth"]["preset"]
+    for (section, key), default in _ADDED_AFTER_IDS.items():
+        if tree[section][key] == default:
+            del tree[section][key]
     for section, keys in _CV_RESOURCE_KEYS.items():
         if keys is None:
             tree.pop(section, None)

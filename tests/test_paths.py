@@ -11,6 +11,7 @@ from lumbar_ray.paths import (
     atomic_path,
     cache_root_for,
     cv_run_id,
+    data_root_for,
     localize_key,
     ray_storage_for,
     tracking_uri_for,
@@ -80,3 +81,15 @@ def test_ids_of_the_default_config_are_those_existing_workdirs_hold(tmp_path: Pa
     assert cv_run_id(cfg) == "cv-a45d0f059f"
     assert localize_key(cfg) == "loc-169c20482517"
     assert cache_key(cache_settings(cfg.preprocess)) == "pp-b617c510463a"
+
+
+def test_the_hard_preset_and_real_data_get_their_own_folder_and_ids(tmp_path: Path) -> None:
+    """A workdir shared by both presets never mixes their data, detectors or CVs (the easy ids stay the golden ones)."""
+    easy = Config(workdir=str(tmp_path))
+    hard = easy.model_copy(update={"synth": easy.synth.model_copy(update={"preset": "hard"})})
+    real = easy.model_copy(update={"data": easy.data.model_copy(update={"root": str(tmp_path / "rsna")})})
+    assert data_root_for(easy) == tmp_path / "data" / "synthetic"
+    assert data_root_for(hard) == tmp_path / "data" / "synthetic-hard"
+    assert data_root_for(real) == tmp_path / "rsna"
+    assert len({cv_run_id(easy), cv_run_id(hard), cv_run_id(real)}) == 3
+    assert len({localize_key(easy), localize_key(hard), localize_key(real)}) == 3

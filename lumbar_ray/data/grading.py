@@ -13,13 +13,16 @@ preset, in pure numpy:
   marginal frequencies are exactly the real ones;
 - a small share of labels is replaced by a draw from the target's real class frequencies (a wrong label).
 
-The generator knows ``x``, so the posterior ``P(label | x)`` is exact, and the best possible official score (the
-*Bayes floor*) is the score of the metric-optimal prediction ``p_c ~ w_c * P(c | x)`` (the metric weights each row
-by its true class, 1/2/4), estimated here by Monte Carlo over the real label distribution.
+The generator knows ``x``, so the posterior ``P(label | x)`` is exact, and the *Bayes floor* is the official score
+of the metric-optimal prediction of each row, ``p_c ~ w_c * P(c | x)`` (the metric weights each row by its true
+class, 1/2/4), estimated here by Monte Carlo over the real label distribution. It is a tight bound rather than
+the exact optimum: the any-severe term takes the maximum over levels of those rows' P(severe), which is not quite
+the best any-severe prediction (about 0.003 on that term, under 0.001 on the total).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -70,6 +73,8 @@ REAL_CLASS_FREQUENCIES: dict[str, tuple[tuple[float, float, float], ...]] = {
     ),
 }
 
+MANIFEST_NAME = "synthetic.json"
+"""The synthetic dataset's manifest (written last: a folder holding it is complete)."""
 SEVERITY_NAME = "synthetic_severity.csv"
 """Written beside train.csv by the hard preset: each training study's latent severities (severity units)."""
 
@@ -95,8 +100,8 @@ class ReaderModel:
     def __post_init__(self) -> None:
         if set(self.noise_share) != set(CONDITION_GROUPS):
             raise ValueError(f"noise_share needs one value per group {sorted(CONDITION_GROUPS)}")
-        if not all(0.0 <= v < 1.0 for v in self.noise_share.values()):
-            raise ValueError("noise_share values must lie in [0, 1)")
+        if not all(0.0 < v < 1.0 for v in self.noise_share.values()):
+            raise ValueError("noise_share values must lie in (0, 1): some reader noise, not only noise")
         if not 0.0 <= self.wrong_label_rate < 1.0 or not 0.0 <= self.study_correlation < 1.0:
             raise ValueError("wrong_label_rate and study_correlation must lie in [0, 1)")
 
@@ -222,4 +227,17 @@ def known_floor(root: Path, study_ids: np.ndarray, labels: np.ndarray) -> ScoreR
     severity = pd.read_csv(path).set_index("study_id").reindex(np.asarray(study_ids, dtype=np.int64))
     if severity.isna().any().any():
         raise ValueError(f"{path} lacks latents of {int(severity.isna().any(axis=1).sum())} scored studies")
-    return oracle_score(labels, severity[list(TARGETS)].to_numpy(), HARD_READERS)
+    return oracle_score(labels, severity[list(TARGETS)].to_numpy(), recorded_readers(root))
+
+
+def recorded_readers(root: Path) -> ReaderModel:
+    """The readers' model a hard-preset folder was written with (its ``synthetic.json``), not today's default.
+
+    Raises:
+        ValueError: if the folder does not record one.
+    """
+    path = Path(root) / MANIFEST_NAME
+    readers = json.loads(path.read_text())["manifest"].get("readers") if path.is_file() else None
+    if readers is None:
+        raise ValueError(f"{path} records no readers' model: not a hard-preset dataset")
+    return ReaderModel(**readers)

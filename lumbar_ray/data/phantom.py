@@ -176,12 +176,15 @@ def pixel_of(point: np.ndarray, series: SeriesSpec, spec: SliceSpec) -> tuple[fl
     return x, y
 
 
-def nearest_slice(point: np.ndarray, series: SeriesSpec) -> SliceSpec:
-    def distance(spec: SliceSpec) -> float:
-        normal = np.cross(spec.orientation[:3], spec.orientation[3:])
-        return abs(float((point - spec.position) @ normal))
+def plane_distance(point: np.ndarray, spec: SliceSpec) -> float:
+    """Distance (mm) of a patient-space point from a slice's plane."""
+    normal = np.cross(spec.orientation[:3], spec.orientation[3:])
+    return abs(float((point - spec.position) @ normal))
 
-    return min(series.slices, key=distance)
+
+def nearest_slice(point: np.ndarray, series: SeriesSpec) -> SliceSpec:
+    """The slice of ``series`` whose plane is nearest to ``point``."""
+    return min(series.slices, key=lambda spec: plane_distance(point, spec))
 
 
 def exact_place(point: np.ndarray, series: SeriesSpec) -> tuple[np.ndarray, SliceSpec]:
@@ -194,7 +197,7 @@ def label_coordinates(
     labels: np.ndarray,
     anatomy: Any,
     series: list[SeriesSpec],
-    place: Callable[[np.ndarray, SeriesSpec], tuple[np.ndarray, SliceSpec]] = exact_place,
+    place: Callable[[np.ndarray, SeriesSpec], tuple[np.ndarray, SliceSpec] | None] = exact_place,
 ) -> list[dict]:
     """Rows of train_label_coordinates.csv: each labelled target's point as ``place`` marks it.
 
@@ -204,7 +207,8 @@ def label_coordinates(
         anatomy: where the label points are: ``spinal_point``, ``foramen_point(side)``, ``subarticular_point(side)``
             in patient millimetres (+1 = patient left), shape (5, 3) each.
         series: the study's series; the first of each type carries the labels.
-        place: the annotator: patient point and series -> the point it marks and the slice it marks it on.
+        place: the annotator: patient point and series -> the point it marks and the slice it marks it on, or
+            None for no mark.
     """
     by_type: dict[str, SeriesSpec] = {}
     for spec in series:
@@ -223,7 +227,10 @@ def label_coordinates(
         for k, level in enumerate(LEVELS):
             if target_series is None or labels[c_index * len(LEVELS) + k] < 0:
                 continue
-            point, spec = place(level_points[k], target_series)
+            placed = place(level_points[k], target_series)
+            if placed is None:
+                continue
+            point, spec = placed
             x, y = pixel_of(point, target_series, spec)
             rows.append(
                 {

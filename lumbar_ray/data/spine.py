@@ -40,6 +40,7 @@ from lumbar_ray.data.phantom import (
     SliceSpec,
     label_coordinates,
     nearest_slice,
+    plane_distance,
     sample_look,
 )
 
@@ -49,6 +50,7 @@ SCOLIOSIS_RATE = 0.15
 CONTIGUOUS_AXIAL_RATE = 0.3  # one straight axial stack over all levels instead of angled per-level blocks
 POINT_SD_MM = 1.2  # annotators' in-plane scatter
 WRONG_SLICE_RATE = 0.04  # label point on the neighbouring slice
+MAX_LABEL_DISTANCE_MM = 10.0  # farther from every slice of the series, a point is not marked
 THORACIC_DISCS = 2  # T11/T12 and T12/L1 above the labelled levels
 
 
@@ -190,7 +192,9 @@ def _sacrum(spine: SpineCurve) -> Primitive:
     """A large bone block below L5/S1, tilted forward by the sacral slope: the landmark levels are counted from."""
     z = spine.disc_z[-1] - 0.5 * (spine.disc_z[-2] - spine.disc_z[-1]) - 6.0
     frame = spine.frame(z)
-    slope = np.deg2rad(25.0)  # rotate about the local left axis
+    # Rotate about the local left axis so that the top plate faces forwards and up (the sacral slope):
+    # up' = cos * up - sin * posterior leans the block's axis towards anterior.
+    slope = -np.deg2rad(25.0)
     rotation = np.array([[1, 0, 0], [0, np.cos(slope), -np.sin(slope)], [0, np.sin(slope), np.cos(slope)]])
     tilted = rotation @ frame
     centre = spine.point(z) + frame[1] * 6.0
@@ -331,9 +335,11 @@ def annotate(
 ) -> list[dict]:
     """Rows of train_label_coordinates.csv as annotators make them: scattered points, sometimes a slice off."""
 
-    def place(point: np.ndarray, target_series: SeriesSpec) -> tuple[np.ndarray, SliceSpec]:
+    def place(point: np.ndarray, target_series: SeriesSpec) -> tuple[np.ndarray, SliceSpec] | None:
         point = point + POINT_SD_MM * rng.standard_normal(3)
         spec = nearest_slice(point, target_series)
+        if plane_distance(point, spec) > MAX_LABEL_DISTANCE_MM:
+            return None  # no slice of the series shows it (a repeat over other levels): no point, as a reader would
         if rng.random() < WRONG_SLICE_RATE:
             spec = _spatial_neighbour(target_series, spec, rng)
         return point, spec

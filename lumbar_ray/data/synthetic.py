@@ -30,7 +30,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import NormalDist
 
@@ -50,7 +50,14 @@ from lumbar_ray.constants import (
     TARGETS,
     row_id,
 )
-from lumbar_ray.data.grading import HARD_READERS, REAL_CLASS_FREQUENCIES, SEVERITY_NAME, bayes_floor, oracle_score
+from lumbar_ray.data.grading import (
+    HARD_READERS,
+    MANIFEST_NAME,
+    REAL_CLASS_FREQUENCIES,
+    SEVERITY_NAME,
+    bayes_floor,
+    oracle_score,
+)
 from lumbar_ray.data.phantom import (
     BONE,
     CSF,
@@ -73,8 +80,8 @@ from lumbar_ray.data.spine import SpineCurve, annotate, axial_series, plan_hard_
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
+HARD_VERSION = 1  # the hard preset's own generator (lumbar_ray.data.spine); a change writes new data
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-MANIFEST_NAME = "synthetic.json"
 
 # Lesion size as a fraction of the structure it narrows: mean per severity, jittered per target so that the
 # classes overlap a little, as real gradings do.
@@ -431,7 +438,13 @@ class SynthResult:
 
 
 def _manifest(cfg: SynthConfig) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "config": cfg.model_dump(mode="json")}
+    """What makes a dataset: the generator, its settings and, for the hard preset, the readers' model."""
+    config = cfg.model_dump(mode="json")
+    if cfg.preset == "easy":  # added with the hard preset: at its default, folders written before stay reusable
+        del config["preset"]
+        return {"generator_version": GENERATOR_VERSION, "config": config}
+    return {"generator_version": GENERATOR_VERSION, "hard_version": HARD_VERSION, "config": config,
+            "readers": asdict(HARD_READERS)}  # fmt: skip
 
 
 def write_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bool = False) -> SynthResult:

@@ -37,6 +37,8 @@ DEFAULT_SLICE_SPACING_MM = 4.0
 # A sagittal slab this wide (left-right) holds the canal and both foramina (~16 mm either side) with two ~4 mm
 # slices to spare on each side; a wider slab images nothing more that is used, so it wins no further.
 SAGITTAL_COVERAGE_MM = 50.0
+# Head-to-foot field of view beyond which a taller sagittal series is no better: T12 to S1 and some margin.
+SAGITTAL_HEIGHT_MM = 220.0
 
 
 def _slice_frame(series: CachedSeries, index: int) -> tuple[Sequence[float], Sequence[float], Sequence[float]]:
@@ -155,7 +157,7 @@ def _axial_hit(point: np.ndarray, series: CachedSeries, position_in_list: int, i
     return AxialHit(position_in_list, index, instance, abs(signed_distance), x, y, inside, reach)
 
 
-def sagittal_rank(meta: SeriesMeta) -> tuple[bool, int, float, int]:
+def sagittal_rank(meta: SeriesMeta) -> tuple[bool, int, int, float, int]:
     """How good a sagittal series is for localisation, from its cached geometry alone (larger is better).
 
     In order of importance:
@@ -165,8 +167,10 @@ def sagittal_rank(meta: SeriesMeta) -> tuple[bool, int, float, int]:
        and the axial assignment need);
     2. left-right coverage: slices x slice spacing, capped at :data:`SAGITTAL_COVERAGE_MM` and in whole mm (a
        partial repeat over a few slices may miss the canal or a foramen; beyond the cap, wider is no better);
-    3. finer in-plane pixel spacing (median over slices, to 0.01 mm): more detail of the same anatomy;
-    4. the lower series id (the earlier acquisition; it keeps the choice deterministic).
+    3. head-to-foot coverage: the field of view along the columns (rows x row spacing), capped at
+       :data:`SAGITTAL_HEIGHT_MM` and in whole cm (a zoomed repeat may cut off the upper levels);
+    4. finer in-plane pixel spacing (median over slices, to 0.01 mm): more detail of the same anatomy;
+    5. the lower series id (the earlier acquisition; it keeps the choice deterministic).
     """
     slices = meta.slices
     complete = len(meta.stacks) <= 1 and all(
@@ -177,8 +181,11 @@ def sagittal_rank(meta: SeriesMeta) -> tuple[bool, int, float, int]:
     coverage = round(min(n * spacing, SAGITTAL_COVERAGE_MM))
     pixel_sizes = [float(np.mean(value)) for value in slices.pixel_spacing if value is not None]
     pixel_mm = round(float(np.median(pixel_sizes)), 2) if pixel_sizes else math.inf
+    heights = [shape[0] * spacing[0] for shape, spacing in zip(slices.original_shape, slices.pixel_spacing,
+                                                                strict=True) if shape and spacing]  # fmt: skip
+    height = int(min(float(np.median(heights)), SAGITTAL_HEIGHT_MM) // 10) if heights else 0
     series_id = meta.series_id if meta.series_id is not None else 0
-    return complete, coverage, -pixel_mm, -int(series_id)
+    return complete, coverage, height, -pixel_mm, -int(series_id)
 
 
 def best_sagittal(entries: Sequence[CachedSeries]) -> CachedSeries:

@@ -42,6 +42,8 @@ SIDES = {"left": 1.0, "right": -1.0}
 # while one foramen's detections spread over its two or three slices (< 10 mm): a gap of at least this much
 # between a level's detections is where the canal lies.
 MIN_FORAMEN_GAP_MM = LATERAL_FORAMEN_MM
+# Closer than this to the canal's mid-line a Sagittal T1 detection has no side (the foramina lie 14-18 mm out).
+MIN_SIDE_OFFSET_MM = 5.0
 
 
 class Locator(Protocol):
@@ -196,15 +198,18 @@ def detection_points(detections: pd.DataFrame, entry: CachedSeries) -> np.ndarra
     return np.array(points, dtype=np.float64).reshape(-1, 3)
 
 
-def side_of_canal(x_mm: float, canal_x_mm: float) -> str | None:
+def side_of_canal(x_mm: float, canal_x_mm: float, min_offset_mm: float = MIN_SIDE_OFFSET_MM) -> str | None:
     """The patient's side (``left``/``right``) a point at patient x ``x_mm`` lies on, seen from the canal at
-    ``canal_x_mm``; None on the canal's own plane (the mid-line holds no foramen).
+    ``canal_x_mm``; None within ``min_offset_mm`` of the canal's plane (the mid-line holds no foramen: a detection
+    there is a false positive that would otherwise compete with the real foramen some 15 mm out).
 
     DICOM's LPS frame has +x towards the patient's left (:data:`SIDES`), whatever the slice order, the field of
     view's centre or a scoliosis: the side is a fact of patient space, not of the slice index.
     """
-    sign = np.sign(x_mm - canal_x_mm)
-    return next((side for side, side_sign in SIDES.items() if side_sign == sign), None)
+    offset = x_mm - canal_x_mm
+    if abs(offset) < min_offset_mm:
+        return None
+    return next(side for side, side_sign in SIDES.items() if side_sign == np.sign(offset))
 
 
 def canal_x_between_foramina(xs: np.ndarray, min_gap_mm: float = MIN_FORAMEN_GAP_MM) -> float | None:

@@ -59,7 +59,7 @@ def has_pretrained_weights(name: str) -> bool:
     return bool(source and (source.hf_hub_id or source.url or source.file))
 
 
-def create_encoder(name: str, pretrained: bool, in_chans: int) -> nn.Module:
+def create_encoder(name: str, pretrained: bool, in_chans: int, pretrained_file: str | None = None) -> nn.Module:
     """Build a headless encoder with a ``num_features`` attribute.
 
     Args:
@@ -67,6 +67,8 @@ def create_encoder(name: str, pretrained: bool, in_chans: int) -> nn.Module:
         pretrained: load timm's pretrained weights (downloads unless cached; ignored by the tiny CNN). timm
             adapts the first convolution to ``in_chans`` by summing/repeating the RGB filters.
         in_chans: image channels (adjacent slices) per encoder input.
+        pretrained_file: with ``pretrained``, load the weights from this local file instead of timm's source
+            (same keys as timm's own weights; the first convolution is adapted to ``in_chans`` as usual).
 
     Raises:
         ValueError: if ``name`` is neither the tiny CNN nor a known timm model, or if ``pretrained`` is asked of
@@ -81,5 +83,7 @@ def create_encoder(name: str, pretrained: bool, in_chans: int) -> nn.Module:
     if pretrained and not has_pretrained_weights(name):
         # timm would only log a warning and start from random weights: a GPU run would train from scratch unnoticed.
         raise ValueError(f"encoder {name!r} has no pretrained weights in timm (timm.list_pretrained() lists them)")
+    overlay = {"file": str(pretrained_file)} if pretrained and pretrained_file else None
     # num_classes=0 removes the classifier: the output is the pooled feature vector of size num_features.
-    return timm.create_model(name, pretrained=pretrained, in_chans=in_chans, num_classes=0)
+    return timm.create_model(name, pretrained=pretrained, in_chans=in_chans, num_classes=0,
+                             pretrained_cfg_overlay=overlay)  # fmt: skip

@@ -89,7 +89,8 @@ def build_model(
     spec = ARCHITECTURES[model.arch]
     encoder_name = model.encoder or spec.encoder
     pool = model.pool or spec.pool
-    encoder = create_encoder(encoder_name, pretrained=model.pretrained, in_chans=model.in_chans)
+    encoder = create_encoder(encoder_name, pretrained=model.pretrained, in_chans=model.in_chans,
+                             pretrained_file=model.pretrained_file)  # fmt: skip
     net = SeverityNet(
         encoder,
         feature_dim=int(encoder.num_features),

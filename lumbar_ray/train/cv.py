@@ -140,13 +140,16 @@ def run_fold(cfg: Config, job: FoldJob, run_id: str) -> FoldOutcome:
     return FoldOutcome.from_state(job.fold, state, result.checkpoint.path)
 
 
-def assemble_oof(inputs: CVInputs, outcomes: dict[int, FoldOutcome], epoch: str = "best") -> np.ndarray:
-    """``(n, 25, 3)`` out-of-fold probabilities aligned with ``inputs.study_ids``, of each fold's ``best`` or
-    ``last`` epoch."""
-    position = {int(study): i for i, study in enumerate(inputs.study_ids)}
-    probs = np.full((len(inputs.study_ids), *next(iter(outcomes.values())).probs.shape[1:]), np.nan)
+def assemble_oof(study_ids: np.ndarray, outcomes: dict[int, FoldOutcome], epoch: str = "best") -> np.ndarray:
+    """``(n, 25, 3)`` out-of-fold probabilities aligned with ``study_ids``, of each fold's ``best`` or ``last``
+    epoch (every study must be in one of the folds)."""
+    position = {int(study): i for i, study in enumerate(study_ids)}
+    probs = np.full((len(study_ids), *next(iter(outcomes.values())).probs.shape[1:]), np.nan)
     for outcome in outcomes.values():
-        probs[[position[int(s)] for s in outcome.study_ids]] = outcome.probs if epoch == "best" else outcome.last_probs
+        chosen = outcome.probs if epoch == "best" else outcome.last_probs
+        if chosen is None:
+            raise ValueError(f"fold {outcome.fold} kept no {epoch}-epoch predictions (trained by an older version)")
+        probs[[position[int(s)] for s in outcome.study_ids]] = chosen
     missing = np.isnan(probs).any(axis=(1, 2))
     if missing.any():
         raise RuntimeError(f"{int(missing.sum())} studies have no out-of-fold prediction")
@@ -228,12 +231,12 @@ def finish_cv(cfg: Config, run: CVRun, outcomes: dict[int, FoldOutcome], trained
     inputs = run.inputs
     in_folds = inputs.folds["fold"].isin(list(outcomes)).to_numpy()
     scored = inputs.subset(in_folds)
-    probs = assemble_oof(scored, outcomes)
+    probs = assemble_oof(scored.study_ids, outcomes)
     score = score_arrays(scored.labels, probs)
     baseline = score_arrays(scored.labels, prior_oof_probs(inputs.labels, inputs.fold_of())[in_folds])
     honest = None
     if all(outcome.last_probs is not None for outcome in outcomes.values()):  # folds of older runs lack them
-        honest = score_arrays(scored.labels, assemble_oof(scored, outcomes, epoch="last"))
+        honest = score_arrays(scored.labels, assemble_oof(scored.study_ids, outcomes, epoch="last"))
     floor = known_floor(data_root_for(cfg), scored.study_ids, scored.labels)
     oof = labels_to_submission(scored.study_ids, probs)
     oof.to_csv(run.run_dir / "oof.csv", index=False)
@@ -247,7 +250,9 @@ def finish_cv(cfg: Config, run: CVRun, outcomes: dict[int, FoldOutcome], trained
                       fit_prior(inputs.labels), fold_priors, len(outcomes) == cfg.cv.n_folds, notes,
                       honest, floor)  # fmt: skip
     tables = {"oof.csv": oof, FOLDS_CSV: inputs.folds, "skipped_points.csv": inputs.skipped_points}
-    result.calibration = report.log_cv(run.tracker, run.parent, result.columns(), tables, scored.labels, probs)
+    result.calibration = report.log_cv(
+        run.tracker, run.parent, result.columns(), tables, scored.labels, probs, tuple(cfg.loss.class_weights)
+    )
     run.tracker.log_values(run.parent, {"cv_folds": float(len(outcomes))})
     run.tracker.finish(run.parent)
     logger.info("CV %s: score %.5f at the best epochs, %s at the last (prior %.5f)", run.run_id, score.total,

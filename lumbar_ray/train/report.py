@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray import plots
+from lumbar_ray.constants import SEVERITY_WEIGHTS
 from lumbar_ray.metrics import ScoreResult, calibration_table, expected_calibration_error
 from lumbar_ray.tracking import Tracker
 
@@ -52,6 +53,7 @@ def log_cv(
     tables: dict[str, pd.DataFrame],
     labels: np.ndarray,
     probs: np.ndarray,
+    class_weights: tuple[float, ...] = SEVERITY_WEIGHTS,
 ) -> dict[str, float]:
     """Log the CV's out-of-fold scores side by side, calibration, tables and plots; return the ECE per group.
 
@@ -64,11 +66,12 @@ def log_cv(
         labels: ``(n, 25)`` labels of the scored studies (IGNORE_INDEX where empty).
         probs: ``(n, 25, 3)`` their out-of-fold probabilities (calibration: ``ece_<group>``, ``calibration.csv``,
             ``plots/reliability.png``, of the class-weight-free probabilities).
+        class_weights: the class weights the model trained with (``loss.class_weights``), undone for calibration.
     """
     values = {"cv_studies": float(len(labels))}
     for name, score in scores.items():
         values |= score.to_dict(prefix=SCORE_PREFIXES[name])
-    calibration = calibration_table(labels, probs)
+    calibration = calibration_table(labels, probs, class_weights=class_weights)
     ece = expected_calibration_error(calibration)
     values |= {f"ece_{group}": value for group, value in ece.items()}
     tracker.log_values(parent, values)

@@ -111,6 +111,7 @@ def test_noiseless_readers_have_a_floor_near_zero():
     [
         {"noise_share": {"spinal": 0.1}},
         {"noise_share": {"spinal": 1.0, "foraminal": 0.1, "subarticular": 0.1}},
+        {"noise_share": {"spinal": 0.0, "foraminal": 0.1, "subarticular": 0.1}},
         {"noise_share": {"spinal": 0.1, "foraminal": 0.1, "subarticular": 0.1}, "wrong_label_rate": 1.5},
     ],
 )

@@ -239,6 +239,10 @@ def test_hard_labels_are_the_readers_view_of_the_written_severities(hard_dir):
     manifest = json.loads((hard_dir / synthetic.MANIFEST_NAME).read_text())
     oracle = grading.oracle_score(labels, severity.to_numpy(), grading.HARD_READERS)
     assert oracle.total == pytest.approx(manifest["oracle_train"]["total"])
+    # The CV's floor column reads the same latents with the readers' model the folder records.
+    assert grading.recorded_readers(hard_dir) == grading.HARD_READERS
+    assert grading.known_floor(hard_dir, study_ids, labels).total == pytest.approx(oracle.total)
+    assert grading.known_floor(hard_dir.parent, study_ids, labels) is None  # no latents there: no floor
     # Readers disagree with the latent near the boundaries: some labels sit on the other side of their cut.
     crossed = ((severity.to_numpy() < 0) & (labels == 2)) | ((severity.to_numpy() > 1) & (labels == 0))
     assert crossed.sum() > 0
@@ -266,3 +270,11 @@ def test_hard_anatomy_and_acquisition_vary(hard_dir):
         fov.append(float(first.PixelSpacing[0]) * int(first.Rows))
     assert np.ptp(thickness) > 0.8 and np.ptp(fov) > 40
     assert (np.array(spacing_x) > np.array(thickness) + 0.1).any(), "some stacks have gaps between slices"
+
+
+def test_easy_manifest_is_what_it_was_before_the_presets(tmp_path):
+    """Folders written before the presets existed are recognised and reused, not refused or rewritten."""
+    cfg = SynthConfig(train_studies=1, test_studies=0, image_sizes=[96])
+    root = synthetic.write_dataset(tmp_path / "easy", cfg).root
+    manifest = json.loads((root / synthetic.MANIFEST_NAME).read_text())["manifest"]
+    assert "preset" not in manifest["config"] and "readers" not in manifest

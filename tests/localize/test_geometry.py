@@ -106,17 +106,21 @@ def test_axial_reach_is_a_number_of_the_stacks_own_spacings():
     assert axial_reach_mm(bare.meta, 0) == pytest.approx(AXIAL_REACH_SLICES * DEFAULT_SLICE_SPACING_MM)
 
 
-def _sagittal(n_slices: int, series_id: int, pixel_mm: float = 0.5) -> CachedSeries:
-    """A sagittal series of ``n_slices`` 4 mm apart from patient x = 28 mm towards the patient's right."""
+def _sagittal(n_slices: int, series_id: int, pixel_mm: float = 0.5, rows: int = 400) -> CachedSeries:
+    """A sagittal series of ``n_slices`` 4 mm apart from patient x = 28 mm towards the patient's right, ``rows``
+    pixels of ``pixel_mm`` head to foot."""
     positions = [(28.0 - 4.0 * k, -50.0, 80.0) for k in range(n_slices)]
-    return fake_series(positions, SAGITTAL_ORIENTATION, spacing=(pixel_mm, pixel_mm), series_id=series_id)
+    return fake_series(positions, SAGITTAL_ORIENTATION, spacing=(pixel_mm, pixel_mm), shape=(rows, rows),
+                       series_id=series_id)  # fmt: skip
 
 
 def test_of_two_sagittal_series_the_better_is_chosen_not_the_first():
     partial, full = _sagittal(5, series_id=1), _sagittal(15, series_id=2)
     assert best_sagittal([partial, full]) is full  # 20 mm across the spine against 60 mm
-    finer = _sagittal(17, series_id=3, pixel_mm=0.4)
-    assert best_sagittal([full, finer]) is finer  # both past the width that is used: the finer pixels
+    finer = _sagittal(17, series_id=3, pixel_mm=0.4, rows=500)
+    assert best_sagittal([full, finer]) is finer  # both past the width and the height that are used: finer pixels
+    zoomed = _sagittal(17, series_id=6, pixel_mm=0.3, rows=400)
+    assert best_sagittal([zoomed, full]) is full  # finer pixels, but 120 mm head to foot against 200: levels cut off
     twin = _sagittal(15, series_id=4)
     assert best_sagittal([twin, full]) is full  # nothing to tell them apart: the lower id
     slices = finer.meta.slices

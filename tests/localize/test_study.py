@@ -25,6 +25,7 @@ from lumbar_ray.localize.study import (
     localise_study,
     patient_points,
     relevel_by_canal,
+    side_of_canal,
     slab_centre_x,
     study_series,
 )
@@ -329,3 +330,9 @@ def test_labelled_foramina_get_their_labelled_sides_back_from_patient_space(cach
             assert sorted(sided["target"]) == sorted(foramina["target"]), (study_id, bool(reference))
         checked += 1
     assert checked >= 3
+
+
+def test_a_detection_on_the_canals_midline_has_no_side():
+    assert side_of_canal(2.0, 0.0) is None and side_of_canal(-4.9, 0.0) is None  # a mid-line false positive
+    assert side_of_canal(15.0, 0.0) == "left" and side_of_canal(-15.0, 0.0) == "right"  # +x is patient left
+    assert side_of_canal(21.0, 20.0, min_offset_mm=0.5) == "left"
