@@ -4,7 +4,8 @@ For every ``(study, target)`` with both a labelled and a predicted point: whethe
 labelled series and slice, and its in-plane distance in cache pixels and in millimetres (through each slice's own
 PixelSpacing and the cache's resize factor). For axial targets a slice on another series or stack that holds the
 labelled point as closely as the labelled slice does (a coincident plane) also counts as right; the error of a
-prediction on another series is the patient-space distance. Pure pandas/numpy.
+prediction on another series is the patient-space distance; ``plane_error_mm`` is the labelled point's distance
+from the predicted slice's plane (an axial slice of the right level is close). Pure pandas/numpy.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 THRESHOLDS = (5.0, 10.0)
 COINCIDENT_MM = 0.5
-ERROR_COLUMNS = ("study_id", "target", "series_type", "level", "slice_correct", "slice_error", "error_px", "error_mm")
+# An axial slice shows the labelled level when the labelled point lies this close to its plane: well inside half
+# the distance between two discs (27-40 mm), and beyond the 2-3 slices an axial block holds either side.
+LEVEL_REACH_MM = 12.0
+ERROR_COLUMNS = ("study_id", "target", "series_type", "level", "slice_correct", "slice_error", "error_px", "error_mm",
+                 "plane_error_mm")  # fmt: skip
 
 
 def _target_parts(target: int) -> tuple[str, str]:
@@ -53,6 +58,9 @@ def point_errors(
         series_type, level = _target_parts(row.target)
         study_id, true_slice, pred_slice = int(row.study_id), int(row.slice_true), int(row.slice_pred)
         true_entry = series_of(study_id, int(row.series_id_true))
+        pred_entry = series_of(study_id, int(row.series_id_pred))
+        point = cache_point_to_patient(true_entry, true_slice, float(row.x_true), float(row.y_true))
+        plane_error = plane_distance(pred_entry, pred_slice, point)  # how far the labelled point is from the slice
         same_series = int(row.series_id_true) == int(row.series_id_pred)
         correct = same_series and true_slice == pred_slice
         if same_series:
@@ -61,30 +69,34 @@ def point_errors(
             error_px = float(np.hypot(*delta))
             error_mm = float(np.hypot(*(delta * mm_per_cache_pixel(true_entry, true_slice))))
         else:  # another series (a second axial stack): compare in patient space
-            pred_entry = series_of(study_id, int(row.series_id_pred))
-            point = cache_point_to_patient(true_entry, true_slice, float(row.x_true), float(row.y_true))
             guess = cache_point_to_patient(pred_entry, pred_slice, float(row.x_pred), float(row.y_pred))
             slice_error = np.nan
             error_mm = float(np.linalg.norm(guess - point))
             error_px = error_mm / float(np.mean(mm_per_cache_pixel(true_entry, true_slice)))
             if series_type == "Axial T2":  # a coincident plane of the other stack is as right as the labelled one
                 labelled = plane_distance(true_entry, true_slice, point)
-                correct = plane_distance(pred_entry, pred_slice, point) <= labelled + COINCIDENT_MM
-        rows.append((study_id, int(row.target), series_type, level, bool(correct), slice_error, error_px, error_mm))
+                correct = plane_error <= labelled + COINCIDENT_MM
+        rows.append((study_id, int(row.target), series_type, level, bool(correct), slice_error, error_px, error_mm,
+                     plane_error))  # fmt: skip
     return pd.DataFrame(rows, columns=list(ERROR_COLUMNS))
 
 
 def summarise_errors(errors: pd.DataFrame) -> pd.DataFrame:
     """Per series type and level (and ``all`` levels): points, slice accuracy (exact, and within one slice: the
-    2.5D crops span several), shares within 5/10 px and mm.
+    2.5D crops span several), ``level_right`` (the labelled point within :data:`LEVEL_REACH_MM` of the predicted
+    slice's plane: on Axial T2, the right level), shares within 5/10 px and mm.
 
     A point on the wrong series counts as outside every threshold.
     """
-    errors = errors.assign(slice_within_1=errors["slice_correct"] | (errors["slice_error"].fillna(np.inf) <= 1))
+    errors = errors.assign(slice_within_1=errors["slice_correct"] | (errors["slice_error"].fillna(np.inf) <= 1),
+                           level_right=errors["plane_error_mm"] <= LEVEL_REACH_MM)  # fmt: skip
     frames = [errors, errors.assign(level="all")]
     groups = pd.concat(frames).groupby(["series_type", "level"], sort=False)
     out = groups.agg(
-        points=("target", "size"), slice_accuracy=("slice_correct", "mean"), slice_within_1=("slice_within_1", "mean")
+        points=("target", "size"),
+        slice_accuracy=("slice_correct", "mean"),
+        slice_within_1=("slice_within_1", "mean"),
+        level_right=("level_right", "mean"),
     )
     for threshold in THRESHOLDS:
         tag = f"{threshold:g}"

@@ -6,7 +6,11 @@ dropping a study with an imperfect detection (the seed approach lost ~8 % of stu
 
 1. keeps, per level, the most confident detection;
 2. drops detections that break the cranio-caudal order (the less confident of a conflicting pair goes);
-3. fills a missing level by linear interpolation between its nearest kept neighbours, or extrapolation from the
+3. drops the levels beyond a gap far longer than the others (:func:`_regular_chain`): a detector that names
+   the T12/L1 disc "L1/L2" (the discs above L1 look alike, and the field of view may or may not show them) leaves
+   a gap of two discs to the next level, and the side of the gap with fewer levels (the cranial one on a tie:
+   levels are counted from the sacrum) is the one that slipped;
+4. fills a missing level by linear interpolation between its nearest kept neighbours, or extrapolation from the
    two nearest on one side (one kept level alone: the median spacing of a lumbar spine, ``default_spacing``),
    with confidence 0 so that callers can see and count what was filled.
 
@@ -56,6 +60,29 @@ def _ordered_subset(levels: np.ndarray, ys: np.ndarray, confidence: np.ndarray) 
         keep[first if confidence[first] < confidence[second] else second] = False
 
 
+LONG_GAP = 1.6
+"""A gap between consecutive kept levels longer than this many times the median gap per level is a slipped count."""
+
+
+def _regular_chain(levels: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Boolean mask over ordered kept levels that drops the shorter side of each overly long gap (see the module
+    docstring), keeping at least two levels."""
+    keep = np.ones(len(levels), dtype=bool)
+    while keep.sum() >= 3:
+        index = np.flatnonzero(keep)
+        per_level = np.linalg.norm(np.diff(xy[index], axis=0), axis=1) / np.diff(levels[index])
+        long = np.flatnonzero(per_level > LONG_GAP * np.median(per_level))
+        if not len(long):
+            break
+        gap = int(long[0]) if len(long) == 1 else int(long[np.argmax(per_level[long])])
+        above, below = index[: gap + 1], index[gap + 1 :]
+        drop = above if len(above) <= len(below) else below
+        if keep.sum() - len(drop) < 2:
+            break
+        keep[drop] = False
+    return keep
+
+
 def resolve_levels(
     level: np.ndarray,
     x: np.ndarray,
@@ -90,7 +117,9 @@ def resolve_levels(
     chosen_levels = np.array(sorted(best))
     rows = values[[best[lvl] for lvl in chosen_levels]]
     keep = _ordered_subset(chosen_levels, rows[:, 1], rows[:, 3])
-    known_levels, known = chosen_levels[keep], rows[keep]
+    chosen_levels, rows = chosen_levels[keep], rows[keep]
+    regular = _regular_chain(chosen_levels, rows[:, :2])
+    known_levels, known = chosen_levels[regular], rows[regular]
     dropped = len(level) - len(known_levels)
 
     n = len(LEVELS)

@@ -79,6 +79,8 @@ class LocalizeResult:
         for row in self.summary[self.summary["level"] == "all"].itertuples(index=False):
             shares = f"<=5px {row.within_5px:.3f}, <=10px {row.within_10px:.3f}, <=10mm {row.within_10mm:.3f}"
             slices = f"slice {row.slice_accuracy:.3f} (+-1: {row.slice_within_1:.3f})"
+            if row.series_type == "Axial T2":
+                slices += f", level {row.level_right:.3f}"
             lines.append(f"  {row.series_type:<17} {row.points:>4} points: {slices}, {shares}")
         for row in self.axial_from_labels[self.axial_from_labels["level"] == "all"].itertuples(index=False):
             lines.append(f"  axial assignment from labelled sagittal points: slice {row.slice_accuracy:.3f} "

@@ -63,3 +63,24 @@ def test_random_damage_always_gives_five_ordered_levels():
         out = resolve_levels(levels, TRUE_X[levels], ys, np.zeros(len(levels)), rng.random(len(levels)))
         assert out.xy.shape == (5, 2) and np.all(np.isfinite(out.xy))
         assert np.all(np.diff(out.xy[:, 1]) > 0)
+
+
+def test_a_count_that_slipped_to_the_disc_above_l1_is_refilled_from_the_levels_below():
+    """The detector called the T12/L1 disc (one spacing above L1/L2) "L1/L2": a gap of two discs to L2/L3."""
+    ys = TRUE_Y.copy()
+    ys[0] = TRUE_Y[0] - 30.0
+    out = resolve_levels(np.arange(5), TRUE_X, ys, np.full(5, 7), np.full(5, 0.9))
+    np.testing.assert_allclose(out.xy[:, 1], TRUE_Y)  # extrapolated back to where L1/L2 is
+    np.testing.assert_array_equal(out.filled, [True, False, False, False, False])
+    assert out.dropped == 1
+
+
+def test_two_slipped_levels_go_and_a_regular_lordotic_chain_stays():
+    ys = TRUE_Y.copy()
+    ys[:2] = TRUE_Y[:2] - 30.0  # L1/L2 and L2/L3 each one disc up
+    out = resolve_levels(np.arange(5), TRUE_X, ys, np.full(5, 7), np.full(5, 0.9))
+    np.testing.assert_allclose(out.xy[:, 1], TRUE_Y)
+    np.testing.assert_array_equal(out.filled, [True, True, False, False, False])
+    curved = np.array([100.0, 128.0, 160.0, 186.0, 210.0])  # spacing varying by 20 %: anatomy, not a slip
+    kept = resolve_levels(np.arange(5), TRUE_X, curved, np.full(5, 7), np.full(5, 0.9))
+    assert not kept.filled.any()

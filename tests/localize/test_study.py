@@ -162,9 +162,13 @@ def test_point_errors_in_plane_and_across_series():
     assert errors.loc[1, "error_mm"] == pytest.approx(100.0) and np.isnan(errors.loc[1, "slice_error"])
     assert errors.loc[2, "error_mm"] == pytest.approx(0.0)
     assert errors["slice_correct"].tolist() == [True, False, False]  # coincident planes count on axial series only
+    # The labelled point's distance from the predicted slice's plane: 0 on its own slice and a coincident one,
+    # 100 mm on the far series (another level, for an axial target).
+    np.testing.assert_allclose(errors["plane_error_mm"], [0.0, 100.0, 0.0], atol=1e-9)
     summary = summarise_errors(errors)
     overall = summary[summary["level"] == "all"].iloc[0]
     assert (overall["within_5px"], overall["within_10px"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    assert overall["level_right"] == pytest.approx(2 / 3)
     shifted = point_errors(predicted.assign(slice=[2, 1, 1]), truth, series_of)
     assert shifted["slice_error"].tolist()[0] == 1 and not shifted["slice_correct"].iloc[0]
     assert summarise_errors(shifted).query("level == 'all'")["slice_within_1"].item() == pytest.approx(1 / 3)
