@@ -238,6 +238,12 @@ class LocalizeConfig(_Strict):
     batch: int = Field(8, ge=1)
     lr0: float = Field(0.003, gt=0, description="AdamW learning rate")
     box_fraction: float = Field(0.08, gt=0, lt=1, description="training box side as a fraction of the image side")
+    box_mm: float | None = Field(
+        None,
+        gt=0,
+        description="training box side in millimetres, from each slice's pixel spacing (overrides box_fraction): "
+        "boxes that keep their size on the anatomy when fields of view differ",
+    )
     val_fold: int = Field(0, ge=0, description="the CV fold whose studies validate the detector")
     conf: float = Field(0.05, ge=0, le=1, description="minimum detection confidence kept at prediction")
     num_cpus: float = Field(2.0, gt=0, description="CPUs the Ray training task asks for")

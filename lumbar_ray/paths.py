@@ -37,7 +37,11 @@ DETECTOR_WEIGHTS = "detector.pt"
 
 # Settings that change how fast or where a CV runs, not what it learns: left out of the run id.
 # Settings added after run ids were first published: at their defaults they change no id (existing runs are found).
-_ADDED_AFTER_IDS: dict[tuple[str, str], Any] = {("synth", "preset"): "easy", ("model", "pretrained_file"): None}
+_ADDED_AFTER_IDS: dict[tuple[str, str], Any] = {
+    ("synth", "preset"): "easy",
+    ("model", "pretrained_file"): None,
+    ("localize", "box_mm"): None,
+}
 _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     "workdir": None,
     "preprocess": {"cache", "workers", "num_cpus", "strict"},
@@ -129,6 +133,9 @@ def run_dir_for(cfg: Config, run_id: str) -> Path:
 def localize_key(cfg: Config) -> str:
     """Hash of what changes the detectors: their settings (not resources), the cache version and the folds."""
     settings = cfg.localize.model_dump(mode="json", exclude=set(LOCALIZE_RESOURCE_FIELDS))
+    for (section, key), default in _ADDED_AFTER_IDS.items():
+        if section == "localize" and settings[key] == default:
+            del settings[key]
     payload = {"localize": settings, "cache": cache_settings(cfg.preprocess), "cv": cfg.cv.model_dump(mode="json")}
     return settings_hash(payload | _data_identity(cfg), "loc-")
 

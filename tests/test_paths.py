@@ -93,3 +93,5 @@ def test_the_hard_preset_and_real_data_get_their_own_folder_and_ids(tmp_path: Pa
     assert data_root_for(real) == tmp_path / "rsna"
     assert len({cv_run_id(easy), cv_run_id(hard), cv_run_id(real)}) == 3
     assert len({localize_key(easy), localize_key(hard), localize_key(real)}) == 3
+    in_mm = easy.model_copy(update={"localize": easy.localize.model_copy(update={"box_mm": 18.0})})
+    assert localize_key(in_mm) != localize_key(easy) and cv_run_id(in_mm) != cv_run_id(easy)

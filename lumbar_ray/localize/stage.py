@@ -94,7 +94,8 @@ class LocalizeResult:
 def _export(points: pd.DataFrame, cache: SeriesCache, folds: pd.DataFrame, cfg: Config, description: str) -> Path:
     """The training data of one series type's detector, in its folder; returns its ``dataset.yaml``."""
     export = export_yolo_dataset(points, cache, description, folds, cfg.localize.val_fold,
-                                 detector_dir_for(cfg, description) / "dataset", cfg.localize.box_fraction)  # fmt: skip
+                                 detector_dir_for(cfg, description) / "dataset", cfg.localize.box_fraction,
+                                 cfg.localize.box_mm)  # fmt: skip
     return complete_export(points, cache, description, export.dataset_yaml)
 
 

@@ -20,7 +20,8 @@ import pandas as pd
 import yaml
 
 from lumbar_ray.constants import CONDITION_SERIES, CONDITIONS, LEVELS, TARGETS
-from lumbar_ray.data.cache import SeriesCache
+from lumbar_ray.data.cache import CachedSeries, SeriesCache
+from lumbar_ray.localize.geometry import mm_per_cache_pixel
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,16 @@ class YoloExport:
     class_names: list[str]
 
 
+def _box_size(entry: CachedSeries, index: int, box_fraction: float, box_mm: float | None) -> tuple[float, float]:
+    """Normalised (width, height) of a training box on slice ``index``: ``box_fraction`` of the image side, or
+    ``box_mm`` through the slice's millimetres per cache pixel (capped at the whole image)."""
+    if box_mm is None:
+        return box_fraction, box_fraction
+    size = entry.volume.shape[1:]
+    mm_x, mm_y = mm_per_cache_pixel(entry, index)
+    return min(box_mm / (mm_x * size[1]), 1.0), min(box_mm / (mm_y * size[0]), 1.0)
+
+
 def export_yolo_dataset(
     points: pd.DataFrame,
     cache: SeriesCache,
@@ -57,6 +68,7 @@ def export_yolo_dataset(
     val_fold: int,
     out: str | Path,
     box_fraction: float = 0.08,
+    box_mm: float | None = None,
 ) -> YoloExport:
     """Write ``images/{train,val}/*.png``, ``labels/{train,val}/*.txt`` and ``dataset.yaml`` under ``out``.
 
@@ -68,6 +80,8 @@ def export_yolo_dataset(
         val_fold: the fold whose studies form the validation set.
         out: output folder (created).
         box_fraction: box side as a fraction of the image side.
+        box_mm: box side in millimetres instead (each slice's own pixel spacing and resize): the box covers the same
+            anatomy whatever the field of view.
     """
     targets = detector_targets(description)
     class_of = {target: index for index, target in enumerate(targets)}
@@ -79,15 +93,16 @@ def export_yolo_dataset(
     boxes = 0
     for (study_id, series_id, slice_index), group in selected.groupby(["study_id", "series_id", "slice"]):
         split = "val" if fold_of.get(int(study_id)) == val_fold else "train"
-        volume = cache.read(int(study_id), int(series_id), mmap=True).volume
-        image = np.asarray(volume[int(slice_index)])
+        entry = cache.read(int(study_id), int(series_id), mmap=True)
+        image = np.asarray(entry.volume[int(slice_index)])
         height, width = image.shape
+        box_w, box_h = _box_size(entry, int(slice_index), box_fraction, box_mm)
         stem = f"{study_id}_{series_id}_{slice_index}"
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         (out / "labels" / split).mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out / "images" / split / f"{stem}.png"), image)
         lines = [
-            f"{class_of[int(t)]} {x / width:.6f} {y / height:.6f} {box_fraction:.6f} {box_fraction:.6f}"
+            f"{class_of[int(t)]} {x / width:.6f} {y / height:.6f} {box_w:.6f} {box_h:.6f}"
             for t, x, y in zip(group["target"], group["x"] + 0.5, group["y"] + 0.5, strict=True)
         ]  # pixel centres: cache pixel i covers [i, i + 1)
         (out / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + "\n")

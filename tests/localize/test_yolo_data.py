@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from lumbar_ray.constants import TARGETS
+from lumbar_ray.localize.geometry import mm_per_cache_pixel
 from lumbar_ray.localize.yolo_data import detector_targets, export_yolo_dataset
 
 
@@ -51,3 +52,23 @@ def test_export_puts_a_box_on_every_point_and_keeps_the_val_fold_apart(cached, t
                 (float(cx) * image.shape[1] - 0.5, float(cy) * image.shape[0] - 0.5) for _, cx, cy, *_ in lines
             )
             np.testing.assert_allclose(centres, sorted(zip(here.x, here.y, strict=True)), atol=1e-3)
+
+
+def test_boxes_in_millimetres_cover_the_same_anatomy_whatever_the_field_of_view(cached, tmp_path):
+    """``box_mm``: each box's side over the slice's millimetres per cache pixel, so a wider field of view gets a
+    smaller box in pixels; ``box_fraction`` alone keeps one share of the image."""
+    cache, points, folds = cached
+    export_yolo_dataset(points, cache, "Sagittal T2/STIR", folds, val_fold=1, out=tmp_path / "mm", box_mm=18.0)
+    export_yolo_dataset(points, cache, "Sagittal T2/STIR", folds, val_fold=1, out=tmp_path / "share")
+    sides_mm = []
+    for label_file in (tmp_path / "mm" / "labels").rglob("*.txt"):
+        study_id, series_id, slice_index = (int(v) for v in label_file.stem.split("_"))
+        entry = cache.read(study_id, series_id, mmap=True)
+        mm_x, mm_y = mm_per_cache_pixel(entry, slice_index)
+        _, _, _, w, h = (float(v) for v in label_file.read_text().split()[:5])
+        sides_mm.append((w * entry.volume.shape[2] * mm_x, h * entry.volume.shape[1] * mm_y))
+    np.testing.assert_allclose(sides_mm, 18.0, rtol=1e-4)
+    shares = {
+        line.split()[3] for f in (tmp_path / "share" / "labels").rglob("*.txt") for line in f.read_text().splitlines()
+    }
+    assert shares == {"0.080000"}
