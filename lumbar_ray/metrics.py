@@ -174,6 +174,13 @@ def _any_severe_loss(spinal_labels: np.ndarray, spinal_severe: np.ndarray) -> fl
 CALIBRATION_BINS = 10
 
 
+def metric_optimal(probabilities: np.ndarray) -> np.ndarray:
+    """The prediction the official score rewards for class probabilities ``P(c)``: ``p_c ~ w_c * P(c)`` (rows are
+    weighted 1/2/4 by their true class); :func:`unweighted` is its inverse."""
+    weighted = np.asarray(probabilities, dtype=np.float64) * _WEIGHTS
+    return weighted / weighted.sum(axis=-1, keepdims=True)
+
+
 def unweighted(probs: np.ndarray, class_weights: Sequence[float] = SEVERITY_WEIGHTS) -> np.ndarray:
     """Undo a model's class weights: ``q_c ~ p_c / w_c``.
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lumbar_ray.data import grading
+from lumbar_ray.metrics import metric_optimal
 from lumbar_ray.paired import TERMS, compare_paired
 
 
@@ -15,7 +16,7 @@ def _graded(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     severity = grading.severity_units(grading.sample_latents(rng, n, 0.5), grading.HARD_READERS)
     labels = grading.read_labels(rng, severity, grading.HARD_READERS)
     posterior = grading.posterior(severity, grading.HARD_READERS)
-    return labels, grading.metric_optimal(posterior), posterior, np.arange(n) % 3
+    return labels, metric_optimal(posterior), posterior, np.arange(n) % 3
 
 
 def test_identical_recipes_show_no_difference():

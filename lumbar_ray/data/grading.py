@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr
 
-from lumbar_ray.constants import CONDITION_GROUPS, CONDITIONS, LEVELS, SEVERITY_WEIGHTS, TARGETS, condition_group
-from lumbar_ray.metrics import ScoreResult, score_arrays
+from lumbar_ray.constants import CONDITION_GROUPS, CONDITIONS, LEVELS, TARGETS, condition_group
+from lumbar_ray.metrics import ScoreResult, metric_optimal, score_arrays
 
 # Class frequencies (Normal/Mild, Moderate, Severe) per condition and level, measured on the real train.csv.
 REAL_CLASS_FREQUENCIES: dict[str, tuple[tuple[float, float, float], ...]] = {
@@ -178,12 +178,6 @@ def posterior(severity: np.ndarray, readers: ReaderModel) -> np.ndarray:
     below_severe = ndtr((1.0 - severity) / sigma)
     read = np.stack([below_moderate, below_severe - below_moderate, 1.0 - below_severe], axis=-1)
     return (1 - readers.wrong_label_rate) * read + readers.wrong_label_rate * class_frequencies()
-
-
-def metric_optimal(probabilities: np.ndarray) -> np.ndarray:
-    """The prediction the official score rewards: ``p_c ~ w_c * P(c)`` (rows weighted 1/2/4 by true class)."""
-    weighted = probabilities * np.asarray(SEVERITY_WEIGHTS)
-    return weighted / weighted.sum(axis=-1, keepdims=True)
 
 
 def bayes_floor(readers: ReaderModel, n_studies: int = FLOOR_STUDIES, seed: int = 0) -> ScoreResult:

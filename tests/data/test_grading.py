@@ -10,7 +10,7 @@ import pytest
 from lumbar_ray.constants import LEVELS, TARGETS
 from lumbar_ray.data import grading
 from lumbar_ray.data.grading import HARD_READERS, ReaderModel
-from lumbar_ray.metrics import score_arrays
+from lumbar_ray.metrics import metric_optimal, score_arrays
 
 
 def _independent_floor(readers: ReaderModel, n_studies: int, seed: int) -> dict[str, float]:
@@ -97,7 +97,7 @@ def test_the_metric_rewards_the_weighted_posterior_over_the_plain_one():
     labels = grading.read_labels(rng, severity, HARD_READERS)
     post = grading.posterior(severity, HARD_READERS)
     plain = score_arrays(labels, post).total
-    weighted = score_arrays(labels, grading.metric_optimal(post)).total
+    weighted = score_arrays(labels, metric_optimal(post)).total
     assert weighted < plain - 0.01
 
 
