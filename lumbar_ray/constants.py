@@ -68,6 +68,12 @@ CONDITION_GROUPS: dict[str, tuple[str, ...]] = {
 }
 """The three scored groups of the official metric (the fourth, any_severe_spinal, derives from spinal)."""
 
+GROUP_TARGET_INDICES: dict[str, tuple[int, ...]] = {
+    group: tuple(TARGETS.index(f"{condition}_{level}") for condition in conditions for level in LEVELS)
+    for group, conditions in CONDITION_GROUPS.items()
+}
+"""The columns of :data:`TARGETS` that belong to each condition group."""
+
 CONDITION_SERIES: dict[str, str] = {
     "spinal_canal_stenosis": "Sagittal T2/STIR",
     "left_neural_foraminal_narrowing": "Sagittal T1",

@@ -28,13 +28,10 @@ import torch
 from torch import nn
 
 from lumbar_ray.config import LossConfig
-from lumbar_ray.constants import CONDITION_GROUPS, IGNORE_INDEX, LEVELS, SEVERITIES, TARGETS
+from lumbar_ray.constants import CONDITION_GROUPS, GROUP_TARGET_INDICES, IGNORE_INDEX, SEVERITIES, TARGETS
 
 _SEVERE = SEVERITIES.index("Severe")
-_GROUP_COLUMNS: dict[str, list[int]] = {
-    group: [TARGETS.index(f"{condition}_{level}") for condition in conditions for level in LEVELS]
-    for group, conditions in CONDITION_GROUPS.items()
-}
+_GROUP_COLUMNS: dict[str, list[int]] = {group: list(columns) for group, columns in GROUP_TARGET_INDICES.items()}
 _SPINAL_COLUMNS = _GROUP_COLUMNS["spinal"]
 PART_NAMES: tuple[str, ...] = (*CONDITION_GROUPS, "any_severe")
 """Keys of :attr:`LossOutput.parts`."""

@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.constants import (
-    CONDITION_GROUPS,
     CONDITIONS,
+    GROUP_TARGET_INDICES,
     IGNORE_INDEX,
     LEVELS,
     SEVERITIES,
@@ -54,10 +54,7 @@ SUBMISSION_FILE_COLUMNS: tuple[str, ...] = ("row_id", *SUBMISSION_COLUMNS)
 
 _WEIGHTS = np.asarray(SEVERITY_WEIGHTS, dtype=np.float64)
 _SEVERE = SEVERITIES.index("Severe")
-_GROUP_COLUMNS: dict[str, np.ndarray] = {
-    group: np.array([TARGETS.index(f"{condition}_{level}") for condition in conditions for level in LEVELS])
-    for group, conditions in CONDITION_GROUPS.items()
-}
+_GROUP_COLUMNS: dict[str, np.ndarray] = {group: np.array(columns) for group, columns in GROUP_TARGET_INDICES.items()}
 _SPINAL_COLUMNS = _GROUP_COLUMNS["spinal"]
 _TARGET_INDEX = pd.Index(TARGETS)
 # Row ids listed in an error message; more would drown the message.

@@ -10,7 +10,10 @@ dropping a study with an imperfect detection (the seed approach lost ~8 % of stu
    the T12/L1 disc "L1/L2" (the discs above L1 look alike, and the field of view may or may not show them) leaves
    a gap of two discs to the next level, and the side of the gap with fewer levels (the cranial one on a tie:
    levels are counted from the sacrum) is the one that slipped;
-4. fills a missing level by linear interpolation between its nearest kept neighbours, or extrapolation from the
+4. drops an end level whose spacing to its neighbour breaks the chain's regularity by more than ``END_GAP`` when
+   its detection is weaker than the chain's median (:func:`_trusted_ends`): T12/L1 or a vertebral body taken for
+   the top disc has nothing above it to contradict it;
+5. fills a missing level by linear interpolation between its nearest kept neighbours, or extrapolation from the
    two nearest on one side (one kept level alone: the median spacing of a lumbar spine, ``default_spacing``),
    with confidence 0 so that callers can see and count what was filled.
 
@@ -83,6 +86,31 @@ def _regular_chain(levels: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return keep
 
 
+END_GAP = 1.3
+"""An end level whose gap to its neighbour differs from the chain's median gap per level by more than this factor
+(either way), on a detection less confident than the chain's median, is refilled by extrapolation instead."""
+
+
+def _trusted_ends(levels: np.ndarray, xy: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """Boolean mask over ordered kept levels that drops an end level whose spacing breaks the chain's regularity
+    on a weak detection (from four levels on: the other gaps' median needs two or more to be worth trusting).
+
+    An end level has one neighbour only, so an end detection on the wrong structure (T12/L1 taken for L1/L2, the
+    vertebral body next to a disc) is caught neither by the order nor by the long-gap rule; the chain's own
+    spacing, extrapolated, places it better. At least three levels stay.
+    """
+    keep = np.ones(len(levels), dtype=bool)
+    if len(levels) < 4:
+        return keep
+    per_level = np.linalg.norm(np.diff(xy, axis=0), axis=1) / np.diff(levels)
+    weak = confidence < np.median(confidence)
+    for end, gap, others in ((0, per_level[0], per_level[1:]), (len(levels) - 1, per_level[-1], per_level[:-1])):
+        ratio = gap / np.median(others)
+        if weak[end] and not 1 / END_GAP <= ratio <= END_GAP and keep.sum() > 3:
+            keep[end] = False
+    return keep
+
+
 def resolve_levels(
     level: np.ndarray,
     x: np.ndarray,
@@ -120,6 +148,8 @@ def resolve_levels(
     chosen_levels, rows = chosen_levels[keep], rows[keep]
     regular = _regular_chain(chosen_levels, rows[:, :2])
     known_levels, known = chosen_levels[regular], rows[regular]
+    trusted = _trusted_ends(known_levels, known[:, :2], known[:, 3])
+    known_levels, known = known_levels[trusted], known[trusted]
     dropped = len(level) - len(known_levels)
 
     n = len(LEVELS)

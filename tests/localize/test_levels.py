@@ -84,3 +84,21 @@ def test_two_slipped_levels_go_and_a_regular_lordotic_chain_stays():
     curved = np.array([100.0, 128.0, 160.0, 186.0, 210.0])  # spacing varying by 20 %: anatomy, not a slip
     kept = resolve_levels(np.arange(5), TRUE_X, curved, np.full(5, 7), np.full(5, 0.9))
     assert not kept.filled.any()
+
+
+def test_a_weak_end_detection_off_the_chains_spacing_is_refilled_and_a_confident_one_stays():
+    """L1/L2 detected half a level too high (on the vertebral body above), less confident than the rest."""
+    ys = TRUE_Y.copy()
+    ys[0] = TRUE_Y[0] - 15.0  # gap 45 against 30: too short for the long-gap rule, too long for a regular chain
+    conf = np.array([0.2, 0.8, 0.9, 0.8, 0.7])
+    out = resolve_levels(np.arange(5), TRUE_X, ys, np.full(5, 7), conf)
+    np.testing.assert_allclose(out.xy[:, 1], TRUE_Y)
+    np.testing.assert_array_equal(out.filled, [True, False, False, False, False])
+    confident = resolve_levels(np.arange(5), TRUE_X, ys, np.full(5, 7), np.full(5, 0.9))
+    assert not confident.filled.any() and confident.xy[0, 1] == pytest.approx(ys[0])
+    short_end = TRUE_Y.copy()
+    short_end[4] = TRUE_Y[4] - 10.0  # L5/S1 squeezed towards L4/L5 on a weak detection
+    out = resolve_levels(np.arange(5), TRUE_X, short_end, np.full(5, 7), conf[::-1])
+    np.testing.assert_allclose(out.xy[:, 1], TRUE_Y)
+    three = resolve_levels(np.arange(3), TRUE_X[:3], ys[:3], np.full(3, 7), conf[:3])  # too few to judge
+    assert not three.filled[:3].any()
