@@ -118,6 +118,11 @@ class ModelConfig(_Strict):
     in_chans: int = Field(1, ge=1, description="adjacent slices fed to the encoder as channels, per slice")
     pool: Literal["attention", "lstm", "mean"] | None = Field(None, description="slice pooling; None = arch's")
     dropout: float = Field(0.1, ge=0, lt=1)
+    tta_flip: bool = Field(
+        False,
+        description="test-time flip in eval mode (validation, registered model): the mean of the softmax of the crops"
+        " and of their left/right mirror, sided targets swapped back",
+    )
 
 
 class LossConfig(_Strict):
@@ -141,6 +146,13 @@ class TrainConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     amp: Literal["off", "bf16", "fp16"] = Field("bf16", description="autocast dtype on GPU (ignored on CPU)")
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="decay of an exponential moving average of the weights, updated every step (warmed up);"
+        " > 0: validation, OOF and registered weights come from it; 0 = off",
+    )
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
     max_failures: int = Field(2, ge=0, description="worker restarts from the latest checkpoint, per fold")
     storage: str | None = Field(None, description="Ray Train storage path or URI; None = <workdir>/ray_results")

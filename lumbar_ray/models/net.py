@@ -20,16 +20,24 @@ Per target crop:
 
 The heads' biases start at ``log(class_prior)`` and their weights near zero, so a fresh model predicts about
 the class prior instead of a uniform 1/3 (which costs the weighted log loss a lot in the first steps).
+
+Test-time flip (``tta_flip``, eval mode only): the prediction is the mean of the softmax probabilities of the crops
+and of their left/right mirror, the mirror's sided targets swapped back (:func:`flip_tta`, with the training
+flip's own rule :func:`lumbar_ray.data.augment.mirror_crops`). It lives in the network, so the validation (OOF)
+predictions and the registered model, which both run the network in eval mode, apply it alike. The output is then
+the log of those probabilities: valid logits (``softmax(log p) = p``), so every caller's softmax still holds.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from lumbar_ray.constants import CONDITION_GROUPS, CONDITIONS, LEVELS, SEVERITIES, TARGETS, condition_group
+from lumbar_ray.data.augment import flip_permutation, mirror_crops
 
 DEFAULT_CLASS_PRIOR: tuple[float, float, float] = (0.75, 0.18, 0.07)
 """Rough frequencies of Normal/Mild, Moderate and Severe in the RSNA 2024 training labels."""
@@ -62,6 +70,28 @@ def slice_windows(stacks: torch.Tensor, in_chans: int) -> torch.Tensor:
     index = (torch.arange(n_slices, device=stacks.device)[:, None] + offsets[None, :]).clamp(0, n_slices - 1)
     # Advanced indexing with an (S, c) index on dim 1 yields (N, S, c, H, W) directly.
     return stacks[:, index]
+
+
+def flip_tta(logits_of: Callable[[torch.Tensor], torch.Tensor], crops: torch.Tensor) -> torch.Tensor:
+    """The test-time left/right flip: log of the mean softmax of the crops and of their mirror image.
+
+    The mirrored studies go through ``logits_of`` in the same batch as the originals; their outputs are for the
+    mirrored targets (left foramen where the right one was), so they are swapped back with
+    :func:`~lumbar_ray.data.augment.flip_permutation` (an involution) before averaging. Mirroring the input
+    therefore swaps the output's left and right targets, exactly up to rounding.
+
+    Args:
+        logits_of: ``(B, 25, S, H, W)`` crops -> ``(B, 25, 3)`` logits.
+        crops: ``(B, 25, S, H, W)``.
+
+    Returns:
+        ``(B, 25, 3)`` float32 log-probabilities.
+    """
+    batch = len(crops)
+    log_probs = torch.log_softmax(logits_of(torch.cat([crops, mirror_crops(crops)])).float(), dim=-1)
+    order = torch.as_tensor(flip_permutation(), device=crops.device)
+    pair = torch.stack([log_probs[:batch], log_probs[batch:].index_select(1, order)])
+    return torch.logsumexp(pair, dim=0) - math.log(2.0)  # log of the mean of the two probabilities, stably
 
 
 class AttentionPool(nn.Module):
@@ -129,6 +159,7 @@ class SeverityNet(nn.Module):
         pool: ``attention``, ``lstm`` or ``mean``.
         dropout: before the heads.
         class_prior: class frequencies the heads start at.
+        tta_flip: in eval mode, predict with the test-time flip (:func:`flip_tta`).
     """
 
     def __init__(
@@ -139,8 +170,10 @@ class SeverityNet(nn.Module):
         pool: str = "attention",
         dropout: float = 0.1,
         class_prior: tuple[float, ...] = DEFAULT_CLASS_PRIOR,
+        tta_flip: bool = False,
     ) -> None:
         super().__init__()
+        self.tta_flip = tta_flip
         self.encoder = encoder
         self.in_chans = in_chans
         self.pool = make_pool(pool, feature_dim)
@@ -171,13 +204,20 @@ class SeverityNet(nn.Module):
                 head.bias.copy_(log_prior)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        """``(B, 25, S, H, W)`` float crops -> ``(B, 25, 3)`` logits.
+        """``(B, 25, S, H, W)`` float crops -> ``(B, 25, 3)`` logits (with ``tta_flip``, in eval mode, the
+        log-probabilities of :func:`flip_tta`; training never sees the test-time flip).
 
         Raises:
             ValueError: if ``crops`` is not 5-d with 25 targets.
         """
         if crops.ndim != 5 or crops.shape[1] != len(TARGETS):
             raise ValueError(f"crops must have shape (B, {len(TARGETS)}, S, H, W), got {tuple(crops.shape)}")
+        if self.tta_flip and not self.training:
+            return flip_tta(self.logits, crops)
+        return self.logits(crops)
+
+    def logits(self, crops: torch.Tensor) -> torch.Tensor:
+        """The network itself, without the test-time flip: ``(B, 25, S, H, W)`` crops -> ``(B, 25, 3)`` logits."""
         batch, n_targets, n_slices, height, width = crops.shape
         windows = slice_windows(crops.reshape(batch * n_targets, n_slices, height, width), self.in_chans)
         features = self.encoder(windows.reshape(-1, self.in_chans, height, width))

@@ -5,11 +5,17 @@ which Ray Train wraps the model and loader for DDP), and :func:`run_epoch` runs 
 the validation fold, fill targets without a crop with the prior, score. The Ray Train worker loop
 (:mod:`lumbar_ray.train.worker`), the bare-PyTorch benchmark loop and the tests call exactly these functions, so
 whatever Ray adds is measured against this code.
+
+With ``train.ema_decay`` > 0 the fold also keeps an EMA of the weights (:class:`lumbar_ray.models.ema.ModelEma`),
+updated after every optimiser step; that average, not the trained weights, is then what predicts the validation
+fold (the OOF predictions), what :func:`keep_best` keeps and what gets registered (:attr:`Fold.evaluated`).
+:func:`training_state` is what a checkpoint must hold to resume the fold, the average included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -30,6 +36,9 @@ from lumbar_ray.data.crops import CropDataset
 from lumbar_ray.losses import SeverityLoss
 from lumbar_ray.metrics import ScoreResult, score_arrays
 from lumbar_ray.models import build_model
+from lumbar_ray.models.ema import ModelEma
+
+logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,6 +95,7 @@ def train_epoch(
     amp: str = "off",
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float | None = 5.0,
+    ema: ModelEma | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the sample-weighted mean loss (and its parts), samples and seconds.
 
@@ -99,6 +109,7 @@ def train_epoch(
         amp: ``off``, ``bf16`` or ``fp16`` (GPU only).
         scaler: the fp16 loss scaler (see :func:`make_grad_scaler`).
         grad_clip: max global gradient norm (None = no clipping).
+        ema: an average of the weights, updated after every optimiser step (None = none).
     """
     model.train()
     scaler = scaler or make_grad_scaler(device, amp)
@@ -117,6 +128,8 @@ def train_epoch(
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(model)
         if scheduler is not None:
             scheduler.step()
         n = len(batch["labels"])
@@ -215,8 +228,9 @@ def fold_loaders(cfg: Config, payload: FoldPayload) -> tuple[CropDataset, DataLo
 class Fold:
     """One fold's training parts, as :func:`build_fold` assembles them.
 
-    ``model`` is what is trained (DDP-wrapped under Ray Train), ``bare`` the plain network inside it (evaluated,
-    checkpointed and registered).
+    ``model`` is what is trained (DDP-wrapped under Ray Train), ``bare`` the plain network inside it, ``ema`` the
+    average of its weights (None unless ``train.ema_decay`` > 0). :attr:`evaluated` is the one whose predictions
+    are scored and whose weights are kept as the best and registered.
     """
 
     model: nn.Module
@@ -231,6 +245,12 @@ class Fold:
     device: torch.device
     amp: str
     prior: np.ndarray
+    ema: ModelEma | None = None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The EMA's network when there is one, else the trained one."""
+        return self.ema.module if self.ema is not None else self.bare
 
 
 def _unchanged(thing: Any) -> Any:
@@ -254,7 +274,7 @@ def build_fold(
         cfg: the resolved config.
         payload: the fold's data.
         device: where the model trains.
-        state: a checkpoint's state (``model``, ``optimizer``, ``scheduler``) to resume from; None = fresh.
+        state: a checkpoint's :func:`training_state` to resume from; None = fresh.
         wrap_model: e.g. ``ray.train.torch.prepare_model`` (moves to the device, wraps in DDP).
         wrap_loader: e.g. ``ray.train.torch.prepare_data_loader`` (a distributed sampler).
     """
@@ -273,7 +293,27 @@ def build_fold(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     return Fold(model, bare, train_set, train_loader, val_loader, loss_fn, optimizer, scheduler,
-                make_grad_scaler(device, amp), device, amp, np.asarray(payload.prior))  # fmt: skip
+                make_grad_scaler(device, amp), device, amp, np.asarray(payload.prior),
+                _build_ema(bare, cfg.train, state))  # fmt: skip
+
+
+def _build_ema(bare: nn.Module, cfg: TrainConfig, state: dict[str, Any] | None) -> ModelEma | None:
+    """The fold's weight average (after the model is restored and on its device), resumed from ``state``."""
+    if cfg.ema_decay <= 0:
+        return None
+    ema = ModelEma(bare, cfg.ema_decay)
+    if state is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    elif state is not None:  # not written by an EMA run: the average restarts from the restored weights
+        logger.warning("the checkpoint holds no EMA of the weights: the average restarts from its weights")
+    return ema
+
+
+def training_state(fold: Fold) -> dict[str, Any]:
+    """What :func:`build_fold` resumes from: weights, optimiser, scheduler and the EMA (None without one)."""
+    return {"model": state_dict_cpu(fold.bare), "optimizer": fold.optimizer.state_dict(),
+            "scheduler": fold.scheduler.state_dict(),
+            "ema": fold.ema.state_dict() if fold.ema is not None else None}  # fmt: skip
 
 
 @dataclass
@@ -292,7 +332,7 @@ def _world_size() -> int:
 
 
 def run_epoch(fold: Fold, epoch: int) -> Epoch:
-    """Train one epoch, then predict and score the whole validation fold.
+    """Train one epoch, then predict and score the whole validation fold (with :attr:`Fold.evaluated`).
 
     Every rank of a DDP run evaluates the whole validation fold (deterministic crops), so all ranks agree on the
     score without a gather.
@@ -303,8 +343,8 @@ def run_epoch(fold: Fold, epoch: int) -> Epoch:
         sampler.set_epoch(epoch)  # a new shuffle per epoch under DistributedSampler
     fold.train_set.set_epoch(epoch)  # a new augmentation stream per epoch
     trained = train_epoch(fold.model, fold.train_loader, fold.loss_fn, fold.optimizer, fold.scheduler, fold.device,
-                          fold.amp, fold.scaler)  # fmt: skip
-    predictions = predict(fold.bare, fold.val_loader, fold.device, fold.amp)
+                          fold.amp, fold.scaler, ema=fold.ema)  # fmt: skip
+    predictions = predict(fold.evaluated, fold.val_loader, fold.device, fold.amp)
     probs = fill_missing(predictions, fold.prior)
     score = score_predictions(probs, predictions.labels)
     val_loss = fold.loss_fn(
@@ -333,7 +373,10 @@ def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def keep_best(best: dict[str, Any] | None, epoch: Epoch, model: nn.Module) -> dict[str, Any]:
-    """The best epoch so far by validation score (lower is better): its score, weights and probabilities."""
+    """The best epoch so far by validation score (lower is better): its score, weights and probabilities.
+
+    ``model`` is the network that predicted the epoch (:attr:`Fold.evaluated`): its weights are the ones kept.
+    """
     if best is not None and epoch.metrics["val_score"] >= best["score"]:
         return best
     return {

@@ -6,7 +6,8 @@ restarts it after a failure or when an interrupted CV is rerun under the same ru
 :func:`~lumbar_ray.train.steps.run_epoch`; then every worker calls ``ray.train.report`` once (it is a barrier);
 rank 0 attaches the checkpoint and logs the epoch to MLflow.
 
-A checkpoint holds the latest state (model, optimiser, scheduler, epoch, history), the best epoch's weights and
+A checkpoint holds the latest state (model, optimiser, scheduler, the EMA of the weights when ``train.ema_decay`` is
+on, epoch, history), the best epoch's weights (the EMA's, when on) and
 validation probabilities, and the latest epoch's validation probabilities: Ray keeps only the latest checkpoint,
 which therefore always carries the best model by the validation score, and the last epoch's predictions for the
 honest CV (an epoch fixed in advance, not chosen on the scored fold).
@@ -27,7 +28,7 @@ from lumbar_ray.config import Config
 from lumbar_ray.paths import atomic_path
 from lumbar_ray.raytools import quiet_ray_train_info
 from lumbar_ray.tracking import RunLogger
-from lumbar_ray.train.steps import Fold, FoldPayload, build_fold, keep_best, run_epoch, state_dict_cpu
+from lumbar_ray.train.steps import Fold, FoldPayload, build_fold, keep_best, run_epoch, training_state
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def train_fold_loop(config: dict[str, Any]) -> None:
         # Per-rank evidence (kept in the checkpoint, not sent to MLflow): every replica trained, and in sync.
         ranks = {"samples": _per_rank(metrics["train_samples"], fold.device),
                  "checksum": _per_rank(_parameter_checksum(fold.bare), fold.device)}  # fmt: skip
-        best = keep_best(best, epoch, fold.bare)
+        best = keep_best(best, epoch, fold.evaluated)  # with EMA on, the average is what is kept and registered
         # The last epoch's predictions give the honest CV: a fixed schedule, not an epoch picked on this fold.
         last = {"epoch": epoch_index, "study_ids": epoch.predictions.study_ids, "probs": epoch.probs}
         metrics["best_val_score"] = best["score"]
@@ -153,9 +154,8 @@ def train_fold_loop(config: dict[str, Any]) -> None:
 
 def _checkpoint_state(fold: Fold, epoch: int, best: dict, last: dict, history: list, starts: list,
                       ranks: dict) -> dict:  # fmt: skip
-    return {"model": state_dict_cpu(fold.bare), "optimizer": fold.optimizer.state_dict(),
-            "scheduler": fold.scheduler.state_dict(), "epoch": epoch, "best": best, "last": last,
-            "history": history, "starts": starts, "ranks": ranks}  # fmt: skip
+    return training_state(fold) | {"epoch": epoch, "best": best, "last": last, "history": history,
+                                   "starts": starts, "ranks": ranks}  # fmt: skip
 
 
 def _log_progress(fold: int, epoch: int, epochs: int, metrics: dict[str, Any]) -> None:

@@ -1,15 +1,18 @@
-"""The severity classifier: shapes for every architecture, target awareness, prior init, training signal."""
+"""The severity classifier: shapes for every architecture, target awareness, prior init, training signal, the test-time
+flip."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 
 from lumbar_ray.config import CropConfig, LossConfig, ModelConfig
 from lumbar_ray.constants import TARGETS
+from lumbar_ray.data.augment import flip_permutation, flip_targets, mirror_crops
 from lumbar_ray.losses import SeverityLoss
 from lumbar_ray.models import ARCHITECTURES, DEFAULT_CLASS_PRIOR, POOLS, SeverityNet, build_model
 from lumbar_ray.models.encoders import TINY_CNN, has_pretrained_weights
@@ -209,3 +212,78 @@ def test_a_few_steps_drive_the_loss_down() -> None:
         optimizer.step()
         losses.append(float(output.total.detach()))
     assert losses[-1] < 0.7 * losses[0]
+
+
+TTA_CROP = CropConfig(size=16, region=24, slices=3)
+
+
+def _lively(tta_flip: bool, seed: int = 0) -> SeverityNet:
+    """A tiny model in eval mode whose outputs differ a lot by crop and by target: a fresh one predicts about the
+    prior everywhere, which no left/right swap changes, so a broken swap would pass the tests below."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(tta_flip=tta_flip), TTA_CROP)
+    with torch.no_grad():  # heads 20 times their initial scale: logits that follow the crops' features
+        for head in model.heads.values():
+            torch.nn.init.normal_(head.weight, std=1.0 / head.in_features**0.5)
+    return model.eval()
+
+
+def _varied_crops(batch: int, seed: int) -> torch.Tensor:
+    """Random crops, each target at its own brightness (plain noise looks alike to an encoder on every target)."""
+    crops = _crops(batch, TTA_CROP.slices, TTA_CROP.size, seed=seed)
+    brightness = torch.rand(batch, len(TARGETS), 1, 1, 1, generator=torch.Generator().manual_seed(seed + 100))
+    return crops * brightness
+
+
+def _probs(model: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(model(crops), dim=-1)
+
+
+def test_flip_tta_is_equivariant() -> None:
+    """Mirroring the studies swaps the left and right predictions of the test-time-flipped model, and only those."""
+    model = _lively(tta_flip=True)
+    crops = _varied_crops(3, seed=2)
+    swap = torch.as_tensor(flip_permutation())
+    probs, probs_of_mirror = _probs(model, crops), _probs(model, mirror_crops(crops))
+    torch.testing.assert_close(probs_of_mirror, probs[:, swap], atol=1e-5, rtol=0)
+    # The check has teeth: left and right predictions differ, and the network alone is not equivariant.
+    assert (probs - probs[:, swap]).abs().max() > 1e-2
+    with torch.no_grad():
+        plain = torch.softmax(model.logits(crops), dim=-1)
+        plain_of_mirror = torch.softmax(model.logits(mirror_crops(crops)), dim=-1)
+    assert (plain_of_mirror - plain[:, swap]).abs().max() > 1e-2
+
+
+def test_flip_tta_averages_the_crops_and_the_training_flip_of_them() -> None:
+    """The mean of the softmax of each study and of its mirror as the data pipeline's flip makes it, whose label
+    swap says where each of the mirror's predictions belongs."""
+    model = _lively(tta_flip=True, seed=1)
+    crops = _varied_crops(2, seed=3)
+    mirrored = []
+    for study in crops.numpy():
+        flipped, swap, _ = flip_targets(study, np.arange(len(TARGETS)), np.ones(len(TARGETS), dtype=bool))
+        mirrored.append(flipped)
+    with torch.no_grad():
+        plain = torch.softmax(model.logits(crops), dim=-1)
+        plain_of_mirror = torch.softmax(model.logits(torch.from_numpy(np.stack(mirrored))), dim=-1)
+    expected = (plain + plain_of_mirror[:, torch.as_tensor(swap)]) / 2
+    torch.testing.assert_close(_probs(model, crops), expected, atol=1e-6, rtol=0)
+    assert (expected - plain).abs().max() > 1e-2  # the flip changes the prediction
+
+
+def test_with_tta_off_and_in_training_the_network_is_unchanged() -> None:
+    on, off = _lively(tta_flip=True), _lively(tta_flip=False)
+    # The switch adds no weights: checkpoints and registered weights load into either.
+    assert on.state_dict().keys() == off.state_dict().keys()
+    for key, value in on.state_dict().items():
+        torch.testing.assert_close(off.state_dict()[key], value, rtol=0, atol=0)
+    crops = _varied_crops(2, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(off(crops), on.logits(crops), rtol=0, atol=0)
+        assert (torch.softmax(on(crops), -1) - torch.softmax(off(crops), -1)).abs().max() > 1e-3
+        on.train()  # training never sees the test-time flip (dropout draws the same mask from the same seed)
+        torch.manual_seed(5)
+        trained = on(crops)
+        torch.manual_seed(5)
+        torch.testing.assert_close(trained, on.logits(crops), rtol=0, atol=0)

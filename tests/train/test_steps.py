@@ -13,6 +13,7 @@ from lumbar_ray.config import CropConfig, LossConfig, ModelConfig, TrainConfig
 from lumbar_ray.constants import IGNORE_INDEX
 from lumbar_ray.losses import SeverityLoss
 from lumbar_ray.models import build_model
+from lumbar_ray.models.ema import ModelEma
 from lumbar_ray.train.steps import (
     Predictions,
     autocast,
@@ -121,6 +122,31 @@ def test_train_epoch_reports_samples_and_loss_parts():
     assert np.isfinite(out["loss"])
 
 
+def test_train_epoch_updates_the_ema_after_every_optimiser_step():
+    """The average follows the weights each optimiser step left: replayed here from snapshots taken at each step."""
+    torch.manual_seed(0)
+    data = BrightnessDataset(10)
+    model = build_model(ModelConfig(arch="tiny"), CROP)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-2))
+    ema = ModelEma(model, decay=0.6, warmup=False)
+    expected = {name: value.detach().clone() for name, value in model.named_parameters()}
+    steps = []
+
+    def snapshot(*_: object) -> None:
+        steps.append({name: value.detach().clone() for name, value in model.named_parameters()})
+
+    optimizer.register_step_post_hook(snapshot)
+    train_epoch(model, DataLoader(data, batch_size=4), SeverityLoss(LossConfig()), optimizer, None,
+                torch.device("cpu"), ema=ema)  # fmt: skip
+    assert len(steps) == ema.updates == 3  # 10 studies in batches of 4
+    for weights in steps:
+        expected = {name: 0.6 * expected[name] + 0.4 * weights[name] for name in expected}
+    for name, average in ema.module.named_parameters():
+        torch.testing.assert_close(average, expected[name], rtol=0, atol=1e-6)
+    moved = [name for name, value in model.named_parameters() if not torch.allclose(value, expected[name])]
+    assert moved  # the average is not simply the trained weights
+
+
 def test_fill_missing_puts_the_prior_where_no_crop_was_cut():
     probs = np.full((2, 25, 3), 1 / 3)
     mask = np.ones((2, 25), dtype=bool)
@@ -190,3 +216,46 @@ def test_build_fold_and_run_epoch_are_the_worker_loop_without_ray(small_fold):
     missing = ~epoch.predictions.mask.astype(bool)
     assert missing.any() and not missing.all()  # some targets of these studies lack a point
     np.testing.assert_allclose(epoch.probs[missing], np.broadcast_to(small_fold.prior, epoch.probs.shape)[missing])
+
+
+@pytest.mark.slow
+def test_with_ema_the_average_predicts_is_kept_and_resumes(small_fold, caplog):
+    """``train.ema_decay`` > 0: the validation predictions and the kept weights are the EMA's, and the average
+    comes back from a checkpoint's :func:`training_state` (saved and loaded as the worker does)."""
+    import io
+
+    from lumbar_ray.config import Config
+    from lumbar_ray.train.steps import build_fold, keep_best, run_epoch, training_state
+
+    cfg = Config.model_validate({"crop": {"size": 16, "region": 24, "slices": 3},
+                                 "train": {"epochs": 2, "batch_size": 4, "warmup_epochs": 0.5,
+                                           "ema_decay": 0.9}})  # fmt: skip
+    torch.manual_seed(cfg.train.seed)
+    fold = build_fold(cfg, small_fold, torch.device("cpu"))
+    assert fold.ema is not None and fold.evaluated is fold.ema.module
+    epoch = run_epoch(fold, 0)
+    assert fold.ema.updates == 2  # 8 training studies in batches of 4
+    cpu = torch.device("cpu")
+    np.testing.assert_allclose(epoch.predictions.probs, predict(fold.ema.module, fold.val_loader, cpu).probs)
+    assert np.abs(epoch.predictions.probs - predict(fold.bare, fold.val_loader, cpu).probs).max() > 1e-6
+    best = keep_best(None, epoch, fold.evaluated)
+    for key, value in fold.ema.module.state_dict().items():
+        torch.testing.assert_close(best["model"][key], value, rtol=0, atol=0)
+
+    buffer = io.BytesIO()
+    torch.save(training_state(fold), buffer)
+    buffer.seek(0)
+    resumed = build_fold(cfg, small_fold, cpu, torch.load(buffer, weights_only=False))
+    assert resumed.ema.updates == fold.ema.updates
+    for key, value in fold.ema.module.state_dict().items():
+        torch.testing.assert_close(resumed.ema.module.state_dict()[key], value, rtol=0, atol=0)
+    weights = resumed.bare.state_dict()  # the average came back, not a copy of the trained weights
+    assert any(not torch.equal(resumed.ema.module.state_dict()[key], value) for key, value in weights.items())
+
+    without = {**training_state(fold), "ema": None}  # a checkpoint of a run without EMA: the average restarts
+    restarted = build_fold(cfg, small_fold, cpu, without)
+    assert restarted.ema.updates == 0 and "no EMA" in caplog.text
+    for key, value in fold.bare.state_dict().items():
+        torch.testing.assert_close(restarted.ema.module.state_dict()[key], value, rtol=0, atol=0)
+    off = build_fold(cfg.model_copy(update={"train": cfg.train.model_copy(update={"ema_decay": 0.0})}), small_fold, cpu)
+    assert off.ema is None and off.evaluated is off.bare and training_state(off)["ema"] is None
