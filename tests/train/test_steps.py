@@ -219,7 +219,7 @@ def test_build_fold_and_run_epoch_are_the_worker_loop_without_ray(small_fold):
 
 
 @pytest.mark.slow
-def test_with_ema_the_average_predicts_is_kept_and_resumes(small_fold, caplog):
+def test_with_ema_on_the_average_predicts_and_is_kept_and_resumed(small_fold, caplog):
     """``train.ema_decay`` > 0: the validation predictions and the kept weights are the EMA's, and the average
     comes back from a checkpoint's :func:`training_state` (saved and loaded as the worker does)."""
     import io
