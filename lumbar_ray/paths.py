@@ -41,6 +41,7 @@ _ADDED_AFTER_IDS: dict[tuple[str, str], Any] = {
     ("synth", "preset"): "easy",
     ("model", "pretrained_file"): None,
     ("localize", "box_mm"): None,
+    ("loss", "aux_slice_weight"): 0.0,
 }
 _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     "workdir": None,
