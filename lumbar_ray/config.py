@@ -126,10 +126,16 @@ class ModelConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """Class-weighted cross-entropy (the metric's weights) plus an any-severe-spinal term."""
+    """Class-weighted cross-entropy (the metric's weights), an any-severe-spinal term, an auxiliary slice term."""
 
     class_weights: tuple[float, float, float] = Field((1.0, 2.0, 4.0), description="by true class, as the metric")
     any_severe_weight: float = Field(1.0, ge=0, description="weight of the any-severe-spinal BCE term")
+    aux_slice_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the cross-entropy training the slice attention to point at the labelled slice "
+        "(added to the severity loss); 0 = off; needs an attention pool (attention or lstm)",
+    )
 
 
 class TrainConfig(_Strict):
@@ -323,6 +329,16 @@ class Config(_Strict):
     tune: TuneConfig = TuneConfig()
     localize: LocalizeConfig = LocalizeConfig()
     predict: PredictConfig = PredictConfig()
+
+    @model_validator(mode="after")
+    def _aux_slice_needs_attention(self) -> Config:
+        # Only an explicit pool is known here; the architecture's default pool is checked when the model is built.
+        if self.loss.aux_slice_weight > 0 and self.model.pool == "mean":
+            raise ValueError(
+                "loss.aux_slice_weight > 0 trains the slice attention, but model.pool 'mean' has none: "
+                "use model.pool attention or lstm, or loss.aux_slice_weight=0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _space_keys_exist(self) -> Config:

@@ -43,6 +43,7 @@ _ADDED_AFTER_IDS: dict[tuple[str, str], Any] = {
     ("localize", "box_mm"): None,
     ("model", "tta_flip"): False,
     ("train", "ema_decay"): 0.0,
+    ("loss", "aux_slice_weight"): 0.0,
 }
 _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     "workdir": None,

@@ -15,7 +15,8 @@ The flip mirrors the patient, so it must move the sided targets with their pixel
   the patient's left-right axis;
 - sagittal crops (spinal canal and foraminal) have their slice axis reversed: the slice axis of a sagittal
   series runs along the patient's left-right axis, while their rows and columns (cranio-caudal, antero-posterior)
-  do not change side.
+  do not change side; so a sagittal crop's labelled slice moves from index ``k`` to ``S - 1 - k``
+  (:func:`flip_slice_targets`).
 
 Every strength 0 gives the identity. All of this runs in the data-loading workers (inside the dataset's
 ``__getitem__``), never on the driver.
@@ -86,6 +87,23 @@ def flip_targets(crops: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> tup
     order = flip_permutation()
     flipped = mirror_crops(torch.from_numpy(np.ascontiguousarray(crops))).numpy()
     return flipped, labels[order].copy(), mask[order].copy()
+
+
+def flip_slice_targets(slice_targets: np.ndarray, n_slices: int) -> np.ndarray:
+    """The labelled slice's index in each crop after :func:`flip_targets`: the sided targets swap, and on the
+    sagittal crops, whose slice axis is reversed, index ``k`` becomes ``n_slices - 1 - k``.
+
+    Args:
+        slice_targets: (25,) index of the labelled slice in each crop, negative (IGNORE_INDEX) where unknown.
+        n_slices: slices per crop.
+
+    Returns:
+        A new (25,) array; unknown targets stay as they are.
+    """
+    flipped = slice_targets[flip_permutation()].copy()
+    reversed_ = ~axial_targets() & (flipped >= 0)
+    flipped[reversed_] = n_slices - 1 - flipped[reversed_]
+    return flipped
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ Per target crop:
    outside ``0 .. S - 1`` are clamped, i.e. the end slices are repeated (replicate padding).
 2. Encoder (shared by all targets and slices) -> one feature vector per window.
 3. Pooling over the ``S`` windows: ``attention`` (learned scores softmaxed over slices), ``lstm`` (a
-   bidirectional LSTM, then attention) or ``mean``.
+   bidirectional LSTM, then attention) or ``mean``. The attention pools can also return their scores (the
+   logits over the ``S`` slices, before the softmax): ``forward(crops, return_attention=True)``, which the
+   auxiliary slice loss trains to point at the labelled slice (see :mod:`lumbar_ray.losses`).
 4. A learned target embedding (one per of the 25 targets) is added to the pooled feature, so the shared
    encoder's output is read knowing the condition and level (the severity prior differs a lot by level).
 5. LayerNorm, dropout, then one linear head per condition group (spinal / foraminal / subarticular). The left
@@ -97,6 +99,8 @@ def flip_tta(logits_of: Callable[[torch.Tensor], torch.Tensor], crops: torch.Ten
 class AttentionPool(nn.Module):
     """Attention over slices: ``softmax_s(w . tanh(V x_s))`` weights, then the weighted sum of ``x_s``."""
 
+    has_attention = True
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         hidden = min(_MAX_ATTENTION_HIDDEN, dim)
@@ -105,12 +109,19 @@ class AttentionPool(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, S, D)`` -> ``(N, D)``."""
-        weights = torch.softmax(self.score(features), dim=1)
-        return (weights * features).sum(dim=1)
+        return self.forward_with_scores(features)[0]
+
+    def forward_with_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, S, D)`` -> the pooled ``(N, D)`` and the attention logits ``(N, S)`` (before the softmax)."""
+        scores = self.score(features)
+        weights = torch.softmax(scores, dim=1)
+        return (weights * features).sum(dim=1), scores.squeeze(-1)
 
 
 class MeanPool(nn.Module):
     """Plain mean over slices."""
+
+    has_attention = False
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -124,6 +135,8 @@ class MeanPool(nn.Module):
 class LSTMPool(nn.Module):
     """A bidirectional LSTM over the slices (context from both sides), then attention pooling."""
 
+    has_attention = True
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         hidden = min(_MAX_LSTM_HIDDEN, max(8, dim // 2))
@@ -133,12 +146,19 @@ class LSTMPool(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, S, D)`` -> ``(N, out_dim)``."""
+        return self.forward_with_scores(features)[0]
+
+    def forward_with_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, S, D)`` -> the pooled ``(N, out_dim)`` and the attention logits ``(N, S)``."""
         sequence, _ = self.lstm(features)
-        return self.attention(sequence)
+        return self.attention.forward_with_scores(sequence)
 
 
 def make_pool(name: str, dim: int) -> nn.Module:
-    """The slice pooling called ``name`` for ``dim``-wide features (it has an ``out_dim`` attribute).
+    """The slice pooling called ``name`` for ``dim``-wide features.
+
+    Every pool has an ``out_dim`` and a ``has_attention`` attribute; those with attention also have
+    ``forward_with_scores`` (the pooled features and the attention logits over the slices).
 
     Raises:
         ValueError: on an unknown name.
@@ -203,25 +223,52 @@ class SeverityNet(nn.Module):
             with torch.no_grad():
                 head.bias.copy_(log_prior)
 
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+    @property
+    def has_slice_attention(self) -> bool:
+        """Whether the slice pooling has attention logits (``forward(..., return_attention=True)`` works)."""
+        return bool(self.pool.has_attention)
+
+    def forward(
+        self, crops: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``(B, 25, S, H, W)`` float crops -> ``(B, 25, 3)`` logits (with ``tta_flip``, in eval mode, the
         log-probabilities of :func:`flip_tta`; training never sees the test-time flip).
 
+        A keyword of ``forward`` rather than a method of its own, so that a DDP-wrapped model (Ray Train) still
+        goes through DDP's forward, which prepares the gradient synchronisation. Prediction (the registered model)
+        calls ``model(crops)``: the default output is the logits alone.
+
+        Args:
+            crops: the study crops.
+            return_attention: also return the slice pooling's attention logits ``(B, 25, S)`` (before the
+                softmax over the ``S`` slices), as ``(logits, attention)``; never with the test-time flip.
+
         Raises:
-            ValueError: if ``crops`` is not 5-d with 25 targets.
+            ValueError: if ``crops`` is not 5-d with 25 targets, or attention is asked of a pool without it.
         """
         if crops.ndim != 5 or crops.shape[1] != len(TARGETS):
             raise ValueError(f"crops must have shape (B, {len(TARGETS)}, S, H, W), got {tuple(crops.shape)}")
-        if self.tta_flip and not self.training:
+        if return_attention and not self.has_slice_attention:
+            raise ValueError(f"the slice pooling {type(self.pool).__name__} has no attention to return")
+        if self.tta_flip and not self.training and not return_attention:
             return flip_tta(self.logits, crops)
-        return self.logits(crops)
+        return self.logits(crops, return_attention)
 
-    def logits(self, crops: torch.Tensor) -> torch.Tensor:
-        """The network itself, without the test-time flip: ``(B, 25, S, H, W)`` crops -> ``(B, 25, 3)`` logits."""
+    def logits(
+        self, crops: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The network itself, without the test-time flip (see :meth:`forward` for the arguments)."""
         batch, n_targets, n_slices, height, width = crops.shape
         windows = slice_windows(crops.reshape(batch * n_targets, n_slices, height, width), self.in_chans)
         features = self.encoder(windows.reshape(-1, self.in_chans, height, width))
-        pooled = self.pool(features.reshape(batch * n_targets, n_slices, -1)).reshape(batch, n_targets, -1)
-        hidden = self.dropout(self.norm(pooled + self.target_embedding.weight))
+        sequence = features.reshape(batch * n_targets, n_slices, -1)
+        if return_attention:
+            pooled, attention = self.pool.forward_with_scores(sequence)
+        else:
+            pooled, attention = self.pool(sequence), None
+        hidden = self.dropout(self.norm(pooled.reshape(batch, n_targets, -1) + self.target_embedding.weight))
         logits = [head(hidden[:, getattr(self, f"_targets_{group}")]) for group, head in self.heads.items()]
-        return torch.cat(logits, dim=1)[:, self._inverse]
+        logits = torch.cat(logits, dim=1)[:, self._inverse]
+        if attention is None:
+            return logits
+        return logits, attention.reshape(batch, n_targets, n_slices)

@@ -29,11 +29,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lumbar_ray.baseline import fill_with_prior
-from lumbar_ray.config import Config, TrainConfig
+from lumbar_ray.config import Config, ConfigError, TrainConfig
 from lumbar_ray.constants import IGNORE_INDEX
 from lumbar_ray.data.cache import SeriesCache
 from lumbar_ray.data.crops import CropDataset
-from lumbar_ray.losses import SeverityLoss
+from lumbar_ray.losses import LossOutput, SeverityLoss
 from lumbar_ray.metrics import ScoreResult, score_arrays
 from lumbar_ray.models import build_model
 from lumbar_ray.models.ema import ModelEma
@@ -85,6 +85,21 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
+def batch_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], loss_fn: SeverityLoss, device: torch.device, amp: str = "off"
+) -> LossOutput:
+    """The loss of one batch; the pool's attention logits are asked for only when the loss trains them (the
+    auxiliary slice term, against the batch's ``slice_target``), so the default forward is the one predicted with."""
+    with autocast(device, amp):
+        if loss_fn.uses_slice_attention:
+            logits, attention = model(batch["crops"], return_attention=True)
+        else:
+            logits, attention = model(batch["crops"]), None
+    if attention is None:
+        return loss_fn(logits.float(), batch["labels"])
+    return loss_fn(logits.float(), batch["labels"], attention.float(), batch["slice_target"])
+
+
 def train_epoch(
     model: nn.Module,
     loader: Any,
@@ -101,7 +116,8 @@ def train_epoch(
 
     Args:
         model: the classifier (plain or DDP-wrapped).
-        loader: yields dicts with ``crops`` (B, 25, S, H, W) and ``labels`` (B, 25).
+        loader: yields dicts with ``crops`` (B, 25, S, H, W) and ``labels`` (B, 25) (and ``slice_target`` (B, 25)
+            when the loss has an auxiliary slice term).
         loss_fn: a :class:`lumbar_ray.losses.SeverityLoss`.
         optimizer: stepped every batch.
         scheduler: stepped every batch (or None).
@@ -118,9 +134,7 @@ def train_epoch(
     start = time.perf_counter()
     for batch in loader:
         batch = _to_device(batch, device)
-        with autocast(device, amp):
-            logits = model(batch["crops"])
-        output = loss_fn(logits.float(), batch["labels"])
+        output = batch_loss(model, batch, loss_fn, device, amp)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(output.total).backward()
         if grad_clip:
@@ -215,7 +229,7 @@ def fold_loaders(cfg: Config, payload: FoldPayload) -> tuple[CropDataset, DataLo
     """The fold's training dataset and the training/validation DataLoaders (not yet prepared for DDP)."""
     cache = SeriesCache(payload.cache_root, payload.cache_settings)
     train_set = CropDataset(cache, payload.train_ids, payload.points, cfg.crop, labels=payload.train_labels,
-                            augment=cfg.augment, seed=cfg.train.seed)  # fmt: skip
+                            augment=cfg.augment, seed=cfg.train.seed, slice_points=payload.points)  # fmt: skip
     val_set = CropDataset(cache, payload.val_ids, payload.points, cfg.crop, labels=payload.val_labels)
     workers = cfg.train.loader_workers
     common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": cfg.train.use_gpu}
@@ -282,6 +296,10 @@ def build_fold(
     train_set, train_loader, val_loader = fold_loaders(cfg, payload)
     train_loader = wrap_loader(train_loader)
     model = build_model(cfg.model, cfg.crop)
+    if cfg.loss.aux_slice_weight > 0 and not model.has_slice_attention:
+        raise ConfigError(f"loss.aux_slice_weight > 0 trains the slice attention, but the slice pooling of model.arch "
+                          f"{cfg.model.arch!r} (model.pool {cfg.model.pool!r}) has none: set model.pool=attention or "
+                          "lstm, or loss.aux_slice_weight=0")  # fmt: skip
     if state is not None:
         model.load_state_dict(state["model"])
     model = wrap_model(model) if wrap_model is not _unchanged else model.to(device)
@@ -363,6 +381,8 @@ def run_epoch(fold: Fold, epoch: int) -> Epoch:
         "epoch_started_at": epoch_started_at,
         **score.to_dict(prefix="val_"),
     }
+    if fold.loss_fn.uses_slice_attention:
+        metrics["train_aux_slice"] = trained["aux_slice"]
     metrics["val_score"] = metrics.pop("val_total")
     return Epoch(metrics, predictions, probs)
 

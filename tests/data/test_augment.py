@@ -13,6 +13,7 @@ from lumbar_ray.data.augment import (
     AugmentParams,
     axial_targets,
     flip_permutation,
+    flip_slice_targets,
     flip_targets,
     mirror_crops,
 )
@@ -90,6 +91,27 @@ def test_mirror_crops_flips_each_study_of_a_batch_as_flip_targets_flips_one():
     left = _index("left_subarticular_stenosis", 2)
     np.testing.assert_array_equal(mirrored[1, left].numpy(), batch[1, left + N_LEVELS][..., ::-1])
     torch.testing.assert_close(mirror_crops(mirrored), torch.from_numpy(batch), rtol=0, atol=0)
+
+
+def test_flipped_slice_targets_still_point_at_the_labelled_slice():
+    crops, labels, mask = _item(seed=3)
+    rng = np.random.default_rng(3)
+    slice_targets = rng.integers(0, crops.shape[1], len(TARGETS))
+    slice_targets[~mask] = IGNORE_INDEX
+    slice_targets[_index("left_subarticular_stenosis", 2)] = IGNORE_INDEX
+    crops_f, _, _ = flip_targets(crops, labels, mask)
+    flipped = flip_slice_targets(slice_targets, crops.shape[1])
+    order = flip_permutation()
+    for target in range(len(TARGETS)):
+        source = order[target]
+        if slice_targets[source] == IGNORE_INDEX:
+            assert flipped[target] == IGNORE_INDEX
+            continue
+        # the slice the target now points at is the labelled slice's image (mirrored in-plane on axial crops)
+        image = crops_f[target, flipped[target]]
+        expected = crops[source, slice_targets[source]]
+        np.testing.assert_array_equal(image, expected[..., ::-1] if axial_targets()[target] else expected)
+    np.testing.assert_array_equal(flip_slice_targets(flipped, crops.shape[1]), slice_targets)  # an involution
 
 
 def test_zero_strengths_are_the_identity():

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from lumbar_ray.config import CropConfig, LossConfig, ModelConfig
-from lumbar_ray.constants import TARGETS
+from lumbar_ray.constants import IGNORE_INDEX, TARGETS
 from lumbar_ray.data.augment import flip_permutation, flip_targets, mirror_crops
 from lumbar_ray.losses import SeverityLoss
 from lumbar_ray.models import ARCHITECTURES, DEFAULT_CLASS_PRIOR, POOLS, SeverityNet, build_model
@@ -287,3 +287,54 @@ def test_with_tta_off_and_in_training_the_network_is_unchanged() -> None:
         trained = on(crops)
         torch.manual_seed(5)
         torch.testing.assert_close(trained, on.logits(crops), rtol=0, atol=0)
+
+
+# --- the slice attention's logits (the auxiliary slice loss)
+
+
+@pytest.mark.parametrize(("pool", "in_chans"), [("attention", 1), ("lstm", 3)])
+def test_attention_logits_are_the_pools_own_and_leave_the_default_output_alone(pool: str, in_chans: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(pool=pool, in_chans=in_chans), CropConfig(slices=5)).eval()
+    crops = _crops(1, 5, 32)
+    with torch.no_grad():
+        plain = model(crops)
+        logits, attention = model(crops, return_attention=True)
+        # The pooled features are the softmax(attention)-weighted sum over the slices of what the pool attends to.
+        windows = slice_windows(crops.reshape(25, 5, 32, 32), in_chans).reshape(-1, in_chans, 32, 32)
+        sequence = model.encoder(windows).reshape(25, 5, -1)
+        attended = model.pool.lstm(sequence)[0] if pool == "lstm" else sequence
+        weights = torch.softmax(attention.reshape(25, 5, 1), dim=1)
+        torch.testing.assert_close((weights * attended).sum(dim=1), model.pool(sequence))
+    assert model.has_slice_attention
+    assert torch.equal(logits, plain)  # the default forward (what prediction calls) is unchanged
+    assert attention.shape == (1, len(TARGETS), 5)
+    assert not torch.allclose(attention, attention[..., :1])  # real scores, not a constant
+
+
+def test_a_pool_without_attention_says_so() -> None:
+    model = build_model(ModelConfig(pool="mean"), CropConfig())
+    assert not model.has_slice_attention
+    with pytest.raises(ValueError, match="MeanPool has no attention"):
+        model(_crops(1, 5, 32), return_attention=True)
+
+
+@pytest.mark.parametrize("pool", ["attention", "lstm"])
+def test_the_aux_slice_gradient_reaches_the_attention(pool: str) -> None:
+    """With every severity label unknown, only the auxiliary term can move the attention: it does when weighted."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(pool=pool), CropConfig(slices=3))
+    logits, attention = model(_crops(1, 3, 32), return_attention=True)
+    targets = torch.randint(0, 3, (1, len(TARGETS)), generator=torch.Generator().manual_seed(2))
+    scorer = list((model.pool.attention.score if pool == "lstm" else model.pool.score).parameters())
+
+    def attention_grads(weight: float, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        total = SeverityLoss(LossConfig(aux_slice_weight=weight))(logits, labels, attention, targets).total
+        return torch.autograd.grad(total, scorer, retain_graph=True, allow_unused=True, materialize_grads=True)
+
+    unlabelled = torch.full((1, len(TARGETS)), IGNORE_INDEX)
+    assert all(grad.abs().sum() > 0 for grad in attention_grads(1.0, unlabelled))
+    assert all(grad.abs().sum() == 0 for grad in attention_grads(0.0, unlabelled))
+    labels = torch.randint(0, 3, (1, len(TARGETS)), generator=torch.Generator().manual_seed(1))
+    with_aux, without = attention_grads(1.0, labels), attention_grads(0.0, labels)
+    assert any(not torch.allclose(a, b) for a, b in zip(with_aux, without, strict=True))

@@ -118,7 +118,7 @@ def test_train_epoch_reports_samples_and_loss_parts():
     loss_fn, cpu = SeverityLoss(LossConfig()), torch.device("cpu")
     out = train_epoch(model, DataLoader(data, batch_size=4), loss_fn, optimizer, None, cpu)
     assert out["samples"] == 10 and out["seconds"] > 0
-    assert {"loss", "spinal", "foraminal", "subarticular", "any_severe"} <= set(out)
+    assert {"loss", "spinal", "foraminal", "subarticular", "any_severe", "aux_slice"} <= set(out)
     assert np.isfinite(out["loss"])
 
 
@@ -145,6 +145,40 @@ def test_train_epoch_updates_the_ema_after_every_optimiser_step():
         torch.testing.assert_close(average, expected[name], rtol=0, atol=1e-6)
     moved = [name for name, value in model.named_parameters() if not torch.allclose(value, expected[name])]
     assert moved  # the average is not simply the trained weights
+
+
+class LabelledSliceDataset(BrightnessDataset):
+    """BrightnessDataset whose crops hide the labelled slice: it alone is bright, at a random place in the crop."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        super().__init__(n, seed)
+        rng = np.random.default_rng(seed + 1)
+        self.slice_target = rng.integers(0, CROP.slices, size=(n, 25))
+        self.slice_target[~self.mask] = IGNORE_INDEX
+        self.crops *= 0.5
+        rows, targets = np.nonzero(self.mask)
+        self.crops[rows, targets, self.slice_target[rows, targets]] += 0.5
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return super().__getitem__(i) | {"slice_target": torch.as_tensor(self.slice_target[i])}
+
+
+def test_the_aux_slice_term_trains_the_attention_to_find_the_labelled_slice():
+    torch.manual_seed(0)
+    data = LabelledSliceDataset(16)
+    loader = DataLoader(data, batch_size=8, shuffle=True)
+    model = build_model(ModelConfig(arch="tiny"), CROP)
+    optimizer = make_optimizer(model, TrainConfig(lr=3e-3))
+    loss_fn, cpu = SeverityLoss(LossConfig(aux_slice_weight=1.0)), torch.device("cpu")
+    epochs = [train_epoch(model, loader, loss_fn, optimizer, None, cpu) for _ in range(4)]
+    assert epochs[-1]["aux_slice"] < 0.5 * epochs[0]["aux_slice"], [epoch["aux_slice"] for epoch in epochs]
+    assert epochs[-1]["aux_slice"] < 0.3 * np.log(CROP.slices)  # uniform attention would cost log(S)
+    assert all(np.isfinite(epoch["loss"]) for epoch in epochs)
+    # weight 0: the term is neither computed nor asked of the model (a mean pool trains as before)
+    mean_pool = build_model(ModelConfig(arch="tiny", pool="mean"), CROP)
+    plain = train_epoch(mean_pool, loader, SeverityLoss(LossConfig()), make_optimizer(mean_pool, TrainConfig()), None,
+                        cpu)  # fmt: skip
+    assert plain["aux_slice"] == 0.0
 
 
 def test_fill_missing_puts_the_prior_where_no_crop_was_cut():
@@ -259,3 +293,27 @@ def test_with_ema_on_the_average_predicts_and_is_kept_and_resumed(small_fold, ca
         torch.testing.assert_close(restarted.ema.module.state_dict()[key], value, rtol=0, atol=0)
     off = build_fold(cfg.model_copy(update={"train": cfg.train.model_copy(update={"ema_decay": 0.0})}), small_fold, cpu)
     assert off.ema is None and off.evaluated is off.bare and training_state(off)["ema"] is None
+
+
+def test_build_fold_and_run_epoch_train_the_slice_attention(small_fold):
+    """The fold's training crops carry the labelled slices; the epoch reports the auxiliary term; a pool without
+    attention is refused when the fold is built."""
+    from lumbar_ray.config import Config, ConfigError
+    from lumbar_ray.train.steps import build_fold, run_epoch
+
+    tiny = {"crop": {"size": 16, "region": 24, "slices": 3},
+            "train": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0.5}}  # fmt: skip
+    cfg = Config.model_validate(tiny | {"loss": {"aux_slice_weight": 0.5}})
+    torch.manual_seed(cfg.train.seed)
+    fold = build_fold(cfg, small_fold, torch.device("cpu"))
+    targets = np.stack([fold.train_set[i]["slice_target"].numpy() for i in range(len(fold.train_set))])
+    assert (targets != IGNORE_INDEX).mean() > 0.5 and set(np.unique(targets)) <= {IGNORE_INDEX, 0, 1, 2}
+    metrics = run_epoch(fold, 0).metrics
+    assert 0 < metrics["train_aux_slice"] < 2 * np.log(3) and np.isfinite(metrics["train_loss"])
+    off = build_fold(Config.model_validate(tiny), small_fold, torch.device("cpu"))
+    assert "train_aux_slice" not in run_epoch(off, 0).metrics  # the default's metrics are as they were
+
+    mean = cfg.model_copy(deep=True)
+    mean.model.pool = "mean"  # assigned past the config's own check (which only sees an explicit pool)
+    with pytest.raises(ConfigError, match="loss.aux_slice_weight > 0 trains the slice attention"):
+        build_fold(mean, small_fold, torch.device("cpu"))
