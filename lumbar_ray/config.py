@@ -180,6 +180,12 @@ class CVConfig(_Strict):
 
     n_folds: int = Field(3, ge=2)
     seed: int = 42
+    predicted_points: str | None = Field(
+        None,
+        description="a parquet of predicted points (the cache's POINTS columns) of the training studies, each from "
+        "detectors that never saw its fold (benchmarks/recipe.py --predicted-points writes one): each fold's last "
+        "epoch also predicts its held-out studies at these points (the honest CV at predicted points)",
+    )
 
 
 class SearchDim(_Strict):

@@ -213,6 +213,8 @@ class FoldPayload:
         train_ids: ``(n_train,)`` study ids trained on; ``train_labels`` ``(n_train, 25)`` their labels.
         val_ids: ``(n_val,)`` held-out study ids; ``val_labels`` their labels.
         prior: ``(25, 3)`` prior of the training labels, for targets without a crop.
+        val_points: POINTS frame of predicted points (detectors that never saw this fold): the held-out studies
+            are also predicted at them (None = only at the label points).
     """
 
     cache_root: str
@@ -223,6 +225,7 @@ class FoldPayload:
     train_labels: np.ndarray
     val_labels: np.ndarray
     prior: np.ndarray
+    val_points: pd.DataFrame | None = None
 
 
 def fold_loaders(cfg: Config, payload: FoldPayload) -> tuple[CropDataset, DataLoader, DataLoader]:
@@ -236,6 +239,15 @@ def fold_loaders(cfg: Config, payload: FoldPayload) -> tuple[CropDataset, DataLo
     train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=False, **common)
     val_loader = DataLoader(val_set, batch_size=cfg.train.batch_size, shuffle=False, **common)
     return train_set, train_loader, val_loader
+
+
+def predicted_points_loader(cfg: Config, payload: FoldPayload) -> DataLoader | None:
+    """The held-out studies cropped at the predicted points ``payload.val_points`` (None without them)."""
+    if payload.val_points is None:
+        return None
+    cache = SeriesCache(payload.cache_root, payload.cache_settings)
+    val_set = CropDataset(cache, payload.val_ids, payload.val_points, cfg.crop, labels=payload.val_labels)
+    return DataLoader(val_set, batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.train.loader_workers)
 
 
 @dataclass
@@ -260,6 +272,7 @@ class Fold:
     amp: str
     prior: np.ndarray
     ema: ModelEma | None = None
+    predicted_points_loader: Any = None
 
     @property
     def evaluated(self) -> nn.Module:
@@ -312,7 +325,7 @@ def build_fold(
         scheduler.load_state_dict(state["scheduler"])
     return Fold(model, bare, train_set, train_loader, val_loader, loss_fn, optimizer, scheduler,
                 make_grad_scaler(device, amp), device, amp, np.asarray(payload.prior),
-                _build_ema(bare, cfg.train, state))  # fmt: skip
+                _build_ema(bare, cfg.train, state), predicted_points_loader(cfg, payload))  # fmt: skip
 
 
 def _build_ema(bare: nn.Module, cfg: TrainConfig, state: dict[str, Any] | None) -> ModelEma | None:
@@ -385,6 +398,20 @@ def run_epoch(fold: Fold, epoch: int) -> Epoch:
         metrics["train_aux_slice"] = trained["aux_slice"]
     metrics["val_score"] = metrics.pop("val_total")
     return Epoch(metrics, predictions, probs)
+
+
+def predict_at_predicted_points(fold: Fold) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The held-out studies predicted at the predicted points by the evaluated model (None without them).
+
+    Returns:
+        ``(study_ids, probs, score)``: prior-filled probabilities (a target without a predicted point gets the
+        prior, as at inference) and their official score.
+    """
+    if fold.predicted_points_loader is None:
+        return None
+    predictions = predict(fold.evaluated, fold.predicted_points_loader, fold.device, fold.amp)
+    probs = fill_missing(predictions, fold.prior)
+    return predictions.study_ids, probs, score_predictions(probs, predictions.labels).total
 
 
 def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:

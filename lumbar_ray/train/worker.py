@@ -28,7 +28,15 @@ from lumbar_ray.config import Config
 from lumbar_ray.paths import atomic_path
 from lumbar_ray.raytools import quiet_ray_train_info
 from lumbar_ray.tracking import RunLogger
-from lumbar_ray.train.steps import Fold, FoldPayload, build_fold, keep_best, run_epoch, training_state
+from lumbar_ray.train.steps import (
+    Fold,
+    FoldPayload,
+    build_fold,
+    keep_best,
+    predict_at_predicted_points,
+    run_epoch,
+    training_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +73,7 @@ class FoldOutcome:
     checkpoint_path: str | None = None
     last_epoch: int | None = None
     last_probs: np.ndarray | None = None
+    last_predicted_probs: np.ndarray | None = None
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as temporary:  # a fold counts as done only once its file is whole
@@ -84,7 +93,8 @@ class FoldOutcome:
                    study_ids=np.asarray(best["study_ids"]), probs=np.asarray(best["probs"]), history=state["history"],
                    model_state=best["model"], starts=list(state.get("starts", [])),
                    ranks=dict(state.get("ranks", {})), checkpoint_path=checkpoint_path,
-                   last_epoch=last.get("epoch"), last_probs=last.get("probs"))  # fmt: skip
+                   last_epoch=last.get("epoch"), last_probs=last.get("probs"),
+                   last_predicted_probs=last.get("predicted_probs"))  # fmt: skip
 
 
 def load_checkpoint_state(checkpoint: Any) -> dict[str, Any] | None:
@@ -143,6 +153,8 @@ def train_fold_loop(config: dict[str, Any]) -> None:
         best = keep_best(best, epoch, fold.evaluated)  # with EMA on, the average is what is kept and registered
         # The last epoch's predictions give the honest CV: a fixed schedule, not an epoch picked on this fold.
         last = {"epoch": epoch_index, "study_ids": epoch.predictions.study_ids, "probs": epoch.probs}
+        if epoch_index == cfg.train.epochs - 1:
+            last |= _at_predicted_points(fold, last, metrics)
         metrics["best_val_score"] = best["score"]
         if rank == 0:
             _log_progress(job.fold, epoch_index, cfg.train.epochs, metrics)
@@ -150,6 +162,18 @@ def train_fold_loop(config: dict[str, Any]) -> None:
                 job.run_logger.log_epoch(epoch_index, {k: v for k, v in metrics.items()
                                                        if k not in ("epoch", "epoch_started_at")})  # fmt: skip
         _report(rank, metrics, _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks))
+
+
+def _at_predicted_points(fold: Fold, last: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The last epoch's model on the held-out studies at predicted points (``cv.predicted_points``), if given."""
+    outcome = predict_at_predicted_points(fold)
+    if outcome is None:
+        return {}
+    study_ids, probs, score = outcome
+    if not np.array_equal(study_ids, last["study_ids"]):
+        raise RuntimeError("the predicted and the labelled points scored different held-out studies")
+    metrics["val_score_predicted_points"] = score
+    return {"predicted_probs": probs}
 
 
 def _checkpoint_state(fold: Fold, epoch: int, best: dict, last: dict, history: list, starts: list,

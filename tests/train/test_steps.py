@@ -317,3 +317,55 @@ def test_build_fold_and_run_epoch_train_the_slice_attention(small_fold):
     mean.model.pool = "mean"  # assigned past the config's own check (which only sees an explicit pool)
     with pytest.raises(ConfigError, match="loss.aux_slice_weight > 0 trains the slice attention"):
         build_fold(mean, small_fold, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_the_held_out_fold_is_also_predicted_at_predicted_points(small_fold):
+    """``cv.predicted_points``: the evaluated model predicts the held-out studies at the given points; at the label
+    points themselves that is exactly the epoch's own prediction, and points moved off them change it."""
+    import dataclasses
+
+    from lumbar_ray.config import Config
+    from lumbar_ray.train.steps import build_fold, predict_at_predicted_points, run_epoch
+
+    cfg = Config.model_validate({"crop": {"size": 16, "region": 24, "slices": 3},
+                                 "train": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0.5}})  # fmt: skip
+    torch.manual_seed(0)
+    assert predict_at_predicted_points(build_fold(cfg, small_fold, torch.device("cpu"))) is None
+    at_labels = dataclasses.replace(small_fold, val_points=small_fold.points)
+    torch.manual_seed(0)
+    fold = build_fold(cfg, at_labels, torch.device("cpu"))
+    epoch = run_epoch(fold, 0)
+    study_ids, probs, score = predict_at_predicted_points(fold)
+    np.testing.assert_array_equal(study_ids, epoch.predictions.study_ids)
+    np.testing.assert_allclose(probs, epoch.probs, atol=1e-6)
+    assert score == pytest.approx(epoch.metrics["val_score"], abs=1e-6)
+
+    moved = small_fold.points.assign(x=small_fold.points["x"] + 9.0, y=small_fold.points["y"] - 7.0)
+    keep_some = moved[moved["target"] % 5 != 0]  # a target without a predicted point gets the prior
+    fold.predicted_points_loader = build_fold(cfg, dataclasses.replace(small_fold, val_points=keep_some),
+                                              torch.device("cpu")).predicted_points_loader  # fmt: skip
+    _, moved_probs, _ = predict_at_predicted_points(fold)
+    assert np.abs(moved_probs - epoch.probs).max() > 1e-4
+    dropped = np.isin(np.arange(25), np.unique(small_fold.points["target"][small_fold.points["target"] % 5 == 0]))
+    np.testing.assert_allclose(moved_probs[:, dropped], np.broadcast_to(small_fold.prior, probs.shape)[:, dropped])
+
+
+def test_oof_of_the_last_epoch_at_predicted_points_is_assembled_from_each_fold():
+    from lumbar_ray.train.cv import assemble_oof
+    from lumbar_ray.train.worker import FoldOutcome
+
+    def outcome(fold: int, ids: list[int], value: float, with_predicted: bool) -> FoldOutcome:
+        probs = np.full((len(ids), 25, 3), value)
+        state = {"best": {"score": 0.5, "epoch": 1, "study_ids": np.array(ids), "probs": probs, "model": {}},
+                 "last": {"epoch": 2, "study_ids": np.array(ids), "probs": probs + 0.1}, "history": []}  # fmt: skip
+        if with_predicted:
+            state["last"]["predicted_probs"] = probs + 0.2
+        return FoldOutcome.from_state(fold, state)
+
+    outcomes = {0: outcome(0, [3, 1], 0.0, True), 1: outcome(1, [2], 0.3, True)}
+    oof = assemble_oof(np.array([1, 2, 3]), outcomes, "last_predicted")
+    np.testing.assert_allclose(oof[:, 0, 0], [0.2, 0.5, 0.2])
+    np.testing.assert_allclose(assemble_oof(np.array([1, 2, 3]), outcomes, "last")[:, 0, 0], [0.1, 0.4, 0.1])
+    with pytest.raises(ValueError, match="kept no 'last_predicted'"):
+        assemble_oof(np.array([1, 2, 3]), {0: outcome(0, [1, 2, 3], 0.0, False)}, "last_predicted")
