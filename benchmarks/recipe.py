@@ -12,7 +12,12 @@ Run it on the hard preset (the easy one cannot rank recipes: its Bayes floor is 
     python benchmarks/recipe.py --workdir /tmp/recipe synth.preset=hard \\
         --variant "loss.class_weights=[1,1,1]" --variant "augment.jitter_px=0 augment.jitter_slices=0"
 
-A rerun with the same workdir reuses every finished CV (the run ids hash the settings).
+With ``--predicted-points`` the detectors are first trained once per fold, each without that fold
+(``localize.val_fold=k``), and every CV also scores each fold's last epoch at the points those detectors predict
+for its held-out studies (``cv.predicted_points``): the comparison then holds at predicted points too, where a
+recipe meets the localisation error it will meet at inference.
+
+A rerun with the same workdir reuses every finished CV and detector (their ids hash the settings).
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], help='overrides of one variant, e.g. "a.b=1 c=2"')
     parser.add_argument("--samples", type=int, default=500, help="bootstrap resamples of studies")
     parser.add_argument("--out", type=Path, default=None, help="markdown table (default: <workdir>/recipe.md)")
+    parser.add_argument(
+        "--predicted-points",
+        action="store_true",
+        help="also compare at points predicted by detectors that never saw each fold",
+    )
     return parser.parse_args()
 
 
@@ -53,6 +63,24 @@ def run(cfg, name: str):
     logger.info("%s: CV %s, last epoch %.5f, best epoch %.5f, %.0f s", name, cv.run_id,
                 cv.last_epoch_score.total, cv.score.total, seconds)  # fmt: skip
     return cv, seconds
+
+
+def predicted_points(cfg, n_folds: int, workdir: Path) -> tuple[Path, list[str]]:
+    """Every study's points from the detectors trained without its fold; returns the parquet and their figures."""
+    import pandas as pd
+
+    from lumbar_ray.localize.stage import run_localize
+    from lumbar_ray.pipeline import complete_cache
+
+    complete_cache(cfg)
+    frames, lines = [], []
+    for fold in range(n_folds):
+        result = run_localize(cfg.model_copy(update={"localize": cfg.localize.model_copy(update={"val_fold": fold})}))
+        frames.append(result.val_points)
+        lines += [f"fold {fold} held out: " + result.format()]
+    path = workdir / "predicted_points.parquet"
+    pd.concat(frames, ignore_index=True).to_parquet(path, index=False)
+    return path, lines
 
 
 def labels_of(cfg, study_ids: np.ndarray) -> np.ndarray:
@@ -81,19 +109,29 @@ def main() -> None:
 
     common = [f"workdir={args.workdir}", "tracking.register_model=false", *args.overrides]
     base = load_config(args.config, common)
+    localisation: list[str] = []
+    if args.predicted_points:
+        path, localisation = predicted_points(base, base.cv.n_folds, args.workdir)
+        common.append(f"cv.predicted_points={path}")
+        base = load_config(args.config, common)
     base_cv, base_seconds = run(base, "base")
     study_ids = base_cv.folds["study_id"].to_numpy()
     fold_of = base_cv.folds["fold"].to_numpy()
     labels = labels_of(base, study_ids)
     lines = [f"# Recipe comparison: base `{' '.join(args.overrides) or 'defaults'}`, {len(study_ids)} studies, "
              f"{len(np.unique(fold_of))} folds, base CV {base_seconds:.0f} s", ""]  # fmt: skip
+    if localisation:
+        lines += ["Detectors, one set per held-out fold:", "```", *localisation, "```", ""]
+    epochs = {"last": "honest CV: each fold's last epoch", "best": "best epoch, picked on the fold"}
+    if args.predicted_points:
+        epochs["last_predicted"] = "honest CV at predicted points: each fold's last epoch, detectors without the fold"
     for variant in args.variant:
         cfg = load_config(args.config, [*common, *shlex.split(variant)])
         cv, seconds = run(cfg, variant)
         if not cv.folds.set_index("study_id")["fold"].equals(base_cv.folds.set_index("study_id")["fold"]):
             raise RuntimeError(f"variant {variant!r} trained other folds: a paired comparison needs the same ones")
         lines.append(f"## `{variant}` against the base ({seconds:.0f} s)")
-        for epoch, title in (("last", "honest CV: each fold's last epoch"), ("best", "best epoch, picked on the fold")):
+        for epoch, title in epochs.items():
             base_probs = assemble_oof(study_ids, base_cv.outcomes, epoch)
             variant_probs = assemble_oof(study_ids, cv.outcomes, epoch)
             result = compare_paired(labels, base_probs, variant_probs, fold_of, samples=args.samples)

@@ -55,14 +55,14 @@ def bare_loop(cfg, payload, out: Path) -> dict[str, list[float]]:
     """The same epochs as the Ray worker loop, in this process, without Ray."""
     import torch
 
-    from lumbar_ray.train.steps import build_fold, run_epoch
+    from lumbar_ray.train.steps import build_fold, run_epoch, training_state
 
     torch.manual_seed(cfg.train.seed)
     fold = build_fold(cfg, payload, torch.device("cpu"))
     figures: dict[str, list[float]] = {"train": [], "epoch_start": [], "samples": []}
     for epoch_index in range(cfg.train.epochs):
         metrics = run_epoch(fold, epoch_index).metrics
-        state = {"model": fold.bare.state_dict(), "optimizer": fold.optimizer.state_dict(), "epoch": epoch_index}
+        state = training_state(fold) | {"epoch": epoch_index}  # what the worker checkpoints, minus predictions
         torch.save(state, out / "state.pt")
         figures["epoch_start"].append(metrics["epoch_started_at"])
         figures["train"].append(metrics["train_samples_per_s"])

@@ -118,13 +118,24 @@ class ModelConfig(_Strict):
     in_chans: int = Field(1, ge=1, description="adjacent slices fed to the encoder as channels, per slice")
     pool: Literal["attention", "lstm", "mean"] | None = Field(None, description="slice pooling; None = arch's")
     dropout: float = Field(0.1, ge=0, lt=1)
+    tta_flip: bool = Field(
+        False,
+        description="test-time flip in eval mode (validation, registered model): the mean of the softmax of the crops"
+        " and of their left/right mirror, sided targets swapped back",
+    )
 
 
 class LossConfig(_Strict):
-    """Class-weighted cross-entropy (the metric's weights) plus an any-severe-spinal term."""
+    """Class-weighted cross-entropy (the metric's weights), an any-severe-spinal term, an auxiliary slice term."""
 
     class_weights: tuple[float, float, float] = Field((1.0, 2.0, 4.0), description="by true class, as the metric")
     any_severe_weight: float = Field(1.0, ge=0, description="weight of the any-severe-spinal BCE term")
+    aux_slice_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the cross-entropy training the slice attention to point at the labelled slice "
+        "(added to the severity loss); 0 = off; needs an attention pool (attention or lstm)",
+    )
 
 
 class TrainConfig(_Strict):
@@ -141,6 +152,13 @@ class TrainConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     amp: Literal["off", "bf16", "fp16"] = Field("bf16", description="autocast dtype on GPU (ignored on CPU)")
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="decay of an exponential moving average of the weights, updated every step (warmed up);"
+        " > 0: validation, OOF and registered weights come from it; 0 = off",
+    )
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
     max_failures: int = Field(2, ge=0, description="worker restarts from the latest checkpoint, per fold")
     storage: str | None = Field(None, description="Ray Train storage path or URI; None = <workdir>/ray_results")
@@ -162,6 +180,12 @@ class CVConfig(_Strict):
 
     n_folds: int = Field(3, ge=2)
     seed: int = 42
+    predicted_points: str | None = Field(
+        None,
+        description="a parquet of predicted points (the cache's POINTS columns) of the training studies, each from "
+        "detectors that never saw its fold (benchmarks/recipe.py --predicted-points writes one): each fold's last "
+        "epoch also predicts its held-out studies at these points (the honest CV at predicted points)",
+    )
 
 
 class SearchDim(_Strict):
@@ -311,6 +335,16 @@ class Config(_Strict):
     tune: TuneConfig = TuneConfig()
     localize: LocalizeConfig = LocalizeConfig()
     predict: PredictConfig = PredictConfig()
+
+    @model_validator(mode="after")
+    def _aux_slice_needs_attention(self) -> Config:
+        # Only an explicit pool is known here; the architecture's default pool is checked when the model is built.
+        if self.loss.aux_slice_weight > 0 and self.model.pool == "mean":
+            raise ValueError(
+                "loss.aux_slice_weight > 0 trains the slice attention, but model.pool 'mean' has none: "
+                "use model.pool attention or lstm, or loss.aux_slice_weight=0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _space_keys_exist(self) -> Config:

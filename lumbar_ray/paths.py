@@ -41,6 +41,10 @@ _ADDED_AFTER_IDS: dict[tuple[str, str], Any] = {
     ("synth", "preset"): "easy",
     ("model", "pretrained_file"): None,
     ("localize", "box_mm"): None,
+    ("model", "tta_flip"): False,
+    ("train", "ema_decay"): 0.0,
+    ("loss", "aux_slice_weight"): 0.0,
+    ("cv", "predicted_points"): None,
 }
 _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     "workdir": None,
@@ -136,7 +140,11 @@ def localize_key(cfg: Config) -> str:
     for (section, key), default in _ADDED_AFTER_IDS.items():
         if section == "localize" and settings[key] == default:
             del settings[key]
-    payload = {"localize": settings, "cache": cache_settings(cfg.preprocess), "cv": cfg.cv.model_dump(mode="json")}
+    payload = {
+        "localize": settings,
+        "cache": cache_settings(cfg.preprocess),
+        "cv": cfg.cv.model_dump(mode="json", exclude={"predicted_points"}),
+    }
     return settings_hash(payload | _data_identity(cfg), "loc-")
 
 

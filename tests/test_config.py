@@ -76,6 +76,15 @@ def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
     assert load_config(None, ["preprocess.cache=s3://bucket/cache"]).preprocess.cache == "s3://bucket/cache"
 
 
+def test_the_aux_slice_loss_needs_an_attention_pool():
+    with pytest.raises(ConfigError, match=r"loss.aux_slice_weight > 0 .* model.pool 'mean' has none"):
+        load_config(None, ["loss.aux_slice_weight=0.5", "model.pool=mean"])
+    with pytest.raises(ConfigError, match="loss.aux_slice_weight"):
+        load_config(None, ["loss.aux_slice_weight=-1"])
+    assert load_config(None, ["loss.aux_slice_weight=0.5", "model.pool=lstm"]).loss.aux_slice_weight == 0.5
+    assert load_config(None, ["model.pool=mean"]).loss.aux_slice_weight == 0.0  # off: any pool
+
+
 def test_a_width_with_pretrained_detector_weights_is_an_error():
     # Weights keep the width they were trained at: a width override could only be ignored or drop the weights.
     with pytest.raises(ConfigError, match=r"localize.width.*set localize.width: null"):

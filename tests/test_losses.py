@@ -34,7 +34,8 @@ def test_parts_and_total_match_the_metric(seed: int) -> None:
     labels, probs = _random_case(24, seed)
     expected = score_arrays(labels, probs)
     output = _loss(labels, probs)
-    assert set(output.parts) == set(PART_NAMES) == {"spinal", "foraminal", "subarticular", "any_severe"}
+    assert set(output.parts) == set(PART_NAMES) == {"spinal", "foraminal", "subarticular", "any_severe", "aux_slice"}
+    assert output.parts["aux_slice"] == 0.0  # off by default
     for part, metric_name in [
         ("spinal", "spinal"),
         ("foraminal", "foraminal"),
@@ -124,3 +125,62 @@ def test_gradients_are_finite_even_for_extreme_logits() -> None:
 def test_bad_shapes_are_rejected() -> None:
     with pytest.raises(ValueError, match="logits"):
         SeverityLoss(LossConfig())(torch.zeros(2, 24, 3), torch.zeros(2, 24, dtype=torch.int64))
+
+
+# --- the auxiliary slice term
+
+
+def _slice_case(batch: int, slices: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention logits ``(B, 25, S)`` and slice targets with some unknown (IGNORE_INDEX) ones."""
+    generator = torch.Generator().manual_seed(seed)
+    slice_logits = torch.randn(batch, N_TARGETS, slices, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, slices, (batch, N_TARGETS), generator=generator)
+    targets[torch.rand(batch, N_TARGETS, generator=generator) < 0.3] = IGNORE_INDEX
+    return slice_logits, targets
+
+
+def test_aux_slice_is_the_mean_cross_entropy_of_known_slices_added_to_the_total() -> None:
+    labels, probs = _random_case(6, 7)
+    logits = torch.tensor(np.log(probs))
+    slice_logits, targets = _slice_case(6, 5, seed=0)
+    plain = SeverityLoss(LossConfig())(logits, torch.tensor(labels))
+    output = SeverityLoss(LossConfig(aux_slice_weight=0.5))(logits, torch.tensor(labels), slice_logits, targets)
+    known = targets != IGNORE_INDEX
+    log_p = torch.log_softmax(slice_logits, dim=-1)[known].gather(1, targets[known][:, None])
+    expected = float(-log_p.mean())
+    assert output.parts["aux_slice"] == pytest.approx(expected, abs=1e-6) and expected > 0
+    assert float(output.total) == pytest.approx(float(plain.total) + 0.5 * expected, abs=1e-6)
+    for name in ("spinal", "foraminal", "subarticular", "any_severe"):
+        assert output.parts[name] == pytest.approx(plain.parts[name], abs=1e-9)  # the severity terms are untouched
+    # Unknown slices do not count, whatever their logits.
+    changed = slice_logits.clone()
+    changed[~known] = 50.0 * torch.randn_like(changed[~known])
+    again = SeverityLoss(LossConfig(aux_slice_weight=0.5))(logits, torch.tensor(labels), changed, targets)
+    assert again.parts["aux_slice"] == pytest.approx(output.parts["aux_slice"], abs=1e-7)
+
+
+def test_aux_slice_off_or_without_known_slices_adds_nothing() -> None:
+    labels, probs = _random_case(4, 8)
+    logits, labels = torch.tensor(np.log(probs)), torch.tensor(labels)
+    slice_logits, targets = _slice_case(4, 3, seed=1)
+    plain = SeverityLoss(LossConfig())(logits, labels)
+    off = SeverityLoss(LossConfig(aux_slice_weight=0.0))(logits, labels, slice_logits, targets)
+    assert float(off.total) == float(plain.total) and off.parts["aux_slice"] == 0.0
+    unknown = torch.full_like(targets, IGNORE_INDEX)
+    nothing = SeverityLoss(LossConfig(aux_slice_weight=1.0))(logits, labels, slice_logits, unknown)
+    assert float(nothing.total) == pytest.approx(float(plain.total), abs=1e-12) and nothing.parts["aux_slice"] == 0.0
+    # Evaluation passes probabilities only: the term is left out, not an error.
+    assert float(SeverityLoss(LossConfig(aux_slice_weight=1.0))(logits, labels).total) == float(plain.total)
+
+
+def test_aux_slice_rejects_missing_or_impossible_targets() -> None:
+    labels = torch.zeros((2, N_TARGETS), dtype=torch.int64)
+    logits = torch.zeros((2, N_TARGETS, 3))
+    loss_fn = SeverityLoss(LossConfig(aux_slice_weight=1.0))
+    slice_logits = torch.zeros((2, N_TARGETS, 3))
+    with pytest.raises(ValueError, match="slice_targets"):
+        loss_fn(logits, labels, slice_logits)
+    with pytest.raises(ValueError, match="slice_targets must be IGNORE_INDEX or in 0..2"):
+        loss_fn(logits, labels, slice_logits, torch.full((2, N_TARGETS), 3))
+    with pytest.raises(ValueError, match="slice_logits"):
+        loss_fn(logits, labels, torch.zeros((2, 24, 3)), torch.zeros((2, 24), dtype=torch.int64))

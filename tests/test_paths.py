@@ -95,3 +95,16 @@ def test_the_hard_preset_and_real_data_get_their_own_folder_and_ids(tmp_path: Pa
     assert len({localize_key(easy), localize_key(hard), localize_key(real)}) == 3
     in_mm = easy.model_copy(update={"localize": easy.localize.model_copy(update={"box_mm": 18.0})})
     assert localize_key(in_mm) != localize_key(easy) and cv_run_id(in_mm) != cv_run_id(easy)
+    aux = easy.model_copy(update={"loss": easy.loss.model_copy(update={"aux_slice_weight": 0.5})})
+    assert cv_run_id(aux) != cv_run_id(easy) and localize_key(aux) == localize_key(easy)
+
+
+def test_ema_and_flip_tta_keep_the_ids_at_their_defaults_and_get_their_own_when_on(tmp_path: Path) -> None:
+    base = Config(workdir=str(tmp_path))
+    explicit = Config.model_validate({"workdir": str(tmp_path), "train": {"ema_decay": 0.0},
+                                      "model": {"tta_flip": False}})  # fmt: skip
+    assert cv_run_id(explicit) == cv_run_id(base) == "cv-a45d0f059f"  # the golden id above
+    ema = Config.model_validate({"workdir": str(tmp_path), "train": {"ema_decay": 0.99}})
+    tta = Config.model_validate({"workdir": str(tmp_path), "model": {"tta_flip": True}})
+    assert len({cv_run_id(base), cv_run_id(ema), cv_run_id(tta)}) == 3  # they change what the CV predicts
+    assert localize_key(ema) == localize_key(tta) == localize_key(base)

@@ -192,3 +192,35 @@ def test_latest_version_and_run_uris_resolve(registered) -> None:
     latest = model_source(f"models:/{cfg.tracking.model_name}/latest", uri)
     assert latest == client.get_model_version_download_uri(cfg.tracking.model_name, "3")
     assert model_source("runs:/abc/ensemble", uri) == "runs:/abc/ensemble"  # MLflow's own URIs pass through
+
+
+def test_the_registered_model_applies_the_flip_tta_as_the_validation_does(tmp_path: Path) -> None:
+    """``model.tta_flip`` travels in the contract: the loaded model predicts what the OOF path
+    (:func:`lumbar_ray.train.steps.predict` on the fold's network) predicted, and not the network without the flip."""
+    from torch.utils.data import DataLoader
+
+    from lumbar_ray.train.steps import predict
+
+    cfg = Config.model_validate({
+        "workdir": str(tmp_path / "work"),
+        "crop": {"size": 32, "slices": 3},
+        "model": {"arch": "tiny", "tta_flip": True},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tta-tests",
+                     "model_name": "tta_ensemble"},
+    })  # fmt: skip
+    tracker = Tracker.from_config(cfg)
+    state = _states(cfg, seed=5)[0]
+    result = log_and_register({0: state}, ensemble_contract(cfg, [0]), cfg.tracking, tracker.uri,
+                              tracker.parent_run("cv-tta", kind="cv"), 0.5)  # fmt: skip
+    loaded = load_ensemble(result.model_uri, tracker.uri)
+    assert loaded.contract["model"]["tta_flip"] is True
+    crops = np.random.default_rng(1).random((3, 25, 3, 32, 32), dtype=np.float32)
+    crops *= np.random.default_rng(2).random((3, 25, 1, 1, 1), dtype=np.float32)  # targets that look different
+    model = build_model(cfg.model, cfg.crop)
+    model.load_state_dict(state)
+    batches = [{"crops": torch.from_numpy(crops), "study_id": torch.arange(3), "labels": torch.zeros(3, 25),
+                "mask": torch.ones(3, 25, dtype=torch.bool)}]  # fmt: skip
+    validation = predict(model, DataLoader(batches, batch_size=None), torch.device("cpu")).probs
+    np.testing.assert_allclose(loaded.predict_crops(crops, fold=0), validation, atol=1e-5)
+    without = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tta_flip": False})})
+    assert np.abs(_direct(without, state, crops) - validation).max() > 1e-3  # the flip is really applied

@@ -15,10 +15,15 @@ The flip mirrors the patient, so it must move the sided targets with their pixel
   the patient's left-right axis;
 - sagittal crops (spinal canal and foraminal) have their slice axis reversed: the slice axis of a sagittal
   series runs along the patient's left-right axis, while their rows and columns (cranio-caudal, antero-posterior)
-  do not change side.
+  do not change side; so a sagittal crop's labelled slice moves from index ``k`` to ``S - 1 - k``
+  (:func:`flip_slice_targets`).
 
 Every strength 0 gives the identity. All of this runs in the data-loading workers (inside the dataset's
 ``__getitem__``), never on the driver.
+
+The rule is written once: :func:`flip_permutation` (which target becomes which) and :func:`mirror_crops` (the
+crops of a batch of studies, torch). :func:`flip_targets` applies them to one study item in the data pipeline,
+and the model's test-time flip (:mod:`lumbar_ray.models.net`) to a batch and its predictions.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from lumbar_ray.config import AugmentConfig
 from lumbar_ray.constants import CONDITION_SERIES, CONDITIONS, LEVELS, TARGETS
@@ -48,8 +54,27 @@ def axial_targets() -> np.ndarray:
     return np.array([CONDITION_SERIES[target[:-6]].startswith("Axial") for target in TARGETS])
 
 
+def mirror_crops(crops: torch.Tensor) -> torch.Tensor:
+    """Mirror studies left/right: the sided targets trade crops, and each crop is mirrored along the patient's x axis.
+
+    Axial crops (subarticular) are reversed along their columns, sagittal crops (spinal, foraminal) along their
+    slices (see the module docstring). A pure permutation and reversal: applying it twice restores the input bit
+    for bit.
+
+    Args:
+        crops: ``(..., 25, S, H, W)`` crops in :data:`TARGETS` order (one study or a batch of them).
+
+    Returns:
+        A new tensor of the same shape, dtype and device.
+    """
+    order = torch.as_tensor(flip_permutation(), device=crops.device)
+    axial = torch.as_tensor(axial_targets(), device=crops.device).reshape(-1, 1, 1, 1)
+    swapped = crops.index_select(-4, order)
+    return torch.where(axial, swapped.flip(-1), swapped.flip(-3))
+
+
 def flip_targets(crops: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mirror one study left/right: swap the sided targets and mirror each crop along the patient's x axis.
+    """Mirror one study left/right: :func:`mirror_crops` on its crops, the same swap of its labels and mask.
 
     Args:
         crops: (25, slices, size, size) crops in :data:`TARGETS` order.
@@ -60,11 +85,25 @@ def flip_targets(crops: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> tup
         New ``(crops, labels, mask)``; the inputs are not modified.
     """
     order = flip_permutation()
-    axial = axial_targets()
-    flipped = crops[order]  # fancy indexing: a copy
-    flipped[axial] = flipped[axial][..., ::-1]
-    flipped[~axial] = flipped[~axial][:, ::-1]
+    flipped = mirror_crops(torch.from_numpy(np.ascontiguousarray(crops))).numpy()
     return flipped, labels[order].copy(), mask[order].copy()
+
+
+def flip_slice_targets(slice_targets: np.ndarray, n_slices: int) -> np.ndarray:
+    """The labelled slice's index in each crop after :func:`flip_targets`: the sided targets swap, and on the
+    sagittal crops, whose slice axis is reversed, index ``k`` becomes ``n_slices - 1 - k``.
+
+    Args:
+        slice_targets: (25,) index of the labelled slice in each crop, negative (IGNORE_INDEX) where unknown.
+        n_slices: slices per crop.
+
+    Returns:
+        A new (25,) array; unknown targets stay as they are.
+    """
+    flipped = slice_targets[flip_permutation()].copy()
+    reversed_ = ~axial_targets() & (flipped >= 0)
+    flipped[reversed_] = n_slices - 1 - flipped[reversed_]
+    return flipped
 
 
 @dataclass(frozen=True)

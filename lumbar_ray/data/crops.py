@@ -15,6 +15,15 @@ POINTS frame: one row per ``(study_id, target)`` with ``study_id`` (int), ``targ
 
 A target without a point gets an all-zero crop, ``mask`` False and an :data:`IGNORE_INDEX` label: it drops out
 of the loss, never its study.
+
+Slice targets (the auxiliary slice loss, :mod:`lumbar_ray.losses`): given the label points (``slice_points``),
+an item also says, per target, at which index of its crop's ``S`` slices the labelled slice lies
+(``slice_target``, :func:`slice_target`). The crop is centred on the (jittered) point's slice, so a slice jitter
+of ``+j`` moves the labelled slice from the centre ``S // 2`` to ``S // 2 - j``; a left/right flip reverses the
+slice axis of sagittal crops and swaps the sided targets, and the targets follow
+(:func:`lumbar_ray.data.augment.flip_slice_targets`). It is :data:`IGNORE_INDEX` where it is unknown: no crop, no
+label point, a label point on another series than the crop's (crops cut at predicted points), or a labelled
+slice outside the crop (jittered out of it, or in another block of the series).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from lumbar_ray.constants import (
     TARGETS,
     target_index,
 )
-from lumbar_ray.data.augment import Augmenter, AugmentParams
+from lumbar_ray.data.augment import Augmenter, AugmentParams, flip_slice_targets
 from lumbar_ray.data.cache import CachedSeries, SeriesCache
 
 logger = logging.getLogger(__name__)
@@ -224,6 +233,34 @@ def crop_affine(x: float, y: float, cfg: CropConfig, angle_deg: float = 0.0, zoo
     return np.hstack([linear, offset[:, None]])
 
 
+def crop_slices(slice: int, count: int, n: int, bounds: tuple[int, int] | None = None) -> np.ndarray:
+    """The volume index of each of a crop's ``count`` slices: ``slice - count//2 .. slice + count//2``, indices
+    outside ``bounds`` (None = ``0 .. n``) repeating its edge slice. ``n`` must be positive."""
+    first, stop = (0, n) if bounds is None else (max(0, bounds[0]), min(n, bounds[1]))
+    return np.clip(np.arange(slice - count // 2, slice + count // 2 + 1), first, stop - 1)
+
+
+def slice_target(label_slice: int, indices: np.ndarray, centre: int) -> int:
+    """Where the labelled slice lies in a crop: the position of ``label_slice`` in ``indices``, else IGNORE_INDEX.
+
+    Args:
+        label_slice: volume index of the slice the label point lies on.
+        indices: the crop's slices (:func:`crop_slices`).
+        centre: the crop's (jittered) centre slice.
+
+    Returns:
+        ``label_slice - (centre - S//2)`` when that position shows the labelled slice. Where the crop repeats an
+        edge slice of its block (the centre jittered near or past the block's end), the labelled slice can fill
+        several positions: the one nearest that unclamped position is taken. :data:`IGNORE_INDEX` when the crop
+        does not show the labelled slice at all.
+    """
+    positions = np.flatnonzero(indices == label_slice)
+    if len(positions) == 0:
+        return IGNORE_INDEX
+    unclamped = label_slice - (centre - len(indices) // 2)
+    return int(positions[np.argmin(np.abs(positions - unclamped))])
+
+
 def crop_stack(
     volume: np.ndarray,
     slice: int,
@@ -263,8 +300,7 @@ def crop_stack(
     if x0 >= x1 or y0 >= y1:
         return out  # the whole region lies outside the image
     matrix[:, 2] -= (x0, y0)
-    first, stop = (0, n) if bounds is None else (max(0, bounds[0]), min(n, bounds[1]))
-    indices = np.clip(np.arange(slice - cfg.slices // 2, slice + cfg.slices // 2 + 1), first, stop - 1)
+    indices = crop_slices(slice, cfg.slices, n, bounds)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     for k, index in enumerate(indices):
         patch = np.ascontiguousarray(volume[index, y0:y1, x0:x1], dtype=np.float32)
@@ -328,6 +364,9 @@ class CropDataset(Dataset):
         labels: ``(n, 25)`` int64 labels aligned with ``study_ids`` (IGNORE_INDEX = empty); None = unlabelled.
         augment: training augmentations; None = deterministic evaluation crops.
         seed: base seed of the augmentation stream (per item ``[seed, epoch, index]``).
+        slice_points: POINTS frame of the label points, whose slices the ``slice_target`` of an item locates in
+            its crops (see the module docstring); may be ``points`` itself when the crops are cut at the label
+            points. None = no slice targets (all IGNORE_INDEX): the points' slices are not known to be true.
     """
 
     def __init__(
@@ -339,6 +378,7 @@ class CropDataset(Dataset):
         labels: np.ndarray | None = None,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        slice_points: pd.DataFrame | None = None,
     ) -> None:
         self.cache = cache
         self.study_ids = np.asarray(study_ids, dtype=np.int64).reshape(-1)
@@ -352,6 +392,11 @@ class CropDataset(Dataset):
         self.augmenter = Augmenter(augment) if augment is not None else None
         self.seed = int(seed)
         self.series, self.slices, self.xy, self.mask = _point_arrays(self.study_ids, points)
+        # The label points' series and slices: -1 series (never a crop's) where no label point is known.
+        if slice_points is None:
+            self.label_series, self.label_slices = np.full_like(self.series, -1), np.zeros_like(self.slices)
+        else:
+            self.label_series, self.label_slices, _, _ = _point_arrays(self.study_ids, slice_points)
         # Shared memory: DataLoader workers (forked, spawned or persistent) see the epoch set on the main copy.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         missing = int((~self.mask).sum())
@@ -403,8 +448,10 @@ class CropDataset(Dataset):
         volumes, mask = self._volumes(index, self.mask[index])
         slices, xs, ys = Augmenter.jitter_points(self.slices[index], self.xy[index, :, 0], self.xy[index, :, 1], params)
         crops = np.zeros((len(TARGETS), self.crop.slices, self.crop.size, self.crop.size), dtype=np.float32)
+        slice_targets = np.full(len(TARGETS), IGNORE_INDEX, dtype=np.int64)
         for t in np.flatnonzero(mask):
             series = volumes[int(self.series[index, t])]
+            bounds = point_block(series, int(self.slices[index, t]))
             crops[t] = crop_stack(
                 series.volume,
                 int(slices[t]),
@@ -413,14 +460,20 @@ class CropDataset(Dataset):
                 self.crop,
                 angle_deg=float(params.angle_deg[t]),
                 zoom=float(params.zoom[t]),
-                bounds=point_block(series, int(self.slices[index, t])),
+                bounds=bounds,
             )
+            if self.label_series[index, t] == self.series[index, t] and len(series.volume) > 0:
+                indices = crop_slices(int(slices[t]), self.crop.slices, len(series.volume), bounds)
+                slice_targets[t] = slice_target(int(self.label_slices[index, t]), indices, int(slices[t]))
         labels = np.where(mask, self.labels[index], IGNORE_INDEX).astype(np.int64)
         if self.augmenter is not None:
             crops, labels, mask = self.augmenter.apply(crops, labels, mask, params)
+            if params.flip:
+                slice_targets = flip_slice_targets(slice_targets, self.crop.slices)
         return {
             "crops": torch.from_numpy(np.ascontiguousarray(crops)),
             "labels": torch.from_numpy(labels),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
+            "slice_target": torch.from_numpy(slice_targets),
             "study_id": torch.tensor(int(self.study_ids[index]), dtype=torch.int64),
         }

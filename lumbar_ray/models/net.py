@@ -11,7 +11,9 @@ Per target crop:
    outside ``0 .. S - 1`` are clamped, i.e. the end slices are repeated (replicate padding).
 2. Encoder (shared by all targets and slices) -> one feature vector per window.
 3. Pooling over the ``S`` windows: ``attention`` (learned scores softmaxed over slices), ``lstm`` (a
-   bidirectional LSTM, then attention) or ``mean``.
+   bidirectional LSTM, then attention) or ``mean``. The attention pools can also return their scores (the
+   logits over the ``S`` slices, before the softmax): ``forward(crops, return_attention=True)``, which the
+   auxiliary slice loss trains to point at the labelled slice (see :mod:`lumbar_ray.losses`).
 4. A learned target embedding (one per of the 25 targets) is added to the pooled feature, so the shared
    encoder's output is read knowing the condition and level (the severity prior differs a lot by level).
 5. LayerNorm, dropout, then one linear head per condition group (spinal / foraminal / subarticular). The left
@@ -20,16 +22,24 @@ Per target crop:
 
 The heads' biases start at ``log(class_prior)`` and their weights near zero, so a fresh model predicts about
 the class prior instead of a uniform 1/3 (which costs the weighted log loss a lot in the first steps).
+
+Test-time flip (``tta_flip``, eval mode only): the prediction is the mean of the softmax probabilities of the crops
+and of their left/right mirror, the mirror's sided targets swapped back (:func:`flip_tta`, with the training
+flip's own rule :func:`lumbar_ray.data.augment.mirror_crops`). It lives in the network, so the validation (OOF)
+predictions and the registered model, which both run the network in eval mode, apply it alike. The output is then
+the log of those probabilities: valid logits (``softmax(log p) = p``), so every caller's softmax still holds.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from lumbar_ray.constants import CONDITION_GROUPS, CONDITIONS, LEVELS, SEVERITIES, TARGETS, condition_group
+from lumbar_ray.data.augment import flip_permutation, mirror_crops
 
 DEFAULT_CLASS_PRIOR: tuple[float, float, float] = (0.75, 0.18, 0.07)
 """Rough frequencies of Normal/Mild, Moderate and Severe in the RSNA 2024 training labels."""
@@ -64,8 +74,32 @@ def slice_windows(stacks: torch.Tensor, in_chans: int) -> torch.Tensor:
     return stacks[:, index]
 
 
+def flip_tta(logits_of: Callable[[torch.Tensor], torch.Tensor], crops: torch.Tensor) -> torch.Tensor:
+    """The test-time left/right flip: log of the mean softmax of the crops and of their mirror image.
+
+    The mirrored studies go through ``logits_of`` in the same batch as the originals; their outputs are for the
+    mirrored targets (left foramen where the right one was), so they are swapped back with
+    :func:`~lumbar_ray.data.augment.flip_permutation` (an involution) before averaging. Mirroring the input
+    therefore swaps the output's left and right targets, exactly up to rounding.
+
+    Args:
+        logits_of: ``(B, 25, S, H, W)`` crops -> ``(B, 25, 3)`` logits.
+        crops: ``(B, 25, S, H, W)``.
+
+    Returns:
+        ``(B, 25, 3)`` float32 log-probabilities.
+    """
+    batch = len(crops)
+    log_probs = torch.log_softmax(logits_of(torch.cat([crops, mirror_crops(crops)])).float(), dim=-1)
+    order = torch.as_tensor(flip_permutation(), device=crops.device)
+    pair = torch.stack([log_probs[:batch], log_probs[batch:].index_select(1, order)])
+    return torch.logsumexp(pair, dim=0) - math.log(2.0)  # log of the mean of the two probabilities, stably
+
+
 class AttentionPool(nn.Module):
     """Attention over slices: ``softmax_s(w . tanh(V x_s))`` weights, then the weighted sum of ``x_s``."""
+
+    has_attention = True
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -75,12 +109,19 @@ class AttentionPool(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, S, D)`` -> ``(N, D)``."""
-        weights = torch.softmax(self.score(features), dim=1)
-        return (weights * features).sum(dim=1)
+        return self.forward_with_scores(features)[0]
+
+    def forward_with_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, S, D)`` -> the pooled ``(N, D)`` and the attention logits ``(N, S)`` (before the softmax)."""
+        scores = self.score(features)
+        weights = torch.softmax(scores, dim=1)
+        return (weights * features).sum(dim=1), scores.squeeze(-1)
 
 
 class MeanPool(nn.Module):
     """Plain mean over slices."""
+
+    has_attention = False
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -94,6 +135,8 @@ class MeanPool(nn.Module):
 class LSTMPool(nn.Module):
     """A bidirectional LSTM over the slices (context from both sides), then attention pooling."""
 
+    has_attention = True
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         hidden = min(_MAX_LSTM_HIDDEN, max(8, dim // 2))
@@ -103,12 +146,19 @@ class LSTMPool(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, S, D)`` -> ``(N, out_dim)``."""
+        return self.forward_with_scores(features)[0]
+
+    def forward_with_scores(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, S, D)`` -> the pooled ``(N, out_dim)`` and the attention logits ``(N, S)``."""
         sequence, _ = self.lstm(features)
-        return self.attention(sequence)
+        return self.attention.forward_with_scores(sequence)
 
 
 def make_pool(name: str, dim: int) -> nn.Module:
-    """The slice pooling called ``name`` for ``dim``-wide features (it has an ``out_dim`` attribute).
+    """The slice pooling called ``name`` for ``dim``-wide features.
+
+    Every pool has an ``out_dim`` and a ``has_attention`` attribute; those with attention also have
+    ``forward_with_scores`` (the pooled features and the attention logits over the slices).
 
     Raises:
         ValueError: on an unknown name.
@@ -129,6 +179,7 @@ class SeverityNet(nn.Module):
         pool: ``attention``, ``lstm`` or ``mean``.
         dropout: before the heads.
         class_prior: class frequencies the heads start at.
+        tta_flip: in eval mode, predict with the test-time flip (:func:`flip_tta`).
     """
 
     def __init__(
@@ -139,8 +190,10 @@ class SeverityNet(nn.Module):
         pool: str = "attention",
         dropout: float = 0.1,
         class_prior: tuple[float, ...] = DEFAULT_CLASS_PRIOR,
+        tta_flip: bool = False,
     ) -> None:
         super().__init__()
+        self.tta_flip = tta_flip
         self.encoder = encoder
         self.in_chans = in_chans
         self.pool = make_pool(pool, feature_dim)
@@ -170,18 +223,52 @@ class SeverityNet(nn.Module):
             with torch.no_grad():
                 head.bias.copy_(log_prior)
 
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        """``(B, 25, S, H, W)`` float crops -> ``(B, 25, 3)`` logits.
+    @property
+    def has_slice_attention(self) -> bool:
+        """Whether the slice pooling has attention logits (``forward(..., return_attention=True)`` works)."""
+        return bool(self.pool.has_attention)
+
+    def forward(
+        self, crops: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 25, S, H, W)`` float crops -> ``(B, 25, 3)`` logits (with ``tta_flip``, in eval mode, the
+        log-probabilities of :func:`flip_tta`; training never sees the test-time flip).
+
+        A keyword of ``forward`` rather than a method of its own, so that a DDP-wrapped model (Ray Train) still
+        goes through DDP's forward, which prepares the gradient synchronisation. Prediction (the registered model)
+        calls ``model(crops)``: the default output is the logits alone.
+
+        Args:
+            crops: the study crops.
+            return_attention: also return the slice pooling's attention logits ``(B, 25, S)`` (before the
+                softmax over the ``S`` slices), as ``(logits, attention)``; never with the test-time flip.
 
         Raises:
-            ValueError: if ``crops`` is not 5-d with 25 targets.
+            ValueError: if ``crops`` is not 5-d with 25 targets, or attention is asked of a pool without it.
         """
         if crops.ndim != 5 or crops.shape[1] != len(TARGETS):
             raise ValueError(f"crops must have shape (B, {len(TARGETS)}, S, H, W), got {tuple(crops.shape)}")
+        if return_attention and not self.has_slice_attention:
+            raise ValueError(f"the slice pooling {type(self.pool).__name__} has no attention to return")
+        if self.tta_flip and not self.training and not return_attention:
+            return flip_tta(self.logits, crops)
+        return self.logits(crops, return_attention)
+
+    def logits(
+        self, crops: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The network itself, without the test-time flip (see :meth:`forward` for the arguments)."""
         batch, n_targets, n_slices, height, width = crops.shape
         windows = slice_windows(crops.reshape(batch * n_targets, n_slices, height, width), self.in_chans)
         features = self.encoder(windows.reshape(-1, self.in_chans, height, width))
-        pooled = self.pool(features.reshape(batch * n_targets, n_slices, -1)).reshape(batch, n_targets, -1)
-        hidden = self.dropout(self.norm(pooled + self.target_embedding.weight))
+        sequence = features.reshape(batch * n_targets, n_slices, -1)
+        if return_attention:
+            pooled, attention = self.pool.forward_with_scores(sequence)
+        else:
+            pooled, attention = self.pool(sequence), None
+        hidden = self.dropout(self.norm(pooled.reshape(batch, n_targets, -1) + self.target_embedding.weight))
         logits = [head(hidden[:, getattr(self, f"_targets_{group}")]) for group, head in self.heads.items()]
-        return torch.cat(logits, dim=1)[:, self._inverse]
+        logits = torch.cat(logits, dim=1)[:, self._inverse]
+        if attention is None:
+            return logits
+        return logits, attention.reshape(batch, n_targets, n_slices)

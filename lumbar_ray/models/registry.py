@@ -72,7 +72,8 @@ def build_model(
     """Build the classifier described by ``model`` for crops shaped by ``crop``.
 
     Args:
-        model: architecture name, optional encoder/pool overrides, pretrained flag, in_chans, dropout.
+        model: architecture name, optional encoder/pool overrides, pretrained flag, in_chans, dropout, test-time
+            flip.
         crop: the crop geometry; only logged and checked here (the network accepts any S and H = W >= 32).
         class_prior: class frequencies the heads' biases start at (log), so a fresh model predicts the prior.
 
@@ -98,9 +99,10 @@ def build_model(
         pool=pool,
         dropout=model.dropout,
         class_prior=class_prior,
+        tta_flip=model.tta_flip,
     )
     logger.info(
-        "model %s: encoder %s (pretrained=%s, in_chans=%d), pool %s, %.2fM parameters, crops %d slices x %d px",
+        "model %s: encoder %s (pretrained=%s, in_chans=%d), pool %s, %.2fM parameters, crops %d slices x %d px%s",
         model.arch,
         encoder_name,
         model.pretrained,
@@ -109,5 +111,6 @@ def build_model(
         sum(p.numel() for p in net.parameters()) / 1e6,
         crop.slices,
         crop.size,
+        ", test-time flip" if model.tta_flip else "",
     )
     return net

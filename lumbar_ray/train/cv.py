@@ -65,12 +65,14 @@ class CVResult:
     notes: list[str] = field(default_factory=list)
     last_epoch_score: ScoreResult | None = None
     floor: ScoreResult | None = None
+    predicted_points_score: ScoreResult | None = None
     calibration: dict[str, float] = field(default_factory=dict)
 
     def columns(self) -> dict[str, ScoreResult]:
         """The scores side by side: best epoch (picked on the scored fold: flattering), last epoch (honest: a fixed
         schedule), the prior on the same folds, and where the data knows it, a perfect model on the same labels."""
-        named = {"best epoch": self.score, "last epoch": self.last_epoch_score, "prior": self.baseline,
+        named = {"best epoch": self.score, "last epoch": self.last_epoch_score,
+                 "predicted points": self.predicted_points_score, "prior": self.baseline,
                  "floor": self.floor}  # fmt: skip
         return {name: score for name, score in named.items() if score is not None}
 
@@ -142,13 +144,15 @@ def run_fold(cfg: Config, job: FoldJob, run_id: str) -> FoldOutcome:
 
 def assemble_oof(study_ids: np.ndarray, outcomes: dict[int, FoldOutcome], epoch: str = "best") -> np.ndarray:
     """``(n, 25, 3)`` out-of-fold probabilities aligned with ``study_ids``, of each fold's ``best`` or ``last``
-    epoch (every study must be in one of the folds)."""
+    epoch, or its last epoch at predicted points (``last_predicted``; every study must be in one of the folds)."""
     position = {int(study): i for i, study in enumerate(study_ids)}
     probs = np.full((len(study_ids), *next(iter(outcomes.values())).probs.shape[1:]), np.nan)
+    chosen_by_epoch = {"best": "probs", "last": "last_probs", "last_predicted": "last_predicted_probs"}
     for outcome in outcomes.values():
-        chosen = outcome.probs if epoch == "best" else outcome.last_probs
+        chosen = getattr(outcome, chosen_by_epoch[epoch])
         if chosen is None:
-            raise ValueError(f"fold {outcome.fold} kept no {epoch}-epoch predictions (trained by an older version)")
+            raise ValueError(f"fold {outcome.fold} kept no {epoch!r} predictions (an older version trained it, "
+                             "or cv.predicted_points was not set)")
         probs[[position[int(s)] for s in outcome.study_ids]] = chosen
     missing = np.isnan(probs).any(axis=(1, 2))
     if missing.any():
@@ -237,6 +241,9 @@ def finish_cv(cfg: Config, run: CVRun, outcomes: dict[int, FoldOutcome], trained
     honest = None
     if all(outcome.last_probs is not None for outcome in outcomes.values()):  # folds of older runs lack them
         honest = score_arrays(scored.labels, assemble_oof(scored.study_ids, outcomes, epoch="last"))
+    at_predicted = None
+    if cfg.cv.predicted_points is not None:
+        at_predicted = score_arrays(scored.labels, assemble_oof(scored.study_ids, outcomes, epoch="last_predicted"))
     floor = known_floor(data_root_for(cfg), scored.study_ids, scored.labels)
     oof = labels_to_submission(scored.study_ids, probs)
     oof.to_csv(run.run_dir / "oof.csv", index=False)
@@ -248,7 +255,7 @@ def finish_cv(cfg: Config, run: CVRun, outcomes: dict[int, FoldOutcome], trained
     fold_priors = {k: fit_prior(inputs.labels[inputs.fold_of() != k]) for k in outcomes}
     result = CVResult(run.run_id, score, baseline, oof, inputs.folds, outcomes, trained, skipped, run.parent,
                       fit_prior(inputs.labels), fold_priors, len(outcomes) == cfg.cv.n_folds, notes,
-                      honest, floor)  # fmt: skip
+                      honest, floor, predicted_points_score=at_predicted)  # fmt: skip
     tables = {"oof.csv": oof, FOLDS_CSV: inputs.folds, "skipped_points.csv": inputs.skipped_points}
     result.calibration = report.log_cv(
         run.tracker, run.parent, result.columns(), tables, scored.labels, probs, tuple(cfg.loss.class_weights)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from lumbar_ray.baseline import fit_prior
 from lumbar_ray.config import Config, cache_settings
+from lumbar_ray.constants import POINT_COLUMNS
 from lumbar_ray.data.cache import SeriesCache
 from lumbar_ray.data.crops import points_from_coordinates
 from lumbar_ray.data.rsna import RsnaData, load_rsna
@@ -39,6 +40,7 @@ class CVInputs:
     skipped_points: pd.DataFrame
     cache_root: str
     cache_settings: dict[str, Any]
+    predicted_points: pd.DataFrame | None = None
 
     def fold_of(self) -> np.ndarray:
         """``(n,)`` fold of each study, aligned with :attr:`study_ids`."""
@@ -47,7 +49,8 @@ class CVInputs:
     def subset(self, keep: np.ndarray) -> CVInputs:
         """The same inputs restricted to the studies where ``keep`` is True (points and cache unchanged)."""
         return CVInputs(self.data, self.study_ids[keep], self.labels[keep], self.folds[keep], self.points,
-                        self.skipped_points, self.cache_root, self.cache_settings)  # fmt: skip
+                        self.skipped_points, self.cache_root, self.cache_settings,
+                        self.predicted_points)  # fmt: skip
 
 
 def prepare_inputs(cfg: Config, run_dir: Path) -> CVInputs:
@@ -72,8 +75,37 @@ def prepare_inputs(cfg: Config, run_dir: Path) -> CVInputs:
         save_folds(folds, folds_csv)
     folds = folds.set_index("study_id").loc[study_ids].reset_index()
     points = points_from_coordinates(data.coordinates, cache, data.train_series)
+    predicted = None if cfg.cv.predicted_points is None else read_predicted_points(cfg.cv.predicted_points, study_ids)
     return CVInputs(data, study_ids, labels, folds, points.points, points.skipped, cache_root_for(cfg),
-                    cache_settings(cfg.preprocess))  # fmt: skip
+                    cache_settings(cfg.preprocess), predicted)  # fmt: skip
+
+
+def read_predicted_points(path: str, study_ids: np.ndarray) -> pd.DataFrame:
+    """``cv.predicted_points``: the POINTS frame of predicted points, checked against the training studies.
+
+    A study without any predicted point (no series the detectors could read) is scored by the prior, as it would
+    be at inference: it is counted and named in the log. A file that covers fewer than half the studies belongs
+    to other data: that is an error.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: columns missing, or fewer than half the training studies with a predicted point.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"cv.predicted_points: {path} does not exist")
+    frame = pd.read_parquet(path)
+    missing_columns = set(POINT_COLUMNS) - set(frame.columns)
+    if missing_columns:
+        raise ValueError(f"cv.predicted_points: {path} lacks the columns {sorted(missing_columns)}")
+    absent = np.setdiff1d(study_ids, frame["study_id"].unique())
+    if len(absent) > len(study_ids) / 2:
+        raise ValueError(f"cv.predicted_points: {len(absent)} of {len(study_ids)} training studies have no "
+                         f"predicted point in {path} (first: {absent[:5].tolist()}): other data?")  # fmt: skip
+    if len(absent):
+        logger.warning("cv.predicted_points: %d studies without a predicted point are scored by the prior there: %s",
+                       len(absent), absent[:20].tolist())  # fmt: skip
+    logger.info("predicted points of %d studies from %s", frame["study_id"].nunique(), path)
+    return frame[list(POINT_COLUMNS)]
 
 
 def fold_payload(inputs: CVInputs, fold: int) -> FoldPayload:
@@ -88,4 +120,5 @@ def fold_payload(inputs: CVInputs, fold: int) -> FoldPayload:
         train_labels=inputs.labels[~held_out],
         val_labels=inputs.labels[held_out],
         prior=fit_prior(inputs.labels[~held_out]),
+        val_points=None if inputs.predicted_points is None else inputs.predicted_points,
     )

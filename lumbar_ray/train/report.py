@@ -42,7 +42,13 @@ def finish_fold(tracker: Tracker, child: str, best_score: float, best_epoch: int
     tracker.finish(child)
 
 
-SCORE_PREFIXES = {"best epoch": "cv_", "last epoch": "cv_last_epoch_", "prior": "prior_", "floor": "floor_"}
+SCORE_PREFIXES = {
+    "best epoch": "cv_",
+    "last epoch": "cv_last_epoch_",
+    "predicted points": "cv_predicted_points_",
+    "prior": "prior_",
+    "floor": "floor_",
+}
 """MLflow metric prefix of each CV score column (:meth:`lumbar_ray.train.cv.CVResult.columns`)."""
 
 

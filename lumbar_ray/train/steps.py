@@ -5,11 +5,17 @@ which Ray Train wraps the model and loader for DDP), and :func:`run_epoch` runs 
 the validation fold, fill targets without a crop with the prior, score. The Ray Train worker loop
 (:mod:`lumbar_ray.train.worker`), the bare-PyTorch benchmark loop and the tests call exactly these functions, so
 whatever Ray adds is measured against this code.
+
+With ``train.ema_decay`` > 0 the fold also keeps an EMA of the weights (:class:`lumbar_ray.models.ema.ModelEma`),
+updated after every optimiser step; that average, not the trained weights, is then what predicts the validation
+fold (the OOF predictions), what :func:`keep_best` keeps and what gets registered (:attr:`Fold.evaluated`).
+:func:`training_state` is what a checkpoint must hold to resume the fold, the average included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -23,13 +29,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lumbar_ray.baseline import fill_with_prior
-from lumbar_ray.config import Config, TrainConfig
+from lumbar_ray.config import Config, ConfigError, TrainConfig
 from lumbar_ray.constants import IGNORE_INDEX
 from lumbar_ray.data.cache import SeriesCache
 from lumbar_ray.data.crops import CropDataset
-from lumbar_ray.losses import SeverityLoss
+from lumbar_ray.losses import LossOutput, SeverityLoss
 from lumbar_ray.metrics import ScoreResult, score_arrays
 from lumbar_ray.models import build_model
+from lumbar_ray.models.ema import ModelEma
+
+logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,6 +85,21 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
+def batch_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], loss_fn: SeverityLoss, device: torch.device, amp: str = "off"
+) -> LossOutput:
+    """The loss of one batch; the pool's attention logits are asked for only when the loss trains them (the
+    auxiliary slice term, against the batch's ``slice_target``), so the default forward is the one predicted with."""
+    with autocast(device, amp):
+        if loss_fn.uses_slice_attention:
+            logits, attention = model(batch["crops"], return_attention=True)
+        else:
+            logits, attention = model(batch["crops"]), None
+    if attention is None:
+        return loss_fn(logits.float(), batch["labels"])
+    return loss_fn(logits.float(), batch["labels"], attention.float(), batch["slice_target"])
+
+
 def train_epoch(
     model: nn.Module,
     loader: Any,
@@ -86,12 +110,14 @@ def train_epoch(
     amp: str = "off",
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float | None = 5.0,
+    ema: ModelEma | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the sample-weighted mean loss (and its parts), samples and seconds.
 
     Args:
         model: the classifier (plain or DDP-wrapped).
-        loader: yields dicts with ``crops`` (B, 25, S, H, W) and ``labels`` (B, 25).
+        loader: yields dicts with ``crops`` (B, 25, S, H, W) and ``labels`` (B, 25) (and ``slice_target`` (B, 25)
+            when the loss has an auxiliary slice term).
         loss_fn: a :class:`lumbar_ray.losses.SeverityLoss`.
         optimizer: stepped every batch.
         scheduler: stepped every batch (or None).
@@ -99,6 +125,7 @@ def train_epoch(
         amp: ``off``, ``bf16`` or ``fp16`` (GPU only).
         scaler: the fp16 loss scaler (see :func:`make_grad_scaler`).
         grad_clip: max global gradient norm (None = no clipping).
+        ema: an average of the weights, updated after every optimiser step (None = none).
     """
     model.train()
     scaler = scaler or make_grad_scaler(device, amp)
@@ -107,9 +134,7 @@ def train_epoch(
     start = time.perf_counter()
     for batch in loader:
         batch = _to_device(batch, device)
-        with autocast(device, amp):
-            logits = model(batch["crops"])
-        output = loss_fn(logits.float(), batch["labels"])
+        output = batch_loss(model, batch, loss_fn, device, amp)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(output.total).backward()
         if grad_clip:
@@ -117,6 +142,8 @@ def train_epoch(
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(model)
         if scheduler is not None:
             scheduler.step()
         n = len(batch["labels"])
@@ -186,6 +213,8 @@ class FoldPayload:
         train_ids: ``(n_train,)`` study ids trained on; ``train_labels`` ``(n_train, 25)`` their labels.
         val_ids: ``(n_val,)`` held-out study ids; ``val_labels`` their labels.
         prior: ``(25, 3)`` prior of the training labels, for targets without a crop.
+        val_points: POINTS frame of predicted points (detectors that never saw this fold): the held-out studies
+            are also predicted at them (None = only at the label points).
     """
 
     cache_root: str
@@ -196,13 +225,14 @@ class FoldPayload:
     train_labels: np.ndarray
     val_labels: np.ndarray
     prior: np.ndarray
+    val_points: pd.DataFrame | None = None
 
 
 def fold_loaders(cfg: Config, payload: FoldPayload) -> tuple[CropDataset, DataLoader, DataLoader]:
     """The fold's training dataset and the training/validation DataLoaders (not yet prepared for DDP)."""
     cache = SeriesCache(payload.cache_root, payload.cache_settings)
     train_set = CropDataset(cache, payload.train_ids, payload.points, cfg.crop, labels=payload.train_labels,
-                            augment=cfg.augment, seed=cfg.train.seed)  # fmt: skip
+                            augment=cfg.augment, seed=cfg.train.seed, slice_points=payload.points)  # fmt: skip
     val_set = CropDataset(cache, payload.val_ids, payload.points, cfg.crop, labels=payload.val_labels)
     workers = cfg.train.loader_workers
     common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": cfg.train.use_gpu}
@@ -211,12 +241,22 @@ def fold_loaders(cfg: Config, payload: FoldPayload) -> tuple[CropDataset, DataLo
     return train_set, train_loader, val_loader
 
 
+def predicted_points_loader(cfg: Config, payload: FoldPayload) -> DataLoader | None:
+    """The held-out studies cropped at the predicted points ``payload.val_points`` (None without them)."""
+    if payload.val_points is None:
+        return None
+    cache = SeriesCache(payload.cache_root, payload.cache_settings)
+    val_set = CropDataset(cache, payload.val_ids, payload.val_points, cfg.crop, labels=payload.val_labels)
+    return DataLoader(val_set, batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.train.loader_workers)
+
+
 @dataclass
 class Fold:
     """One fold's training parts, as :func:`build_fold` assembles them.
 
-    ``model`` is what is trained (DDP-wrapped under Ray Train), ``bare`` the plain network inside it (evaluated,
-    checkpointed and registered).
+    ``model`` is what is trained (DDP-wrapped under Ray Train), ``bare`` the plain network inside it, ``ema`` the
+    average of its weights (None unless ``train.ema_decay`` > 0). :attr:`evaluated` is the one whose predictions
+    are scored and whose weights are kept as the best and registered.
     """
 
     model: nn.Module
@@ -231,6 +271,13 @@ class Fold:
     device: torch.device
     amp: str
     prior: np.ndarray
+    ema: ModelEma | None = None
+    predicted_points_loader: Any = None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The EMA's network when there is one, else the trained one."""
+        return self.ema.module if self.ema is not None else self.bare
 
 
 def _unchanged(thing: Any) -> Any:
@@ -254,7 +301,7 @@ def build_fold(
         cfg: the resolved config.
         payload: the fold's data.
         device: where the model trains.
-        state: a checkpoint's state (``model``, ``optimizer``, ``scheduler``) to resume from; None = fresh.
+        state: a checkpoint's :func:`training_state` to resume from; None = fresh.
         wrap_model: e.g. ``ray.train.torch.prepare_model`` (moves to the device, wraps in DDP).
         wrap_loader: e.g. ``ray.train.torch.prepare_data_loader`` (a distributed sampler).
     """
@@ -262,6 +309,10 @@ def build_fold(
     train_set, train_loader, val_loader = fold_loaders(cfg, payload)
     train_loader = wrap_loader(train_loader)
     model = build_model(cfg.model, cfg.crop)
+    if cfg.loss.aux_slice_weight > 0 and not model.has_slice_attention:
+        raise ConfigError(f"loss.aux_slice_weight > 0 trains the slice attention, but the slice pooling of model.arch "
+                          f"{cfg.model.arch!r} (model.pool {cfg.model.pool!r}) has none: set model.pool=attention or "
+                          "lstm, or loss.aux_slice_weight=0")  # fmt: skip
     if state is not None:
         model.load_state_dict(state["model"])
     model = wrap_model(model) if wrap_model is not _unchanged else model.to(device)
@@ -273,7 +324,27 @@ def build_fold(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     return Fold(model, bare, train_set, train_loader, val_loader, loss_fn, optimizer, scheduler,
-                make_grad_scaler(device, amp), device, amp, np.asarray(payload.prior))  # fmt: skip
+                make_grad_scaler(device, amp), device, amp, np.asarray(payload.prior),
+                _build_ema(bare, cfg.train, state), predicted_points_loader(cfg, payload))  # fmt: skip
+
+
+def _build_ema(bare: nn.Module, cfg: TrainConfig, state: dict[str, Any] | None) -> ModelEma | None:
+    """The fold's weight average (after the model is restored and on its device), resumed from ``state``."""
+    if cfg.ema_decay <= 0:
+        return None
+    ema = ModelEma(bare, cfg.ema_decay)
+    if state is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    elif state is not None:  # not written by an EMA run: the average restarts from the restored weights
+        logger.warning("the checkpoint holds no EMA of the weights: the average restarts from its weights")
+    return ema
+
+
+def training_state(fold: Fold) -> dict[str, Any]:
+    """What :func:`build_fold` resumes from: weights, optimiser, scheduler and the EMA (None without one)."""
+    return {"model": state_dict_cpu(fold.bare), "optimizer": fold.optimizer.state_dict(),
+            "scheduler": fold.scheduler.state_dict(),
+            "ema": fold.ema.state_dict() if fold.ema is not None else None}  # fmt: skip
 
 
 @dataclass
@@ -292,7 +363,7 @@ def _world_size() -> int:
 
 
 def run_epoch(fold: Fold, epoch: int) -> Epoch:
-    """Train one epoch, then predict and score the whole validation fold.
+    """Train one epoch, then predict and score the whole validation fold (with :attr:`Fold.evaluated`).
 
     Every rank of a DDP run evaluates the whole validation fold (deterministic crops), so all ranks agree on the
     score without a gather.
@@ -303,8 +374,8 @@ def run_epoch(fold: Fold, epoch: int) -> Epoch:
         sampler.set_epoch(epoch)  # a new shuffle per epoch under DistributedSampler
     fold.train_set.set_epoch(epoch)  # a new augmentation stream per epoch
     trained = train_epoch(fold.model, fold.train_loader, fold.loss_fn, fold.optimizer, fold.scheduler, fold.device,
-                          fold.amp, fold.scaler)  # fmt: skip
-    predictions = predict(fold.bare, fold.val_loader, fold.device, fold.amp)
+                          fold.amp, fold.scaler, ema=fold.ema)  # fmt: skip
+    predictions = predict(fold.evaluated, fold.val_loader, fold.device, fold.amp)
     probs = fill_missing(predictions, fold.prior)
     score = score_predictions(probs, predictions.labels)
     val_loss = fold.loss_fn(
@@ -323,8 +394,24 @@ def run_epoch(fold: Fold, epoch: int) -> Epoch:
         "epoch_started_at": epoch_started_at,
         **score.to_dict(prefix="val_"),
     }
+    if fold.loss_fn.uses_slice_attention:
+        metrics["train_aux_slice"] = trained["aux_slice"]
     metrics["val_score"] = metrics.pop("val_total")
     return Epoch(metrics, predictions, probs)
+
+
+def predict_at_predicted_points(fold: Fold) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The held-out studies predicted at the predicted points by the evaluated model (None without them).
+
+    Returns:
+        ``(study_ids, probs, score)``: prior-filled probabilities (a target without a predicted point gets the
+        prior, as at inference) and their official score.
+    """
+    if fold.predicted_points_loader is None:
+        return None
+    predictions = predict(fold.evaluated, fold.predicted_points_loader, fold.device, fold.amp)
+    probs = fill_missing(predictions, fold.prior)
+    return predictions.study_ids, probs, score_predictions(probs, predictions.labels).total
 
 
 def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -333,7 +420,10 @@ def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def keep_best(best: dict[str, Any] | None, epoch: Epoch, model: nn.Module) -> dict[str, Any]:
-    """The best epoch so far by validation score (lower is better): its score, weights and probabilities."""
+    """The best epoch so far by validation score (lower is better): its score, weights and probabilities.
+
+    ``model`` is the network that predicted the epoch (:attr:`Fold.evaluated`): its weights are the ones kept.
+    """
     if best is not None and epoch.metrics["val_score"] >= best["score"]:
         return best
     return {

@@ -6,7 +6,8 @@ restarts it after a failure or when an interrupted CV is rerun under the same ru
 :func:`~lumbar_ray.train.steps.run_epoch`; then every worker calls ``ray.train.report`` once (it is a barrier);
 rank 0 attaches the checkpoint and logs the epoch to MLflow.
 
-A checkpoint holds the latest state (model, optimiser, scheduler, epoch, history), the best epoch's weights and
+A checkpoint holds the latest state (model, optimiser, scheduler, the EMA of the weights when ``train.ema_decay`` is
+on, epoch, history), the best epoch's weights (the EMA's, when on) and
 validation probabilities, and the latest epoch's validation probabilities: Ray keeps only the latest checkpoint,
 which therefore always carries the best model by the validation score, and the last epoch's predictions for the
 honest CV (an epoch fixed in advance, not chosen on the scored fold).
@@ -27,7 +28,15 @@ from lumbar_ray.config import Config
 from lumbar_ray.paths import atomic_path
 from lumbar_ray.raytools import quiet_ray_train_info
 from lumbar_ray.tracking import RunLogger
-from lumbar_ray.train.steps import Fold, FoldPayload, build_fold, keep_best, run_epoch, state_dict_cpu
+from lumbar_ray.train.steps import (
+    Fold,
+    FoldPayload,
+    build_fold,
+    keep_best,
+    predict_at_predicted_points,
+    run_epoch,
+    training_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +73,7 @@ class FoldOutcome:
     checkpoint_path: str | None = None
     last_epoch: int | None = None
     last_probs: np.ndarray | None = None
+    last_predicted_probs: np.ndarray | None = None
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as temporary:  # a fold counts as done only once its file is whole
@@ -83,7 +93,8 @@ class FoldOutcome:
                    study_ids=np.asarray(best["study_ids"]), probs=np.asarray(best["probs"]), history=state["history"],
                    model_state=best["model"], starts=list(state.get("starts", [])),
                    ranks=dict(state.get("ranks", {})), checkpoint_path=checkpoint_path,
-                   last_epoch=last.get("epoch"), last_probs=last.get("probs"))  # fmt: skip
+                   last_epoch=last.get("epoch"), last_probs=last.get("probs"),
+                   last_predicted_probs=last.get("predicted_probs"))  # fmt: skip
 
 
 def load_checkpoint_state(checkpoint: Any) -> dict[str, Any] | None:
@@ -139,9 +150,11 @@ def train_fold_loop(config: dict[str, Any]) -> None:
         # Per-rank evidence (kept in the checkpoint, not sent to MLflow): every replica trained, and in sync.
         ranks = {"samples": _per_rank(metrics["train_samples"], fold.device),
                  "checksum": _per_rank(_parameter_checksum(fold.bare), fold.device)}  # fmt: skip
-        best = keep_best(best, epoch, fold.bare)
+        best = keep_best(best, epoch, fold.evaluated)  # with EMA on, the average is what is kept and registered
         # The last epoch's predictions give the honest CV: a fixed schedule, not an epoch picked on this fold.
         last = {"epoch": epoch_index, "study_ids": epoch.predictions.study_ids, "probs": epoch.probs}
+        if epoch_index == cfg.train.epochs - 1:
+            last |= _at_predicted_points(fold, last, metrics)
         metrics["best_val_score"] = best["score"]
         if rank == 0:
             _log_progress(job.fold, epoch_index, cfg.train.epochs, metrics)
@@ -151,11 +164,22 @@ def train_fold_loop(config: dict[str, Any]) -> None:
         _report(rank, metrics, _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks))
 
 
+def _at_predicted_points(fold: Fold, last: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The last epoch's model on the held-out studies at predicted points (``cv.predicted_points``), if given."""
+    outcome = predict_at_predicted_points(fold)
+    if outcome is None:
+        return {}
+    study_ids, probs, score = outcome
+    if not np.array_equal(study_ids, last["study_ids"]):
+        raise RuntimeError("the predicted and the labelled points scored different held-out studies")
+    metrics["val_score_predicted_points"] = score
+    return {"predicted_probs": probs}
+
+
 def _checkpoint_state(fold: Fold, epoch: int, best: dict, last: dict, history: list, starts: list,
                       ranks: dict) -> dict:  # fmt: skip
-    return {"model": state_dict_cpu(fold.bare), "optimizer": fold.optimizer.state_dict(),
-            "scheduler": fold.scheduler.state_dict(), "epoch": epoch, "best": best, "last": last,
-            "history": history, "starts": starts, "ranks": ranks}  # fmt: skip
+    return training_state(fold) | {"epoch": epoch, "best": best, "last": last, "history": history,
+                                   "starts": starts, "ranks": ranks}  # fmt: skip
 
 
 def _log_progress(fold: int, epoch: int, epochs: int, metrics: dict[str, Any]) -> None:

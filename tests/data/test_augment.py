@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from lumbar_ray.config import AugmentConfig
 from lumbar_ray.constants import CONDITIONS, IGNORE_INDEX, LEVELS, TARGETS
-from lumbar_ray.data.augment import Augmenter, AugmentParams, axial_targets, flip_permutation, flip_targets
+from lumbar_ray.data.augment import (
+    Augmenter,
+    AugmentParams,
+    axial_targets,
+    flip_permutation,
+    flip_slice_targets,
+    flip_targets,
+    mirror_crops,
+)
 
 N_LEVELS = len(LEVELS)
 OFF = AugmentConfig(jitter_px=0, jitter_slices=0, rotate_deg=0, scale=0, brightness=0, contrast=0, gamma=0, flip_p=0)
@@ -69,6 +78,40 @@ def test_flip_moves_sided_crops_labels_and_masks_with_their_pixels():
                 assert labels_f[a] == labels[b] and mask_f[a] == mask[b]
     assert not mask_f[_index("right_neural_foraminal_narrowing", 3)]
     assert np.shares_memory(crops_f, crops) is False  # inputs untouched
+
+
+def test_mirror_crops_flips_each_study_of_a_batch_as_flip_targets_flips_one():
+    """The model's test-time flip mirrors a batch with the same rule the data pipeline applies to one study."""
+    batch = np.stack([_item(seed=seed)[0] for seed in (3, 4, 5)])
+    mirrored = mirror_crops(torch.from_numpy(batch))
+    assert mirrored.shape == batch.shape and mirrored.dtype == torch.float32
+    for study, mirrored_study in zip(batch, mirrored.numpy(), strict=True):
+        labels, mask = np.zeros(len(TARGETS), dtype=np.int64), np.ones(len(TARGETS), dtype=bool)
+        np.testing.assert_array_equal(mirrored_study, flip_targets(study, labels, mask)[0])
+    left = _index("left_subarticular_stenosis", 2)
+    np.testing.assert_array_equal(mirrored[1, left].numpy(), batch[1, left + N_LEVELS][..., ::-1])
+    torch.testing.assert_close(mirror_crops(mirrored), torch.from_numpy(batch), rtol=0, atol=0)
+
+
+def test_flipped_slice_targets_still_point_at_the_labelled_slice():
+    crops, labels, mask = _item(seed=3)
+    rng = np.random.default_rng(3)
+    slice_targets = rng.integers(0, crops.shape[1], len(TARGETS))
+    slice_targets[~mask] = IGNORE_INDEX
+    slice_targets[_index("left_subarticular_stenosis", 2)] = IGNORE_INDEX
+    crops_f, _, _ = flip_targets(crops, labels, mask)
+    flipped = flip_slice_targets(slice_targets, crops.shape[1])
+    order = flip_permutation()
+    for target in range(len(TARGETS)):
+        source = order[target]
+        if slice_targets[source] == IGNORE_INDEX:
+            assert flipped[target] == IGNORE_INDEX
+            continue
+        # the slice the target now points at is the labelled slice's image (mirrored in-plane on axial crops)
+        image = crops_f[target, flipped[target]]
+        expected = crops[source, slice_targets[source]]
+        np.testing.assert_array_equal(image, expected[..., ::-1] if axial_targets()[target] else expected)
+    np.testing.assert_array_equal(flip_slice_targets(flipped, crops.shape[1]), slice_targets)  # an involution
 
 
 def test_zero_strengths_are_the_identity():

@@ -13,9 +13,16 @@ import torch
 
 from lumbar_ray.config import AugmentConfig, CropConfig, PreprocessConfig, cache_settings
 from lumbar_ray.constants import CONDITION_TITLES, CONDITIONS, IGNORE_INDEX, LEVEL_TITLES, LEVELS, TARGETS
-from lumbar_ray.data.augment import flip_targets
+from lumbar_ray.data.augment import flip_permutation, flip_targets
 from lumbar_ray.data.cache import SeriesCache, manifest_row
-from lumbar_ray.data.crops import POINT_COLUMNS, CropDataset, crop_stack, points_from_coordinates
+from lumbar_ray.data.crops import (
+    POINT_COLUMNS,
+    CropDataset,
+    crop_slices,
+    crop_stack,
+    points_from_coordinates,
+    slice_target,
+)
 from lumbar_ray.data.preprocess import process_row, series_items
 from lumbar_ray.data.rsna import RsnaData, load_rsna
 from lumbar_ray.labels import encode_labels
@@ -101,6 +108,97 @@ def test_bounds_keep_a_crop_inside_its_block():
     assert levels(5, (3, 4)) == [90, 90, 90]  # a jittered centre beyond a one-slice block
 
 
+def _slice_cache(tmp_path: Path) -> SeriesCache:
+    """Study 1: series 1 (one block of 8 slices, slice i uniformly 20 (i + 1)) and series 2 (two blocks of 4
+    slices, slice i uniformly 200 + 5 i): a crop slice's value says which slice of which series it shows."""
+    cache = SeriesCache(tmp_path, {"test": "slice targets"})
+    cache.prepare()
+    offsets = [0.0, 4.0, 8.0, 12.0]
+    one_block = stacked_meta([(0.0, [*offsets, 16.0, 20.0, 24.0, 28.0])], size=32, series_id=1)
+    two_blocks = stacked_meta([(-8.0, offsets), (8.0, offsets)], size=32, series_id=2)
+    for series_id, meta, values in ((1, one_block, 20 * (np.arange(8) + 1)), (2, two_blocks, 200 + 5 * np.arange(8))):
+        cache.write(1, series_id, np.broadcast_to(values.astype(np.uint8)[:, None, None], (8, 32, 32)).copy(), meta)
+    return cache
+
+
+# target: (crop point's series, slice), (label point's series, slice), expected slice target (S = 3, no jitter)
+SLICE_CASES = {
+    0: ((1, 3), (1, 3), 1),  # the crop cut at the label point
+    1: ((1, 3), (1, 4), 2),  # a predicted point one slice off, on the label's series
+    2: ((1, 3), (1, 6), IGNORE_INDEX),  # the labelled slice outside the crop
+    3: ((1, 0), (1, 0), 1),  # the crop [0, 0, 1] at the volume's edge
+    4: ((2, 4), (2, 3), IGNORE_INDEX),  # the crop point's block is 4..7, the labelled slice is in block 0..3
+    5: ((1, 5), (1, 4), 0),
+    6: ((1, 3), None, IGNORE_INDEX),  # no label point
+    7: ((1, 3), (2, 3), IGNORE_INDEX),  # a predicted point on another series than the label's
+    8: (None, (1, 3), IGNORE_INDEX),  # no crop
+    15: ((1, 2), (1, 3), 2),  # an axial target
+}
+
+
+def _slice_points(which: int) -> pd.DataFrame:
+    rows = [{"study_id": 1, "target": t, "series_id": case[which][0], "slice": case[which][1], "x": 16.0, "y": 16.0}
+            for t, case in SLICE_CASES.items() if case[which] is not None]  # fmt: skip
+    return pd.DataFrame(rows, columns=list(POINT_COLUMNS))
+
+
+def _label_value(target: int) -> int:
+    series_id, index = SLICE_CASES[target][1]
+    return 20 * (index + 1) if series_id == 1 else 200 + 5 * index
+
+
+def _same_series(target: int) -> bool:
+    """Whether ``target`` has a crop and a label point, both on one series."""
+    crop, label, _ = SLICE_CASES.get(target, (None, None, None))
+    return crop is not None and label is not None and crop[0] == label[0]
+
+
+def _shown(item: dict, target: int) -> list[int]:
+    """The value of each crop slice of ``target`` (its uniform intensity, i.e. which slice it shows)."""
+    return [round(float(v) * 255) for v in item["crops"][target, :, 8, 8]]
+
+
+def test_slice_targets_of_a_hand_made_study(tmp_path):
+    cache = _slice_cache(tmp_path)
+    crop_points, label_points = _slice_points(0), _slice_points(1)
+    item = CropDataset(cache, [1], crop_points, ONE_TO_ONE, slice_points=label_points)[0]
+    expected = np.full(len(TARGETS), IGNORE_INDEX)
+    expected[list(SLICE_CASES)] = [case[2] for case in SLICE_CASES.values()]
+    np.testing.assert_array_equal(item["slice_target"].numpy(), expected)
+    assert item["slice_target"].dtype == torch.int64
+    for target in np.flatnonzero(expected >= 0):
+        assert _shown(item, target)[expected[target]] == _label_value(target)
+    assert _label_value(4) not in _shown(item, 4)  # the other block's slice is really not in the crop
+    # Without label points (inference at predicted points) no slice is known.
+    unknown = CropDataset(cache, [1], crop_points, ONE_TO_ONE)[0]["slice_target"]
+    assert (unknown == IGNORE_INDEX).all()
+
+
+def test_slice_targets_move_with_the_slice_jitter_and_the_flip(tmp_path):
+    cache = _slice_cache(tmp_path)
+    crop_points, label_points = _slice_points(0), _slice_points(1)
+    jitter = OFF.model_copy(update={"jitter_slices": 2, "flip_p": 0.5})
+    dataset = CropDataset(cache, [1], crop_points, ONE_TO_ONE, augment=jitter, seed=18, slice_points=label_points)
+    order = flip_permutation()
+    shifts, flips = set(), set()
+    for epoch in range(10):
+        dataset.set_epoch(epoch)
+        params, item = dataset.params(0), dataset[0]
+        targets = item["slice_target"].numpy()
+        shifts.add(int(params.shift_slice[0]))
+        flips.add(params.flip)
+        spinal = 1 - int(params.shift_slice[0])  # the spinal target 0 sits mid-volume: nothing clamps it
+        spinal = spinal if 0 <= spinal < 3 else IGNORE_INDEX
+        assert targets[0] == (2 - spinal if params.flip and spinal >= 0 else spinal)  # sagittal: reversed by a flip
+        for target in range(len(TARGETS)):
+            source = order[target] if params.flip else target
+            if targets[target] >= 0:  # it points at the labelled slice, wherever the jitter and flip put it
+                assert _shown(item, target)[targets[target]] == _label_value(source)
+            elif _same_series(source):
+                assert _label_value(source) not in _shown(item, target)  # unknown only where the crop lacks it
+    assert {-2, -1, 0, 1, 2} <= shifts and flips == {False, True}  # the draws covered every case
+
+
 def test_a_dataset_crop_never_mixes_the_stacks_of_a_series(tmp_path):
     """Two tilted per-level blocks in one axial series: a point on a block's end slice repeats that slice."""
     meta = stacked_meta([(-8.0, [0.0, 4.0, 8.0]), (8.0, [0.0, 4.0, 8.0])], size=32)
@@ -113,6 +211,21 @@ def test_a_dataset_crop_never_mixes_the_stacks_of_a_series(tmp_path):
     crops = CropDataset(cache, [1], points, ONE_TO_ONE)[0]["crops"].numpy()
     assert [round(float(v) * 255) for v in crops[0, :, 8, 8]] == [60, 90, 90]  # slice 3 is the other block's
     assert [round(float(v) * 255) for v in crops[1, :, 8, 8]] == [120, 120, 150]
+
+
+def test_slice_target_is_the_labelled_slices_place_in_the_crop():
+    def target(label: int, centre: int, count: int = 3, n: int = 8, bounds: tuple[int, int] | None = None) -> int:
+        return slice_target(label, crop_slices(centre, count, n, bounds), centre)
+
+    assert target(3, 3) == 1  # labelled points: the centre
+    assert [target(3, 3 + shift) for shift in (-1, 0, 1)] == [2, 1, 0]  # a slice jitter of +j moves it to 1 - j
+    assert target(3, 5) == IGNORE_INDEX and target(3, 1) == IGNORE_INDEX  # jittered out of the crop
+    assert target(5, 4, count=5) == 3
+    assert target(0, 0) == 1  # the crop [0, 0, 1] repeats slice 0: the unclamped place is taken
+    assert target(0, -2) == 2  # the crop [0, 0, 0]: the nearest place to the unclamped 3
+    assert target(3, 4, bounds=(4, 8)) == IGNORE_INDEX  # the labelled slice is another block's
+    assert target(4, 4, bounds=(4, 8)) == 1  # [4, 4, 5]: the crop point's block begins at 4
+    assert target(4, 3, bounds=(4, 8)) == 2  # [4, 4, 4]: the centre jittered out of the block
 
 
 def test_outside_the_image_is_zero():

@@ -1,15 +1,18 @@
-"""The severity classifier: shapes for every architecture, target awareness, prior init, training signal."""
+"""The severity classifier: shapes for every architecture, target awareness, prior init, training signal, the test-time
+flip."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 
 from lumbar_ray.config import CropConfig, LossConfig, ModelConfig
-from lumbar_ray.constants import TARGETS
+from lumbar_ray.constants import IGNORE_INDEX, TARGETS
+from lumbar_ray.data.augment import flip_permutation, flip_targets, mirror_crops
 from lumbar_ray.losses import SeverityLoss
 from lumbar_ray.models import ARCHITECTURES, DEFAULT_CLASS_PRIOR, POOLS, SeverityNet, build_model
 from lumbar_ray.models.encoders import TINY_CNN, has_pretrained_weights
@@ -209,3 +212,129 @@ def test_a_few_steps_drive_the_loss_down() -> None:
         optimizer.step()
         losses.append(float(output.total.detach()))
     assert losses[-1] < 0.7 * losses[0]
+
+
+TTA_CROP = CropConfig(size=16, region=24, slices=3)
+
+
+def _lively(tta_flip: bool, seed: int = 0) -> SeverityNet:
+    """A tiny model in eval mode whose outputs differ a lot by crop and by target: a fresh one predicts about the
+    prior everywhere, which no left/right swap changes, so a broken swap would pass the tests below."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(tta_flip=tta_flip), TTA_CROP)
+    with torch.no_grad():  # heads 20 times their initial scale: logits that follow the crops' features
+        for head in model.heads.values():
+            torch.nn.init.normal_(head.weight, std=1.0 / head.in_features**0.5)
+    return model.eval()
+
+
+def _varied_crops(batch: int, seed: int) -> torch.Tensor:
+    """Random crops, each target at its own brightness (plain noise looks alike to an encoder on every target)."""
+    crops = _crops(batch, TTA_CROP.slices, TTA_CROP.size, seed=seed)
+    brightness = torch.rand(batch, len(TARGETS), 1, 1, 1, generator=torch.Generator().manual_seed(seed + 100))
+    return crops * brightness
+
+
+def _probs(model: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(model(crops), dim=-1)
+
+
+def test_flip_tta_is_equivariant() -> None:
+    """Mirroring the studies swaps the left and right predictions of the test-time-flipped model, and only those."""
+    model = _lively(tta_flip=True)
+    crops = _varied_crops(3, seed=2)
+    swap = torch.as_tensor(flip_permutation())
+    probs, probs_of_mirror = _probs(model, crops), _probs(model, mirror_crops(crops))
+    torch.testing.assert_close(probs_of_mirror, probs[:, swap], atol=1e-5, rtol=0)
+    # The check has teeth: left and right predictions differ, and the network alone is not equivariant.
+    assert (probs - probs[:, swap]).abs().max() > 1e-2
+    with torch.no_grad():
+        plain = torch.softmax(model.logits(crops), dim=-1)
+        plain_of_mirror = torch.softmax(model.logits(mirror_crops(crops)), dim=-1)
+    assert (plain_of_mirror - plain[:, swap]).abs().max() > 1e-2
+
+
+def test_flip_tta_averages_the_crops_and_the_training_flip_of_them() -> None:
+    """The mean of the softmax of each study and of its mirror as the data pipeline's flip makes it, whose label
+    swap says where each of the mirror's predictions belongs."""
+    model = _lively(tta_flip=True, seed=1)
+    crops = _varied_crops(2, seed=3)
+    mirrored = []
+    for study in crops.numpy():
+        flipped, swap, _ = flip_targets(study, np.arange(len(TARGETS)), np.ones(len(TARGETS), dtype=bool))
+        mirrored.append(flipped)
+    with torch.no_grad():
+        plain = torch.softmax(model.logits(crops), dim=-1)
+        plain_of_mirror = torch.softmax(model.logits(torch.from_numpy(np.stack(mirrored))), dim=-1)
+    expected = (plain + plain_of_mirror[:, torch.as_tensor(swap)]) / 2
+    torch.testing.assert_close(_probs(model, crops), expected, atol=1e-6, rtol=0)
+    assert (expected - plain).abs().max() > 1e-2  # the flip changes the prediction
+
+
+def test_with_tta_off_and_in_training_the_network_is_unchanged() -> None:
+    on, off = _lively(tta_flip=True), _lively(tta_flip=False)
+    # The switch adds no weights: checkpoints and registered weights load into either.
+    assert on.state_dict().keys() == off.state_dict().keys()
+    for key, value in on.state_dict().items():
+        torch.testing.assert_close(off.state_dict()[key], value, rtol=0, atol=0)
+    crops = _varied_crops(2, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(off(crops), on.logits(crops), rtol=0, atol=0)
+        assert (torch.softmax(on(crops), -1) - torch.softmax(off(crops), -1)).abs().max() > 1e-3
+        on.train()  # training never sees the test-time flip (dropout draws the same mask from the same seed)
+        torch.manual_seed(5)
+        trained = on(crops)
+        torch.manual_seed(5)
+        torch.testing.assert_close(trained, on.logits(crops), rtol=0, atol=0)
+
+
+# --- the slice attention's logits (the auxiliary slice loss)
+
+
+@pytest.mark.parametrize(("pool", "in_chans"), [("attention", 1), ("lstm", 3)])
+def test_attention_logits_are_the_pools_own_and_leave_the_default_output_alone(pool: str, in_chans: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(pool=pool, in_chans=in_chans), CropConfig(slices=5)).eval()
+    crops = _crops(1, 5, 32)
+    with torch.no_grad():
+        plain = model(crops)
+        logits, attention = model(crops, return_attention=True)
+        # The pooled features are the softmax(attention)-weighted sum over the slices of what the pool attends to.
+        windows = slice_windows(crops.reshape(25, 5, 32, 32), in_chans).reshape(-1, in_chans, 32, 32)
+        sequence = model.encoder(windows).reshape(25, 5, -1)
+        attended = model.pool.lstm(sequence)[0] if pool == "lstm" else sequence
+        weights = torch.softmax(attention.reshape(25, 5, 1), dim=1)
+        torch.testing.assert_close((weights * attended).sum(dim=1), model.pool(sequence))
+    assert model.has_slice_attention
+    assert torch.equal(logits, plain)  # the default forward (what prediction calls) is unchanged
+    assert attention.shape == (1, len(TARGETS), 5)
+    assert not torch.allclose(attention, attention[..., :1])  # real scores, not a constant
+
+
+def test_a_pool_without_attention_says_so() -> None:
+    model = build_model(ModelConfig(pool="mean"), CropConfig())
+    assert not model.has_slice_attention
+    with pytest.raises(ValueError, match="MeanPool has no attention"):
+        model(_crops(1, 5, 32), return_attention=True)
+
+
+@pytest.mark.parametrize("pool", ["attention", "lstm"])
+def test_the_aux_slice_gradient_reaches_the_attention(pool: str) -> None:
+    """With every severity label unknown, only the auxiliary term can move the attention: it does when weighted."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(pool=pool), CropConfig(slices=3))
+    logits, attention = model(_crops(1, 3, 32), return_attention=True)
+    targets = torch.randint(0, 3, (1, len(TARGETS)), generator=torch.Generator().manual_seed(2))
+    scorer = list((model.pool.attention.score if pool == "lstm" else model.pool.score).parameters())
+
+    def attention_grads(weight: float, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        total = SeverityLoss(LossConfig(aux_slice_weight=weight))(logits, labels, attention, targets).total
+        return torch.autograd.grad(total, scorer, retain_graph=True, allow_unused=True, materialize_grads=True)
+
+    unlabelled = torch.full((1, len(TARGETS)), IGNORE_INDEX)
+    assert all(grad.abs().sum() > 0 for grad in attention_grads(1.0, unlabelled))
+    assert all(grad.abs().sum() == 0 for grad in attention_grads(0.0, unlabelled))
+    labels = torch.randint(0, 3, (1, len(TARGETS)), generator=torch.Generator().manual_seed(1))
+    with_aux, without = attention_grads(1.0, labels), attention_grads(0.0, labels)
+    assert any(not torch.allclose(a, b) for a, b in zip(with_aux, without, strict=True))
