@@ -17,6 +17,10 @@ With ``--predicted-points`` the detectors are first trained once per fold, each 
 for its held-out studies (``cv.predicted_points``): the comparison then holds at predicted points too, where a
 recipe meets the localisation error it will meet at inference.
 
+With ``--calibrate`` each CV is also compared after a temperature per condition group, cross-fitted (fitted on
+the other folds' out-of-fold predictions, applied to the held-out fold: :func:`lumbar_ray.calibrate.cross_fit`),
+so that the calibration's gain is measured without flattering itself; the base gets a row of its own.
+
 A rerun with the same workdir reuses every finished CV and detector (their ids hash the settings).
 """
 
@@ -41,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], help='overrides of one variant, e.g. "a.b=1 c=2"')
     parser.add_argument("--samples", type=int, default=500, help="bootstrap resamples of studies")
     parser.add_argument("--out", type=Path, default=None, help="markdown table (default: <workdir>/recipe.md)")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="also compare each CV after cross-fitted temperatures per group"
+    )
     parser.add_argument(
         "--predicted-points",
         action="store_true",
@@ -81,6 +88,15 @@ def predicted_points(cfg, n_folds: int, workdir: Path) -> tuple[Path, list[str]]
     path = workdir / "predicted_points.parquet"
     pd.concat(frames, ignore_index=True).to_parquet(path, index=False)
     return path, lines
+
+
+def cross_fitted_temperatures(labels: np.ndarray, probs: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
+    """``probs`` after a temperature per condition group fitted on the other folds (each fold in turn)."""
+    from lumbar_ray.calibrate import apply_group_temperatures, cross_fit, fit_group_temperatures
+
+    fitted = cross_fit(labels, fold_of, lambda y, rows: fit_group_temperatures(y, probs[rows]),
+                       lambda temperatures, rows: apply_group_temperatures(probs[rows], temperatures))  # fmt: skip
+    return fitted.probs
 
 
 def labels_of(cfg, study_ids: np.ndarray) -> np.ndarray:
@@ -125,6 +141,16 @@ def main() -> None:
     epochs = {"last": "honest CV: each fold's last epoch", "best": "best epoch, picked on the fold"}
     if args.predicted_points:
         epochs["last_predicted"] = "honest CV at predicted points: each fold's last epoch, detectors without the fold"
+    if args.calibrate:
+        lines.append("## the base with cross-fitted temperatures per condition group, against the base")
+        for epoch, title in epochs.items():
+            if epoch == "best":
+                continue
+            base_probs = assemble_oof(study_ids, base_cv.outcomes, epoch)
+            calibrated = cross_fitted_temperatures(labels, base_probs, fold_of)
+            result = compare_paired(labels, base_probs, calibrated, fold_of, samples=args.samples)
+            lines += [f"{title}:", "```", result.format("base", "calibrated"), "```"]
+        lines.append("")
     for variant in args.variant:
         cfg = load_config(args.config, [*common, *shlex.split(variant)])
         cv, seconds = run(cfg, variant)
@@ -138,6 +164,11 @@ def main() -> None:
             lines += [f"{title}:", "```", result.format("base", "variant"), "```"]
             if epoch == "last":
                 lines.append(detectable(result.table.loc["total", "se_studies"], len(study_ids)))
+            if args.calibrate and epoch != "best":
+                calibrated = cross_fitted_temperatures(labels, variant_probs, fold_of)
+                result = compare_paired(labels, base_probs, calibrated, fold_of, samples=args.samples)
+                lines += [f"{title}, the variant with cross-fitted temperatures:", "```",
+                          result.format("base", "variant+T"), "```"]  # fmt: skip
         lines.append("")
     text = "\n".join(lines)
     out = args.out or args.workdir / "recipe.md"
