@@ -45,6 +45,9 @@ _ADDED_AFTER_IDS: dict[tuple[str, str], Any] = {
     ("train", "ema_decay"): 0.0,
     ("loss", "aux_slice_weight"): 0.0,
     ("cv", "predicted_points"): None,
+    ("crop", "region_mm"): None,
+    ("augment", "jitter_px_by_series"): None,
+    ("augment", "jitter_slices_by_series"): None,
 }
 _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     "workdir": None,

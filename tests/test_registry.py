@@ -15,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from lumbar_ray.config import Config
+from lumbar_ray.config import Config, CropConfig
 from lumbar_ray.constants import SEVERITIES, TARGETS
 from lumbar_ray.models import build_model
 from lumbar_ray.registry import ensemble_contract, load_ensemble, log_and_register
@@ -123,7 +123,7 @@ def test_contract(registered, tmp_path: Path) -> None:
     assert contract["input"]["shape"] == [-1, 25, 3, 32, 32]
     assert contract["classes"] == list(SEVERITIES) and contract["targets"] == list(TARGETS)
     assert contract["folds"] == FOLDS
-    assert contract["crop"] == {"size": 32, "region": 48, "slices": 3}
+    assert contract["crop"] == {"size": 32, "region": 48, "region_mm": None, "slices": 3}
     assert contract["model"]["arch"] == "tiny"
     assert contract["preprocess"]["dtype"] == "uint8" and contract["preprocess"]["image_size"] == 256
     assert set(contract["versions"]) == {"lumbar_ray", "torch", "timm", "mlflow"}
@@ -136,6 +136,13 @@ def test_contract(registered, tmp_path: Path) -> None:
     assert json.loads((folder / "artifacts" / "contract.json").read_text()) == contract
     assert {path.name for path in (folder / "artifacts").glob("fold_*.pt")} == {"fold_0.pt", "fold_1.pt"}
     assert (folder / "code" / "lumbar_ray" / "registry.py").is_file()  # self-contained code
+
+
+def test_the_contract_carries_the_crop_rule_prediction_cuts_with() -> None:
+    """Prediction rebuilds its crop settings from the contract alone: a region in millimetres travels with it."""
+    cfg = Config.model_validate({"crop": {"size": 32, "region": 48, "region_mm": 40.0, "slices": 3}})
+    contract = json.loads(json.dumps(ensemble_contract(cfg, FOLDS)))
+    assert CropConfig(**contract["crop"]) == cfg.crop and contract["crop"]["region_mm"] == 40.0
 
 
 def test_mismatched_folds_are_refused(registered) -> None:
