@@ -151,8 +151,10 @@ def assemble_oof(study_ids: np.ndarray, outcomes: dict[int, FoldOutcome], epoch:
     for outcome in outcomes.values():
         chosen = getattr(outcome, chosen_by_epoch[epoch])
         if chosen is None:
-            raise ValueError(f"fold {outcome.fold} kept no {epoch!r} predictions (an older version trained it, "
-                             "or cv.predicted_points was not set)")
+            raise ValueError(
+                f"fold {outcome.fold} kept no {epoch!r} predictions (an older version trained it, "
+                "or cv.predicted_points was not set)"
+            )
         probs[[position[int(s)] for s in outcome.study_ids]] = chosen
     missing = np.isnan(probs).any(axis=(1, 2))
     if missing.any():
