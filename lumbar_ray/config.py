@@ -195,6 +195,16 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
+class CalibrateConfig(_Strict):
+    """Post-hoc calibration fitted out of fold after a CV (or an ensemble), stored in the registered model."""
+
+    temperature: bool = Field(
+        False,
+        description="fit a temperature per condition group on the out-of-fold predictions (the last epoch's when "
+        "kept), report the cross-fitted CV beside the uncalibrated one, and apply them in the registered model",
+    )
+
+
 class TrackingConfig(_Strict):
     """MLflow: where runs go and how the fold ensemble is registered."""
 
@@ -361,6 +371,7 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
     localize: LocalizeConfig = LocalizeConfig()

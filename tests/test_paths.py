@@ -120,3 +120,17 @@ def test_crops_in_mm_and_per_series_jitter_keep_the_ids_at_their_defaults_and_ge
     slices = Config.model_validate({"workdir": str(tmp_path), "augment": {"jitter_slices_by_series": {"Axial T2": 0}}})
     assert len({cv_run_id(base), cv_run_id(in_mm), cv_run_id(px), cv_run_id(slices)}) == 4
     assert localize_key(in_mm) == localize_key(px) == localize_key(slices) == localize_key(base)
+
+
+def test_calibration_keeps_the_ids_at_its_default_and_an_ensemble_id_names_its_members(tmp_path: Path) -> None:
+    from lumbar_ray.paths import ensemble_id
+
+    base = Config(workdir=str(tmp_path))
+    explicit = Config.model_validate({"workdir": str(tmp_path), "calibrate": {"temperature": False}})
+    assert cv_run_id(explicit) == cv_run_id(base) == "cv-a45d0f059f"  # the golden id above
+    calibrated = Config.model_validate({"workdir": str(tmp_path), "calibrate": {"temperature": True}})
+    assert cv_run_id(calibrated) != cv_run_id(base) and localize_key(calibrated) == localize_key(base)
+    ids = {ensemble_id(base, ["cv-a", "cv-b"]), ensemble_id(base, ["cv-b", "cv-a"]),
+           ensemble_id(calibrated, ["cv-a", "cv-b"]), ensemble_id(base, ["cv-a"])}  # fmt: skip
+    assert len(ids) == 4 and all(name.startswith("ens-") for name in ids)
+    assert ensemble_id(base, ["cv-a", "cv-b"]) == ensemble_id(Config(workdir=str(tmp_path / "other")), ["cv-a", "cv-b"])
