@@ -265,8 +265,8 @@ def test_the_contract_round_trips_the_members_their_inputs_and_the_calibration(t
     assert [(m["name"], m["input"], m["model"]["tta_flip"]) for m in members] == [
         ("cv-a", "crops", False), ("cv-b", "crops_1", True), ("cv-c", "crops", False)]  # fmt: skip
     inputs = {name: crop.model_dump() for name, crop in contract_inputs(contract).items()}
-    assert inputs == {"crops": {"size": 32, "region": 48, "slices": 3},
-                      "crops_1": {"size": 32, "region": 40, "slices": 5}}  # fmt: skip
+    assert inputs == {"crops": {"size": 32, "region": 48, "region_mm": None, "slices": 3},
+                      "crops_1": {"size": 32, "region": 40, "region_mm": None, "slices": 5}}  # fmt: skip
     assert contract["input"]["shape"] == [-1, 25, 3, 32, 32] and contract["crop"] == members[0]["crop"]
     with pytest.raises(ValueError, match="blends 3 parts but there are 1 members"):
         ensemble_contract(small, FOLDS, calibration=calibration)
