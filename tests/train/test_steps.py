@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from lumbar_ray.config import CropConfig, LossConfig, ModelConfig, TrainConfig
 from lumbar_ray.constants import IGNORE_INDEX
 from lumbar_ray.losses import SeverityLoss
+from lumbar_ray.metrics import score_arrays
 from lumbar_ray.models import build_model
 from lumbar_ray.models.ema import ModelEma
 from lumbar_ray.train.steps import (
@@ -315,8 +316,11 @@ def test_the_held_out_fold_is_also_predicted_at_predicted_points(small_fold):
     keep_some = moved[moved["target"] % 5 != 0]  # a target without a predicted point gets the prior
     fold.predicted_points_loader = build_fold(cfg, dataclasses.replace(small_fold, val_points=keep_some),
                                               torch.device("cpu")).predicted_points_loader  # fmt: skip
-    _, moved_probs, _ = predict_at_predicted_points(fold)
+    _, moved_probs, moved_score = predict_at_predicted_points(fold)
     assert np.abs(moved_probs - epoch.probs).max() > 1e-4
+    # the targets left without a point are scored (by the prior), not dropped: every labelled cell counts
+    labels = np.asarray(small_fold.val_labels)
+    assert moved_score == pytest.approx(score_arrays(np.where(labels < 0, IGNORE_INDEX, labels), moved_probs).total)
     dropped = np.isin(np.arange(25), np.unique(small_fold.points["target"][small_fold.points["target"] % 5 == 0]))
     np.testing.assert_allclose(moved_probs[:, dropped], np.broadcast_to(small_fold.prior, probs.shape)[:, dropped])
 
