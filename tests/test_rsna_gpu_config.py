@@ -59,7 +59,7 @@ def test_its_detector_weights_are_an_ultralytics_asset_or_a_local_file(cfg, tmp_
 
 def test_its_tuning_space_leaves_the_class_weights_at_the_metrics(cfg):
     """With the metric's 1/2/4 in the loss the optimum already matches the metric; any other weights miscalibrate
-    on real data (../shared/docs/recipe-evidence.md), so the real search tunes the sound loss terms instead."""
+    on real data (docs/recipe-evidence.md), so the real search tunes the sound loss terms instead."""
     assert cfg.loss.class_weights == (1.0, 2.0, 4.0)
     assert miscalibrating_keys(cfg.tune.space) == []
     assert {"loss.any_severe_weight", "loss.aux_slice_weight"} <= set(cfg.tune.space)

@@ -6,7 +6,7 @@ is the Severe class weight), so the space can search the Moderate and Severe wei
 
 The shipped spaces do not search the class weights: with the metric's own weights (1, 2, 4) in the loss the optimal
 prediction is already the metric's, and any other weights miscalibrate where the classes overlap, as they do on
-real data (``../shared/docs/recipe-evidence.md``). A space that searches them still runs, with a warning
+real data (``docs/recipe-evidence.md``). A space that searches them still runs, with a warning
 (:func:`warn_if_class_weights_searched`).
 """
 
