@@ -8,6 +8,9 @@ Three small tools and the discipline that makes their gains honest:
 - :func:`apply_blend` / :func:`fit_blend_weights`: convex weights over K prediction arrays, per condition group.
 - :func:`cross_fit`: fits on the other folds' studies and applies to each fold in turn. A temperature or a blend
   fitted on the very studies it is scored on flatters the CV; fitted out of fold it measures what a test set gets.
+- :class:`Calibration` (a blend, then temperatures: what a registered model applies to its members' probabilities,
+  stored in its contract) and :func:`calibrate_out_of_fold`, which fits it on every study and reports the
+  cross-fitted scores beside the uncalibrated one.
 
 Every fit minimises :func:`lumbar_ray.metrics.score_arrays` itself, not a proxy log loss: the metric weights rows
 by their true class (1/2/4) and adds the any-severe-spinal term, which a plain log loss would miss.
@@ -27,13 +30,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 
 from lumbar_ray.constants import GROUP_TARGET_INDICES, IGNORE_INDEX, TARGETS
-from lumbar_ray.metrics import score_arrays
+from lumbar_ray.metrics import ScoreResult, score_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -342,3 +345,148 @@ def cross_fit(
         predictions[held_out] = fold_predictions
         logger.debug("fold %s: fitted on %d studies, applied to %d", fold, len(training), len(held_out))
     return CrossFit(probs=predictions, params=params)
+
+
+# --- the whole post-processing: a blend, then temperatures
+
+
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    """What turns K models' probabilities into one prediction: a blend, then a temperature per condition group.
+
+    This is what a registered model applies to its members' fold-mean probabilities (and stores in its contract):
+    ``apply_group_temperatures(apply_blend(parts, weights), temperatures)``.
+
+    Attributes:
+        weights: ``{group: (K,) convex weights}`` over the parts; one part with weight 1 is the identity.
+        temperatures: ``{group: T}`` applied to the blend, or None (no temperature: T = 1).
+    """
+
+    weights: dict[str, np.ndarray]
+    temperatures: dict[str, float] | None = None
+
+    @classmethod
+    def identity(cls, parts: int = 1) -> Calibration:
+        """The plain mean of ``parts`` parts, no temperature (one part: the part itself)."""
+        return cls({group: np.full(parts, 1.0 / parts) for group in GROUP_COLUMNS})
+
+    @property
+    def parts(self) -> int:
+        """K, the number of parts the weights blend."""
+        return len(next(iter(self.weights.values())))
+
+    def apply(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """``(n, 25, 3)`` float64: the blend of the K ``(n, 25, 3)`` parts, then the temperatures.
+
+        Raises:
+            ValueError: when the number of parts is not K.
+        """
+        if len(parts) != self.parts:
+            raise ValueError(f"this calibration blends {self.parts} parts, got {len(parts)}")
+        blended = apply_blend(parts, self.weights)
+        return blended if self.temperatures is None else apply_group_temperatures(blended, self.temperatures)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (for a model's contract); :meth:`from_json` reads it back."""
+        weights = {group: [float(w) for w in weights] for group, weights in self.weights.items()}
+        temperatures = None if self.temperatures is None else {g: float(t) for g, t in self.temperatures.items()}
+        return {"weights": weights, "temperatures": temperatures}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Calibration:
+        """The calibration :meth:`to_json` wrote (extra keys, such as reported scores, are ignored).
+
+        Raises:
+            ValueError: when the weights do not name every condition group, or give them different part counts.
+        """
+        weights = {group: np.asarray(values, dtype=np.float64) for group, values in data["weights"].items()}
+        if set(weights) != set(GROUP_COLUMNS) or len({len(w) for w in weights.values()}) != 1:
+            raise ValueError(f"calibration weights must give every group {list(GROUP_COLUMNS)} one weight per part, "
+                             f"got {data['weights']}")  # fmt: skip
+        temperatures = data.get("temperatures")
+        return cls(weights, None if temperatures is None else {g: float(t) for g, t in temperatures.items()})
+
+    def __eq__(self, other: object) -> bool:  # arrays inside: compared through their JSON form
+        if not isinstance(other, Calibration):
+            return NotImplemented
+        return self.to_json() == other.to_json()
+
+
+def fit_calibration(labels: np.ndarray, parts: Sequence[np.ndarray], temperature: bool) -> Calibration:
+    """Blend weights (:func:`fit_blend_weights`, when there are several parts) and, if ``temperature``, the
+    temperatures of that blend (:func:`fit_group_temperatures`), all on the official score of ``labels``."""
+    parts = [np.asarray(part, dtype=np.float64) for part in parts]
+    weights = fit_blend_weights(labels, parts) if len(parts) > 1 else Calibration.identity().weights
+    temperatures = fit_group_temperatures(labels, apply_blend(parts, weights)) if temperature else None
+    return Calibration(weights, temperatures)
+
+
+def cross_fit_calibration(
+    labels: np.ndarray, fold_of: np.ndarray, parts: Sequence[np.ndarray], temperature: bool
+) -> CrossFit[Calibration]:
+    """:func:`fit_calibration` on the other folds, applied to each fold in turn (see :func:`cross_fit`)."""
+    parts = [np.asarray(part, dtype=np.float64) for part in parts]
+    return cross_fit(
+        labels,
+        fold_of,
+        fit=lambda train_labels, rows: fit_calibration(train_labels, [part[rows] for part in parts], temperature),
+        apply=lambda calibration, rows: calibration.apply([part[rows] for part in parts]),
+    )
+
+
+@dataclass(frozen=True)
+class OutOfFoldCalibration:
+    """What :func:`calibrate_out_of_fold` found.
+
+    Attributes:
+        calibration: fitted on every study: what a registered model applies.
+        scores: official scores on the same studies, each fold's predictions post-processed by parameters fitted
+            without it: ``uncalibrated`` (the equal mean of the parts, as they are), ``blended`` (the fitted blend;
+            several parts only) and ``calibrated`` (the fitted blend and temperatures; with temperatures only).
+        probs: the cross-fitted predictions of the whole recipe (the last of ``scores``).
+    """
+
+    calibration: Calibration
+    scores: dict[str, ScoreResult]
+    probs: np.ndarray
+
+    @property
+    def gain(self) -> float:
+        """The last cross-fitted total minus the uncalibrated one (negative: the post-processing helps)."""
+        return list(self.scores.values())[-1].total - self.scores["uncalibrated"].total
+
+
+def calibrate_out_of_fold(
+    labels: np.ndarray, fold_of: np.ndarray, parts: Sequence[np.ndarray], temperature: bool
+) -> OutOfFoldCalibration:
+    """Fit a blend of ``parts`` (and temperatures) on every study, and measure it honestly by cross-fitting.
+
+    Args:
+        labels: ``(n, 25)`` class ids, :data:`IGNORE_INDEX` for unscored cells.
+        fold_of: ``(n,)`` the CV fold of each study (the same folds the parts were predicted out of).
+        parts: K ``(n, 25, 3)`` out-of-fold predictions of the same studies.
+        temperature: fit a temperature per condition group on the blend.
+
+    Raises:
+        ValueError: with no part, or fewer than two folds.
+    """
+    if not parts:
+        raise ValueError("nothing to calibrate: no part given")
+    parts = [np.asarray(part, dtype=np.float64) for part in parts]
+    uncalibrated = Calibration.identity(len(parts)).apply(parts)
+    scores = {"uncalibrated": score_arrays(labels, uncalibrated)}
+    probs = uncalibrated
+    if len(parts) > 1 or temperature:
+        crossed = cross_fit_calibration(labels, fold_of, parts, temperature)
+        if len(parts) > 1:  # each fold's blend alone: the weights its calibration was fitted with
+            blended = np.empty_like(crossed.probs)
+            for fold, fitted in crossed.params.items():
+                rows = np.asarray(fold_of) == fold
+                blended[rows] = Calibration(fitted.weights).apply([part[rows] for part in parts])
+            scores["blended"] = score_arrays(labels, blended)
+        probs = crossed.probs
+        if temperature:
+            scores["calibrated"] = score_arrays(labels, probs)
+    calibration = fit_calibration(labels, parts, temperature)
+    logger.info("out of fold: %s", ", ".join(f"{name} {score.total:.5f}" for name, score in scores.items()))
+    return OutOfFoldCalibration(calibration, scores, probs)

@@ -19,6 +19,7 @@ import typer
 from lumbar_ray.config import Config, ConfigError, get_path, load_config, save_config
 from lumbar_ray.errors import (
     DicomReadError,
+    EnsembleError,
     ModelNotFoundError,
     RsnaFormatError,
     SubmissionError,
@@ -223,6 +224,22 @@ def tune(
 
 
 @app.command()
+def ensemble(
+    cv: Annotated[list[str], typer.Option("--cv", help="a trained CV run id of the workdir (runs/<id>); repeat it")],
+    name: Annotated[str | None, typer.Option(help="registered model name (tracking.model_name)")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="the workdir the CV runs were trained in (workdir)")] = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Combine trained CV runs (same folds; any architectures and crops) into one registered model, blended with
+    weights fitted out of fold (and temperatures with calibrate.temperature=true)."""
+    cfg = load(config, {"tracking.model_name": name, "workdir": workdir}, overrides)
+    from lumbar_ray.pipeline import ensemble as run_ensemble
+
+    typer.echo(run_ensemble(cfg, cv).format())
+
+
+@app.command()
 def localize(config: ConfigFile = None, overrides: Overrides = None) -> None:
     """Train the sagittal YOLO level detectors (Ray tasks) and measure localisation on a held-out fold (resumable;
     the cache is completed first)."""
@@ -286,8 +303,8 @@ def quickstart(
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, RsnaFormatError, DicomReadError, SubmissionError,
-                                                ModelNotFoundError, UnknownStudyError, FileExistsError,
-                                                FileNotFoundError)  # fmt: skip
+                                                ModelNotFoundError, UnknownStudyError, EnsembleError,
+                                                FileExistsError, FileNotFoundError)  # fmt: skip
 """The exceptions that mean bad input rather than a bug: reported as one line, exit code 2."""
 
 

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lumbar_ray.constants import SERIES_TYPES
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,6 +85,12 @@ class CropConfig(_Strict):
 
     size: int = Field(32, ge=8, description="output side of every crop slice, pixels")
     region: int = Field(48, ge=8, description="side of the square cut from the cache grid (cache pixels)")
+    region_mm: float | None = Field(
+        None,
+        gt=0,
+        description="side of the square cut in millimetres instead (overrides region): converted to cache pixels "
+        "with each point's own slice's pixel spacing, so a crop shows the same anatomy at any field of view",
+    )
     slices: int = Field(5, ge=1, description="slices per crop, centred on the point's slice (odd)")
 
     @field_validator("slices")
@@ -96,14 +104,36 @@ class CropConfig(_Strict):
 class AugmentConfig(_Strict):
     """Training augmentations; every strength is tunable and 0 switches that augmentation off."""
 
-    jitter_px: float = Field(6.0, ge=0, description="uniform in-plane shift of the point, +- cache pixels")
+    jitter_px: float = Field(
+        6.0, ge=0, description="uniform in-plane shift of the point, +- cache pixels (also with crop.region_mm)"
+    )
     jitter_slices: int = Field(1, ge=0, description="uniform shift of the centre slice, +- slices")
+    jitter_px_by_series: dict[str, float] | None = Field(
+        None,
+        description="series type (Sagittal T1, Sagittal T2/STIR, Axial T2) -> jitter_px of the targets read on it, "
+        "e.g. the localiser's measured error (lumbar_ray.localize.evaluate.jitter_from_errors); types left out "
+        "keep jitter_px",
+    )
+    jitter_slices_by_series: dict[str, int] | None = Field(
+        None, description="series type -> jitter_slices of the targets read on it; types left out keep jitter_slices"
+    )
     rotate_deg: float = Field(10.0, ge=0, description="uniform in-plane rotation, +- degrees")
     scale: float = Field(0.1, ge=0, lt=1, description="uniform zoom, 1 +- scale")
     brightness: float = Field(0.1, ge=0, description="additive shift, +- fraction of the intensity range")
     contrast: float = Field(0.15, ge=0, lt=1, description="multiplicative contrast, 1 +- contrast")
     gamma: float = Field(0.15, ge=0, lt=1, description="gamma, exp(+- gamma)")
     flip_p: float = Field(0.5, ge=0, le=1, description="probability of a left/right flip (swaps sided targets)")
+
+    @field_validator("jitter_px_by_series", "jitter_slices_by_series")
+    @classmethod
+    def _series_types(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        unknown = sorted(set(value or {}) - set(SERIES_TYPES))
+        if unknown:
+            raise ValueError(f"unknown series types {unknown}: use {list(SERIES_TYPES)}")
+        negative = sorted(key for key, v in (value or {}).items() if v < 0)
+        if negative:
+            raise ValueError(f"a jitter is a non-negative bound; negative for {negative}")
+        return value
 
 
 class ModelConfig(_Strict):
@@ -165,6 +195,16 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
+class CalibrateConfig(_Strict):
+    """Post-hoc calibration fitted out of fold after a CV (or an ensemble), stored in the registered model."""
+
+    temperature: bool = Field(
+        False,
+        description="fit a temperature per condition group on the out-of-fold predictions (the last epoch's when "
+        "kept), report the cross-fitted CV beside the uncalibrated one, and apply them in the registered model",
+    )
+
+
 class TrackingConfig(_Strict):
     """MLflow: where runs go and how the fold ensemble is registered."""
 
@@ -213,10 +253,10 @@ class SearchDim(_Strict):
 
 
 def _default_space() -> dict[str, SearchDim]:
+    # No class weights: the metric's 1/2/4 in the loss already give the metric's optimum (docs in the README).
     return {
-        "loss.class_weights.1": SearchDim(dist="uniform", low=1.0, high=4.0),
-        "loss.class_weights.2": SearchDim(dist="uniform", low=2.0, high=8.0),
         "loss.any_severe_weight": SearchDim(dist="uniform", low=0.0, high=2.0),
+        "loss.aux_slice_weight": SearchDim(dist="uniform", low=0.0, high=1.0),
         "augment.jitter_px": SearchDim(dist="uniform", low=0.0, high=10.0),
         "augment.rotate_deg": SearchDim(dist="uniform", low=0.0, high=20.0),
         "train.lr": SearchDim(dist="loguniform", low=5e-4, high=5e-3),
@@ -331,6 +371,7 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
     localize: LocalizeConfig = LocalizeConfig()

@@ -54,3 +54,7 @@ class ModelNotFoundError(LookupError):
 
 class UnknownStudyError(ValueError):
     """Study ids asked for that the data does not list in the split."""
+
+
+class EnsembleError(ValueError):
+    """Trained CV runs that cannot be combined into one ensemble (other folds, data, preprocessing or detectors)."""

@@ -8,7 +8,8 @@ every node must see (the preprocessing cache, Ray Train checkpoints)::
     <workdir>/data/synthetic/                 the built-in synthetic dataset (data.root = null)
     <workdir>/cache/   or  $LUMBAR_RAY_STORAGE/cache/              preprocess.cache = null
     <workdir>/ray_results/  or  $LUMBAR_RAY_STORAGE/ray_results/   train.storage = null
-    <workdir>/runs/<cv run id>/               a CV's folds.csv, fold<k>.pt, oof.csv, config.yaml
+    <workdir>/runs/<cv run id>/               a CV's folds.csv, fold<k>.pt, oof.csv, config.yaml (an ensemble's
+                                              members are found here by their run ids)
     <workdir>/localize/<localize key>/<series slug>/detector.pt    the level detectors of a config
     <workdir>/localize/ultralytics/           ultralytics' private settings (YOLO_CONFIG_DIR)
     <workdir>/ray_tune/  or  $LUMBAR_RAY_STORAGE/ray_tune/         tune.storage = null
@@ -45,6 +46,10 @@ _ADDED_AFTER_IDS: dict[tuple[str, str], Any] = {
     ("train", "ema_decay"): 0.0,
     ("loss", "aux_slice_weight"): 0.0,
     ("cv", "predicted_points"): None,
+    ("crop", "region_mm"): None,
+    ("augment", "jitter_px_by_series"): None,
+    ("augment", "jitter_slices_by_series"): None,
+    ("calibrate", "temperature"): False,
 }
 _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     "workdir": None,
@@ -109,6 +114,8 @@ def cv_run_id(cfg: Config) -> str:
     for (section, key), default in _ADDED_AFTER_IDS.items():
         if tree[section][key] == default:
             del tree[section][key]
+            if not tree[section]:  # a section added after the ids, all at its defaults
+                del tree[section]
     for section, keys in _CV_RESOURCE_KEYS.items():
         if keys is None:
             tree.pop(section, None)
@@ -116,6 +123,14 @@ def cv_run_id(cfg: Config) -> str:
             for key in keys:
                 tree[section].pop(key, None)
     return settings_hash(tree, "cv-", length=10)
+
+
+def ensemble_id(cfg: Config, run_ids: list[str] | tuple[str, ...]) -> str:
+    """``ens-`` + a hash of the member CV run ids (in order), the calibration settings and the registered model's
+    name: a rerun of the same ensemble finds its MLflow run (and registers no twin)."""
+    payload = {"members": list(run_ids), "calibrate": cfg.calibrate.model_dump(mode="json"),
+               "model_name": cfg.tracking.model_name}  # fmt: skip
+    return settings_hash(payload, "ens-", length=10)
 
 
 RESOLVED_CONFIG = "resolved_config.yaml"

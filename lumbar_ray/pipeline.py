@@ -7,6 +7,8 @@ Stages never import each other; this module is where one stage's output becomes 
 - :func:`train` = cache, CV (:func:`lumbar_ray.train.cv.run_cv`), registration
   (:func:`lumbar_ray.train.register.register_cv`);
 - :func:`predict` = the model's contract, the studies cached with the model's own preprocessing, inference;
+- :func:`ensemble` = trained CV runs of the workdir combined into one registered model
+  (:func:`lumbar_ray.train.ensemble.run_ensemble`);
 - :func:`compare_points_on_fold`: one fold's held-out studies through the whole inference path against the same
   fold's out-of-fold predictions at the labelled points;
 - :func:`run_quickstart`: the whole pipeline on built-in synthetic data with embedded defaults: synthesise,
@@ -39,6 +41,7 @@ from lumbar_ray.predict import PredictResult, plan_prediction, run_predict
 from lumbar_ray.registry import RegisteredEnsemble
 from lumbar_ray.tracking import Tracker
 from lumbar_ray.train.cv import CVResult, run_cv
+from lumbar_ray.train.ensemble import EnsembleResult, run_ensemble
 from lumbar_ray.train.register import register_cv, registered_model_uri
 from lumbar_ray.tune.run import TuneResult, experiment_exists, run_tune
 
@@ -86,6 +89,11 @@ def train(cfg: Config) -> TrainResult:
     complete_cache(cfg)
     cv = run_cv(cfg)
     return TrainResult(cv, register_cv(cfg, cv))
+
+
+def ensemble(cfg: Config, run_ids: list[str]) -> EnsembleResult:
+    """Combine trained CV runs of the workdir into one registered model, blended (and calibrated) out of fold."""
+    return run_ensemble(cfg, run_ids)
 
 
 def localize(cfg: Config) -> LocalizeResult:
@@ -141,7 +149,10 @@ def compare_points_on_fold(cfg: Config, cv: CVResult, fold: int) -> PointsCompar
     study_ids, labels = encode_labels(train_frame)
     in_fold = np.isin(study_ids, held_out)
     predicted = score_submission(train_frame[train_frame["study_id"].isin(held_out)], pd.read_csv(out))
-    labelled = score_arrays(labels[in_fold], submission_to_probs(cv.oof, study_ids[in_fold]))
+    labelled_probs = submission_to_probs(cv.oof, study_ids[in_fold])
+    if cv.calibrated is not None:  # the registered model applies its temperatures: compare like with like
+        labelled_probs = cv.calibrated.fit.calibration.apply([labelled_probs])
+    labelled = score_arrays(labels[in_fold], labelled_probs)
     prior = fit_prior(labels[~in_fold])
     prior_score = score_arrays(labels[in_fold], np.broadcast_to(prior, (int(in_fold.sum()), *prior.shape)))
     comparison = PointsComparison(fold, len(held_out), predicted, labelled, prior_score, prediction)

@@ -8,13 +8,15 @@
 2. :func:`run_predict` runs a Ray Data ``map_batches`` over the studies with an actor class,
    :class:`StudyPredictor`, that loads the ensemble and its level detectors once per actor (a GPU each when
    asked), places every study's 25 points (:func:`lumbar_ray.localize.study.localise_study`), cuts the crops
-   with the training crop code (:class:`lumbar_ray.data.crops.CropDataset`) and predicts;
+   with the training crop code (:class:`lumbar_ray.data.crops.CropDataset`), once per crop geometry of the
+   model's members, and predicts;
 3. writes the submission (25 rows per study, rows sum to 1, checked with the metric module's validator), a JSON per
    study with the points used, a report listing studies with missing series or unplaced targets, and the resolved
    config beside them.
 
 A study missing a series still gets all 25 rows: targets of the series it has come from the model, the others
-from the training prior carried in the contract. Nothing is dropped.
+from the training prior carried in the contract (with the model's temperatures, as in the out-of-fold
+predictions they were fitted on). Nothing is dropped.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.baseline import fill_with_prior
-from lumbar_ray.config import Config, CropConfig, LocalizeConfig, PreprocessConfig, cache_settings, save_config
+from lumbar_ray.config import Config, LocalizeConfig, PreprocessConfig, cache_settings, save_config
 from lumbar_ray.constants import SEVERITIES, TARGETS
 from lumbar_ray.data.cache import SeriesCache
 from lumbar_ray.data.crops import CropDataset
@@ -95,8 +97,8 @@ class StudyPredictor:
         if not self.detectors:
             logger.warning("%s carries no level detectors: every target falls back to the prior",
                            model_uri)  # fmt: skip
-        self.crop = CropConfig(**contract["crop"])
-        self.prior = self.ensemble.prior(fold)
+        self.crops = self.ensemble.inputs  # input name -> crop geometry (one per geometry of the members)
+        self.prior = self.ensemble.calibrated_prior(fold)
         self.fold = fold
         self.cache = SeriesCache(cache_root, cache_settings)
         self.series = pd.DataFrame(series, columns=["study_id", "series_id", "series_description"])
@@ -104,15 +106,18 @@ class StudyPredictor:
 
     def predict_studies(self, study_ids: list[int]) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """``(n, 25, 3)`` probabilities and one JSON-able report per study."""
-        crops, masks, reports = [], [], []
+        crops, masks, reports = {name: [] for name in self.crops}, [], []
         for study_id in study_ids:
             series = study_series(self.cache, self.series, int(study_id), self.cached)
             located = localise_study(int(study_id), series, self.detectors, self.localize.subarticular_fraction)
-            item = CropDataset(self.cache, [int(study_id)], located.points, self.crop)[0]
-            crops.append(item["crops"].numpy())
-            masks.append(item["mask"].numpy())
+            items = {name: CropDataset(self.cache, [int(study_id)], located.points, crop)[0]
+                     for name, crop in self.crops.items()}  # fmt: skip
+            for name, item in items.items():
+                crops[name].append(item["crops"].numpy())
+            masks.append(np.logical_and.reduce([item["mask"].numpy() for item in items.values()]))
             reports.append(located.to_json())
-        probs = self.ensemble.predict_crops(np.stack(crops), fold=self.fold).astype(np.float64)
+        stacked = {name: np.stack(arrays) for name, arrays in crops.items()}
+        probs = self.ensemble.predict_crops(stacked, fold=self.fold).astype(np.float64)
         masks = np.stack(masks)
         if self.prior is not None:
             probs = fill_with_prior(probs, masks, self.prior)  # no crop: the training prior

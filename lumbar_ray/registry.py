@@ -7,9 +7,21 @@ anywhere lumbar_ray's few requirements are installed. A pyfunc ``PythonModel`` r
 ``mlflow.pytorch.log_model``: MLflow 3 exports PyTorch models with ``torch.export`` by default, which fixes the
 batch size to the input example's and cannot hold five folds plus the softmax averaging.
 
-Input: float32 crops ``(B, 25, S, H, W)`` in [0, 1] (the cache's uint8 / 255) in TARGETS order; output:
-``(B, 25, 3)`` probabilities in SEVERITIES order, the mean over folds of each fold's softmax. The ``fold``
-param selects one fold (to reproduce its out-of-fold predictions).
+A version holds one or more *members*: the folds of one trained CV each (a CV registers itself alone; ``lumbar-ray
+ensemble`` combines several, e.g. two architectures). All members share the folds. Each member keeps what cropping
+and building its networks needs (its ``crop`` and ``model`` configs; members of other crop geometries read other
+inputs, see :func:`contract_inputs`); member ``i`` > 0 stores its folds as ``member<i>_fold_<k>.pt``.
+
+Input: float32 crops ``(B, 25, S, H, W)`` in [0, 1] (the cache's uint8 / 255) in TARGETS order: one array when
+every member crops alike, else ``{input name: crops}``. Output: ``(B, 25, 3)`` probabilities in SEVERITIES
+order: each member's mean over folds of each fold's softmax, blended over members and calibrated as the contract's
+``calibration`` says (:class:`lumbar_ray.calibrate.Calibration`: convex weights per condition group, then an
+optional temperature per group, ``softmax(log p / T)``; one member without temperatures: the fold mean itself).
+The ``fold`` param selects one fold of every member (to reproduce the out-of-fold predictions).
+
+A target without a crop is predicted by the training prior (the caller fills it in, see
+:meth:`LoadedEnsemble.calibrated_prior`): the calibration, fitted on out-of-fold predictions where such targets
+hold the prior, applies to it too.
 
 The alias (``tracking.alias``, "champion") moves to a new version only when its CV score is lower than the
 current holder's ``cv_score`` tag (lower is better), so rerunning a worse config never demotes the best model.
@@ -21,6 +33,7 @@ import json
 import logging
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +48,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
+from lumbar_ray.calibrate import Calibration, apply_group_temperatures
 from lumbar_ray.config import Config, CropConfig, ModelConfig, TrackingConfig, cache_settings
 from lumbar_ray.constants import SEVERITIES, TARGETS, series_slug
 from lumbar_ray.errors import ModelNotFoundError
@@ -43,7 +57,8 @@ from lumbar_ray.provenance import library_versions
 
 logger = logging.getLogger(__name__)
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
+"""2: ``members``, ``inputs`` and ``calibration`` (a version-1 contract is one member, one input, no calibration)."""
 CONTRACT_FILE = "contract.json"
 MODEL_NAME_IN_RUN = "ensemble"
 SCORE_TAG = "cv_score"
@@ -52,18 +67,42 @@ CV_RUN_TAG = "lumbar_ray.run_id"
 REGISTERED_TAG = "lumbar_ray.registered_version"
 """Tag of a CV's MLflow run: the model version its ensemble was registered as (so a rerun registers no duplicate)."""
 DEFAULT_BATCH = 16
-# What the served model imports: torch/timm (the networks), numpy, and pydantic/PyYAML (lumbar_ray.config, which
-# the model builders read). Given explicitly: MLflow's inference of requirements is slow and needs the network.
-PIP_REQUIREMENTS = ("torch", "timm", "numpy", "pydantic", "PyYAML")
+DEFAULT_INPUT = "crops"
+"""The name of the (first) input: the crops of the first member's geometry."""
+# What the served model imports: torch/timm (the networks), numpy, pydantic/PyYAML (lumbar_ray.config, which the
+# model builders read) and scipy/pandas (lumbar_ray.calibrate and the metric it imports). Given explicitly: MLflow's
+# inference of requirements is slow and needs the network.
+PIP_REQUIREMENTS = ("torch", "timm", "numpy", "pydantic", "PyYAML", "scipy", "pandas")
 
 
-def _fold_key(fold: int) -> str:
-    return f"fold_{int(fold)}"
+def _fold_key(fold: int, member: int = 0) -> str:
+    """Artifact name of a member's fold weights: ``fold_<k>`` (the first member), ``member<i>_fold_<k>``."""
+    return f"fold_{int(fold)}" if member == 0 else f"member{int(member)}_fold_{int(fold)}"
 
 
 def detector_key(description: str) -> str:
     """Artifact name of a series type's level detector, e.g. ``detector_sagittal_t1``."""
     return f"detector_{series_slug(description)}"
+
+
+def _input_shape(crop: CropConfig | Mapping[str, Any]) -> list[int]:
+    crop = crop if isinstance(crop, CropConfig) else CropConfig(**crop)
+    return [-1, len(TARGETS), crop.slices, crop.size, crop.size]
+
+
+def _members_and_inputs(members: Sequence[tuple[str, Config]]) -> tuple[list[dict], dict[str, dict]]:
+    """Members' contract entries and the inputs they read: one per distinct crop geometry, in order of first use
+    (``crops``, then ``crops_1``, ...)."""
+    entries, inputs = [], {}
+    for name, cfg in members:
+        crop = cfg.crop.model_dump(mode="json")
+        input_name = next((key for key, spec in inputs.items() if spec["crop"] == crop), None)
+        if input_name is None:
+            input_name = DEFAULT_INPUT if not inputs else f"{DEFAULT_INPUT}_{len(inputs)}"
+            inputs[input_name] = {"crop": crop, "shape": _input_shape(cfg.crop)}
+        entries.append({"name": str(name), "crop": crop, "model": cfg.model.model_dump(mode="json"),
+                        "input": input_name})  # fmt: skip
+    return entries, inputs
 
 
 def ensemble_contract(
@@ -72,33 +111,51 @@ def ensemble_contract(
     prior: np.ndarray | None = None,
     detectors: list[str] | tuple[str, ...] = (),
     fold_priors: dict[int, np.ndarray] | None = None,
+    members: Sequence[tuple[str, Config]] | None = None,
+    calibration: Calibration | None = None,
+    calibration_info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a caller must know to feed the ensemble and read its output (saved as ``contract.json``).
 
     Args:
-        cfg: the resolved config the folds were trained with.
-        folds: the folds in the ensemble.
+        cfg: the resolved config the folds were trained with (of an ensemble: the settings its members share,
+            preprocessing and localisation; its ``crop``, ``model`` and ``input`` are the first member's).
+        folds: the folds in the ensemble (every member's).
         prior: ``(25, 3)`` class prior of the training labels: the prediction of a target with no crop.
+        detectors: the sagittal series types whose level detectors travel with the model.
         fold_priors: fold -> the prior of that fold's own training studies (what a single fold falls back on,
             so that its held-out studies are scored without their own labels leaking in).
-        detectors: the sagittal series types whose level detectors travel with the model.
+        members: ``(name, config)`` of each member, in the order of its weights; None = ``cfg`` alone.
+        calibration: the blend over members and the temperatures; None = the plain mean of the members.
+        calibration_info: what to record beside it (the out-of-fold predictions it was fitted on, its scores).
+
+    Raises:
+        ValueError: a calibration whose weights do not have one weight per member.
     """
-    crop = cfg.crop
+    members = list(members) if members is not None else [(cfg.train.run_id or "cv", cfg)]
+    calibration = calibration if calibration is not None else Calibration.identity(len(members))
+    if calibration.parts != len(members):
+        raise ValueError(f"the calibration blends {calibration.parts} parts but there are {len(members)} members")
+    entries, inputs = _members_and_inputs(members)
+    first = members[0][1]
     return {
         "contract_version": CONTRACT_VERSION,
-        "crop": crop.model_dump(mode="json"),
-        "model": cfg.model.model_dump(mode="json"),
+        "crop": first.crop.model_dump(mode="json"),
+        "model": first.model.model_dump(mode="json"),
         "preprocess": {
             **cache_settings(cfg.preprocess),
             "scaling": "cache uint8 / 255 -> float32 in [0, 1]",
         },
         "input": {
             "dtype": "float32",
-            "shape": [-1, len(TARGETS), crop.slices, crop.size, crop.size],
+            "shape": _input_shape(first.crop),
             "axes": ["batch", "target", "slice", "row", "column"],
             "range": [0.0, 1.0],
             "missing_target": "all-zero crop",
         },
+        "inputs": inputs,
+        "members": entries,
+        "calibration": calibration.to_json() | dict(calibration_info or {}),
         "output": {"dtype": "float32", "shape": [-1, len(TARGETS), len(SEVERITIES)], "kind": "probabilities"},
         "classes": list(SEVERITIES),
         "targets": list(TARGETS),
@@ -113,19 +170,48 @@ def ensemble_contract(
     }
 
 
+def contract_members(contract: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The members of a contract (``name``, ``crop``, ``model``, ``input``); a version-1 contract is one member."""
+    if "members" in contract:
+        return list(contract["members"])
+    return [{"name": "cv", "crop": contract["crop"], "model": contract["model"], "input": DEFAULT_INPUT}]
+
+
+def contract_inputs(contract: Mapping[str, Any]) -> dict[str, CropConfig]:
+    """Input name -> the crop geometry its crops are cut with (one input for a model whose members crop alike)."""
+    if "inputs" in contract:
+        return {name: CropConfig(**spec["crop"]) for name, spec in contract["inputs"].items()}
+    return {DEFAULT_INPUT: CropConfig(**contract["crop"])}
+
+
+def contract_calibration(contract: Mapping[str, Any]) -> Calibration:
+    """The blend and temperatures a model applies (a version-1 contract: the identity)."""
+    if contract.get("calibration") is None:
+        return Calibration.identity(len(contract_members(contract)))
+    return Calibration.from_json(contract["calibration"])
+
+
 def signature_for(contract: dict[str, Any]) -> ModelSignature:
-    """Tensor signature of the ensemble: float32 crops in, float32 probabilities out; ``fold`` and batch params."""
-    inputs = Schema([TensorSpec(np.dtype(np.float32), tuple(contract["input"]["shape"]))])
+    """Tensor signature of the ensemble: float32 crops in (one tensor, or one named tensor per crop geometry),
+    float32 probabilities out; ``fold`` and batch params."""
+    shapes = {name: _input_shape(crop) for name, crop in contract_inputs(contract).items()}
+    if len(shapes) == 1:
+        inputs = Schema([TensorSpec(np.dtype(np.float32), tuple(next(iter(shapes.values()))))])
+    else:
+        inputs = Schema([TensorSpec(np.dtype(np.float32), tuple(shape), name=name) for name, shape in shapes.items()])
     outputs = Schema([TensorSpec(np.dtype(np.float32), tuple(contract["output"]["shape"]))])
     params = ParamSchema([ParamSpec("fold", "long", -1), ParamSpec("batch_size", "long", DEFAULT_BATCH)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
-def build_fold_model(contract: dict[str, Any], state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
-    """One fold's network from the contract's configs and its weights, in eval mode on ``device``."""
+def build_fold_model(
+    member: Mapping[str, Any], state: dict[str, torch.Tensor], device: torch.device
+) -> torch.nn.Module:
+    """One fold's network from a member's ``model`` and ``crop`` configs (a contract entry of
+    :func:`contract_members`, or a version-1 contract) and its weights, in eval mode on ``device``."""
     # The weights come from the state dict: never download pretrained encoder weights to overwrite them.
-    model_cfg = ModelConfig(**{**contract["model"], "pretrained": False})
-    model = build_model(model_cfg, CropConfig(**contract["crop"]))
+    model_cfg = ModelConfig(**{**member["model"], "pretrained": False})
+    model = build_model(model_cfg, CropConfig(**member["crop"]))
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -136,29 +222,64 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*Any type hint", category=UserWarning)
 
     class FoldEnsemble(mlflow.pyfunc.PythonModel):
-        """MLflow pyfunc: the mean over folds of each fold's softmax (or a single fold's, via the ``fold`` param)."""
+        """MLflow pyfunc: each member's mean over folds of each fold's softmax (or one fold's, via the ``fold``
+        param), blended over members and calibrated as the contract says."""
 
         def load_context(self, context: Any) -> None:
-            """Rebuild every fold named in the contract from its ``fold_<k>.pt`` artifact."""
+            """Rebuild every member's folds named in the contract from their weights artifacts."""
             self.contract = json.loads(Path(context.artifacts["contract"]).read_text())
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             detectors = self.contract.get("localize", {}).get("detectors", {})
             self.detector_paths = {description: context.artifacts[key] for description, key in detectors.items()}
-            self.models = {}
-            for fold in self.contract["folds"]:
-                state = torch.load(context.artifacts[_fold_key(fold)], map_location="cpu", weights_only=True)
-                self.models[int(fold)] = build_fold_model(self.contract, state, self.device)
-            logger.info("fold ensemble loaded: folds %s on %s", sorted(self.models), self.device)
+            self.members = contract_members(self.contract)
+            self.input_names = list(contract_inputs(self.contract))
+            self.calibration = contract_calibration(self.contract)
+            self.models: list[dict[int, torch.nn.Module]] = []
+            for index, member in enumerate(self.members):
+                folds = {}
+                for fold in self.contract["folds"]:
+                    path = context.artifacts[_fold_key(fold, index)]
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                    folds[int(fold)] = build_fold_model(member, state, self.device)
+                self.models.append(folds)
+            logger.info("fold ensemble loaded: %d member(s), folds %s on %s", len(self.members),
+                        self.contract["folds"], self.device)  # fmt: skip
 
-        def _selected(self, fold: int) -> list[torch.nn.Module]:
+        def _selected(self, folds: dict[int, torch.nn.Module], fold: int) -> list[torch.nn.Module]:
             if fold < 0:
-                return list(self.models.values())
-            if fold not in self.models:
-                raise ValueError(f"fold {fold} is not in this ensemble (folds {sorted(self.models)})")
-            return [self.models[fold]]
+                return list(folds.values())
+            if fold not in folds:
+                raise ValueError(f"fold {fold} is not in this ensemble (folds {sorted(folds)})")
+            return [folds[fold]]
+
+        def _inputs(self, model_input: Any) -> dict[str, np.ndarray]:
+            """Input name -> float32 crops: one array feeds the one input, a dict names each."""
+            if isinstance(model_input, Mapping):
+                missing = set(self.input_names) - set(model_input)
+                if missing:
+                    raise ValueError(f"crops missing for the inputs {sorted(missing)} (inputs: {self.input_names})")
+                arrays = {name: model_input[name] for name in self.input_names}
+            elif len(self.input_names) == 1:
+                arrays = {self.input_names[0]: model_input}
+            else:
+                raise ValueError(f"this ensemble crops {len(self.input_names)} ways: give a dict of crops by input "
+                                 f"name {self.input_names}")  # fmt: skip
+            arrays = {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in arrays.items()}
+            if len({len(array) for array in arrays.values()}) != 1:
+                raise ValueError("every input must hold the same studies")
+            return arrays
+
+        def _member_probs(self, index: int, crops: np.ndarray, fold: int) -> np.ndarray:
+            """One member's mean over its (selected) folds of each fold's softmax, float64."""
+            x = torch.from_numpy(crops).to(self.device)
+            models = self._selected(self.models[index], fold)
+            probs = torch.stack([torch.softmax(model(x).float(), dim=-1) for model in models]).mean(dim=0)
+            return probs.cpu().numpy().astype(np.float64)
 
         def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
-            """``(B, 25, S, H, W)`` float32 crops -> ``(B, 25, 3)`` float32 probabilities.
+            """``(B, 25, S, H, W)`` float32 crops (or a dict of them by input name) -> ``(B, 25, 3)`` float32.
+
+            (Typed as an array: MLflow warns about a union hint; the signature is what checks the inputs.)
 
             Args:
                 context: MLflow's context (unused once loaded).
@@ -166,15 +287,16 @@ with warnings.catch_warnings():
                 params: ``fold`` (-1 = mean over all folds) and ``batch_size`` (studies per forward pass).
             """
             params = params or {}
-            models = self._selected(int(params.get("fold", -1)))
+            fold = int(params.get("fold", -1))
             batch = max(1, int(params.get("batch_size", DEFAULT_BATCH)))
-            crops = np.ascontiguousarray(model_input, dtype=np.float32)
+            inputs = self._inputs(model_input)
+            studies = len(next(iter(inputs.values())))
             outputs = []
             with torch.inference_mode():
-                for start in range(0, len(crops), batch):
-                    x = torch.from_numpy(crops[start : start + batch]).to(self.device)
-                    probs = torch.stack([torch.softmax(model(x).float(), dim=-1) for model in models]).mean(dim=0)
-                    outputs.append(probs.cpu().numpy())
+                for start in range(0, studies, batch):
+                    parts = [self._member_probs(index, inputs[member["input"]][start : start + batch], fold)
+                             for index, member in enumerate(self.members)]  # fmt: skip
+                    outputs.append(self.calibration.apply(parts).astype(np.float32))
             shape = (0, len(self.contract["targets"]), len(self.contract["classes"]))
             return np.concatenate(outputs) if outputs else np.zeros(shape, np.float32)
 
@@ -195,19 +317,38 @@ class RegisteredEnsemble:
         return f"{self.name} v{self.version} ({self.model_uri}); alias {self.alias!r} {held}"
 
 
-def _write_artifacts(
-    states: dict[int, dict[str, torch.Tensor]], contract: dict[str, Any], folder: Path, detectors: dict[str, Path]
-) -> dict:
+States = dict[int, dict[str, torch.Tensor]]
+"""fold -> state dict (CPU tensors): one member's weights."""
+
+
+def _write_artifacts(members: list[States], contract: dict[str, Any], folder: Path, detectors: dict[str, Path]) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     artifacts = {"contract": str(folder / CONTRACT_FILE)}
     for description, path in detectors.items():
         artifacts[detector_key(description)] = str(path)
     (folder / CONTRACT_FILE).write_text(json.dumps(contract, indent=2))
-    for fold, state in states.items():
-        path = folder / f"{_fold_key(fold)}.pt"
-        torch.save({key: value.detach().cpu() for key, value in state.items()}, path)
-        artifacts[_fold_key(fold)] = str(path)
+    for index, states in enumerate(members):
+        for fold, state in states.items():
+            key = _fold_key(fold, index)
+            torch.save({name: value.detach().cpu() for name, value in state.items()}, folder / f"{key}.pt")
+            artifacts[key] = str(folder / f"{key}.pt")
     return artifacts
+
+
+def _member_states(states: States | Sequence[States], contract: dict[str, Any]) -> list[States]:
+    """Each member's fold states, checked against the contract's members and folds.
+
+    Raises:
+        ValueError: a different number of members, or a member whose folds are not the contract's.
+    """
+    members = [states] if isinstance(states, Mapping) else list(states)
+    if len(members) != len(contract_members(contract)):
+        raise ValueError(f"{len(members)} members' states for the {len(contract_members(contract))} the contract names")
+    for index, member in enumerate(members):
+        if sorted(int(fold) for fold in member) != contract["folds"]:
+            raise ValueError(f"states of member {index} hold folds {sorted(member)} but the contract names "
+                             f"{contract['folds']}")  # fmt: skip
+    return members
 
 
 def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -229,7 +370,7 @@ def _should_move(holder: ModelVersion | None, cv_score: float) -> tuple[bool, fl
     return bool(cv_score < previous), previous
 
 
-def _save_model(folder: Path, states: dict[int, dict[str, torch.Tensor]], contract: dict[str, Any],
+def _save_model(folder: Path, states: list[States], contract: dict[str, Any],
                 detectors: dict[str, Path]) -> Path:  # fmt: skip
     """Write the pyfunc model (weights, contract, detectors, lumbar_ray's code) to ``folder/<name in run>``."""
     artifacts = _write_artifacts(states, contract, folder / "artifacts", detectors)
@@ -257,7 +398,7 @@ def _create_version(client: MlflowClient, name: str, source: str, run_id: str, t
 
 
 def log_and_register(
-    states: dict[int, dict[str, torch.Tensor]],
+    states: States | Sequence[States],
     contract: dict[str, Any],
     tracking_cfg: TrackingConfig,
     uri: str,
@@ -272,8 +413,9 @@ def log_and_register(
     never touched.
 
     Args:
-        states: fold -> state dict (CPU tensors) of that fold's best epoch.
-        contract: :func:`ensemble_contract` of the run; its ``folds`` must be the keys of ``states``.
+        states: fold -> state dict (CPU tensors) of that fold's best epoch; of an ensemble, one such dict per
+            member, in the contract's order.
+        contract: :func:`ensemble_contract` of the run; its ``folds`` must be the keys of every member's states.
         tracking_cfg: ``model_name`` and ``alias``.
         uri: the tracking (and registry) URI; it must be database-backed (SQLite, a server).
         parent_run_id: the MLflow run the model is logged into.
@@ -283,8 +425,7 @@ def log_and_register(
     Returns:
         The registered version and whether the alias moved to it.
     """
-    if sorted(int(fold) for fold in states) != contract["folds"]:
-        raise ValueError(f"states hold folds {sorted(states)} but the contract names {contract['folds']}")
+    states = _member_states(states, contract)
     detectors = detectors or {}
     if sorted(detectors) != sorted(contract.get("localize", {}).get("detectors", {})):
         raise ValueError(f"detectors {sorted(detectors)} differ from the contract's")
@@ -388,16 +529,43 @@ class LoadedEnsemble:
         prior = np.asarray(prior, dtype=np.float64)
         return prior / prior.sum(axis=-1, keepdims=True)  # exact row sums after the JSON round trip
 
-    def predict_crops(self, crops: np.ndarray, fold: int | None = None, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+    @property
+    def calibration(self) -> Calibration:
+        """The blend over members and the temperatures the model applies (:func:`contract_calibration`)."""
+        return contract_calibration(self.contract)
+
+    @property
+    def inputs(self) -> dict[str, CropConfig]:
+        """Input name -> crop geometry: cut each study's crops once per input (:func:`contract_inputs`)."""
+        return contract_inputs(self.contract)
+
+    def calibrated_prior(self, fold: int | None = None) -> np.ndarray | None:
+        """What the model predicts for a target without a crop: :meth:`prior` with the model's temperatures (its
+        calibration was fitted on out-of-fold predictions whose crop-less targets held the prior)."""
+        prior = self.prior(fold)
+        temperatures = self.calibration.temperatures
+        if prior is None or temperatures is None:
+            return prior
+        return apply_group_temperatures(prior[None], temperatures)[0]
+
+    def predict_crops(
+        self, crops: np.ndarray | Mapping[str, np.ndarray], fold: int | None = None, batch_size: int = DEFAULT_BATCH
+    ) -> np.ndarray:
         """``(B, 25, S, H, W)`` crops in [0, 1] (cast to float32) -> ``(B, 25, 3)`` probabilities.
 
         Args:
-            crops: the crops, as described by ``contract["input"]``.
-            fold: one fold only (its out-of-fold model), or None for the mean over folds.
+            crops: the crops, as described by ``contract["input"]``; or input name -> crops (:attr:`inputs`).
+            fold: one fold only (each member's out-of-fold model), or None for the mean over folds.
             batch_size: studies per forward pass.
         """
         params = {"fold": -1 if fold is None else int(fold), "batch_size": int(batch_size)}
-        return np.asarray(self.model.predict(np.asarray(crops, dtype=np.float32), params=params))
+        if isinstance(crops, Mapping):
+            names = list(self.inputs)
+            arrays = {name: np.asarray(crops[name], dtype=np.float32) for name in names}
+            model_input = arrays[names[0]] if len(names) == 1 else arrays
+        else:
+            model_input = np.asarray(crops, dtype=np.float32)
+        return np.asarray(self.model.predict(model_input, params=params))
 
 
 def load_ensemble(model_uri: str, tracking_uri: str) -> LoadedEnsemble:
@@ -411,5 +579,5 @@ def load_ensemble(model_uri: str, tracking_uri: str) -> LoadedEnsemble:
     local = mlflow.artifacts.download_artifacts(source, tracking_uri=tracking_uri)
     model = mlflow.pyfunc.load_model(local)
     contract = model.unwrap_python_model().contract
-    logger.info("loaded %s: folds %s", model_uri, contract["folds"])
+    logger.info("loaded %s: %d member(s), folds %s", model_uri, len(contract_members(contract)), contract["folds"])
     return LoadedEnsemble(model, contract)

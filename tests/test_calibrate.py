@@ -11,12 +11,16 @@ import pytest
 
 from lumbar_ray.calibrate import (
     GROUP_COLUMNS,
+    Calibration,
     CrossFit,
     apply_blend,
     apply_group_temperatures,
     apply_temperature,
+    calibrate_out_of_fold,
     cross_fit,
+    cross_fit_calibration,
     fit_blend_weights,
+    fit_calibration,
     fit_group_temperatures,
     target_temperatures,
 )
@@ -209,6 +213,63 @@ def test_cross_fitted_temperatures_help_held_out_synthetic_folds() -> None:
     assert _total(labels, result.probs) < _total(labels, overconfident) - 0.01
 
 
+# --- Calibration: the blend then the temperatures, as a registered model applies it
+
+
+def test_a_calibration_is_the_blend_then_the_temperatures_and_round_trips_through_json() -> None:
+    import json
+
+    rng = np.random.default_rng(12)
+    parts = [_random_probs(rng, 20), _random_probs(rng, 20)]
+    weights = {"spinal": np.array([0.3, 0.7]), "foraminal": np.array([1.0, 0.0]), "subarticular": np.array([0.5, 0.5])}
+    calibration = Calibration(weights, {"spinal": 0.85, "foraminal": 1.1, "subarticular": 1.0})
+    expected = apply_group_temperatures(apply_blend(parts, weights), calibration.temperatures)
+    np.testing.assert_allclose(calibration.apply(parts), expected, atol=1e-15)
+    stored = json.loads(json.dumps(calibration.to_json()))  # what a contract holds
+    assert Calibration.from_json(stored | {"fitted_on": "last epoch"}) == calibration and calibration.parts == 2
+    with pytest.raises(ValueError, match="blends 2 parts, got 1"):
+        calibration.apply(parts[:1])
+    with pytest.raises(ValueError, match="every group"):
+        Calibration.from_json({"weights": {"spinal": [1.0]}, "temperatures": None})
+
+
+def test_one_part_without_temperatures_is_the_identity() -> None:
+    probs = _random_probs(np.random.default_rng(13), 10)
+    np.testing.assert_array_equal(Calibration.identity().apply([probs]), probs)
+    labels, _, _ = _overconfident_problem(10, seed=13, temperature=1.0)
+    assert fit_calibration(labels, [probs], temperature=False) == Calibration.identity()
+
+
+def test_temperatures_fitted_out_of_fold_lower_the_held_out_score_of_an_overconfident_model() -> None:
+    """What ``calibrate.temperature`` reports: each fold calibrated by temperatures fitted on the other folds (none
+    of its own labels) scores better than the model as it is; the registered fit uses every fold."""
+    labels, _, overconfident = _overconfident_problem(600, seed=14, temperature=0.7)
+    fold_of = np.arange(600) % 3
+    result = calibrate_out_of_fold(labels, fold_of, [overconfident], temperature=True)
+    assert list(result.scores) == ["uncalibrated", "calibrated"]
+    assert result.scores["uncalibrated"].total == pytest.approx(_total(labels, overconfident))
+    assert result.scores["calibrated"].total < result.scores["uncalibrated"].total - 0.01 and result.gain < -0.01
+    assert result.scores["calibrated"].total == pytest.approx(_total(labels, result.probs))
+    crossed = cross_fit_calibration(labels, fold_of, [overconfident], temperature=True)
+    np.testing.assert_allclose(result.probs, crossed.probs)  # the reported figure is the cross-fitted one
+    assert all(1.15 < t < 1.8 for t in result.calibration.temperatures.values()), result.calibration
+    assert result.calibration == fit_calibration(labels, [overconfident], temperature=True)
+
+
+def test_two_parts_are_blended_then_calibrated_out_of_fold() -> None:
+    labels, optimal, _ = _overconfident_problem(600, seed=15, temperature=1.0)
+    noise = metric_optimal(_random_probs(np.random.default_rng(16), 600))
+    sharp = apply_temperature(optimal, 0.7)
+    result = calibrate_out_of_fold(labels, np.arange(600) % 3, [noise, sharp], temperature=True)
+    assert list(result.scores) == ["uncalibrated", "blended", "calibrated"]
+    totals = {name: score.total for name, score in result.scores.items()}
+    assert totals["uncalibrated"] == pytest.approx(_total(labels, (noise + sharp) / 2))
+    assert totals["calibrated"] < totals["blended"] < totals["uncalibrated"], totals
+    assert all(weights[1] > 0.6 for weights in result.calibration.weights.values()), result.calibration.weights
+    with pytest.raises(ValueError, match="no part"):
+        calibrate_out_of_fold(labels, np.arange(600) % 3, [], temperature=True)
+
+
 # --- the real out-of-fold predictions of the 4th-place team
 
 
@@ -305,3 +366,18 @@ def test_a_temperature_per_group_out_of_fold_gains_about_0_002(real: RealOof, fu
     assert -0.004 < after - before < -0.0005, figures
     assert all(0.75 < t < 0.92 for t in temperatures["spinal"]), figures
     assert all(0.95 < t < 1.1 for g in ("foraminal", "subarticular") for t in temperatures[g]), figures
+
+
+def test_what_an_ensemble_registers_is_fitted_out_of_fold_as_the_evidence_measured(
+    real: RealOof, backbone_blend: BackboneBlend
+) -> None:
+    """:func:`calibrate_out_of_fold` (what ``lumbar-ray ensemble`` runs) on the two real backbones: its cross-fitted
+    blend is the one measured above, and temperatures fitted with the blend on the other folds do not hurt."""
+    labels = backbone_blend.labels
+    result = calibrate_out_of_fold(labels, real.fold_of, [real.cnn, real.swint], temperature=True)
+    totals = {name: score.total for name, score in result.scores.items()}
+    figures = f"{totals}; temperatures {result.calibration.temperatures}"
+    assert totals["uncalibrated"] == pytest.approx(_total(labels, backbone_blend.mean), abs=1e-9), figures
+    assert totals["blended"] == pytest.approx(_total(labels, backbone_blend.blend.probs), abs=1e-9), figures
+    assert totals["calibrated"] < totals["blended"] and result.gain < 0, figures
+    assert 0.8 < result.calibration.temperatures["spinal"] < 1.0, figures

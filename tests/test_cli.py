@@ -36,7 +36,8 @@ TINY_TRAINING = (
 def test_help_lists_every_command_with_help_text():
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("synth", "report", "baseline", "score", "preprocess", "train", "localize", "predict", "quickstart"):
+    for command in ("synth", "report", "baseline", "score", "preprocess", "train", "localize", "predict", "ensemble",
+                    "quickstart"):  # fmt: skip
         assert command in result.stdout
     assert "Write a synthetic RSNA-format dataset" in result.stdout
 
@@ -120,6 +121,12 @@ def test_input_errors_are_one_clear_line(tmp_path):
     broken = run_cli("report", "--data", str(folder))
     assert broken.returncode == 2
     assert "train_series_descriptions.csv" in broken.stderr and "Coronal T9" in broken.stderr
+
+
+def test_ensemble_of_an_unknown_cv_run_is_one_line(tmp_path):
+    result = run_cli("ensemble", "--cv", "cv-nope", "--workdir", str(tmp_path), "--name", "ens")
+    assert error_lines(result) == [f"error: no trained CV run 'cv-nope' in {tmp_path / 'runs'} (no config.yaml and "
+                                   f"folds.csv in {tmp_path / 'runs' / 'cv-nope'})"]  # fmt: skip
 
 
 def test_version_and_missing_data_folder_are_one_line(tmp_path):

@@ -108,3 +108,29 @@ def test_ema_and_flip_tta_keep_the_ids_at_their_defaults_and_get_their_own_when_
     tta = Config.model_validate({"workdir": str(tmp_path), "model": {"tta_flip": True}})
     assert len({cv_run_id(base), cv_run_id(ema), cv_run_id(tta)}) == 3  # they change what the CV predicts
     assert localize_key(ema) == localize_key(tta) == localize_key(base)
+
+
+def test_crops_in_mm_and_per_series_jitter_keep_the_ids_at_their_defaults_and_get_their_own_when_set(tmp_path):
+    base = Config(workdir=str(tmp_path))
+    defaults = {"crop": {"region_mm": None}, "augment": {"jitter_px_by_series": None, "jitter_slices_by_series": None}}
+    explicit = Config.model_validate({"workdir": str(tmp_path), **defaults})
+    assert cv_run_id(explicit) == cv_run_id(base) == "cv-a45d0f059f"  # the golden id above
+    in_mm = Config.model_validate({"workdir": str(tmp_path), "crop": {"region_mm": 40.0}})
+    px = Config.model_validate({"workdir": str(tmp_path), "augment": {"jitter_px_by_series": {"Axial T2": 3.0}}})
+    slices = Config.model_validate({"workdir": str(tmp_path), "augment": {"jitter_slices_by_series": {"Axial T2": 0}}})
+    assert len({cv_run_id(base), cv_run_id(in_mm), cv_run_id(px), cv_run_id(slices)}) == 4
+    assert localize_key(in_mm) == localize_key(px) == localize_key(slices) == localize_key(base)
+
+
+def test_calibration_keeps_the_ids_at_its_default_and_an_ensemble_id_names_its_members(tmp_path: Path) -> None:
+    from lumbar_ray.paths import ensemble_id
+
+    base = Config(workdir=str(tmp_path))
+    explicit = Config.model_validate({"workdir": str(tmp_path), "calibrate": {"temperature": False}})
+    assert cv_run_id(explicit) == cv_run_id(base) == "cv-a45d0f059f"  # the golden id above
+    calibrated = Config.model_validate({"workdir": str(tmp_path), "calibrate": {"temperature": True}})
+    assert cv_run_id(calibrated) != cv_run_id(base) and localize_key(calibrated) == localize_key(base)
+    ids = {ensemble_id(base, ["cv-a", "cv-b"]), ensemble_id(base, ["cv-b", "cv-a"]),
+           ensemble_id(calibrated, ["cv-a", "cv-b"]), ensemble_id(base, ["cv-a"])}  # fmt: skip
+    assert len(ids) == 4 and all(name.startswith("ens-") for name in ids)
+    assert ensemble_id(base, ["cv-a", "cv-b"]) == ensemble_id(Config(workdir=str(tmp_path / "other")), ["cv-a", "cv-b"])

@@ -15,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from lumbar_ray.config import Config
+from lumbar_ray.config import Config, CropConfig
 from lumbar_ray.constants import SEVERITIES, TARGETS
 from lumbar_ray.models import build_model
 from lumbar_ray.registry import ensemble_contract, load_ensemble, log_and_register
@@ -123,7 +123,7 @@ def test_contract(registered, tmp_path: Path) -> None:
     assert contract["input"]["shape"] == [-1, 25, 3, 32, 32]
     assert contract["classes"] == list(SEVERITIES) and contract["targets"] == list(TARGETS)
     assert contract["folds"] == FOLDS
-    assert contract["crop"] == {"size": 32, "region": 48, "slices": 3}
+    assert contract["crop"] == {"size": 32, "region": 48, "region_mm": None, "slices": 3}
     assert contract["model"]["arch"] == "tiny"
     assert contract["preprocess"]["dtype"] == "uint8" and contract["preprocess"]["image_size"] == 256
     assert set(contract["versions"]) == {"lumbar_ray", "torch", "timm", "mlflow"}
@@ -136,6 +136,13 @@ def test_contract(registered, tmp_path: Path) -> None:
     assert json.loads((folder / "artifacts" / "contract.json").read_text()) == contract
     assert {path.name for path in (folder / "artifacts").glob("fold_*.pt")} == {"fold_0.pt", "fold_1.pt"}
     assert (folder / "code" / "lumbar_ray" / "registry.py").is_file()  # self-contained code
+
+
+def test_the_contract_carries_the_crop_rule_prediction_cuts_with() -> None:
+    """Prediction rebuilds its crop settings from the contract alone: a region in millimetres travels with it."""
+    cfg = Config.model_validate({"crop": {"size": 32, "region": 48, "region_mm": 40.0, "slices": 3}})
+    contract = json.loads(json.dumps(ensemble_contract(cfg, FOLDS)))
+    assert CropConfig(**contract["crop"]) == cfg.crop and contract["crop"]["region_mm"] == 40.0
 
 
 def test_mismatched_folds_are_refused(registered) -> None:
@@ -224,3 +231,85 @@ def test_the_registered_model_applies_the_flip_tta_as_the_validation_does(tmp_pa
     np.testing.assert_allclose(loaded.predict_crops(crops, fold=0), validation, atol=1e-5)
     without = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tta_flip": False})})
     assert np.abs(_direct(without, state, crops) - validation).max() > 1e-3  # the flip is really applied
+
+
+# --- members and calibration: an ensemble of CVs in one version
+
+
+def _member_config(tmp_path: Path, crop: dict, model: dict) -> Config:
+    return Config.model_validate({
+        "workdir": str(tmp_path / "work"),
+        "crop": crop,
+        "model": model,
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "members-tests",
+                     "model_name": "members_ensemble"},
+    })  # fmt: skip
+
+
+def test_the_contract_round_trips_the_members_their_inputs_and_the_calibration(tmp_path: Path) -> None:
+    from lumbar_ray.calibrate import Calibration
+    from lumbar_ray.registry import contract_calibration, contract_inputs, contract_members
+
+    small = _member_config(tmp_path, {"size": 32, "slices": 3}, {"arch": "tiny"})
+    other = _member_config(tmp_path, {"size": 32, "region": 40, "slices": 5}, {"arch": "tiny", "tta_flip": True})
+    same_crop = _member_config(tmp_path, {"size": 32, "slices": 3}, {"arch": "tiny", "pool": "mean"})
+    calibration = Calibration({"spinal": np.array([0.2, 0.5, 0.3]), "foraminal": np.array([0.0, 1.0, 0.0]),
+                               "subarticular": np.array([1 / 3, 1 / 3, 1 / 3])},
+                              {"spinal": 0.87, "foraminal": 1.02, "subarticular": 0.99})  # fmt: skip
+    contract = ensemble_contract(small, FOLDS, members=[("cv-a", small), ("cv-b", other), ("cv-c", same_crop)],
+                                 calibration=calibration, calibration_info={"fitted_on": "last epoch"})  # fmt: skip
+    contract = json.loads(json.dumps(contract))  # as contract.json and the MLmodel metadata hold it
+    assert contract["contract_version"] == 2 and contract["calibration"]["fitted_on"] == "last epoch"
+    assert contract_calibration(contract) == calibration
+    members = contract_members(contract)
+    assert [(m["name"], m["input"], m["model"]["tta_flip"]) for m in members] == [
+        ("cv-a", "crops", False), ("cv-b", "crops_1", True), ("cv-c", "crops", False)]  # fmt: skip
+    inputs = {name: crop.model_dump() for name, crop in contract_inputs(contract).items()}
+    assert inputs == {"crops": {"size": 32, "region": 48, "region_mm": None, "slices": 3},
+                      "crops_1": {"size": 32, "region": 40, "region_mm": None, "slices": 5}}  # fmt: skip
+    assert contract["input"]["shape"] == [-1, 25, 3, 32, 32] and contract["crop"] == members[0]["crop"]
+    with pytest.raises(ValueError, match="blends 3 parts but there are 1 members"):
+        ensemble_contract(small, FOLDS, calibration=calibration)
+    # a contract written before members existed is one member, one input, no calibration
+    old = {key: value for key, value in contract.items() if key not in ("members", "inputs", "calibration")}
+    assert [m["input"] for m in contract_members(old)] == ["crops"] and list(contract_inputs(old)) == ["crops"]
+    assert contract_calibration(old) == Calibration.identity()
+
+
+def test_a_registered_two_member_ensemble_blends_and_calibrates_what_its_members_predict(tmp_path: Path) -> None:
+    """Two members of other architectures and crop geometries (one with the test-time flip, whose network returns
+    log-probabilities): the loaded model predicts each member's fold mean, blended and calibrated as its contract
+    says, from a dict of crops by input; one fold of each with ``fold``; the prior it falls back on is calibrated."""
+    from lumbar_ray.calibrate import Calibration, apply_group_temperatures
+
+    first = _member_config(tmp_path, {"size": 32, "slices": 3}, {"arch": "tiny"})
+    second = _member_config(tmp_path, {"size": 32, "region": 40, "slices": 5},
+                            {"arch": "tiny", "pool": "mean", "tta_flip": True})  # fmt: skip
+    calibration = Calibration({"spinal": np.array([0.25, 0.75]), "foraminal": np.array([0.6, 0.4]),
+                               "subarticular": np.array([1.0, 0.0])},
+                              {"spinal": 0.8, "foraminal": 1.3, "subarticular": 1.0})  # fmt: skip
+    prior = np.tile([0.6, 0.3, 0.1], (25, 1))
+    contract = ensemble_contract(first, FOLDS, prior, fold_priors={0: prior, 1: prior[:, ::-1]},
+                                 members=[("cv-a", first), ("cv-b", second)], calibration=calibration)  # fmt: skip
+    states = [_states(first, seed=7), _states(second, seed=8)]
+    tracker = Tracker.from_config(first)
+    result = log_and_register(states, contract, first.tracking, tracker.uri,
+                              tracker.parent_run("ens-test", kind="ensemble"), 0.4)  # fmt: skip
+    loaded = load_ensemble(f"models:/{first.tracking.model_name}@{first.tracking.alias}", tracker.uri)
+    assert result.version == 1 and [m["name"] for m in loaded.contract["members"]] == ["cv-a", "cv-b"]
+    rng = np.random.default_rng(3)
+    crops = {"crops": rng.random((3, 25, 3, 32, 32), dtype=np.float32),
+             "crops_1": rng.random((3, 25, 5, 32, 32), dtype=np.float32)}  # fmt: skip
+    direct = [[_direct(first, states[0][k], crops["crops"]) for k in FOLDS],
+              [_direct(second, states[1][k], crops["crops_1"]) for k in FOLDS]]  # fmt: skip
+    mean = calibration.apply([np.mean(member, axis=0) for member in direct])
+    np.testing.assert_allclose(loaded.predict_crops(crops, batch_size=2), mean, atol=1e-5)
+    fold1 = calibration.apply([member[1] for member in direct])
+    np.testing.assert_allclose(loaded.predict_crops(crops, fold=1), fold1, atol=1e-5)
+    assert np.abs(fold1 - np.mean([member[1] for member in direct], axis=0)).max() > 1e-3  # the blend is not the mean
+    fold1_prior = apply_group_temperatures(prior[None, :, ::-1], calibration.temperatures)[0]
+    np.testing.assert_allclose(loaded.calibrated_prior(1), fold1_prior)
+    with pytest.raises(MlflowException):  # the named inputs are enforced: a single array cannot feed two geometries
+        loaded.model.predict(crops["crops"])
+    with pytest.raises(ValueError, match="2 members' states for the 1"):
+        log_and_register(states, ensemble_contract(first, FOLDS), first.tracking, tracker.uri, "unused", 0.1)

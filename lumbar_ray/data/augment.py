@@ -1,7 +1,8 @@
 """Training augmentations of the 2.5D target crops, built from :class:`lumbar_ray.config.AugmentConfig`.
 
 One draw of :meth:`Augmenter.sample` holds every random parameter of one study item: per target a point
-jitter (in-plane and in slice), a rotation and a zoom (both applied by the crop itself, see
+jitter (in-plane and in slice, uniform within bounds that may differ by the series type the target is read on,
+:func:`jitter_bounds`), a rotation and a zoom (both applied by the crop itself, see
 :func:`lumbar_ray.data.crops.crop_stack`), brightness/contrast/gamma, and one left/right flip for the whole
 study. Geometry is applied while cropping (a jittered point is just another point); the photometric changes
 and the flip act on the finished crops, so the flip is an exact permutation/reversal and applying it twice
@@ -37,6 +38,40 @@ from lumbar_ray.config import AugmentConfig
 from lumbar_ray.constants import CONDITION_SERIES, CONDITIONS, LEVELS, TARGETS
 
 
+def target_series_types() -> list[str]:
+    """The series type each target is read on, in :data:`TARGETS` order (``Sagittal T2/STIR`` for spinal...)."""
+    return [CONDITION_SERIES[target[:-6]] for target in TARGETS]
+
+
+def jitter_bounds(cfg: AugmentConfig, n: int = len(TARGETS)) -> tuple[np.ndarray, np.ndarray]:
+    """Per target, the in-plane (cache pixels) and slice bounds of the point jitter.
+
+    ``jitter_px`` and ``jitter_slices`` for every target, except where ``jitter_px_by_series`` or
+    ``jitter_slices_by_series`` names the series type the target is read on (the localiser's error differs by
+    series type: the measured one is what training points should share). In-plane bounds stay in cache pixels,
+    also when crops are cut in millimetres (``crop.region_mm``): a localiser's error is measured in cache pixels.
+
+    Args:
+        cfg: the augmentation settings.
+        n: number of targets; per-series bounds need the 25 of :data:`TARGETS`.
+
+    Returns:
+        ``(px, slices)``: float64 ``(n,)`` and int64 ``(n,)`` bounds.
+
+    Raises:
+        ValueError: per-series bounds asked for ``n`` other than 25.
+    """
+    px, slices = np.full(n, float(cfg.jitter_px)), np.full(n, int(cfg.jitter_slices), dtype=np.int64)
+    if not (cfg.jitter_px_by_series or cfg.jitter_slices_by_series):
+        return px, slices
+    if n != len(TARGETS):
+        raise ValueError(f"per-series jitter is defined for the {len(TARGETS)} targets, not {n}")
+    for t, series_type in enumerate(target_series_types()):
+        px[t] = (cfg.jitter_px_by_series or {}).get(series_type, cfg.jitter_px)
+        slices[t] = (cfg.jitter_slices_by_series or {}).get(series_type, cfg.jitter_slices)
+    return px, slices
+
+
 def flip_permutation() -> np.ndarray:
     """Target index -> the index of its mirror target (left <-> right; spinal targets map to themselves)."""
     order = np.arange(len(TARGETS))
@@ -51,7 +86,7 @@ def flip_permutation() -> np.ndarray:
 
 def axial_targets() -> np.ndarray:
     """Boolean (25,): targets read on an axial series (their crops mirror in-plane under a flip)."""
-    return np.array([CONDITION_SERIES[target[:-6]].startswith("Axial") for target in TARGETS])
+    return np.array([series_type.startswith("Axial") for series_type in target_series_types()])
 
 
 def mirror_crops(crops: torch.Tensor) -> torch.Tensor:
@@ -111,8 +146,8 @@ class AugmentParams:
     """The random draw of one study item (arrays are per target, in :data:`TARGETS` order).
 
     Attributes:
-        shift_xy: (n, 2) in-plane point shift (x, y), cache pixels.
-        shift_slice: (n,) integer shift of the centre slice.
+        shift_xy: (n, 2) in-plane point shift (x, y), cache pixels, each within its target's bound.
+        shift_slice: (n,) integer shift of the centre slice, within its target's bound.
         angle_deg: (n,) in-plane rotation of the crop (content turns counter-clockwise as displayed).
         zoom: (n,) magnification of the crop (> 1 cuts a smaller region).
         brightness: (n,) additive shift, in units of the [0, 1] intensity range.
@@ -155,9 +190,10 @@ class Augmenter:
             n: number of targets.
         """
         cfg = self.cfg
+        px, slices = jitter_bounds(cfg, n)
         return AugmentParams(
-            shift_xy=rng.uniform(-cfg.jitter_px, cfg.jitter_px, size=(n, 2)),
-            shift_slice=rng.integers(-cfg.jitter_slices, cfg.jitter_slices + 1, size=n),
+            shift_xy=rng.uniform(-px[:, None], px[:, None], size=(n, 2)),
+            shift_slice=rng.integers(-slices, slices + 1, size=n),
             angle_deg=rng.uniform(-cfg.rotate_deg, cfg.rotate_deg, size=n),
             zoom=1.0 + rng.uniform(-cfg.scale, cfg.scale, size=n),
             brightness=rng.uniform(-cfg.brightness, cfg.brightness, size=n),

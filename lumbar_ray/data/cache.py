@@ -272,6 +272,21 @@ class CachedSeries:
         """Per-slice ``(scale_y, scale_x)``: cache pixels per original pixel."""
         return np.asarray(self.meta.slices.scale, dtype=np.float64)
 
+    def mm_per_pixel(self, index: int) -> np.ndarray:
+        """``(x, y)`` millimetres per cache pixel on slice ``index``: its PixelSpacing over the cache's resize.
+
+        The one rule from cache pixels to millimetres (localisation boxes and errors, crop regions in mm).
+
+        Raises:
+            ValueError: if the slice has no PixelSpacing.
+        """
+        spacing = self.meta.slices.pixel_spacing[index]
+        if spacing is None:
+            raise ValueError(f"series {self.meta.series_id}: slice {index} has no PixelSpacing")
+        row_spacing, col_spacing = (float(v) for v in spacing)
+        scale_y, scale_x = self.scale[index]
+        return np.array([col_spacing / scale_x, row_spacing / scale_y])
+
     def slice_of_instance(self, instance_number: int) -> int:
         """Index in the cached volume of the slice with this InstanceNumber.
 

@@ -10,6 +10,11 @@ come from is an argument (a POINTS frame), so inference can pass predicted point
 A crop's slices all come from the point's own block of slices (:func:`point_block`): an axial series made of
 several blocks (tilted per level, or one orientation with gaps) never mixes two blocks in one crop.
 
+With ``region_mm`` the square's side is that many millimetres instead, converted to cache pixels with the pixel
+spacing of the point's own slice (:func:`crop_region`): the crop shows the same anatomy whatever the study's field
+of view, where a cache-pixel square is a share of each series' field of view. The point jitter stays in cache
+pixels (:mod:`lumbar_ray.data.augment`): it stands for a localiser's error, which is measured in cache pixels.
+
 POINTS frame: one row per ``(study_id, target)`` with ``study_id`` (int), ``target`` (int 0..24), ``series_id``
 (int), ``slice`` (int, index into the cached volume), ``x``, ``y`` (float, cache pixels; x = column, y = row).
 
@@ -218,16 +223,44 @@ def _series_entry(
 # --- one crop
 
 
-def crop_affine(x: float, y: float, cfg: CropConfig, angle_deg: float = 0.0, zoom: float = 1.0) -> np.ndarray:
+def crop_region(cfg: CropConfig, series: CachedSeries, index: int) -> tuple[float, float]:
+    """``(x, y)`` sides, in cache pixels, of the region a crop around a point on slice ``index`` cuts.
+
+    ``cfg.region`` on both axes; with ``cfg.region_mm``, that many millimetres through the slice's own millimetres
+    per cache pixel (:meth:`~lumbar_ray.data.cache.CachedSeries.mm_per_pixel`; the two axes differ where the cache
+    resized a non-square image or the pixels are not square). A slice without PixelSpacing falls back to
+    ``cfg.region``, with a warning.
+    """
+    if cfg.region_mm is None:
+        return cfg.region, cfg.region
+    try:
+        mm_x, mm_y = series.mm_per_pixel(int(np.clip(index, 0, len(series.meta.slices) - 1)))
+    except (ValueError, IndexError) as error:
+        logger.warning("crop.region_mm: %s; this crop cuts crop.region=%d cache pixels", error, cfg.region)
+        return cfg.region, cfg.region
+    return cfg.region_mm / float(mm_x), cfg.region_mm / float(mm_y)
+
+
+def crop_affine(
+    x: float,
+    y: float,
+    cfg: CropConfig,
+    angle_deg: float = 0.0,
+    zoom: float = 1.0,
+    region: tuple[float, float] | None = None,
+) -> np.ndarray:
     """The 2x3 matrix mapping crop pixels ``(u, v)`` to cache pixels ``(x, y)`` (cv2's inverse map).
 
-    The crop centre lands on the point; one crop pixel covers ``region / zoom / size`` cache pixels; a positive
-    angle turns the content counter-clockwise as displayed (rows down), like :func:`cv2.getRotationMatrix2D`.
+    The crop centre lands on the point; one crop pixel covers ``region / zoom / size`` cache pixels (per axis:
+    ``region`` is ``(x, y)``, None = ``cfg.region`` on both); a positive angle turns the content counter-clockwise
+    as displayed (rows down), like :func:`cv2.getRotationMatrix2D`. The rotation acts on the crop's square before
+    the per-axis scaling, so a region of equal millimetres on pixels that are not square stays a square in mm.
     """
-    step = cfg.region / zoom / cfg.size
+    region_x, region_y = (cfg.region, cfg.region) if region is None else region
+    step_x, step_y = region_x / zoom / cfg.size, region_y / zoom / cfg.size
     theta = math.radians(angle_deg)
-    cos, sin = math.cos(theta) * step, math.sin(theta) * step
-    linear = np.array([[cos, -sin], [sin, cos]])
+    cos, sin = math.cos(theta), math.sin(theta)
+    linear = np.array([[cos * step_x, -sin * step_x], [sin * step_y, cos * step_y]])
     centre = (cfg.size - 1) / 2.0
     offset = np.array([x, y]) - linear @ np.array([centre, centre])
     return np.hstack([linear, offset[:, None]])
@@ -270,6 +303,7 @@ def crop_stack(
     angle_deg: float = 0.0,
     zoom: float = 1.0,
     bounds: tuple[int, int] | None = None,
+    region: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Cut the 2.5D crop of one target.
 
@@ -284,6 +318,7 @@ def crop_stack(
         zoom: magnification; > 1 cuts a smaller region.
         bounds: ``(start, stop)``: the only slices the crop may use, those of the point's own block
             (:meth:`~lumbar_ray.data.cache.SeriesMeta.block_bounds`); None = the whole volume.
+        region: ``(x, y)`` sides of the region cut, cache pixels (:func:`crop_region`); None = ``cfg.region``.
 
     Returns:
         float32 ``(cfg.slices, cfg.size, cfg.size)`` in [0, 1].
@@ -292,9 +327,9 @@ def crop_stack(
     out = np.zeros((cfg.slices, cfg.size, cfg.size), dtype=np.float32)
     if n == 0:
         return out
-    matrix = crop_affine(x, y, cfg, angle_deg, zoom)
+    matrix = crop_affine(x, y, cfg, angle_deg, zoom, region)
     # Read only the bounding box of the rotated square (plus the interpolation margin), not the whole slice.
-    half = 0.5 * cfg.region / zoom * math.sqrt(2.0) + 2.0
+    half = 0.5 * (cfg.region if region is None else max(region)) / zoom * math.sqrt(2.0) + 2.0
     x0, x1 = max(0, math.floor(x - half)), min(width, math.ceil(x + half) + 1)
     y0, y1 = max(0, math.floor(y - half)), min(height, math.ceil(y + half) + 1)
     if x0 >= x1 or y0 >= y1:
@@ -461,6 +496,7 @@ class CropDataset(Dataset):
                 angle_deg=float(params.angle_deg[t]),
                 zoom=float(params.zoom[t]),
                 bounds=bounds,
+                region=crop_region(self.crop, series, int(self.slices[index, t])),
             )
             if self.label_series[index, t] == self.series[index, t] and len(series.volume) > 0:
                 indices = crop_slices(int(slices[t]), self.crop.slices, len(series.volume), bounds)

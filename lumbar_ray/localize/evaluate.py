@@ -6,23 +6,29 @@ PixelSpacing and the cache's resize factor). For axial targets a slice on anothe
 labelled point as closely as the labelled slice does (a coincident plane) also counts as right; the error of a
 prediction on another series is the patient-space distance; ``plane_error_mm`` is the labelled point's distance
 from the predicted slice's plane (an axial slice of the right level is close). Pure pandas/numpy.
+
+The same errors, measured on held-out studies, size the classifier's training jitter per series type
+(:func:`jitter_from_errors`, :func:`jitter_values`): training points then stray from the labels as far as the
+points inference will see do.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from lumbar_ray.constants import CONDITION_SERIES, LEVELS, TARGETS, series_slug
 from lumbar_ray.data.cache import CachedSeries
-from lumbar_ray.localize.geometry import cache_point_to_patient, mm_per_cache_pixel, plane_distance
+from lumbar_ray.localize.geometry import cache_point_to_patient, plane_distance
 
 logger = logging.getLogger(__name__)
 
 THRESHOLDS = (5.0, 10.0)
+JITTER_QUANTILE = 0.9  # the share of held-out localisation errors the training jitter reaches
 COINCIDENT_MM = 0.5
 # An axial slice shows the labelled level when the labelled point lies this close to its plane: well inside half
 # the distance between two discs (27-40 mm), and beyond the 2-3 slices an axial block holds either side.
@@ -67,12 +73,12 @@ def point_errors(
             slice_error = float(abs(pred_slice - true_slice))
             delta = np.array([row.x_pred - row.x_true, row.y_pred - row.y_true])
             error_px = float(np.hypot(*delta))
-            error_mm = float(np.hypot(*(delta * mm_per_cache_pixel(true_entry, true_slice))))
+            error_mm = float(np.hypot(*(delta * true_entry.mm_per_pixel(true_slice))))
         else:  # another series (a second axial stack): compare in patient space
             guess = cache_point_to_patient(pred_entry, pred_slice, float(row.x_pred), float(row.y_pred))
             slice_error = np.nan
             error_mm = float(np.linalg.norm(guess - point))
-            error_px = error_mm / float(np.mean(mm_per_cache_pixel(true_entry, true_slice)))
+            error_px = error_mm / float(np.mean(true_entry.mm_per_pixel(true_slice)))
             if series_type == "Axial T2":  # a coincident plane of the other stack is as right as the labelled one
                 labelled = plane_distance(true_entry, true_slice, point)
                 correct = plane_error <= labelled + COINCIDENT_MM
@@ -116,3 +122,51 @@ def summary_metrics(summary: pd.DataFrame, prefix: str = "loc") -> dict[str, flo
             if key not in ("series_type", "level"):
                 metrics[f"{prefix}.{slug}.{row['level']}.{key}"] = float(value)
     return metrics
+
+
+def jitter_from_errors(
+    errors: pd.DataFrame, quantile: float = JITTER_QUANTILE
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Training-jitter bounds per series type from a localiser's errors on held-out studies.
+
+    Args:
+        errors: :func:`point_errors` of predictions on studies the detectors never saw (``series_type``,
+            ``error_px``, ``slice_error``; other columns are ignored).
+        quantile: the share of the measured errors the bounds reach.
+
+    Returns:
+        ``(px_by_series, slices_by_series)``, the values of ``augment.jitter_px_by_series`` and
+        ``augment.jitter_slices_by_series``: per series type, the ``quantile`` of the in-plane error (cache
+        pixels, rounded to 0.001), and the fewest slices that reach at least that share of the slice errors.
+        Slice errors across series (NaN: a prediction on another stack) are left out; a series type without any
+        measured error is left out (it keeps ``jitter_px`` and ``jitter_slices``). The in-plane bound is the
+        quantile of the distance, and the jitter draws each axis within it: a jittered point strays up to the
+        measured distance along either axis.
+
+    Raises:
+        ValueError: ``quantile`` outside (0, 1].
+    """
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile must lie in (0, 1], got {quantile}")
+    px_by_series: dict[str, float] = {}
+    slices_by_series: dict[str, int] = {}
+    for series_type, group in errors.groupby("series_type", sort=True):
+        in_plane = group["error_px"].dropna().to_numpy(dtype=np.float64)
+        if len(in_plane):
+            px_by_series[str(series_type)] = round(float(np.quantile(in_plane, quantile)), 3)
+        slices = group["slice_error"].dropna().abs().to_numpy(dtype=np.float64)
+        if len(slices):
+            slices_by_series[str(series_type)] = int(np.quantile(slices, quantile, method="inverted_cdf"))
+    return px_by_series, slices_by_series
+
+
+def jitter_values(errors: pd.DataFrame, quantile: float = JITTER_QUANTILE) -> dict[str, Any]:
+    """:func:`jitter_from_errors` as config values: ``load_config(values=jitter_values(errors))`` trains with the
+    measured jitter (dotted key -> value; an empty mapping sets nothing)."""
+    px_by_series, slices_by_series = jitter_from_errors(errors, quantile)
+    values: dict[str, Any] = {}
+    if px_by_series:
+        values["augment.jitter_px_by_series"] = px_by_series
+    if slices_by_series:
+        values["augment.jitter_slices_by_series"] = slices_by_series
+    return values

@@ -68,13 +68,6 @@ def plane_distance(series: CachedSeries, index: int, point: np.ndarray) -> float
     return abs(patient_to_pixel(*_slice_frame(series, index), point)[2])
 
 
-def mm_per_cache_pixel(series: CachedSeries, index: int) -> np.ndarray:
-    """``(x, y)`` millimetres per cache pixel on slice ``index``: its PixelSpacing over the cache's resize."""
-    row_spacing, col_spacing = (float(v) for v in series.meta.slices.pixel_spacing[index])
-    scale_y, scale_x = series.scale[index]
-    return np.array([col_spacing / scale_x, row_spacing / scale_y])
-
-
 @dataclass(frozen=True)
 class AxialHit:
     """Where a patient-space point falls among a study's axial slices.

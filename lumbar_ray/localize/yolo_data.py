@@ -21,7 +21,6 @@ import yaml
 
 from lumbar_ray.constants import CONDITION_SERIES, CONDITIONS, LEVELS, TARGETS
 from lumbar_ray.data.cache import CachedSeries, SeriesCache
-from lumbar_ray.localize.geometry import mm_per_cache_pixel
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def _box_size(entry: CachedSeries, index: int, box_fraction: float, box_mm: floa
     if box_mm is None:
         return box_fraction, box_fraction
     size = entry.volume.shape[1:]
-    mm_x, mm_y = mm_per_cache_pixel(entry, index)
+    mm_x, mm_y = entry.mm_per_pixel(index)
     return min(box_mm / (mm_x * size[1]), 1.0), min(box_mm / (mm_y * size[0]), 1.0)
 
 

@@ -14,6 +14,11 @@ Targets without a crop (their series or coordinate is missing) are predicted by 
 every training study gets out-of-fold predictions and the CV score is comparable with the prior baseline's on
 the same folds. The CV returns its result; registering the ensemble is a separate step
 (:func:`lumbar_ray.train.register.register_cv`).
+
+With ``calibrate.temperature`` the CV also fits a temperature per condition group on its out-of-fold predictions
+(each fold's last epoch when kept: :func:`calibration_epoch`) and reports the cross-fitted score (each fold
+calibrated by temperatures fitted on the other folds) beside the uncalibrated one; the temperatures fitted on every
+fold go into the registered model's contract.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.baseline import fit_prior, prior_oof_probs
+from lumbar_ray.calibrate import OutOfFoldCalibration, calibrate_out_of_fold
 from lumbar_ray.config import Config
 from lumbar_ray.data.grading import known_floor
 from lumbar_ray.metrics import ScoreResult, labels_to_submission, score_arrays
@@ -43,6 +49,37 @@ if TYPE_CHECKING:  # for annotations only: importing ray.train costs seconds
     from ray.train.torch import TorchTrainer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CVCalibration:
+    """Post-processing fitted on a CV's out-of-fold predictions (``calibrate.temperature``; an ensemble's blend).
+
+    Attributes:
+        fit: the calibration fitted on every fold, and the cross-fitted scores beside the uncalibrated one.
+        epoch: ``last`` or ``best``: the epoch whose out-of-fold predictions it was fitted on and scored with.
+        model_score: the registered model's own out-of-fold predictions (each fold's best-epoch weights, which
+            are the ones registered) post-processed as registered: the version's ``cv_score``.
+    """
+
+    fit: OutOfFoldCalibration
+    epoch: str
+    model_score: ScoreResult
+
+    def info(self) -> dict[str, object]:
+        """What the model's contract records beside the calibration: what it was fitted on and its scores."""
+        scores = {name: score.total for name, score in self.fit.scores.items()}
+        return {"fitted_on": f"{self.epoch} epoch, out of fold", "cv": scores | {"model": self.model_score.total}}
+
+    def format(self) -> str:
+        """The temperatures and the figures, as lines of the CV summary."""
+        temperatures = self.fit.calibration.temperatures or {}
+        fitted = ", ".join(f"{group} {value:.3f}" for group, value in temperatures.items())
+        scores = ", ".join(f"{name} {score.total:.5f}" for name, score in self.fit.scores.items())
+        return (f"  calibration: temperatures {fitted}, fitted on the {self.epoch} epoch's out-of-fold predictions;\n"
+                f"    cross-fitted (each fold by temperatures fitted on the others): {scores}\n"
+                f"    the registered model's own out-of-fold predictions (best-epoch weights, calibrated): "
+                f"{self.model_score.total:.5f} (its cv_score)")  # fmt: skip
 
 
 @dataclass
@@ -67,14 +104,23 @@ class CVResult:
     floor: ScoreResult | None = None
     predicted_points_score: ScoreResult | None = None
     calibration: dict[str, float] = field(default_factory=dict)
+    calibrated: CVCalibration | None = None
 
     def columns(self) -> dict[str, ScoreResult]:
         """The scores side by side: best epoch (picked on the scored fold: flattering), last epoch (honest: a fixed
-        schedule), the prior on the same folds, and where the data knows it, a perfect model on the same labels."""
-        named = {"best epoch": self.score, "last epoch": self.last_epoch_score,
+        schedule), calibrated (``calibrate.temperature``: cross-fitted on the last epoch's, else the best's), the
+        prior on the same folds, and where the data knows it, a perfect model on the same labels."""
+        calibrated = None if self.calibrated is None else self.calibrated.fit.scores["calibrated"]
+        named = {"best epoch": self.score, "last epoch": self.last_epoch_score, "calibrated": calibrated,
                  "predicted points": self.predicted_points_score, "prior": self.baseline,
                  "floor": self.floor}  # fmt: skip
         return {name: score for name, score in named.items() if score is not None}
+
+    @property
+    def model_score(self) -> ScoreResult:
+        """The score of the registered model's own out-of-fold predictions: the best epoch's, calibrated when
+        ``calibrate.temperature`` fitted temperatures (tagged ``cv_score`` on its version)."""
+        return self.score if self.calibrated is None else self.calibrated.model_score
 
     def format(self, registered: object | None = None) -> str:
         """The CV as text; ``registered``: what registering it did (printed before the notes), if anything."""
@@ -90,6 +136,8 @@ class CVResult:
         if self.calibration:
             ece = ", ".join(f"{group} {value:.3f}" for group, value in self.calibration.items())
             lines.append(f"  calibration (class-wise ECE, best epoch, class weights undone): {ece}")
+        if self.calibrated is not None:
+            lines.append(self.calibrated.format())
         for fold, outcome in sorted(self.outcomes.items()):
             lines.append(f"  fold {fold}: best val score {outcome.best_score:.5f} at epoch {outcome.best_epoch}")
         lines.append(f"  MLflow parent run: {self.mlflow_run_id}")
@@ -160,6 +208,28 @@ def assemble_oof(study_ids: np.ndarray, outcomes: dict[int, FoldOutcome], epoch:
     if missing.any():
         raise RuntimeError(f"{int(missing.sum())} studies have no out-of-fold prediction")
     return probs
+
+
+def calibration_epoch(outcomes: dict[int, FoldOutcome]) -> str:
+    """Whose out-of-fold predictions post-processing is fitted on: each fold's ``last`` epoch (a schedule fixed
+    in advance, not an epoch picked on the scored fold) when every fold kept them, else the ``best``."""
+    return "last" if all(outcome.last_probs is not None for outcome in outcomes.values()) else "best"
+
+
+def calibrate_cv(labels: np.ndarray, fold_of: np.ndarray, study_ids: np.ndarray,
+                 outcomes: dict[int, FoldOutcome]) -> CVCalibration:  # fmt: skip
+    """Temperatures per condition group fitted on the CV's out-of-fold predictions (see :class:`CVCalibration`).
+
+    Args:
+        labels: ``(n, 25)`` labels of the scored studies.
+        fold_of: ``(n,)`` their folds (at least two).
+        study_ids: ``(n,)`` their ids.
+        outcomes: the folds.
+    """
+    epoch = calibration_epoch(outcomes)
+    fit = calibrate_out_of_fold(labels, fold_of, [assemble_oof(study_ids, outcomes, epoch)], temperature=True)
+    model_score = score_arrays(labels, fit.calibration.apply([assemble_oof(study_ids, outcomes)]))
+    return CVCalibration(fit, epoch, model_score)
 
 
 def wanted_folds(cfg: Config) -> list[int]:
@@ -255,13 +325,21 @@ def finish_cv(cfg: Config, run: CVRun, outcomes: dict[int, FoldOutcome], trained
     if len(outcomes) < cfg.cv.n_folds:
         notes.append(f"only folds {sorted(outcomes)} of {cfg.cv.n_folds}: the score covers their studies only")
     fold_priors = {k: fit_prior(inputs.labels[inputs.fold_of() != k]) for k in outcomes}
+    calibrated = None
+    if cfg.calibrate.temperature and len(outcomes) >= 2:
+        calibrated = calibrate_cv(scored.labels, scored.fold_of(), scored.study_ids, outcomes)
+    elif cfg.calibrate.temperature:
+        notes.append("calibrate.temperature: one fold only, none to fit the temperatures on without it: not fitted")
     result = CVResult(run.run_id, score, baseline, oof, inputs.folds, outcomes, trained, skipped, run.parent,
                       fit_prior(inputs.labels), fold_priors, len(outcomes) == cfg.cv.n_folds, notes,
-                      honest, floor, predicted_points_score=at_predicted)  # fmt: skip
+                      honest, floor, predicted_points_score=at_predicted, calibrated=calibrated)  # fmt: skip
     tables = {"oof.csv": oof, FOLDS_CSV: inputs.folds, "skipped_points.csv": inputs.skipped_points}
     result.calibration = report.log_cv(
         run.tracker, run.parent, result.columns(), tables, scored.labels, probs, tuple(cfg.loss.class_weights)
     )
+    if calibrated is not None:
+        run.tracker.log_values(run.parent, report.calibration_values(calibrated.fit.calibration,
+                                                                     calibrated.model_score))  # fmt: skip
     run.tracker.log_values(run.parent, {"cv_folds": float(len(outcomes))})
     run.tracker.finish(run.parent)
     logger.info("CV %s: score %.5f at the best epochs, %s at the last (prior %.5f)", run.run_id, score.total,

@@ -47,8 +47,13 @@ def register_cv(cfg: Config, cv: CVResult) -> RegisteredEnsemble | str | None:
     detectors = trained_detectors(cfg)
     if not detectors:
         logger.warning("no level detectors trained for this config: the model can only predict from given points")
-    contract = ensemble_contract(cfg, sorted(cv.outcomes), cv.prior, sorted(detectors), cv.fold_priors)
-    registered = log_and_register(states, contract, cfg.tracking, uri, cv.mlflow_run_id, cv.score.total, detectors)
+    calibration = None if cv.calibrated is None else cv.calibrated.fit.calibration
+    info = None if cv.calibrated is None else cv.calibrated.info()
+    contract = ensemble_contract(cfg, sorted(cv.outcomes), cv.prior, sorted(detectors), cv.fold_priors,
+                                 members=[(cv.run_id, cfg)], calibration=calibration,
+                                 calibration_info=info)  # fmt: skip
+    registered = log_and_register(states, contract, cfg.tracking, uri, cv.mlflow_run_id, cv.model_score.total,
+                                  detectors)  # fmt: skip
     mark_registered(uri, cv.mlflow_run_id, registered.version)
     return registered
 

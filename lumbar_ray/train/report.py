@@ -3,7 +3,9 @@ plots on its parent run.
 
 - parent (``lumbar_ray.kind=cv``): the resolved config (params ``section.key`` and ``config.yaml``), ``cv_*``
   (best epoch) and ``cv_last_epoch_*`` (the honest CV) scores next to the prior's ``prior_*`` on the same folds and,
-  where the data knows its latents, a perfect model's ``floor_*``; ``ece_<group>``; ``oof.csv``, ``folds.csv``,
+  where the data knows its latents, a perfect model's ``floor_*``; with ``calibrate.temperature``, the cross-fitted
+  ``cv_calibrated_*``, the fitted ``temperature_<group>`` and the registered model's ``cv_model_total``;
+  ``ece_<group>``; ``oof.csv``, ``folds.csv``,
   ``skipped_points.csv``, ``calibration.csv``, ``plots/confusion_matrices.png``, ``plots/level_scores.png`` and
   ``plots/reliability.png``;
 - child per fold (``lumbar_ray.fold=<k>``, named ``fold<k>``): per-epoch metrics (logged by the rank-0 Ray worker,
@@ -20,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray import plots
+from lumbar_ray.calibrate import Calibration
 from lumbar_ray.constants import SEVERITY_WEIGHTS
 from lumbar_ray.metrics import ScoreResult, calibration_table, expected_calibration_error
 from lumbar_ray.tracking import Tracker
@@ -45,6 +48,7 @@ def finish_fold(tracker: Tracker, child: str, best_score: float, best_epoch: int
 SCORE_PREFIXES = {
     "best epoch": "cv_",
     "last epoch": "cv_last_epoch_",
+    "calibrated": "cv_calibrated_",
     "predicted points": "cv_predicted_points_",
     "prior": "prior_",
     "floor": "floor_",
@@ -90,3 +94,13 @@ def log_cv(
     tracker.log_text(parent, calibration.to_csv(index=False), "calibration.csv")
     logger.info("MLflow: CV metrics and artifacts logged to %s", parent)
     return ece
+
+
+def calibration_values(calibration: Calibration, model_score: ScoreResult) -> dict[str, float]:
+    """MLflow metrics of a fitted calibration: ``temperature_<group>``, ``weight_<group>_<member>`` (several
+    members only) and ``cv_model_total`` (the registered model's own out-of-fold score)."""
+    values = {f"temperature_{group}": t for group, t in (calibration.temperatures or {}).items()}
+    if calibration.parts > 1:
+        values |= {f"weight_{group}_{k}": float(w) for group, weights in calibration.weights.items()
+                   for k, w in enumerate(weights)}  # fmt: skip
+    return values | {"cv_model_total": model_score.total}

@@ -273,6 +273,8 @@ class Fold:
     prior: np.ndarray
     ema: ModelEma | None = None
     predicted_points_loader: Any = None
+    val_ids: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
 
     @property
     def evaluated(self) -> nn.Module:
@@ -325,7 +327,8 @@ def build_fold(
         scheduler.load_state_dict(state["scheduler"])
     return Fold(model, bare, train_set, train_loader, val_loader, loss_fn, optimizer, scheduler,
                 make_grad_scaler(device, amp), device, amp, np.asarray(payload.prior),
-                _build_ema(bare, cfg.train, state), predicted_points_loader(cfg, payload))  # fmt: skip
+                _build_ema(bare, cfg.train, state), predicted_points_loader(cfg, payload),
+                np.asarray(payload.val_ids), np.asarray(payload.val_labels))  # fmt: skip
 
 
 def _build_ema(bare: nn.Module, cfg: TrainConfig, state: dict[str, Any] | None) -> ModelEma | None:
@@ -405,13 +408,16 @@ def predict_at_predicted_points(fold: Fold) -> tuple[np.ndarray, np.ndarray, flo
 
     Returns:
         ``(study_ids, probs, score)``: prior-filled probabilities (a target without a predicted point gets the
-        prior, as at inference) and their official score.
+        prior, as at inference) and their official score over every labelled cell of the held-out studies (the
+        crop dataset ignores the labels of targets without a point: a localiser's miss must count, not vanish).
     """
     if fold.predicted_points_loader is None:
         return None
     predictions = predict(fold.evaluated, fold.predicted_points_loader, fold.device, fold.amp)
     probs = fill_missing(predictions, fold.prior)
-    return predictions.study_ids, probs, score_predictions(probs, predictions.labels).total
+    position = {int(study): i for i, study in enumerate(fold.val_ids)}
+    labels = fold.val_labels[[position[int(study)] for study in predictions.study_ids]]
+    return predictions.study_ids, probs, score_predictions(probs, labels).total
 
 
 def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:

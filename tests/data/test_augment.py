@@ -1,4 +1,5 @@
-"""Augmentations of the 25 target crops: the left/right flip, the photometric part, the identity at zero strength."""
+"""Augmentations of the 25 target crops: the left/right flip, the photometric part, the identity at zero strength,
+the point jitter per series type."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lumbar_ray.config import AugmentConfig
-from lumbar_ray.constants import CONDITIONS, IGNORE_INDEX, LEVELS, TARGETS
+from lumbar_ray.config import AugmentConfig, ConfigError, load_config
+from lumbar_ray.constants import CONDITION_SERIES, CONDITIONS, IGNORE_INDEX, LEVELS, TARGETS
 from lumbar_ray.data.augment import (
     Augmenter,
     AugmentParams,
@@ -15,6 +16,7 @@ from lumbar_ray.data.augment import (
     flip_permutation,
     flip_slice_targets,
     flip_targets,
+    jitter_bounds,
     mirror_crops,
 )
 
@@ -163,3 +165,65 @@ def test_photometric_stays_in_unit_range_and_missing_targets_stay_zero(seed):
     assert np.all(out[~mask_out] == 0.0)
     assert np.all(labels_out[~mask_out] == IGNORE_INDEX)
     assert mask_out.sum() == mask.sum()
+
+
+# --- the point jitter per series type
+
+
+def _series_type(target: int) -> str:
+    return CONDITION_SERIES[CONDITIONS[target // N_LEVELS]]
+
+
+def test_default_jitter_draws_are_the_scalar_draws_of_before_bit_for_bit():
+    """Per-target bounds (a numpy array) draw exactly what the one global bound drew: augmented items, and so every
+    CV trained before the per-series bounds existed, are unchanged."""
+    cfg = AugmentConfig()
+    for seed in range(20):
+        params = Augmenter(cfg).sample(np.random.default_rng([seed, 1, 3]))
+        rng = np.random.default_rng([seed, 1, 3])
+        shift_xy = rng.uniform(-cfg.jitter_px, cfg.jitter_px, size=(len(TARGETS), 2))
+        shift_slice = rng.integers(-cfg.jitter_slices, cfg.jitter_slices + 1, size=len(TARGETS))
+        angle_deg = rng.uniform(-cfg.rotate_deg, cfg.rotate_deg, size=len(TARGETS))
+        np.testing.assert_array_equal(params.shift_xy, shift_xy)
+        np.testing.assert_array_equal(params.shift_slice, shift_slice)
+        np.testing.assert_array_equal(params.angle_deg, angle_deg)  # the stream after the jitter is the same too
+
+
+def test_jitter_bounds_follow_the_series_type_each_target_is_read_on():
+    cfg = AugmentConfig(jitter_px=3.0, jitter_slices=1, jitter_px_by_series={"Axial T2": 7.5},
+                        jitter_slices_by_series={"Sagittal T1": 2, "Sagittal T2/STIR": 0})  # fmt: skip
+    px, slices = jitter_bounds(cfg)
+    for target in range(len(TARGETS)):
+        series_type = _series_type(target)
+        assert px[target] == (7.5 if series_type == "Axial T2" else 3.0), TARGETS[target]
+        assert slices[target] == {"Sagittal T1": 2, "Sagittal T2/STIR": 0, "Axial T2": 1}[series_type]
+    assert px.dtype == np.float64 and slices.dtype == np.int64
+    global_px, global_slices = jitter_bounds(AugmentConfig(jitter_px=3.0, jitter_slices=1))
+    np.testing.assert_array_equal(global_px, 3.0)
+    np.testing.assert_array_equal(global_slices, 1)
+    with pytest.raises(ValueError, match="25 targets"):
+        jitter_bounds(cfg, n=5)
+
+
+def test_per_series_jitter_moves_only_the_targets_of_that_series_type_within_its_bound():
+    cfg = OFF.model_copy(
+        update={"jitter_px_by_series": {"Axial T2": 5.0}, "jitter_slices_by_series": {"Sagittal T1": 2}}
+    )
+    augmenter = Augmenter(cfg)
+    draws = [augmenter.sample(np.random.default_rng(seed)) for seed in range(200)]
+    shift_xy = np.stack([d.shift_xy for d in draws])  # (draws, 25, 2)
+    shift_slice = np.stack([d.shift_slice for d in draws])  # (draws, 25)
+    types = np.array([_series_type(t) for t in range(len(TARGETS))])
+    axial, foraminal = types == "Axial T2", types == "Sagittal T1"
+    assert np.all(shift_xy[:, ~axial] == 0) and np.all(shift_slice[:, ~foraminal] == 0)  # the others: jitter 0
+    assert np.abs(shift_xy[:, axial]).max() <= 5.0 and np.abs(shift_xy[:, axial]).max() > 4.5
+    assert set(np.unique(shift_slice[:, foraminal])) == {-2, -1, 0, 1, 2}
+
+
+def test_per_series_jitter_keys_are_checked():
+    good = load_config(None, ["augment.jitter_px_by_series={Sagittal T2/STIR: 2.5, Axial T2: 4}"])
+    assert good.augment.jitter_px_by_series == {"Sagittal T2/STIR": 2.5, "Axial T2": 4.0}
+    with pytest.raises(ConfigError, match="jitter_px_by_series.*Axial T1"):
+        load_config(None, ["augment.jitter_px_by_series={Axial T1: 2}"])
+    with pytest.raises(ConfigError, match="jitter_slices_by_series.*non-negative"):
+        load_config(None, ["augment.jitter_slices_by_series={Sagittal T1: -1}"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +14,12 @@ import torch
 from lumbar_ray.config import AugmentConfig, CropConfig, PreprocessConfig, cache_settings
 from lumbar_ray.constants import CONDITION_TITLES, CONDITIONS, IGNORE_INDEX, LEVEL_TITLES, LEVELS, TARGETS
 from lumbar_ray.data.augment import flip_permutation, flip_targets
-from lumbar_ray.data.cache import SeriesCache, manifest_row
+from lumbar_ray.data.cache import CachedSeries, SeriesCache, manifest_row
 from lumbar_ray.data.crops import (
     POINT_COLUMNS,
     CropDataset,
+    crop_affine,
+    crop_region,
     crop_slices,
     crop_stack,
     points_from_coordinates,
@@ -245,6 +247,102 @@ def test_output_is_float32_in_unit_range_under_any_geometry():
         out = crop_stack(volume, 4, x, y, CROP, angle_deg=angle, zoom=zoom)
         assert out.dtype == np.float32 and out.shape == (CROP.slices, CROP.size, CROP.size)
         assert out.min() >= 0.0 and out.max() <= 1.0 and out.max() > 0.5
+
+
+# --- the crop region in millimetres
+
+# One phantom seen at two fields of view: 1 mm cache pixels, and finer, non-square ones (0.625 mm across, 0.75 mm
+# down: a 0.5 mm original resized by 0.8 across and 2/3 down).
+WIDE = {"spacing": (1.0, 1.0), "scale": (1.0, 1.0), "size": 64, "mm": (1.0, 1.0)}
+FINE = {"spacing": (0.5, 0.5), "scale": (2 / 3, 0.8), "size": 96, "mm": (0.625, 0.75)}
+POINT_MM = (30.0, 32.0)  # (x, y) in the phantom, mm from the image's corner
+IN_MM = CropConfig(size=24, region=24, region_mm=24.0, slices=3)
+IN_PX = CropConfig(size=24, region=24, slices=3)
+
+
+def _phantom(view: dict, slices: int = 3) -> np.ndarray:
+    """uint8 ``(slices, size, size)``: a smooth pattern of the patient's millimetres, sampled at the centres of the
+    view's cache pixels (cache pixel i covers ``[i, i + 1)`` pixels, its centre at ``(i + 0.5) * mm``)."""
+    mm_x, mm_y = view["mm"]
+    x, y = np.meshgrid((np.arange(view["size"]) + 0.5) * mm_x, (np.arange(view["size"]) + 0.5) * mm_y)
+    image = 0.5 + 0.25 * np.sin(2 * np.pi * x / 23) * np.cos(2 * np.pi * y / 29)
+    image += 0.2 * np.exp(-((x - 36) ** 2 + (y - 26) ** 2) / 50)  # an off-centre blob: no symmetry to hide behind
+    return np.broadcast_to(np.round(255 * image).astype(np.uint8), (slices, view["size"], view["size"])).copy()
+
+
+def _series(view: dict, series_id: int) -> CachedSeries:
+    meta = stacked_meta([(0.0, [0.0, 4.0, 8.0])], size=view["size"], series_id=series_id, spacing=view["spacing"],
+                        scale=view["scale"])  # fmt: skip
+    return CachedSeries(_phantom(view), meta)
+
+
+def _cache_point(view: dict) -> tuple[float, float]:
+    return POINT_MM[0] / view["mm"][0] - 0.5, POINT_MM[1] / view["mm"][1] - 0.5
+
+
+def test_region_in_mm_is_converted_with_each_slices_own_spacing():
+    wide, fine = _series(WIDE, 1), _series(FINE, 2)
+    np.testing.assert_allclose(fine.mm_per_pixel(1), FINE["mm"])
+    assert crop_region(IN_MM, wide, 1) == pytest.approx((24.0, 24.0))
+    assert crop_region(IN_MM, fine, 1) == pytest.approx((24.0 / 0.625, 24.0 / 0.75))
+    assert crop_region(IN_PX, fine, 1) == (24, 24)  # the default: cache pixels, whatever the spacing
+
+
+def test_region_in_mm_cuts_the_same_anatomy_at_two_fields_of_view():
+    wide, fine = _series(WIDE, 1), _series(FINE, 2)
+    for angle, zoom in ((0.0, 1.0), (30.0, 1.0), (-65.0, 1.2)):
+        crops = []
+        for series, view in ((wide, WIDE), (fine, FINE)):
+            crops.append(crop_stack(series.volume, 1, *_cache_point(view), IN_MM, angle_deg=angle, zoom=zoom,
+                                    region=crop_region(IN_MM, series, 1)))  # fmt: skip
+        assert np.abs(crops[0] - crops[1]).max() < 0.03, (angle, zoom)
+    in_px = [crop_stack(s.volume, 1, *_cache_point(v), IN_PX) for s, v in ((wide, WIDE), (fine, FINE))]
+    assert np.abs(in_px[0] - in_px[1]).mean() > 0.03  # in cache pixels the finer view shows less anatomy
+
+
+def test_dataset_crops_in_mm_show_the_same_anatomy_at_two_fields_of_view(tmp_path):
+    cache = SeriesCache(tmp_path, {"test": "region in mm"})
+    cache.prepare()
+    rows = []
+    for study_id, view in ((1, WIDE), (2, FINE)):
+        series = _series(view, study_id)
+        cache.write(study_id, study_id, series.volume, series.meta)
+        x, y = _cache_point(view)
+        rows += [{"study_id": study_id, "target": t, "series_id": study_id, "slice": 1, "x": x, "y": y}
+                 for t in (0, 7, 15)]  # fmt: skip
+    points = pd.DataFrame(rows, columns=list(POINT_COLUMNS))
+    in_mm = CropDataset(cache, [1, 2], points, IN_MM)
+    for target in (0, 7, 15):
+        assert (in_mm[0]["crops"][target] - in_mm[1]["crops"][target]).abs().max() < 0.03
+    in_px = CropDataset(cache, [1, 2], points, IN_PX)
+    assert (in_px[0]["crops"][0] - in_px[1]["crops"][0]).abs().mean() > 0.03
+
+
+def test_a_slice_without_pixel_spacing_falls_back_to_the_region_in_cache_pixels(caplog):
+    series = _series(FINE, 2)
+    table = series.meta.slices
+    meta = replace(series.meta, slices=replace(table, pixel_spacing=(None,) * len(table)))
+    with caplog.at_level("WARNING"):
+        assert crop_region(IN_MM, CachedSeries(series.volume, meta), 1) == (24, 24)
+    assert "PixelSpacing" in caplog.text
+
+
+def test_without_region_mm_the_affine_is_the_cache_pixel_rule_bit_for_bit():
+    """The cache-pixel rule as it was before regions in mm: crops at the default geometry are unchanged."""
+    series = _series(FINE, 2)
+    for angle, zoom in ((0.0, 1.0), (17.0, 1.1), (-120.0, 0.85)):
+        step = CROP.region / zoom / CROP.size
+        theta = np.radians(angle)
+        cos, sin = np.cos(theta) * step, np.sin(theta) * step
+        linear = np.array([[cos, -sin], [sin, cos]])
+        centre = (CROP.size - 1) / 2.0
+        expected = np.hstack([linear, (np.array([30.5, 20.25]) - linear @ np.array([centre, centre]))[:, None]])
+        np.testing.assert_array_equal(crop_affine(30.5, 20.25, CROP, angle, zoom), expected)
+        region = crop_region(CROP, series, 1)
+        np.testing.assert_array_equal(crop_affine(30.5, 20.25, CROP, angle, zoom, region), expected)
+        volume = _phantom(FINE)
+        np.testing.assert_array_equal(crop_stack(volume, 1, 30.5, 20.25, CROP, angle, zoom, region=region),
+                                      crop_stack(volume, 1, 30.5, 20.25, CROP, angle, zoom))  # fmt: skip
 
 
 # --- the synthetic cache

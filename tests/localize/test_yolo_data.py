@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from lumbar_ray.constants import TARGETS
-from lumbar_ray.localize.geometry import mm_per_cache_pixel
 from lumbar_ray.localize.yolo_data import detector_targets, export_yolo_dataset
 
 
@@ -64,7 +63,7 @@ def test_boxes_in_millimetres_cover_the_same_anatomy_whatever_the_field_of_view(
     for label_file in (tmp_path / "mm" / "labels").rglob("*.txt"):
         study_id, series_id, slice_index = (int(v) for v in label_file.stem.split("_"))
         entry = cache.read(study_id, series_id, mmap=True)
-        mm_x, mm_y = mm_per_cache_pixel(entry, slice_index)
+        mm_x, mm_y = entry.mm_per_pixel(slice_index)
         _, _, _, w, h = (float(v) for v in label_file.read_text().split()[:5])
         sides_mm.append((w * entry.volume.shape[2] * mm_x, h * entry.volume.shape[1] * mm_y))
     np.testing.assert_allclose(sides_mm, 18.0, rtol=1e-4)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from lumbar_ray.config import CropConfig, LossConfig, ModelConfig, TrainConfig
 from lumbar_ray.constants import IGNORE_INDEX
 from lumbar_ray.losses import SeverityLoss
+from lumbar_ray.metrics import score_arrays
 from lumbar_ray.models import build_model
 from lumbar_ray.models.ema import ModelEma
 from lumbar_ray.train.steps import (
@@ -192,36 +193,6 @@ def test_fill_missing_puts_the_prior_where_no_crop_was_cut():
     assert probs[1, 4, 0] == pytest.approx(1 / 3)  # the input is left alone
 
 
-@pytest.fixture(scope="module")
-def small_fold(synthetic_dir, tmp_path_factory):
-    """A fold's payload over 12 synthetic studies cached without Ray (8 train, 4 validation)."""
-    import pandas as pd
-
-    from lumbar_ray.baseline import fit_prior
-    from lumbar_ray.config import PreprocessConfig, cache_settings
-    from lumbar_ray.data.cache import SeriesCache, manifest_row
-    from lumbar_ray.data.crops import points_from_coordinates
-    from lumbar_ray.data.preprocess import process_row, series_items
-    from lumbar_ray.data.rsna import load_rsna
-    from lumbar_ray.labels import encode_labels
-    from lumbar_ray.train.steps import FoldPayload
-
-    data = load_rsna(synthetic_dir)
-    study_ids, labels = encode_labels(data.train)
-    study_ids, labels = study_ids[:12], labels[:12]
-    preprocess = PreprocessConfig(image_size=64)
-    cache = SeriesCache(tmp_path_factory.mktemp("steps_cache"), cache_settings(preprocess))
-    cache.prepare()
-    rows = []
-    for item in series_items(synthetic_dir, splits=["train"], study_ids=set(study_ids.tolist())):
-        assert process_row(item, cache, preprocess)["status"] == "done"
-        rows.append(manifest_row(cache.read_meta(item["study_id"], item["series_id"])))
-    cache.write_manifest(pd.DataFrame(rows))
-    points = points_from_coordinates(data.coordinates, cache, data.train_series).points
-    return FoldPayload(cache.root, cache_settings(preprocess), points, study_ids[:8], study_ids[8:], labels[:8],
-                       labels[8:], fit_prior(labels[:8]))  # fmt: skip
-
-
 @pytest.mark.slow
 def test_build_fold_and_run_epoch_are_the_worker_loop_without_ray(small_fold):
     """The epoch the Ray worker, the benchmark and this test all run: seeded, so two builds train alike."""
@@ -345,8 +316,11 @@ def test_the_held_out_fold_is_also_predicted_at_predicted_points(small_fold):
     keep_some = moved[moved["target"] % 5 != 0]  # a target without a predicted point gets the prior
     fold.predicted_points_loader = build_fold(cfg, dataclasses.replace(small_fold, val_points=keep_some),
                                               torch.device("cpu")).predicted_points_loader  # fmt: skip
-    _, moved_probs, _ = predict_at_predicted_points(fold)
+    _, moved_probs, moved_score = predict_at_predicted_points(fold)
     assert np.abs(moved_probs - epoch.probs).max() > 1e-4
+    # the targets left without a point are scored (by the prior), not dropped: every labelled cell counts
+    labels = np.asarray(small_fold.val_labels)
+    assert moved_score == pytest.approx(score_arrays(np.where(labels < 0, IGNORE_INDEX, labels), moved_probs).total)
     dropped = np.isin(np.arange(25), np.unique(small_fold.points["target"][small_fold.points["target"] % 5 == 0]))
     np.testing.assert_allclose(moved_probs[:, dropped], np.broadcast_to(small_fold.prior, probs.shape)[:, dropped])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +15,10 @@ from lumbar_ray.losses import SeverityLoss
 from lumbar_ray.models import build_model
 from lumbar_ray.train.steps import make_optimizer, predict, train_epoch
 from lumbar_ray.tune.run import max_concurrency, search_space
-from lumbar_ray.tune.space import apply_params
+from lumbar_ray.tune.space import apply_params, miscalibrating_keys, warn_if_class_weights_searched
 from lumbar_ray.tune.trainable import trial_config
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 
 def test_params_land_on_their_keys_including_list_items():
@@ -23,6 +27,29 @@ def test_params_land_on_their_keys_including_list_items():
     assert cfg.train.lr == 1e-4 and cfg.augment.flip_p == 0.0
     with pytest.raises(ConfigError, match="augment.scale"):
         apply_params(Config(), {"augment.scale": 3.0})  # out of its range (< 1)
+
+
+def test_no_shipped_space_searches_the_class_weights():
+    """The metric's 1/2/4 in the loss are the metric's optimum: the defaults and the quickstart search the loss
+    terms that are sound to tune instead (configs/rsna-gpu.yaml: tests/test_rsna_gpu_config.py)."""
+    for cfg in (Config(), load_config(QUICKSTART)):
+        assert miscalibrating_keys(cfg.tune.space) == []
+        assert {"loss.any_severe_weight", "loss.aux_slice_weight"} <= set(cfg.tune.space)
+        assert cfg.loss.class_weights == (1.0, 2.0, 4.0)
+
+
+def test_a_space_that_searches_the_class_weights_runs_with_a_warning(caplog):
+    keys = ["loss.class_weights", "loss.class_weights.1", "loss.class_weightsx", "train.lr"]
+    assert miscalibrating_keys(keys) == keys[:2]
+    space = "{loss.class_weights.2: {dist: uniform, low: 2, high: 8}, train.lr: {dist: uniform, low: 0.001, high: 0.1}}"
+    cfg = load_config(None, [f"tune.space={space}"])
+    with caplog.at_level("WARNING", logger="lumbar_ray.tune.space"):
+        assert warn_if_class_weights_searched(cfg.tune.space) == ["loss.class_weights.2"]
+    assert "class weights other than the metric's miscalibrate; see recipe-evidence" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lumbar_ray.tune.space"):
+        assert warn_if_class_weights_searched(Config().tune.space) == []
+    assert caplog.text == ""
 
 
 def test_space_is_validated_with_the_config(tmp_path):
