@@ -36,7 +36,7 @@ from lumbar_ray.data.crops import CropDataset
 from lumbar_ray.losses import LossOutput, SeverityLoss
 from lumbar_ray.metrics import ScoreResult, score_arrays
 from lumbar_ray.models import build_model
-from lumbar_ray.models.ema import ModelEma
+from lumbar_ray.models.ema import ModelEma, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def build_fold(
     if state is not None:
         model.load_state_dict(state["model"])
     model = wrap_model(model) if wrap_model is not _unchanged else model.to(device)
-    bare = model.module if hasattr(model, "module") else model
+    bare = unwrap(model)  # the one DDP-unwrap rule, shared with the EMA
     loss_fn = SeverityLoss(cfg.loss).to(device)
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, len(train_loader))
