@@ -15,7 +15,11 @@ Run it on the hard preset (the easy one cannot rank recipes: its Bayes floor is 
 With ``--predicted-points`` the detectors are first trained once per fold, each without that fold
 (``localize.val_fold=k``), and every CV also scores each fold's last epoch at the points those detectors predict
 for its held-out studies (``cv.predicted_points``): the comparison then holds at predicted points too, where a
-recipe meets the localisation error it will meet at inference.
+recipe meets the localisation error it will meet at inference. Those detectors' errors on their held-out folds also
+give the training jitter a localiser of this quality calls for (:func:`lumbar_ray.localize.evaluate.jitter_values`:
+per series type, the 90th percentile of the in-plane and slice errors); a variant that names the word
+``measured_jitter`` trains with it, e.g. ``--variant "measured_jitter model.tta_flip=true"``. The jitter is a
+statistic of the detectors alone (no severity label enters it), so it does not tune on the scored folds.
 
 With ``--calibrate`` each CV is also compared after a temperature per condition group, cross-fitted (fitted on
 the other folds' out-of-fold predictions, applied to the held-out fold: :func:`lumbar_ray.calibrate.cross_fit`),
@@ -72,22 +76,47 @@ def run(cfg, name: str):
     return cv, seconds
 
 
-def predicted_points(cfg, n_folds: int, workdir: Path) -> tuple[Path, list[str]]:
-    """Every study's points from the detectors trained without its fold; returns the parquet and their figures."""
+MEASURED_JITTER = "measured_jitter"
+"""The word in a ``--variant`` that stands for the jitter measured on the held-out detectors' errors."""
+
+
+def predicted_points(cfg, n_folds: int, workdir: Path) -> tuple[Path, dict, list[str]]:
+    """Every study's points from the detectors trained without its fold; returns the parquet, the training jitter
+    their held-out errors call for (config values) and their figures."""
     import pandas as pd
 
+    from lumbar_ray.localize.evaluate import jitter_values
     from lumbar_ray.localize.stage import run_localize
     from lumbar_ray.pipeline import complete_cache
 
     complete_cache(cfg)
-    frames, lines = [], []
+    frames, errors, lines = [], [], []
     for fold in range(n_folds):
         result = run_localize(cfg.model_copy(update={"localize": cfg.localize.model_copy(update={"val_fold": fold})}))
         frames.append(result.val_points)
+        errors.append(result.val_errors)
         lines += [f"fold {fold} held out: " + result.format()]
     path = workdir / "predicted_points.parquet"
     pd.concat(frames, ignore_index=True).to_parquet(path, index=False)
-    return path, lines
+    jitter = jitter_values(pd.concat(errors, ignore_index=True))
+    lines += [f"{MEASURED_JITTER} (90th percentile of the held-out errors): "
+              + " ".join(f"{key}={value}" for key, value in jitter.items())]  # fmt: skip
+    return path, jitter, lines
+
+
+def variant_config(path: Path | None, common: list[str], variant: str, jitter: dict | None):
+    """The config of one ``--variant``: the common overrides, the measured jitter if the variant names it, then the
+    variant's own overrides (which win)."""
+    from lumbar_ray.config import load_config
+
+    tokens = shlex.split(variant)
+    values = None
+    if MEASURED_JITTER in tokens:
+        if jitter is None:
+            raise SystemExit(f"--variant {variant!r} names {MEASURED_JITTER}: it needs --predicted-points")
+        tokens.remove(MEASURED_JITTER)
+        values = jitter
+    return load_config(path, [*common, *tokens], values=values)
 
 
 def cross_fitted_temperatures(labels: np.ndarray, probs: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
@@ -126,8 +155,9 @@ def main() -> None:
     common = [f"workdir={args.workdir}", "tracking.register_model=false", *args.overrides]
     base = load_config(args.config, common)
     localisation: list[str] = []
+    jitter = None
     if args.predicted_points:
-        path, localisation = predicted_points(base, base.cv.n_folds, args.workdir)
+        path, jitter, localisation = predicted_points(base, base.cv.n_folds, args.workdir)
         common.append(f"cv.predicted_points={path}")
         base = load_config(args.config, common)
     base_cv, base_seconds = run(base, "base")
@@ -152,7 +182,7 @@ def main() -> None:
             lines += [f"{title}:", "```", result.format("base", "calibrated"), "```"]
         lines.append("")
     for variant in args.variant:
-        cfg = load_config(args.config, [*common, *shlex.split(variant)])
+        cfg = variant_config(args.config, common, variant, jitter)
         cv, seconds = run(cfg, variant)
         if not cv.folds.set_index("study_id")["fold"].equals(base_cv.folds.set_index("study_id")["fold"]):
             raise RuntimeError(f"variant {variant!r} trained other folds: a paired comparison needs the same ones")

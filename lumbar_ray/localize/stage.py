@@ -60,6 +60,7 @@ DETECTOR_TAG = "lumbar_ray.detector"
 SUMMARY_NAME = "localisation_summary.csv"
 AXIAL_SUMMARY_NAME = "axial_from_labels_summary.csv"
 VAL_POINTS_NAME = "val_points.parquet"
+VAL_ERRORS_NAME = "val_errors.parquet"
 OVERLAY_STUDIES = 3
 
 
@@ -73,6 +74,9 @@ class LocalizeResult:
     axial_from_labels: pd.DataFrame
     val_points: pd.DataFrame
     mlflow_run_id: str | None
+    val_errors: pd.DataFrame | None = None
+    """:func:`~lumbar_ray.localize.evaluate.point_errors` of ``val_points``, one row per placed target (what
+    :func:`~lumbar_ray.localize.evaluate.jitter_values` turns into training jitter)."""
 
     def format(self) -> str:
         lines = [f"localisation ({self.folder}):"]
@@ -263,16 +267,18 @@ def _evaluate(cfg: Config, inputs: _Inputs, weights: dict[str, Path], tracker: T
     predicted, reports = localise_studies(val_ids, cache, series, detectors, fraction)
     truth = inputs.points[inputs.points["study_id"].isin(val_ids)]
     series_of = _series_reader(cache)
-    summary = summarise_errors(point_errors(predicted, truth, series_of))
+    errors = point_errors(predicted, truth, series_of)
+    summary = summarise_errors(errors)
     from_labels = axial_from_labels(truth, series, cache, fraction)
     axial_ids = series.loc[series["series_description"] == AXIAL, "series_id"]
     axial_summary = summarise_errors(point_errors(from_labels, truth[truth["series_id"].isin(axial_ids)], series_of))
 
     _log_localisation(tracker, parent, summary, axial_summary, reports, predicted, truth, cache)
     predicted.to_parquet(folder / VAL_POINTS_NAME, index=False)
+    errors.to_parquet(folder / VAL_ERRORS_NAME, index=False)
     axial_summary.to_csv(folder / AXIAL_SUMMARY_NAME, index=False)
     summary.to_csv(folder / SUMMARY_NAME, index=False)  # last: the evaluation's commit marker
-    return LocalizeResult(folder, weights, summary, axial_summary, predicted, parent)
+    return LocalizeResult(folder, weights, summary, axial_summary, predicted, parent, errors)
 
 
 def run_localize(cfg: Config) -> LocalizeResult:
@@ -290,11 +296,11 @@ def run_localize(cfg: Config) -> LocalizeResult:
     parent = tracker.parent_run(localize_key(cfg), kind="localize", config=cfg)
     try:
         weights = fit_detectors(inputs.points, inputs.cache, inputs.folds, cfg, tracker, parent)
-        if (folder / SUMMARY_NAME).is_file() and (folder / VAL_POINTS_NAME).is_file():
+        if all((folder / name).is_file() for name in (SUMMARY_NAME, VAL_POINTS_NAME, VAL_ERRORS_NAME)):
             logger.info("localisation of %s already evaluated: reusing %s", folder.name, folder / SUMMARY_NAME)
             result = LocalizeResult(folder, weights, pd.read_csv(folder / SUMMARY_NAME),
                                     pd.read_csv(folder / AXIAL_SUMMARY_NAME), pd.read_parquet(folder / VAL_POINTS_NAME),
-                                    parent)  # fmt: skip
+                                    parent, pd.read_parquet(folder / VAL_ERRORS_NAME))  # fmt: skip
         else:
             result = _evaluate(cfg, inputs, weights, tracker, parent)
     except BaseException:

@@ -56,6 +56,9 @@ def test_run_localize_trains_on_ray_evaluates_then_reuses_everything(
     folds = pd.read_csv(result.folder / "folds.csv")
     val = set(folds.loc[folds["fold"] == cfg.localize.val_fold, "study_id"])
     assert (result.folder / VAL_POINTS_NAME).is_file() and set(result.val_points["study_id"]) <= val
+    errors = result.val_errors  # one row per placed target that has a label: what the training jitter comes from
+    assert len(errors) == int(result.summary.loc[result.summary["level"] == "all", "points"].sum())
+    assert set(errors["study_id"]) <= val and {"error_px", "slice_error", "series_type"} <= set(errors.columns)
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
     parent = client.get_run(result.mlflow_run_id)
     assert parent.info.status == "FINISHED" and parent.data.params["localize.epochs"] == "1"
@@ -75,6 +78,7 @@ def test_run_localize_trains_on_ray_evaluates_then_reuses_everything(
     assert again.weights == result.weights and {d: p.stat().st_mtime_ns for d, p in again.weights.items()} == stamps
     assert again.mlflow_run_id == result.mlflow_run_id
     pd.testing.assert_frame_equal(again.summary, result.summary.reset_index(drop=True), check_dtype=False)
+    pd.testing.assert_frame_equal(again.val_errors, result.val_errors)
     assert len(client.search_runs([parent.info.experiment_id])) == 3  # no new parent or child run
     assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
 
