@@ -107,6 +107,25 @@ def train_small_cv(cfg: Config, cache: SmallCache, fold_of: np.ndarray = SMALL_F
     return outcomes
 
 
+def finish_small_cv(cfg: Config, outcomes: dict, cache: SmallCache, synthetic_dir: Path, name: str):
+    """:func:`~lumbar_ray.train.cv.finish_cv` of ``outcomes`` (trained by :func:`train_small_cv` on
+    :data:`SMALL_FOLDS`) as the CV driver finishes a CV: scored, logged to ``cfg``'s MLflow under run ``name``, its
+    folder in ``cfg.workdir``. Returns the :class:`~lumbar_ray.train.cv.CVResult`, ready for ``register_cv``."""
+    from lumbar_ray.data.rsna import load_rsna
+    from lumbar_ray.tracking import Tracker
+    from lumbar_ray.train.cv import CVRun, finish_cv
+    from lumbar_ray.train.inputs import CVInputs
+
+    folds = pd.DataFrame({"study_id": cache.study_ids, "fold": SMALL_FOLDS})
+    inputs = CVInputs(load_rsna(synthetic_dir), cache.study_ids, cache.labels, folds, cache.points, pd.DataFrame(),
+                      cache.cache_root, cache.cache_settings)  # fmt: skip
+    tracker = Tracker.from_config(cfg)
+    parent = tracker.parent_run(name, kind="cv", config=cfg)
+    run = CVRun(name, Path(cfg.workdir) / "runs" / name, inputs, tracker, parent)
+    run.run_dir.mkdir(parents=True)
+    return finish_cv(cfg, run, outcomes, sorted(outcomes), [])
+
+
 def member_config(workdir: Path, synthetic_dir: Path, cache: SmallCache, crop: dict, model: dict) -> Config:
     """The config of a small CV over :class:`SmallCache`'s studies (2 folds, one epoch) with ``crop`` and ``model``."""
     return Config.model_validate({
