@@ -422,15 +422,32 @@ def fit_calibration(labels: np.ndarray, parts: Sequence[np.ndarray], temperature
 
 
 def cross_fit_calibration(
-    labels: np.ndarray, fold_of: np.ndarray, parts: Sequence[np.ndarray], temperature: bool
+    labels: np.ndarray,
+    fold_of: np.ndarray,
+    parts: Sequence[np.ndarray],
+    temperature: bool,
+    applied_to: Sequence[np.ndarray] | None = None,
 ) -> CrossFit[Calibration]:
-    """:func:`fit_calibration` on the other folds, applied to each fold in turn (see :func:`cross_fit`)."""
+    """:func:`fit_calibration` on the other folds, applied to each fold in turn (see :func:`cross_fit`).
+
+    Args:
+        labels: ``(n, 25)`` class ids.
+        fold_of: ``(n,)`` the fold of each study.
+        parts: K ``(n, 25, 3)`` out-of-fold predictions the calibration is fitted on.
+        temperature: also fit temperatures.
+        applied_to: K ``(n, 25, 3)`` predictions each fold's calibration is applied to instead of ``parts``: e.g.
+            the best-epoch predictions of the registered weights, when the calibration is fitted on the last
+            epoch's (None: ``parts``).
+    """
     parts = [np.asarray(part, dtype=np.float64) for part in parts]
+    targets = parts if applied_to is None else [np.asarray(part, dtype=np.float64) for part in applied_to]
+    if len(targets) != len(parts):
+        raise ValueError(f"{len(targets)} parts to apply the calibration to, for {len(parts)} fitted")
     return cross_fit(
         labels,
         fold_of,
         fit=lambda train_labels, rows: fit_calibration(train_labels, [part[rows] for part in parts], temperature),
-        apply=lambda calibration, rows: calibration.apply([part[rows] for part in parts]),
+        apply=lambda calibration, rows: calibration.apply([part[rows] for part in targets]),
     )
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.baseline import fit_prior, prior_oof_probs
-from lumbar_ray.calibrate import OutOfFoldCalibration, calibrate_out_of_fold
+from lumbar_ray.calibrate import OutOfFoldCalibration, calibrate_out_of_fold, cross_fit_calibration
 from lumbar_ray.config import Config
 from lumbar_ray.data.grading import known_floor
 from lumbar_ray.metrics import ScoreResult, labels_to_submission, score_arrays
@@ -59,7 +59,9 @@ class CVCalibration:
         fit: the calibration fitted on every fold, and the cross-fitted scores beside the uncalibrated one.
         epoch: ``last`` or ``best``: the epoch whose out-of-fold predictions it was fitted on and scored with.
         model_score: the registered model's own out-of-fold predictions (each fold's best-epoch weights, which
-            are the ones registered) post-processed as registered: the version's ``cv_score``.
+            are the ones registered), each fold post-processed by parameters fitted without it
+            (:func:`cross_fitted_model_score`): the version's ``cv_score``, which moves the alias, so it must not
+            flatter itself with parameters fitted on the studies it scores.
     """
 
     fit: OutOfFoldCalibration
@@ -78,7 +80,7 @@ class CVCalibration:
         scores = ", ".join(f"{name} {score.total:.5f}" for name, score in self.fit.scores.items())
         return (f"  calibration: temperatures {fitted}, fitted on the {self.epoch} epoch's out-of-fold predictions;\n"
                 f"    cross-fitted (each fold by temperatures fitted on the others): {scores}\n"
-                f"    the registered model's own out-of-fold predictions (best-epoch weights, calibrated): "
+                f"    the registered model's own out-of-fold predictions (best-epoch weights, cross-fitted): "
                 f"{self.model_score.total:.5f} (its cv_score)")  # fmt: skip
 
 
@@ -227,9 +229,26 @@ def calibrate_cv(labels: np.ndarray, fold_of: np.ndarray, study_ids: np.ndarray,
         outcomes: the folds.
     """
     epoch = calibration_epoch(outcomes)
-    fit = calibrate_out_of_fold(labels, fold_of, [assemble_oof(study_ids, outcomes, epoch)], temperature=True)
-    model_score = score_arrays(labels, fit.calibration.apply([assemble_oof(study_ids, outcomes)]))
+    fitted_on = [assemble_oof(study_ids, outcomes, epoch)]
+    fit = calibrate_out_of_fold(labels, fold_of, fitted_on, temperature=True)
+    model_score = cross_fitted_model_score(labels, fold_of, fitted_on, [assemble_oof(study_ids, outcomes)], True)
     return CVCalibration(fit, epoch, model_score)
+
+
+def cross_fitted_model_score(labels: np.ndarray, fold_of: np.ndarray, fitted_on: list[np.ndarray],
+                             registered: list[np.ndarray], temperature: bool) -> ScoreResult:  # fmt: skip
+    """The score of the registered weights' out-of-fold predictions, each fold blended and calibrated by parameters
+    fitted (on ``fitted_on``, the parts the calibration is fitted on) without that fold.
+
+    Args:
+        labels: ``(n, 25)`` labels.
+        fold_of: ``(n,)`` folds.
+        fitted_on: the parts' out-of-fold predictions of the epoch the calibration is fitted on.
+        registered: the same parts' out-of-fold predictions of the registered (best-epoch) weights.
+        temperature: the calibration has temperatures.
+    """
+    crossed = cross_fit_calibration(labels, fold_of, fitted_on, temperature, applied_to=registered)
+    return score_arrays(labels, crossed.probs)
 
 
 def wanted_folds(cfg: Config) -> list[int]:

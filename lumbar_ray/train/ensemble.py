@@ -58,7 +58,7 @@ from lumbar_ray.registry import (
     registered_version,
 )
 from lumbar_ray.tracking import KIND_TAG, RUN_ID_TAG, Tracker
-from lumbar_ray.train.cv import CVCalibration, assemble_oof, calibration_epoch
+from lumbar_ray.train.cv import CVCalibration, assemble_oof, calibration_epoch, cross_fitted_model_score
 from lumbar_ray.train.report import calibration_values
 from lumbar_ray.train.worker import FoldOutcome
 
@@ -210,8 +210,9 @@ def fit_ensemble(members: list[Member], labels: np.ndarray, temperature: bool) -
     epoch = "last" if all(calibration_epoch(member.outcomes) == "last" for member in members) else "best"
     parts = [assemble_oof(study_ids, member.outcomes, epoch) for member in members]
     fit = calibrate_out_of_fold(labels, fold_of, parts, temperature)
-    model_oof = fit.calibration.apply([assemble_oof(study_ids, member.outcomes) for member in members])
-    return CVCalibration(fit, epoch, score_arrays(labels, model_oof)), model_oof
+    registered = [assemble_oof(study_ids, member.outcomes) for member in members]
+    model_score = cross_fitted_model_score(labels, fold_of, parts, registered, temperature)
+    return CVCalibration(fit, epoch, model_score), fit.calibration.apply(registered)
 
 
 def _summary(members: list[Member], member_scores: dict[str, ScoreResult], calibrated: CVCalibration) -> dict:

@@ -97,6 +97,8 @@ def test_the_ensemble_reports_its_members_and_cross_fitted_figures_and_registers
     assert [member["run_id"] for member in summary["members"]] == result.members
     version = client.get_model_version(cfg.tracking.model_name, str(result.registered.version))
     assert float(version.tags["cv_score"]) == pytest.approx(calibrated.model_score.total)
+    # one epoch each, so the registered weights are the ones fitted on: their cv_score is the cross-fitted column
+    assert calibrated.model_score.total == pytest.approx(calibrated.fit.scores["calibrated"].total)
     assert rerun.mlflow_run_id == result.mlflow_run_id and "registered earlier" in str(rerun.registered)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from lumbar_ray.calibrate import apply_group_temperatures, fit_group_temperatures
 from lumbar_ray.config import CalibrateConfig
 from lumbar_ray.metrics import score_arrays
 from lumbar_ray.paths import tracking_uri_for
@@ -34,7 +35,14 @@ def test_a_calibrated_cv_reports_its_cross_fitted_score_and_registers_its_temper
     assert cv.columns()["calibrated"] is scores["calibrated"]
     assert "temperatures spinal" in cv.format() and "its cv_score" in cv.format()
     model_oof = calibrated.fit.calibration.apply([assemble_oof(small_cache.study_ids, outcomes)])
-    assert cv.model_score.total == pytest.approx(score_arrays(small_cache.labels, model_oof).total)
+    last, best = (assemble_oof(small_cache.study_ids, outcomes, epoch) for epoch in ("last", "best"))
+    crossed = np.empty_like(best)  # each fold's registered weights, by temperatures fitted on the other fold
+    for fold in (0, 1):
+        held = np.equal(SMALL_FOLDS, fold)
+        crossed[held] = apply_group_temperatures(best[held], fit_group_temperatures(small_cache.labels[~held],
+                                                                                    last[~held]))  # fmt: skip
+    assert cv.model_score.total == pytest.approx(score_arrays(small_cache.labels, crossed).total)  # cannot flatter
+    assert cv.model_score.total != pytest.approx(score_arrays(small_cache.labels, model_oof).total, abs=1e-6)
     metrics = MlflowClient(tracking_uri_for(cfg)).get_run(cv.mlflow_run_id).data.metrics
     assert metrics["cv_calibrated_total"] == pytest.approx(scores["calibrated"].total)
     assert metrics["temperature_spinal"] == pytest.approx(calibrated.fit.calibration.temperatures["spinal"])
