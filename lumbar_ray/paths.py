@@ -24,6 +24,7 @@ resources a run is given, so the same model trained on more workers finds its ea
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -69,6 +70,9 @@ _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     # The detectors ship with the registered ensemble, so their settings are part of the run; not their resources.
     "localize": set(LOCALIZE_RESOURCE_FIELDS),
     "predict": None,
+    # Post-processing fitted after training on the stored out-of-fold predictions: switching it on re-scores the
+    # same folds (a rerun finds them trained) instead of training them again.
+    "calibrate": None,
 }
 
 
@@ -122,7 +126,22 @@ def cv_run_id(cfg: Config) -> str:
         else:
             for key in keys:
                 tree[section].pop(key, None)
+    if tree["cv"].get("predicted_points") is not None:  # what the folds are scored at, not where the file lies
+        tree["cv"]["predicted_points"] = _content_digest(tree["cv"]["predicted_points"])
     return settings_hash(tree, "cv-", length=10)
+
+
+def _content_digest(path: str) -> str:
+    """``sha256:<hex>`` of a local file's bytes (the same points moved or copied keep their runs; new points in the
+    same file get new ones); a path that is not a local file stays as it is."""
+    file = Path(path)
+    if not file.is_file():
+        return path
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def ensemble_id(cfg: Config, run_ids: list[str] | tuple[str, ...]) -> str:

@@ -122,15 +122,35 @@ def test_crops_in_mm_and_per_series_jitter_keep_the_ids_at_their_defaults_and_ge
     assert localize_key(in_mm) == localize_key(px) == localize_key(slices) == localize_key(base)
 
 
-def test_calibration_keeps_the_ids_at_its_default_and_an_ensemble_id_names_its_members(tmp_path: Path) -> None:
+def test_calibration_keeps_the_ids_and_an_ensemble_id_names_its_members(tmp_path: Path) -> None:
     from lumbar_ray.paths import ensemble_id
 
     base = Config(workdir=str(tmp_path))
     explicit = Config.model_validate({"workdir": str(tmp_path), "calibrate": {"temperature": False}})
     assert cv_run_id(explicit) == cv_run_id(base) == "cv-a45d0f059f"  # the golden id above
     calibrated = Config.model_validate({"workdir": str(tmp_path), "calibrate": {"temperature": True}})
-    assert cv_run_id(calibrated) != cv_run_id(base) and localize_key(calibrated) == localize_key(base)
+    # fitted on the stored out-of-fold predictions after training: switching it on re-scores, it does not retrain
+    assert cv_run_id(calibrated) == cv_run_id(base) and localize_key(calibrated) == localize_key(base)
     ids = {ensemble_id(base, ["cv-a", "cv-b"]), ensemble_id(base, ["cv-b", "cv-a"]),
            ensemble_id(calibrated, ["cv-a", "cv-b"]), ensemble_id(base, ["cv-a"])}  # fmt: skip
     assert len(ids) == 4 and all(name.startswith("ens-") for name in ids)
     assert ensemble_id(base, ["cv-a", "cv-b"]) == ensemble_id(Config(workdir=str(tmp_path / "other")), ["cv-a", "cv-b"])
+
+
+def test_predicted_points_are_hashed_by_their_contents_not_their_path(tmp_path: Path) -> None:
+    import pandas as pd
+
+    def with_points(path: Path) -> Config:
+        return Config.model_validate({"workdir": str(tmp_path), "cv": {"predicted_points": str(path)}})
+
+    points = pd.DataFrame({"study_id": [1], "target": [0], "series_id": [2], "slice": [3], "x": [4.0], "y": [5.0]})
+    (tmp_path / "a").mkdir()
+    points.to_parquet(tmp_path / "a" / "points.parquet", index=False)
+    points.to_parquet(tmp_path / "copy.parquet", index=False)
+    same = {
+        cv_run_id(with_points(tmp_path / "a" / "points.parquet")),
+        cv_run_id(with_points(tmp_path / "copy.parquet")),
+    }
+    assert len(same) == 1 and same != {cv_run_id(Config(workdir=str(tmp_path)))}
+    points.assign(x=6.0).to_parquet(tmp_path / "a" / "points.parquet", index=False)  # new points, the same file
+    assert cv_run_id(with_points(tmp_path / "a" / "points.parquet")) not in same
