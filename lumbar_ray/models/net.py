@@ -154,6 +154,11 @@ class LSTMPool(nn.Module):
         return self.attention.forward_with_scores(sequence)
 
 
+def pool_has_attention(name: str) -> bool:
+    """Whether the slice pooling called ``name`` has attention logits (what the auxiliary slice loss trains)."""
+    return bool(make_pool(name, 8).has_attention)
+
+
 def make_pool(name: str, dim: int) -> nn.Module:
     """The slice pooling called ``name`` for ``dim``-wide features.
 

@@ -66,6 +66,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 """Known values of ``ModelConfig.arch``."""
 
 
+def resolved_pool(arch: str, pool: str | None) -> str:
+    """The slice pooling a model gets: ``pool`` when set, else the architecture's default.
+
+    Raises:
+        ValueError: on an unknown ``arch``.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model.arch {arch!r}; known architectures: {sorted(ARCHITECTURES)}")
+    return pool or ARCHITECTURES[arch].pool
+
+
 def build_model(
     model: ModelConfig, crop: CropConfig, class_prior: tuple[float, ...] = DEFAULT_CLASS_PRIOR
 ) -> nn.Module:
@@ -83,13 +94,10 @@ def build_model(
     Raises:
         ValueError: on an unknown ``model.arch`` (the message lists the known ones) or encoder name.
     """
-    if model.arch not in ARCHITECTURES:
-        raise ValueError(f"unknown model.arch {model.arch!r}; known architectures: {sorted(ARCHITECTURES)}")
+    pool = resolved_pool(model.arch, model.pool)  # first: it names an unknown architecture
     if len(class_prior) != len(SEVERITIES):
         raise ValueError(f"class_prior needs {len(SEVERITIES)} values, got {len(class_prior)}")
-    spec = ARCHITECTURES[model.arch]
-    encoder_name = model.encoder or spec.encoder
-    pool = model.pool or spec.pool
+    encoder_name = model.encoder or ARCHITECTURES[model.arch].encoder
     encoder = create_encoder(encoder_name, pretrained=model.pretrained, in_chans=model.in_chans,
                              pretrained_file=model.pretrained_file)  # fmt: skip
     net = SeverityNet(

@@ -26,7 +26,7 @@ from lumbar_ray.train.cv import run_cv
 from lumbar_ray.train.inputs import prepare_inputs
 from lumbar_ray.train.register import register_cv
 from lumbar_ray.tune.report import finish_tuning, tune_parent_run
-from lumbar_ray.tune.space import apply_params, warn_if_class_weights_searched
+from lumbar_ray.tune.space import apply_params, check_space, warn_if_class_weights_searched
 from lumbar_ray.tune.trainable import METRIC, TIME_ATTR, cv_trial
 
 if TYPE_CHECKING:  # Ray Tune's types, for annotations only: importing ray.tune costs seconds
@@ -192,6 +192,7 @@ def run_tune(cfg: Config, resume: bool = False, register_best: bool = False) -> 
     from ray import tune
 
     warn_if_class_weights_searched(cfg.tune.space)
+    check_space(cfg)
     out_dir = tune_dir_for(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = _experiment_path(cfg)

@@ -15,7 +15,7 @@ from lumbar_ray.losses import SeverityLoss
 from lumbar_ray.models import build_model
 from lumbar_ray.train.steps import make_optimizer, predict, train_epoch
 from lumbar_ray.tune.run import max_concurrency, search_space
-from lumbar_ray.tune.space import apply_params, miscalibrating_keys, warn_if_class_weights_searched
+from lumbar_ray.tune.space import apply_params, check_space, miscalibrating_keys, warn_if_class_weights_searched
 from lumbar_ray.tune.trainable import trial_config
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
@@ -50,6 +50,21 @@ def test_a_space_that_searches_the_class_weights_runs_with_a_warning(caplog):
     with caplog.at_level("WARNING", logger="lumbar_ray.tune.space"):
         assert warn_if_class_weights_searched(Config().tune.space) == []
     assert caplog.text == ""
+
+
+def test_a_space_whose_trials_cannot_train_the_aux_slice_loss_is_refused_before_any_trial():
+    """The auxiliary slice loss trains the pooling's attention: a mean pool, set or searched, alongside a searched
+    or set weight above 0 fails every trial, so the search refuses to start; any other mix starts."""
+    aux = "loss.aux_slice_weight: {dist: uniform, low: 0.0, high: 1.0}"
+    pools = "model.pool: {dist: choice, values: [lstm, mean]}"
+    for bad in ([f"tune.space={{{aux}}}", "model.pool=mean"], [f"tune.space={{{aux}, {pools}}}"],
+                ["loss.aux_slice_weight=0.5", f"tune.space={{{pools}}}"]):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"slice pooling \['mean'\].*every trial would fail"):
+            check_space(load_config(None, bad))
+    for good in ([f"tune.space={{{aux}}}"], ["tune.space={model.pool: {dist: choice, values: [mean]}}"],
+                 [f"tune.space={{{aux}, model.arch: {{dist: choice, values: [tiny, convnext_nano]}}}}"]):  # fmt: skip
+        check_space(load_config(None, good))
+    check_space(load_config(QUICKSTART))
 
 
 def test_space_is_validated_with_the_config(tmp_path):
