@@ -4,8 +4,8 @@ Counts, with ``torch.utils.flop_counter``, the floating-point operations of one 
 config's crop geometry and model (in eval mode too, where the test-time flip doubles it), takes a training step as
 three forwards (the backward computes the gradients of the inputs and of the weights, each about a forward; torch's
 counter cannot be used for it: it ignores the groups of a grouped convolution's backward, so it counts a
-depthwise convolution's backward as many times too high as the convolution has channels), measures how long a training step takes on this machine's CPU, and turns
-the counts into GPU hours per fold::
+depthwise convolution's backward as many times too high as the convolution has channels), measures how long a
+training step takes on this machine's CPU, and turns the counts into GPU hours per fold::
 
     fold FLOPs = epochs x (training studies x step FLOPs + validation studies x prediction FLOPs)
     GPU hours  = fold FLOPs / (peak FLOP/s x utilisation) / 3600
