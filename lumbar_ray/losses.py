@@ -22,7 +22,11 @@ are trained, by a plain cross-entropy averaged over the targets whose labelled s
 that slice. It is added on top of the severity terms' mean, ``total += aux_slice_weight * aux_slice``, rather
 than entering the mean, so switching it on leaves the scale of the severity loss (and the learning rate tuned
 for it) alone. Without attention logits (evaluation, where only probabilities exist) or without any usable slice
-target in the batch it adds nothing and ``parts["aux_slice"]`` is 0.0.
+target in the batch it adds nothing and ``parts["aux_slice"]`` is 0.0. Near the edge of a block of slices a crop
+repeats its end slice (the crop never mixes blocks); when the labelled slice is repeated ``k`` times the plain
+attention pool gives the copies the same logit, so the term cannot fall below ``log(k)`` for that target, but its
+gradient vanishes once the copies share the attention the labelled slice should get: it reads higher, it does not
+pull the attention anywhere else.
 
 Unlike the metric the probabilities are not clipped: everything is computed from ``log_softmax``, which is
 finite for finite logits, and ``log(1 - P(severe))`` is taken as ``logsumexp`` of the other two classes' log
