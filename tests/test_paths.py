@@ -134,3 +134,11 @@ def test_calibration_keeps_the_ids_at_its_default_and_an_ensemble_id_names_its_m
            ensemble_id(calibrated, ["cv-a", "cv-b"]), ensemble_id(base, ["cv-a"])}  # fmt: skip
     assert len(ids) == 4 and all(name.startswith("ens-") for name in ids)
     assert ensemble_id(base, ["cv-a", "cv-b"]) == ensemble_id(Config(workdir=str(tmp_path / "other")), ["cv-a", "cv-b"])
+
+
+def test_the_second_view_keeps_the_ids_at_its_default_and_gets_its_own_when_on(tmp_path: Path) -> None:
+    base = Config(workdir=str(tmp_path))
+    explicit = Config.model_validate({"workdir": str(tmp_path), "crop": {"second_view": False}})
+    assert cv_run_id(explicit) == cv_run_id(base) == "cv-a45d0f059f"  # the golden id above
+    two_views = Config.model_validate({"workdir": str(tmp_path), "crop": {"second_view": True}})
+    assert cv_run_id(two_views) != cv_run_id(base) and localize_key(two_views) == localize_key(base)
