@@ -499,9 +499,11 @@ class CropDataset(Dataset):
         self.seed = int(seed)
         # Per crop (25 * views, view-major): the point's series, slice, (x, y) and whether it exists.
         self.series, self.slices, self.xy, self.mask = _view_arrays(self.study_ids, points, crop.views)
-        # The label points' series and slices: -1 series (never a crop's) where no label point is known.
+        # The label points' series and slices (of the targets' own crops): -1 series (never a crop's) where no
+        # label point is known.
         if slice_points is None:
-            self.label_series, self.label_slices = np.full_like(self.series, -1), np.zeros_like(self.slices)
+            shape = (len(self.study_ids), len(TARGETS))
+            self.label_series, self.label_slices = np.full(shape, -1, np.int64), np.zeros(shape, np.int64)
         else:
             self.label_series, self.label_slices, _, _ = _point_arrays(self.study_ids, slice_points)
         # Shared memory: DataLoader workers (forked, spawned or persistent) see the epoch set on the main copy.
