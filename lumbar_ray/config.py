@@ -81,7 +81,7 @@ class PreprocessConfig(_Strict):
 
 
 class CropConfig(_Strict):
-    """2.5D crops around each target's level point (one crop per target, 25 per study)."""
+    """2.5D crops around each target's level point (one crop per target and view: 25 or 50 per study)."""
 
     size: int = Field(32, ge=8, description="output side of every crop slice, pixels")
     region: int = Field(48, ge=8, description="side of the square cut from the cache grid (cache pixels)")
@@ -92,6 +92,12 @@ class CropConfig(_Strict):
         "with each point's own slice's pixel spacing, so a crop shows the same anatomy at any field of view",
     )
     slices: int = Field(5, ge=1, description="slices per crop, centred on the point's slice (odd)")
+    second_view: bool = Field(
+        False,
+        description="a second crop per target from the level's axial slices (spinal canal between the two "
+        "subarticular points, each foramen at its side's subarticular point; subarticular has none): items hold "
+        "25 x 2 crops, and the network fuses each target's views before its heads",
+    )
 
     @field_validator("slices")
     @classmethod
@@ -99,6 +105,11 @@ class CropConfig(_Strict):
         if value % 2 == 0:
             raise ValueError("crop.slices must be odd so that the point's slice is the centre")
         return value
+
+    @property
+    def views(self) -> int:
+        """Crops per target in a study item: 2 with ``second_view``, else 1 (its crops are ``25 * views``)."""
+        return 2 if self.second_view else 1
 
 
 class AugmentConfig(_Strict):

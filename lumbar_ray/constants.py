@@ -83,6 +83,19 @@ CONDITION_SERIES: dict[str, str] = {
 }
 """The series type on which each condition is read (and labelled in the coordinates file)."""
 
+SECOND_VIEW_SOURCES: dict[str, tuple[str, ...]] = {
+    "spinal_canal_stenosis": ("left_subarticular_stenosis", "right_subarticular_stenosis"),
+    "left_neural_foraminal_narrowing": ("left_subarticular_stenosis",),
+    "right_neural_foraminal_narrowing": ("right_subarticular_stenosis",),
+}
+"""The second view of a target (``crop.second_view``): per condition that has one, the conditions whose points at
+the same level place it, in order of preference. Both pairs the 1st place of RSNA 2024 found useful read the
+level's axial slices: the canal between the two subarticular points, each foramen at its own side's subarticular
+point. Subarticular targets have no second view (a sagittal one did not help them)."""
+
+MAX_VIEWS: int = 2
+"""Views per target a study item can hold: its own series and, with ``crop.second_view``, the second view."""
+
 
 def series_slug(description: str) -> str:
     """A folder-, tag- and metric-safe name of a series type: ``Sagittal T2/STIR`` -> ``sagittal_t2_stir``."""

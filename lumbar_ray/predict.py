@@ -9,7 +9,8 @@
    :class:`StudyPredictor`, that loads the ensemble and its level detectors once per actor (a GPU each when
    asked), places every study's 25 points (:func:`lumbar_ray.localize.study.localise_study`), cuts the crops
    with the training crop code (:class:`lumbar_ray.data.crops.CropDataset`), once per crop geometry of the
-   model's members, and predicts;
+   model's members (a member trained with ``crop.second_view`` gets its 50 crops: the contract's crop says so, and
+   the second views derive from the same predicted points), and predicts;
 3. writes the submission (25 rows per study, rows sum to 1, checked with the metric module's validator), a JSON per
    study with the points used, a report listing studies with missing series or unplaced targets, and the resolved
    config beside them.

@@ -12,8 +12,10 @@ ensemble`` combines several, e.g. two architectures). All members share the fold
 and building its networks needs (its ``crop`` and ``model`` configs; members of other crop geometries read other
 inputs, see :func:`contract_inputs`); member ``i`` > 0 stores its folds as ``member<i>_fold_<k>.pt``.
 
-Input: float32 crops ``(B, 25, S, H, W)`` in [0, 1] (the cache's uint8 / 255) in TARGETS order: one array when
-every member crops alike, else ``{input name: crops}``. Output: ``(B, 25, 3)`` probabilities in SEVERITIES
+Input: float32 crops ``(B, 25, S, H, W)`` in [0, 1] (the cache's uint8 / 255) in TARGETS order, or ``(B, 50, S, H,
+W)`` for a member trained with ``crop.second_view`` (the 25, then each target's second view; its contract's
+``crop`` says so and its input's ``shape`` follows): one array when every member crops alike, else
+``{input name: crops}``. Output: ``(B, 25, 3)`` probabilities in SEVERITIES
 order: each member's mean over folds of each fold's softmax, blended over members and calibrated as the contract's
 ``calibration`` says (:class:`lumbar_ray.calibrate.Calibration`: convex weights per condition group, then an
 optional temperature per group, ``softmax(log p / T)``; one member without temperatures: the fold mean itself).
@@ -86,8 +88,9 @@ def detector_key(description: str) -> str:
 
 
 def _input_shape(crop: CropConfig | Mapping[str, Any]) -> list[int]:
+    """``[batch, 25 * views, S, H, W]`` of the crops cut with ``crop`` (50 crops with ``crop.second_view``)."""
     crop = crop if isinstance(crop, CropConfig) else CropConfig(**crop)
-    return [-1, len(TARGETS), crop.slices, crop.size, crop.size]
+    return [-1, len(TARGETS) * crop.views, crop.slices, crop.size, crop.size]
 
 
 def _members_and_inputs(members: Sequence[tuple[str, Config]]) -> tuple[list[dict], dict[str, dict]]:
@@ -150,6 +153,7 @@ def ensemble_contract(
             "dtype": "float32",
             "shape": _input_shape(first.crop),
             "axes": ["batch", "target", "slice", "row", "column"],
+            "views": first.crop.views,
             "range": [0.0, 1.0],
             "missing_target": "all-zero crop",
         },

@@ -110,16 +110,21 @@ def test_ema_and_flip_tta_keep_the_ids_at_their_defaults_and_get_their_own_when_
     assert localize_key(ema) == localize_key(tta) == localize_key(base)
 
 
-def test_crops_in_mm_and_per_series_jitter_keep_the_ids_at_their_defaults_and_get_their_own_when_set(tmp_path):
+def test_crops_in_mm_second_views_and_per_series_jitter_keep_the_ids_at_their_defaults_and_get_their_own_when_set(
+    tmp_path,
+):
     base = Config(workdir=str(tmp_path))
-    defaults = {"crop": {"region_mm": None}, "augment": {"jitter_px_by_series": None, "jitter_slices_by_series": None}}
+    defaults = {"crop": {"region_mm": None, "second_view": False},
+                "augment": {"jitter_px_by_series": None, "jitter_slices_by_series": None}}  # fmt: skip
     explicit = Config.model_validate({"workdir": str(tmp_path), **defaults})
     assert cv_run_id(explicit) == cv_run_id(base) == "cv-a45d0f059f"  # the golden id above
     in_mm = Config.model_validate({"workdir": str(tmp_path), "crop": {"region_mm": 40.0}})
+    two_views = Config.model_validate({"workdir": str(tmp_path), "crop": {"second_view": True}})
     px = Config.model_validate({"workdir": str(tmp_path), "augment": {"jitter_px_by_series": {"Axial T2": 3.0}}})
     slices = Config.model_validate({"workdir": str(tmp_path), "augment": {"jitter_slices_by_series": {"Axial T2": 0}}})
-    assert len({cv_run_id(base), cv_run_id(in_mm), cv_run_id(px), cv_run_id(slices)}) == 4
-    assert localize_key(in_mm) == localize_key(px) == localize_key(slices) == localize_key(base)
+    changed = (in_mm, two_views, px, slices)
+    assert len({cv_run_id(base), *(cv_run_id(cfg) for cfg in changed)}) == 5
+    assert {localize_key(cfg) for cfg in changed} == {localize_key(base)}
 
 
 def test_calibration_keeps_the_ids_and_an_ensemble_id_names_its_members(tmp_path: Path) -> None:

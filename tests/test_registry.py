@@ -123,7 +123,8 @@ def test_contract(registered, tmp_path: Path) -> None:
     assert contract["input"]["shape"] == [-1, 25, 3, 32, 32]
     assert contract["classes"] == list(SEVERITIES) and contract["targets"] == list(TARGETS)
     assert contract["folds"] == FOLDS
-    assert contract["crop"] == {"size": 32, "region": 48, "region_mm": None, "slices": 3}
+    assert contract["crop"] == {"size": 32, "region": 48, "region_mm": None, "slices": 3, "second_view": False}
+    assert contract["input"]["views"] == 1
     assert contract["model"]["arch"] == "tiny"
     assert contract["preprocess"]["dtype"] == "uint8" and contract["preprocess"]["image_size"] == 256
     assert set(contract["versions"]) == {"lumbar_ray", "torch", "timm", "mlflow"}
@@ -143,6 +144,35 @@ def test_the_contract_carries_the_crop_rule_prediction_cuts_with() -> None:
     cfg = Config.model_validate({"crop": {"size": 32, "region": 48, "region_mm": 40.0, "slices": 3}})
     contract = json.loads(json.dumps(ensemble_contract(cfg, FOLDS)))
     assert CropConfig(**contract["crop"]) == cfg.crop and contract["crop"]["region_mm"] == 40.0
+
+
+def test_a_two_view_model_registers_its_50_crop_input_and_predicts_as_its_network(tmp_path: Path) -> None:
+    """``crop.second_view`` travels in the contract: prediction cuts 50 crops by it, the signature expects them and
+    the loaded model predicts what its network does."""
+    from lumbar_ray.registry import contract_inputs, signature_for
+
+    cfg = Config.model_validate({
+        "workdir": str(tmp_path / "work"),
+        "crop": {"size": 32, "slices": 3, "second_view": True},
+        "model": {"arch": "tiny"},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "views-tests",
+                     "model_name": "views_ensemble"},
+    })  # fmt: skip
+    contract = json.loads(json.dumps(ensemble_contract(cfg, [0])))
+    assert contract["input"]["shape"] == [-1, 50, 3, 32, 32] and contract["input"]["views"] == 2
+    assert contract["crop"]["second_view"] is True and contract_inputs(contract)["crops"].views == 2
+    assert signature_for(contract).inputs.inputs[0].shape == (-1, 50, 3, 32, 32)
+    tracker = Tracker.from_config(cfg)
+    state = _states(cfg, seed=6)[0]
+    assert "view_embedding.weight" in state
+    parent = tracker.parent_run("cv-views", kind="cv")
+    result = log_and_register({0: state}, contract, cfg.tracking, tracker.uri, parent, 0.5)
+    loaded = load_ensemble(result.model_uri, tracker.uri)
+    crops = np.random.default_rng(3).random((2, 50, 3, 32, 32), dtype=np.float32)
+    crops[:, 25 + 15 :] = 0.0  # the subarticular targets have no second view
+    np.testing.assert_allclose(loaded.predict_crops(crops, fold=0), _direct(cfg, state, crops), atol=1e-5)
+    with pytest.raises(MlflowException):  # one view's crops do not fit a two-view model's signature
+        loaded.model.predict(crops[:, :25].copy())
 
 
 def test_mismatched_folds_are_refused(registered) -> None:
@@ -265,8 +295,9 @@ def test_the_contract_round_trips_the_members_their_inputs_and_the_calibration(t
     assert [(m["name"], m["input"], m["model"]["tta_flip"]) for m in members] == [
         ("cv-a", "crops", False), ("cv-b", "crops_1", True), ("cv-c", "crops", False)]  # fmt: skip
     inputs = {name: crop.model_dump() for name, crop in contract_inputs(contract).items()}
-    assert inputs == {"crops": {"size": 32, "region": 48, "region_mm": None, "slices": 3},
-                      "crops_1": {"size": 32, "region": 40, "region_mm": None, "slices": 5}}  # fmt: skip
+    assert inputs == {"crops": {"size": 32, "region": 48, "region_mm": None, "slices": 3, "second_view": False},
+                      "crops_1": {"size": 32, "region": 40, "region_mm": None, "slices": 5,
+                                  "second_view": False}}  # fmt: skip
     assert contract["input"]["shape"] == [-1, 25, 3, 32, 32] and contract["crop"] == members[0]["crop"]
     with pytest.raises(ValueError, match="blends 3 parts but there are 1 members"):
         ensemble_contract(small, FOLDS, calibration=calibration)

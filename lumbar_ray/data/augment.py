@@ -25,6 +25,13 @@ Every strength 0 gives the identity. All of this runs in the data-loading worker
 The rule is written once: :func:`flip_permutation` (which target becomes which) and :func:`mirror_crops` (the
 crops of a batch of studies, torch). :func:`flip_targets` applies them to one study item in the data pipeline,
 and the model's test-time flip (:mod:`lumbar_ray.models.net`) to a batch and its predictions.
+
+Views (``crop.second_view``): an item may hold ``25 * k`` crops, ``k`` blocks of 25 in :data:`TARGETS` order, block
+0 each target's own series, block 1 its second view (:data:`~lumbar_ray.constants.SECOND_VIEW_SOURCES`, on the
+level's axial slices). Every per-crop rule here reads the series type of each crop from :func:`target_series_types`
+of ``25 * k`` crops: the jitter bound, whether a crop mirrors in-plane (axial) or along its slices (sagittal), and
+the flip's permutation, which swaps the sided targets within each block, so a second view stays paired with its
+target's own crop.
 """
 
 from __future__ import annotations
@@ -35,45 +42,63 @@ import numpy as np
 import torch
 
 from lumbar_ray.config import AugmentConfig
-from lumbar_ray.constants import CONDITION_SERIES, CONDITIONS, LEVELS, TARGETS
+from lumbar_ray.constants import CONDITION_SERIES, CONDITIONS, LEVELS, MAX_VIEWS, SECOND_VIEW_SOURCES, TARGETS
 
 
-def target_series_types() -> list[str]:
-    """The series type each target is read on, in :data:`TARGETS` order (``Sagittal T2/STIR`` for spinal...)."""
-    return [CONDITION_SERIES[target[:-6]] for target in TARGETS]
+def view_count(n: int) -> int:
+    """How many views ``n`` crops hold (``n = 25 * views``, see the module docstring).
+
+    Raises:
+        ValueError: ``n`` is not 25 times a view count from 1 to :data:`~lumbar_ray.constants.MAX_VIEWS`.
+    """
+    views, rest = divmod(int(n), len(TARGETS))
+    if rest or not 1 <= views <= MAX_VIEWS:
+        raise ValueError(f"crops come in 1 to {MAX_VIEWS} blocks of the {len(TARGETS)} targets, not {n}")
+    return views
+
+
+def _view_condition(condition: str, view: int) -> str:
+    """The condition whose series type crop ``view`` of a ``condition`` target is cut on. A target without a
+    second view keeps its own (its second crop is all-zero: any type would do, a real one keeps tables total)."""
+    return condition if view == 0 else SECOND_VIEW_SOURCES.get(condition, (condition,))[0]
+
+
+def target_series_types(n: int = len(TARGETS)) -> list[str]:
+    """The series type each of ``n`` crops is cut on, ``n = 25 * views`` in view-major :data:`TARGETS` order:
+    ``Sagittal T2/STIR`` for spinal... then, in the second block, ``Axial T2`` for the second views."""
+    return [CONDITION_SERIES[_view_condition(target[:-6], view)] for view in range(view_count(n)) for target in TARGETS]
 
 
 def jitter_bounds(cfg: AugmentConfig, n: int = len(TARGETS)) -> tuple[np.ndarray, np.ndarray]:
-    """Per target, the in-plane (cache pixels) and slice bounds of the point jitter.
+    """Per crop, the in-plane (cache pixels) and slice bounds of the point jitter.
 
-    ``jitter_px`` and ``jitter_slices`` for every target, except where ``jitter_px_by_series`` or
-    ``jitter_slices_by_series`` names the series type the target is read on (the localiser's error differs by
+    ``jitter_px`` and ``jitter_slices`` for every crop, except where ``jitter_px_by_series`` or
+    ``jitter_slices_by_series`` names the series type the crop is cut on (the localiser's error differs by
     series type: the measured one is what training points should share). In-plane bounds stay in cache pixels,
     also when crops are cut in millimetres (``crop.region_mm``): a localiser's error is measured in cache pixels.
 
     Args:
         cfg: the augmentation settings.
-        n: number of targets; per-series bounds need the 25 of :data:`TARGETS`.
+        n: number of crops; per-series bounds need ``25 * views`` of them (:func:`target_series_types`).
 
     Returns:
         ``(px, slices)``: float64 ``(n,)`` and int64 ``(n,)`` bounds.
 
     Raises:
-        ValueError: per-series bounds asked for ``n`` other than 25.
+        ValueError: per-series bounds asked for ``n`` crops that are not blocks of the 25 targets.
     """
     px, slices = np.full(n, float(cfg.jitter_px)), np.full(n, int(cfg.jitter_slices), dtype=np.int64)
     if not (cfg.jitter_px_by_series or cfg.jitter_slices_by_series):
         return px, slices
-    if n != len(TARGETS):
-        raise ValueError(f"per-series jitter is defined for the {len(TARGETS)} targets, not {n}")
-    for t, series_type in enumerate(target_series_types()):
+    for t, series_type in enumerate(target_series_types(n)):
         px[t] = (cfg.jitter_px_by_series or {}).get(series_type, cfg.jitter_px)
         slices[t] = (cfg.jitter_slices_by_series or {}).get(series_type, cfg.jitter_slices)
     return px, slices
 
 
-def flip_permutation() -> np.ndarray:
-    """Target index -> the index of its mirror target (left <-> right; spinal targets map to themselves)."""
+def flip_permutation(n: int = len(TARGETS)) -> np.ndarray:
+    """Crop index -> the index of its mirror crop, for ``n = 25 * views`` crops: left <-> right within each block of
+    25 (spinal targets map to themselves), so every view keeps its place next to its target's other views."""
     order = np.arange(len(TARGETS))
     for index, condition in enumerate(CONDITIONS):
         if condition.startswith("left_"):
@@ -81,29 +106,30 @@ def flip_permutation() -> np.ndarray:
             for level in range(len(LEVELS)):
                 order[index * len(LEVELS) + level] = mirror * len(LEVELS) + level
                 order[mirror * len(LEVELS) + level] = index * len(LEVELS) + level
-    return order
+    return np.concatenate([order + view * len(TARGETS) for view in range(view_count(n))])
 
 
-def axial_targets() -> np.ndarray:
-    """Boolean (25,): targets read on an axial series (their crops mirror in-plane under a flip)."""
-    return np.array([series_type.startswith("Axial") for series_type in target_series_types()])
+def axial_targets(n: int = len(TARGETS)) -> np.ndarray:
+    """Boolean ``(n,)``: crops cut on an axial series (they mirror in-plane under a flip), ``n = 25 * views``."""
+    return np.array([series_type.startswith("Axial") for series_type in target_series_types(n)])
 
 
 def mirror_crops(crops: torch.Tensor) -> torch.Tensor:
     """Mirror studies left/right: the sided targets trade crops, and each crop is mirrored along the patient's x axis.
 
-    Axial crops (subarticular) are reversed along their columns, sagittal crops (spinal, foraminal) along their
-    slices (see the module docstring). A pure permutation and reversal: applying it twice restores the input bit
-    for bit.
+    Axial crops (subarticular, and every second view) are reversed along their columns, sagittal crops (spinal,
+    foraminal) along their slices (see the module docstring). A pure permutation and reversal: applying it twice
+    restores the input bit for bit.
 
     Args:
-        crops: ``(..., 25, S, H, W)`` crops in :data:`TARGETS` order (one study or a batch of them).
+        crops: ``(..., 25 * views, S, H, W)`` crops in view-major :data:`TARGETS` order (one study or a batch).
 
     Returns:
         A new tensor of the same shape, dtype and device.
     """
-    order = torch.as_tensor(flip_permutation(), device=crops.device)
-    axial = torch.as_tensor(axial_targets(), device=crops.device).reshape(-1, 1, 1, 1)
+    n = crops.shape[-4]
+    order = torch.as_tensor(flip_permutation(n), device=crops.device)
+    axial = torch.as_tensor(axial_targets(n), device=crops.device).reshape(-1, 1, 1, 1)
     swapped = crops.index_select(-4, order)
     return torch.where(axial, swapped.flip(-1), swapped.flip(-3))
 
@@ -112,16 +138,15 @@ def flip_targets(crops: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> tup
     """Mirror one study left/right: :func:`mirror_crops` on its crops, the same swap of its labels and mask.
 
     Args:
-        crops: (25, slices, size, size) crops in :data:`TARGETS` order.
+        crops: (25 * views, slices, size, size) crops in view-major :data:`TARGETS` order.
         labels: (25,) labels.
-        mask: (25,) whether each target has a point.
+        mask: (25,) whether each target has a crop, or (25 * views,) whether each crop has a point.
 
     Returns:
         New ``(crops, labels, mask)``; the inputs are not modified.
     """
-    order = flip_permutation()
     flipped = mirror_crops(torch.from_numpy(np.ascontiguousarray(crops))).numpy()
-    return flipped, labels[order].copy(), mask[order].copy()
+    return flipped, labels[flip_permutation()].copy(), mask[flip_permutation(len(mask))].copy()
 
 
 def flip_slice_targets(slice_targets: np.ndarray, n_slices: int) -> np.ndarray:
@@ -143,7 +168,7 @@ def flip_slice_targets(slice_targets: np.ndarray, n_slices: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AugmentParams:
-    """The random draw of one study item (arrays are per target, in :data:`TARGETS` order).
+    """The random draw of one study item (arrays are per crop, in view-major :data:`TARGETS` order).
 
     Attributes:
         shift_xy: (n, 2) in-plane point shift (x, y), cache pixels, each within its target's bound.
@@ -187,7 +212,7 @@ class Augmenter:
 
         Args:
             rng: the item's generator.
-            n: number of targets.
+            n: number of crops (``25 * views``); each crop draws its own jitter, rotation, zoom and photometry.
         """
         cfg = self.cfg
         px, slices = jitter_bounds(cfg, n)
@@ -235,16 +260,16 @@ class Augmenter:
         """The post-crop part: photometric changes, missing targets back to zero, then the flip.
 
         Args:
-            crops: (25, slices, size, size) float32 crops cut at the jittered points.
+            crops: (25 * views, slices, size, size) float32 crops cut at the jittered points.
             labels: (25,) labels (IGNORE_INDEX where empty or missing).
-            mask: (25,) whether each target has a point.
+            mask: (25 * views,) whether each crop has a point.
             params: this item's draw.
 
         Returns:
             ``(crops, labels, mask)``, new arrays.
         """
         out = self.photometric(crops, params)
-        out[~mask] = 0.0  # a missing target stays an all-zero crop whatever the brightness
+        out[~mask] = 0.0  # a missing crop stays all-zero whatever the brightness (the network masks it by that)
         if params.flip:
             return flip_targets(out, labels, mask)
         return out, labels.copy(), mask.copy()

@@ -21,6 +21,16 @@ POINTS frame: one row per ``(study_id, target)`` with ``study_id`` (int), ``targ
 A target without a point gets an all-zero crop, ``mask`` False and an :data:`IGNORE_INDEX` label: it drops out
 of the loss, never its study.
 
+Second view (``crop.second_view``): the item then holds ``25 * 2`` crops, view-major: the 25 crops above in
+:data:`TARGETS` order, then each target's second view in the same order, cut by the same code from the level's
+axial slices (:func:`second_view_points`: the spinal canal between the level's two subarticular points, each
+foramen at its side's subarticular point; subarticular targets have none, their second crop stays all-zero, as
+does any second view whose points are missing). Each crop draws its own jitter, bounded by the series type it is
+cut on, and the flip swaps the sided targets within each block of 25
+(:func:`lumbar_ray.data.augment.flip_permutation`). ``labels`` and ``mask`` stay 25 wide: a target is masked only
+when it has no view at all. Because the second-view points derive from a study's own points, labelled and
+predicted points give second views by one rule.
+
 Slice targets (the auxiliary slice loss, :mod:`lumbar_ray.losses`): given the label points (``slice_points``),
 an item also says, per target, at which index of its crop's ``S`` slices the labelled slice lies
 (``slice_target``, :func:`slice_target`). The crop is centred on the (jittered) point's slice, so a slice jitter
@@ -50,7 +60,9 @@ from lumbar_ray.constants import (
     CONDITION_TITLES,
     IGNORE_INDEX,
     LEVEL_TITLES,
+    LEVELS,
     POINT_COLUMNS,
+    SECOND_VIEW_SOURCES,
     TARGETS,
     target_index,
 )
@@ -220,6 +232,49 @@ def _series_entry(
     return CachedSeries(volume=np.zeros((0, 0, 0), dtype=np.uint8), meta=meta), ""
 
 
+# --- second views
+
+
+def _second_view_sources() -> pd.DataFrame:
+    """One row per second view and point placing it: ``served`` target, ``source`` target (same level) and the
+    source's ``rank`` (0 = preferred) in :data:`~lumbar_ray.constants.SECOND_VIEW_SOURCES`."""
+    rows = [{"served": target_index(condition, level), "source": target_index(source, level), "rank": rank}
+            for condition, sources in SECOND_VIEW_SOURCES.items() for level in LEVELS
+            for rank, source in enumerate(sources)]  # fmt: skip
+    return pd.DataFrame(rows, columns=["served", "source", "rank"])
+
+
+def second_view_points(points: pd.DataFrame) -> pd.DataFrame:
+    """Each study's second-view points, derived from its own points (labelled and predicted ones alike).
+
+    The second view of a target lies where the points of its sources
+    (:data:`~lumbar_ray.constants.SECOND_VIEW_SOURCES`, at the same level) lie: on the series and slice of its
+    preferred source that has a point, at the mean ``(x, y)`` of the sources on that same series and slice. So the
+    spinal canal's second view at a level is midway between the level's left and right subarticular points when
+    both lie on one axial slice, else at the one that exists (the left one when both exist on different slices);
+    a foramen's is its side's subarticular point; no source point (and no subarticular target) means no second
+    view. Rows without coordinates and repeated ``(study_id, target)`` rows are dropped first, as the dataset
+    drops them (:func:`usable_points`).
+
+    Args:
+        points: POINTS frame.
+
+    Returns:
+        POINTS frame whose ``target`` is the target each point serves, sorted by study and target.
+    """
+    frame = usable_points(points).merge(_second_view_sources(), left_on="target", right_on="source")
+    if frame.empty:
+        return _empty_points()
+    frame = frame.sort_values(["study_id", "served", "rank"], kind="stable")
+    keys = ["study_id", "served"]
+    first = frame.groupby(keys)[["series_id", "slice"]].transform("first")
+    frame = frame[(frame["series_id"] == first["series_id"]) & (frame["slice"] == first["slice"])]
+    served = frame.groupby(keys, as_index=False).agg(series_id=("series_id", "first"), slice=("slice", "first"),
+                                                     x=("x", "mean"), y=("y", "mean"))  # fmt: skip
+    served = served.rename(columns={"served": "target"})[list(POINT_COLUMNS)]
+    return served.astype(_empty_points().dtypes.to_dict()).reset_index(drop=True)
+
+
 # --- one crop
 
 
@@ -362,6 +417,17 @@ def point_block(series: CachedSeries, slice: int) -> tuple[int, int]:
     return series.meta.block_bounds(int(np.clip(slice, 0, n - 1)))
 
 
+def usable_points(points: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a POINTS frame that place a crop: those with both coordinates, the first of each
+    ``(study_id, target)`` (a repeat is logged)."""
+    frame = points[points[["x", "y"]].notna().all(axis=1)]
+    repeated = frame.duplicated(["study_id", "target"], keep="first")
+    if repeated.any():
+        logger.warning("POINTS frame repeats %d (study, target) pairs: the first of each is used", int(repeated.sum()))
+        frame = frame[~repeated]
+    return frame
+
+
 def _point_arrays(study_ids: np.ndarray, points: pd.DataFrame) -> tuple[np.ndarray, ...]:
     """Per study and target: series id, slice, (x, y) and whether a point exists."""
     n = len(study_ids)
@@ -370,12 +436,7 @@ def _point_arrays(study_ids: np.ndarray, points: pd.DataFrame) -> tuple[np.ndarr
     xy = np.zeros((n, len(TARGETS), 2), dtype=np.float64)
     mask = np.zeros((n, len(TARGETS)), dtype=bool)
     row_of = {int(study): i for i, study in enumerate(study_ids)}
-    frame = points[points["study_id"].isin(row_of)]
-    frame = frame[frame[["x", "y"]].notna().all(axis=1)]
-    repeated = frame.duplicated(["study_id", "target"], keep="first")
-    if repeated.any():
-        logger.warning("POINTS frame repeats %d (study, target) pairs: the first of each is used", int(repeated.sum()))
-        frame = frame[~repeated]
+    frame = usable_points(points[points["study_id"].isin(row_of)])
     rows = frame["study_id"].map(row_of).to_numpy(dtype=np.int64)
     targets = frame["target"].to_numpy(dtype=np.int64)
     series[rows, targets] = frame["series_id"].to_numpy(dtype=np.int64)
@@ -385,8 +446,18 @@ def _point_arrays(study_ids: np.ndarray, points: pd.DataFrame) -> tuple[np.ndarr
     return series, slices, xy, mask
 
 
+def _view_arrays(study_ids: np.ndarray, points: pd.DataFrame, views: int) -> tuple[np.ndarray, ...]:
+    """:func:`_point_arrays` of every crop: ``(n, 25 * views)`` view-major, the points themselves, then (two
+    views) their :func:`second_view_points`."""
+    view_points = [points]
+    if views > 1:
+        view_points.append(second_view_points(points))
+    arrays = [_point_arrays(study_ids, frame) for frame in view_points]
+    return tuple(np.concatenate(parts, axis=1) for parts in zip(*arrays, strict=True))
+
+
 class CropDataset(Dataset):
-    """One item per study: its 25 target crops, labels and point mask (see the module docstring).
+    """One item per study: its ``25 * crop.views`` crops, 25 labels and target mask (see the module docstring).
 
     Volumes are opened per item (memory-mapped on a local cache), so the dataset holds no file handle: it
     pickles (Ray ships it, DataLoader workers may spawn) and forks safely.
@@ -426,16 +497,19 @@ class CropDataset(Dataset):
         self.labels = labels
         self.augmenter = Augmenter(augment) if augment is not None else None
         self.seed = int(seed)
-        self.series, self.slices, self.xy, self.mask = _point_arrays(self.study_ids, points)
-        # The label points' series and slices: -1 series (never a crop's) where no label point is known.
+        # Per crop (25 * views, view-major): the point's series, slice, (x, y) and whether it exists.
+        self.series, self.slices, self.xy, self.mask = _view_arrays(self.study_ids, points, crop.views)
+        # The label points' series and slices (of the targets' own crops): -1 series (never a crop's) where no
+        # label point is known.
         if slice_points is None:
-            self.label_series, self.label_slices = np.full_like(self.series, -1), np.zeros_like(self.slices)
+            shape = (len(self.study_ids), len(TARGETS))
+            self.label_series, self.label_slices = np.full(shape, -1, np.int64), np.zeros(shape, np.int64)
         else:
             self.label_series, self.label_slices, _, _ = _point_arrays(self.study_ids, slice_points)
         # Shared memory: DataLoader workers (forked, spawned or persistent) see the epoch set on the main copy.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         missing = int((~self.mask).sum())
-        logger.info("crop dataset: %d studies, %d of %d target points missing", len(self), missing, self.mask.size)
+        logger.info("crop dataset: %d studies, %d of %d crop points missing", len(self), missing, self.mask.size)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -458,9 +532,9 @@ class CropDataset(Dataset):
     def params(self, index: int) -> AugmentParams:
         """The augmentation draw of item ``index`` in the current epoch (identity without augmentation)."""
         if self.augmenter is None:
-            return AugmentParams.identity()
+            return AugmentParams.identity(self.mask.shape[1])
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        return self.augmenter.sample(rng)
+        return self.augmenter.sample(rng, self.mask.shape[1])
 
     def _volumes(self, index: int, mask: np.ndarray) -> tuple[dict[int, CachedSeries], np.ndarray]:
         """The series of an item (each opened once); targets whose series is unreadable are dropped."""
@@ -477,39 +551,51 @@ class CropDataset(Dataset):
                 mask &= self.series[index] != series_id
         return volumes, mask
 
+    def _slice_target(self, index: int, target: int, series: CachedSeries, centre: int, bounds: tuple[int, int]) -> int:
+        """Where the labelled slice lies in ``target``'s own crop (:func:`slice_target`), IGNORE_INDEX where the
+        label point is unknown or on another series than the crop's."""
+        if self.label_series[index, target] != self.series[index, target] or len(series.volume) == 0:
+            return IGNORE_INDEX
+        indices = crop_slices(centre, self.crop.slices, len(series.volume), bounds)
+        return slice_target(int(self.label_slices[index, target]), indices, centre)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index = int(index)
         params = self.params(index)
-        volumes, mask = self._volumes(index, self.mask[index])
+        volumes, crop_mask = self._volumes(index, self.mask[index])
         slices, xs, ys = Augmenter.jitter_points(self.slices[index], self.xy[index, :, 0], self.xy[index, :, 1], params)
-        crops = np.zeros((len(TARGETS), self.crop.slices, self.crop.size, self.crop.size), dtype=np.float32)
+        crops = np.zeros((len(crop_mask), self.crop.slices, self.crop.size, self.crop.size), dtype=np.float32)
         slice_targets = np.full(len(TARGETS), IGNORE_INDEX, dtype=np.int64)
-        for t in np.flatnonzero(mask):
-            series = volumes[int(self.series[index, t])]
-            bounds = point_block(series, int(self.slices[index, t]))
-            crops[t] = crop_stack(
+        for c in np.flatnonzero(crop_mask):
+            series = volumes[int(self.series[index, c])]
+            bounds = point_block(series, int(self.slices[index, c]))
+            crops[c] = crop_stack(
                 series.volume,
-                int(slices[t]),
-                float(xs[t]),
-                float(ys[t]),
+                int(slices[c]),
+                float(xs[c]),
+                float(ys[c]),
                 self.crop,
-                angle_deg=float(params.angle_deg[t]),
-                zoom=float(params.zoom[t]),
+                angle_deg=float(params.angle_deg[c]),
+                zoom=float(params.zoom[c]),
                 bounds=bounds,
-                region=crop_region(self.crop, series, int(self.slices[index, t])),
+                region=crop_region(self.crop, series, int(self.slices[index, c])),
             )
-            if self.label_series[index, t] == self.series[index, t] and len(series.volume) > 0:
-                indices = crop_slices(int(slices[t]), self.crop.slices, len(series.volume), bounds)
-                slice_targets[t] = slice_target(int(self.label_slices[index, t]), indices, int(slices[t]))
-        labels = np.where(mask, self.labels[index], IGNORE_INDEX).astype(np.int64)
+            if c < len(TARGETS):  # the slice targets are about each target's own crop (the first view) only
+                slice_targets[c] = self._slice_target(index, c, series, int(slices[c]), bounds)
+        labels = np.where(_target_mask(crop_mask), self.labels[index], IGNORE_INDEX).astype(np.int64)
         if self.augmenter is not None:
-            crops, labels, mask = self.augmenter.apply(crops, labels, mask, params)
+            crops, labels, crop_mask = self.augmenter.apply(crops, labels, crop_mask, params)
             if params.flip:
                 slice_targets = flip_slice_targets(slice_targets, self.crop.slices)
         return {
             "crops": torch.from_numpy(np.ascontiguousarray(crops)),
             "labels": torch.from_numpy(labels),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
+            "mask": torch.from_numpy(np.ascontiguousarray(_target_mask(crop_mask))),
             "slice_target": torch.from_numpy(slice_targets),
             "study_id": torch.tensor(int(self.study_ids[index]), dtype=torch.int64),
         }
+
+
+def _target_mask(crop_mask: np.ndarray) -> np.ndarray:
+    """``(25,)`` whether each target has a crop in any view, from the ``(25 * views,)`` mask of the crops."""
+    return crop_mask.reshape(-1, len(TARGETS)).any(axis=0)

@@ -1,7 +1,9 @@
 """The 2.5D severity classifier: a shared per-slice encoder, pooling over slices, per-condition-group heads.
 
 Input: the 25 crops of a study, ``(B, 25, S, H, W)`` float32 in [0, 1] (one crop of ``S`` slices per target, in
-:data:`lumbar_ray.constants.TARGETS` order). Output: ``(B, 25, 3)`` logits.
+:data:`lumbar_ray.constants.TARGETS` order), or with ``views = 2`` its 50 crops ``(B, 50, S, H, W)``: those 25, then
+each target's second view in the same order (``crop.second_view``, :mod:`lumbar_ray.data.crops`). Output:
+``(B, 25, 3)`` logits.
 
 Per target crop:
 
@@ -14,9 +16,18 @@ Per target crop:
    bidirectional LSTM, then attention) or ``mean``. The attention pools can also return their scores (the
    logits over the ``S`` slices, before the softmax): ``forward(crops, return_attention=True)``, which the
    auxiliary slice loss trains to point at the labelled slice (see :mod:`lumbar_ray.losses`).
-4. A learned target embedding (one per of the 25 targets) is added to the pooled feature, so the shared
+4. Views (``views = 2`` only): each view's pooled feature gets a learned view embedding added, and the views of
+   a target are fused by their mean over the views that are *present*. A view is present iff its crop is not all
+   zeros: the data pipeline gives a view without a point (a subarticular target's second view, a missing series
+   or point) an all-zero crop and nothing else is all-zero, and an all-zero crop carries no information, so masking
+   it out is exact. A missing view is left out of the mean (its features are never used, whatever they are), not
+   zeroed into it, so a target seen once is read as it is, not diluted towards zero. In training mode, layers
+   with batch statistics (BatchNorm) still see every crop of the batch, as they see a one-view model's missing
+   targets. A target with no view at all gets the zero vector here; its output is ignored (the loss masks it,
+   prediction fills it with the prior) as with one view.
+5. A learned target embedding (one per of the 25 targets) is added to the pooled (fused) feature, so the shared
    encoder's output is read knowing the condition and level (the severity prior differs a lot by level).
-5. LayerNorm, dropout, then one linear head per condition group (spinal / foraminal / subarticular). The left
+6. LayerNorm, dropout, then one linear head per condition group (spinal / foraminal / subarticular). The left
    and right targets of a condition share their group's head, because the left/right flip augmentation swaps
    them: a head per side would only learn what the embedding already can.
 
@@ -28,6 +39,10 @@ and of their left/right mirror, the mirror's sided targets swapped back (:func:`
 flip's own rule :func:`lumbar_ray.data.augment.mirror_crops`). It lives in the network, so the validation (OOF)
 predictions and the registered model, which both run the network in eval mode, apply it alike. The output is then
 the log of those probabilities: valid logits (``softmax(log p) = p``), so every caller's softmax still holds.
+With two views the mirror flips both blocks of 25 crops alike (the sided targets swap within each block).
+
+With ``views = 1`` (the default) the network, its parameters and its outputs are exactly those of before views
+existed: checkpoints of one-view models load unchanged.
 """
 
 from __future__ import annotations
@@ -38,7 +53,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lumbar_ray.constants import CONDITION_GROUPS, CONDITIONS, LEVELS, SEVERITIES, TARGETS, condition_group
+from lumbar_ray.constants import (
+    CONDITION_GROUPS,
+    CONDITIONS,
+    LEVELS,
+    MAX_VIEWS,
+    SEVERITIES,
+    TARGETS,
+    condition_group,
+)
 from lumbar_ray.data.augment import flip_permutation, mirror_crops
 
 DEFAULT_CLASS_PRIOR: tuple[float, float, float] = (0.75, 0.18, 0.07)
@@ -74,6 +97,12 @@ def slice_windows(stacks: torch.Tensor, in_chans: int) -> torch.Tensor:
     return stacks[:, index]
 
 
+def present_views(crops: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` boolean: whether each of the ``N`` crops holds anything (a crop that is all zeros is a missing
+    view, see the module docstring), from ``(B, N, S, H, W)`` crops."""
+    return crops.flatten(start_dim=2).ne(0).any(dim=-1)
+
+
 def flip_tta(logits_of: Callable[[torch.Tensor], torch.Tensor], crops: torch.Tensor) -> torch.Tensor:
     """The test-time left/right flip: log of the mean softmax of the crops and of their mirror image.
 
@@ -83,8 +112,8 @@ def flip_tta(logits_of: Callable[[torch.Tensor], torch.Tensor], crops: torch.Ten
     therefore swaps the output's left and right targets, exactly up to rounding.
 
     Args:
-        logits_of: ``(B, 25, S, H, W)`` crops -> ``(B, 25, 3)`` logits.
-        crops: ``(B, 25, S, H, W)``.
+        logits_of: ``(B, 25 * views, S, H, W)`` crops -> ``(B, 25, 3)`` logits.
+        crops: ``(B, 25 * views, S, H, W)``.
 
     Returns:
         ``(B, 25, 3)`` float32 log-probabilities.
@@ -175,7 +204,7 @@ def make_pool(name: str, dim: int) -> nn.Module:
 
 
 class SeverityNet(nn.Module):
-    """Crops ``(B, 25, S, H, W)`` -> logits ``(B, 25, 3)``; see the module docstring for the recipe.
+    """Crops ``(B, 25 * views, S, H, W)`` -> logits ``(B, 25, 3)``; see the module docstring for the recipe.
 
     Args:
         encoder: maps ``(N, in_chans, H, W)`` to ``(N, feature_dim)``.
@@ -185,6 +214,7 @@ class SeverityNet(nn.Module):
         dropout: before the heads.
         class_prior: class frequencies the heads start at.
         tta_flip: in eval mode, predict with the test-time flip (:func:`flip_tta`).
+        views: crops per target (1, or 2 with ``crop.second_view``); more than one adds the view embedding.
     """
 
     def __init__(
@@ -196,15 +226,22 @@ class SeverityNet(nn.Module):
         dropout: float = 0.1,
         class_prior: tuple[float, ...] = DEFAULT_CLASS_PRIOR,
         tta_flip: bool = False,
+        views: int = 1,
     ) -> None:
         super().__init__()
+        if not 1 <= views <= MAX_VIEWS:
+            raise ValueError(f"views must be 1 to {MAX_VIEWS}, got {views}")
         self.tta_flip = tta_flip
+        self.views = views
         self.encoder = encoder
         self.in_chans = in_chans
         self.pool = make_pool(pool, feature_dim)
         dim = self.pool.out_dim
         self.target_embedding = nn.Embedding(len(TARGETS), dim)
         nn.init.normal_(self.target_embedding.weight, std=0.02)
+        if views > 1:  # a one-view model keeps exactly its former parameters (old checkpoints load)
+            self.view_embedding = nn.Embedding(views, dim)
+            nn.init.normal_(self.view_embedding.weight, std=0.02)
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleDict({group: nn.Linear(dim, len(SEVERITIES)) for group in CONDITION_GROUPS})
@@ -236,7 +273,7 @@ class SeverityNet(nn.Module):
     def forward(
         self, crops: torch.Tensor, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 25, S, H, W)`` float crops -> ``(B, 25, 3)`` logits (with ``tta_flip``, in eval mode, the
+        """``(B, 25 * views, S, H, W)`` float crops -> ``(B, 25, 3)`` logits (with ``tta_flip``, in eval mode, the
         log-probabilities of :func:`flip_tta`; training never sees the test-time flip).
 
         A keyword of ``forward`` rather than a method of its own, so that a DDP-wrapped model (Ray Train) still
@@ -245,14 +282,17 @@ class SeverityNet(nn.Module):
 
         Args:
             crops: the study crops.
-            return_attention: also return the slice pooling's attention logits ``(B, 25, S)`` (before the
-                softmax over the ``S`` slices), as ``(logits, attention)``; never with the test-time flip.
+            return_attention: also return the slice pooling's attention logits ``(B, 25, S)`` of each target's
+                own crop (the first view; before the softmax over the ``S`` slices), as ``(logits, attention)``;
+                never with the test-time flip.
 
         Raises:
-            ValueError: if ``crops`` is not 5-d with 25 targets, or attention is asked of a pool without it.
+            ValueError: if ``crops`` is not 5-d with 25 crops per view, or attention is asked of a pool without it.
         """
-        if crops.ndim != 5 or crops.shape[1] != len(TARGETS):
-            raise ValueError(f"crops must have shape (B, {len(TARGETS)}, S, H, W), got {tuple(crops.shape)}")
+        n_crops = len(TARGETS) * self.views
+        if crops.ndim != 5 or crops.shape[1] != n_crops:
+            raise ValueError(f"crops must have shape (B, {n_crops}, S, H, W) ({self.views} view(s) of the "
+                             f"{len(TARGETS)} targets), got {tuple(crops.shape)}")  # fmt: skip
         if return_attention and not self.has_slice_attention:
             raise ValueError(f"the slice pooling {type(self.pool).__name__} has no attention to return")
         if self.tta_flip and not self.training and not return_attention:
@@ -263,17 +303,37 @@ class SeverityNet(nn.Module):
         self, crops: torch.Tensor, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The network itself, without the test-time flip (see :meth:`forward` for the arguments)."""
-        batch, n_targets, n_slices, height, width = crops.shape
-        windows = slice_windows(crops.reshape(batch * n_targets, n_slices, height, width), self.in_chans)
+        batch, n_crops, n_slices, height, width = crops.shape
+        windows = slice_windows(crops.reshape(batch * n_crops, n_slices, height, width), self.in_chans)
         features = self.encoder(windows.reshape(-1, self.in_chans, height, width))
-        sequence = features.reshape(batch * n_targets, n_slices, -1)
+        sequence = features.reshape(batch * n_crops, n_slices, -1)
         if return_attention:
             pooled, attention = self.pool.forward_with_scores(sequence)
         else:
             pooled, attention = self.pool(sequence), None
-        hidden = self.dropout(self.norm(pooled.reshape(batch, n_targets, -1) + self.target_embedding.weight))
+        pooled = pooled.reshape(batch, n_crops, -1)
+        if self.views > 1:
+            pooled = self.fuse_views(pooled, present_views(crops))
+        hidden = self.dropout(self.norm(pooled + self.target_embedding.weight))
         logits = [head(hidden[:, getattr(self, f"_targets_{group}")]) for group, head in self.heads.items()]
         logits = torch.cat(logits, dim=1)[:, self._inverse]
         if attention is None:
             return logits
-        return logits, attention.reshape(batch, n_targets, n_slices)
+        return logits, attention.reshape(batch, n_crops, n_slices)[:, : len(TARGETS)]
+
+    def fuse_views(self, pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Each target's views, view embedding added, averaged over the views that are present.
+
+        Args:
+            pooled: ``(B, 25 * views, D)`` pooled features, view-major.
+            present: ``(B, 25 * views)`` whether each view is present (:func:`present_views`).
+
+        Returns:
+            ``(B, 25, D)``; zero for a target without any view.
+        """
+        batch = len(pooled)
+        views = pooled.reshape(batch, self.views, len(TARGETS), -1) + self.view_embedding.weight[None, :, None, :]
+        present = present.reshape(batch, self.views, len(TARGETS), 1)
+        # `where`, not a product: a missing view's features never reach the sum, even as 0 * inf = nan.
+        total = torch.where(present, views, torch.zeros((), dtype=views.dtype, device=views.device)).sum(dim=1)
+        return total / present.sum(dim=1).clamp_min(1).to(views.dtype)

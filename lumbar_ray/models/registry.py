@@ -85,11 +85,12 @@ def build_model(
     Args:
         model: architecture name, optional encoder/pool overrides, pretrained flag, in_chans, dropout, test-time
             flip.
-        crop: the crop geometry; only logged and checked here (the network accepts any S and H = W >= 32).
+        crop: the crop geometry: its views (``crop.second_view``) set the network's; the rest is only logged (the
+            network accepts any S and H = W >= 32).
         class_prior: class frequencies the heads' biases start at (log), so a fresh model predicts the prior.
 
     Returns:
-        A :class:`SeverityNet`: ``(B, 25, S, H, W)`` float32 crops -> ``(B, 25, 3)`` logits.
+        A :class:`SeverityNet`: ``(B, 25 * crop.views, S, H, W)`` float32 crops -> ``(B, 25, 3)`` logits.
 
     Raises:
         ValueError: on an unknown ``model.arch`` (the message lists the known ones) or encoder name.
@@ -108,9 +109,11 @@ def build_model(
         dropout=model.dropout,
         class_prior=class_prior,
         tta_flip=model.tta_flip,
+        views=crop.views,
     )
     logger.info(
-        "model %s: encoder %s (pretrained=%s, in_chans=%d), pool %s, %.2fM parameters, crops %d slices x %d px%s",
+        "model %s: encoder %s (pretrained=%s, in_chans=%d), pool %s, %.2fM parameters, crops %d slices x %d px, "
+        "%d view(s)%s",
         model.arch,
         encoder_name,
         model.pretrained,
@@ -119,6 +122,7 @@ def build_model(
         sum(p.numel() for p in net.parameters()) / 1e6,
         crop.slices,
         crop.size,
+        crop.views,
         ", test-time flip" if model.tta_flip else "",
     )
     return net

@@ -116,8 +116,8 @@ def train_epoch(
 
     Args:
         model: the classifier (plain or DDP-wrapped).
-        loader: yields dicts with ``crops`` (B, 25, S, H, W) and ``labels`` (B, 25) (and ``slice_target`` (B, 25)
-            when the loss has an auxiliary slice term).
+        loader: yields dicts with ``crops`` (B, 25 * views, S, H, W) and ``labels`` (B, 25) (and ``slice_target``
+            (B, 25) when the loss has an auxiliary slice term).
         loss_fn: a :class:`lumbar_ray.losses.SeverityLoss`.
         optimizer: stepped every batch.
         scheduler: stepped every batch (or None).

@@ -227,3 +227,53 @@ def test_per_series_jitter_keys_are_checked():
         load_config(None, ["augment.jitter_px_by_series={Axial T1: 2}"])
     with pytest.raises(ConfigError, match="jitter_slices_by_series.*non-negative"):
         load_config(None, ["augment.jitter_slices_by_series={Sagittal T1: -1}"])
+
+
+# --- two views per target (crop.second_view): 50 crops, one rule per crop
+
+
+def test_with_two_views_the_flip_swaps_sides_within_each_block_and_mirrors_every_second_view_in_plane():
+    order, n = flip_permutation(2 * len(TARGETS)), len(TARGETS)
+    np.testing.assert_array_equal(order[:n], flip_permutation())
+    np.testing.assert_array_equal(order[n:], flip_permutation() + n)  # a second view stays a second view
+    axial = axial_targets(2 * n)
+    np.testing.assert_array_equal(axial[:n], axial_targets())
+    assert axial[n:].all()  # every second view is cut on the level's axial slices
+    with pytest.raises(ValueError, match="blocks of the 25 targets"):
+        flip_permutation(30)
+    with pytest.raises(ValueError, match="blocks of the 25 targets"):
+        axial_targets(3 * n)
+
+
+def test_with_two_views_a_flipped_item_pairs_each_second_view_with_its_mirror_targets():
+    first, labels, mask = _item(seed=3)
+    second, _, second_mask = _item(seed=4, missing=10)
+    crops, crop_mask = np.concatenate([first, second]), np.concatenate([mask, second_mask])
+    flipped, flipped_labels, flipped_mask = flip_targets(crops, labels, crop_mask)
+    n = len(TARGETS)
+    for level in range(N_LEVELS):
+        left, right = (_index(f"{side}_neural_foraminal_narrowing", level) for side in ("left", "right"))
+        np.testing.assert_array_equal(flipped[left], crops[right][::-1])  # sagittal: the slice axis reverses
+        np.testing.assert_array_equal(flipped[n + left], crops[n + right][..., ::-1])  # axial: the columns
+        assert flipped_mask[n + left] == crop_mask[n + right] and flipped_labels[left] == labels[right]
+    np.testing.assert_array_equal(flipped_labels, flip_targets(first, labels, mask)[1])  # labels stay 25 wide
+    np.testing.assert_array_equal(flipped_mask[:n], mask[flip_permutation()])
+    twice = flip_targets(flipped, flipped_labels, flipped_mask)
+    for before, after in zip((crops, labels, crop_mask), twice, strict=True):
+        np.testing.assert_array_equal(after, before)  # still an involution, bit for bit
+    batch = torch.from_numpy(np.stack([crops, crops[::-1].copy()]))
+    np.testing.assert_array_equal(mirror_crops(batch)[0].numpy(), flipped)  # the network's rule is the same one
+
+
+def test_with_two_views_each_crop_jitters_by_the_series_type_it_is_cut_on():
+    cfg = AugmentConfig(jitter_px=3.0, jitter_slices=1, jitter_px_by_series={"Axial T2": 7.5},
+                        jitter_slices_by_series={"Sagittal T1": 2, "Sagittal T2/STIR": 0})  # fmt: skip
+    px, slices = jitter_bounds(cfg, 2 * len(TARGETS))
+    one_px, one_slices = jitter_bounds(cfg)
+    np.testing.assert_array_equal(px[: len(TARGETS)], one_px)
+    np.testing.assert_array_equal(slices[: len(TARGETS)], one_slices)
+    np.testing.assert_array_equal(px[len(TARGETS) :], 7.5)  # second views: the axial bounds, whatever the target
+    np.testing.assert_array_equal(slices[len(TARGETS) :], 1)
+    params = Augmenter(cfg).sample(np.random.default_rng(0), 2 * len(TARGETS))
+    assert params.shift_xy.shape == (50, 2) and params.zoom.shape == (50,)
+    assert np.abs(params.shift_slice[len(TARGETS) :]).max() <= 1 and np.abs(params.shift_xy).max() <= 7.5

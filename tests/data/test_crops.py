@@ -23,6 +23,7 @@ from lumbar_ray.data.crops import (
     crop_slices,
     crop_stack,
     points_from_coordinates,
+    second_view_points,
     slice_target,
 )
 from lumbar_ray.data.preprocess import process_row, series_items
@@ -591,3 +592,161 @@ def test_crops_are_centred_on_the_planted_lesions(cache_env, labelled, condition
     assert lesion < normal - 0.1, (normal, lesion, {k: len(v) for k, v in by_class.items()})
     if len(by_class[2]) >= 3:
         assert np.mean(by_class[2]) < np.mean(by_class[1]) + 0.05
+
+
+# --- the second view (crop.second_view)
+
+
+def _t(condition: str, level: str) -> int:
+    return TARGETS.index(f"{condition}_{level}")
+
+
+def _point(study: int, condition: str, level: str, series: int, index: int, x: float, y: float) -> dict:
+    return {"study_id": study, "target": _t(condition, level), "series_id": series, "slice": index, "x": x, "y": y}
+
+
+LEFT_SUB, RIGHT_SUB = "left_subarticular_stenosis", "right_subarticular_stenosis"
+SPINAL, LEFT_FORAMEN, RIGHT_FORAMEN = CONDITIONS[0], CONDITIONS[1], CONDITIONS[2]
+
+
+def test_second_view_points_follow_the_subarticular_points_of_the_level():
+    rows = [
+        _point(1, LEFT_SUB, "l1_l2", 9, 4, 10.0, 20.0),  # both sides on one slice: the canal midway
+        _point(1, RIGHT_SUB, "l1_l2", 9, 4, 30.0, 24.0),
+        _point(1, RIGHT_SUB, "l2_l3", 9, 6, 31.0, 33.0),  # one side missing: the one that exists
+        _point(1, LEFT_SUB, "l4_l5", 9, 7, 11.0, 40.0),  # different slices: the left one (preferred)
+        _point(1, RIGHT_SUB, "l4_l5", 9, 8, 29.0, 41.0),
+        _point(1, LEFT_SUB, "l5_s1", 9, 10, 12.0, 50.0),  # different series, same slice index: the left one
+        _point(1, RIGHT_SUB, "l5_s1", 10, 10, 28.0, 52.0),
+        _point(1, SPINAL, "l3_l4", 5, 7, 40.0, 40.0),  # sagittal points place no second view (l3_l4: none)
+        _point(1, LEFT_FORAMEN, "l3_l4", 6, 3, 40.0, 40.0),
+        _point(2, LEFT_SUB, "l1_l2", 19, 2, 5.0, 6.0),
+        _point(3, LEFT_SUB, "l1_l2", 29, 2, float("nan"), 6.0),  # no coordinates: no point
+    ]
+    frame = pd.DataFrame(rows, columns=list(POINT_COLUMNS))
+    views = second_view_points(frame.sample(frac=1.0, random_state=0))  # any row order
+    assert tuple(views.columns) == POINT_COLUMNS
+    assert views.dtypes.to_dict() == {"study_id": np.int64, "target": np.int64, "series_id": np.int64,
+                                      "slice": np.int64, "x": np.float64, "y": np.float64}  # fmt: skip
+    got = {(int(r.study_id), TARGETS[r.target]): (int(r.series_id), int(r.slice), r.x, r.y)
+           for r in views.itertuples(index=False)}  # fmt: skip
+    expected = {
+        (1, f"{SPINAL}_l1_l2"): (9, 4, 20.0, 22.0),
+        (1, f"{LEFT_FORAMEN}_l1_l2"): (9, 4, 10.0, 20.0),
+        (1, f"{RIGHT_FORAMEN}_l1_l2"): (9, 4, 30.0, 24.0),
+        (1, f"{SPINAL}_l2_l3"): (9, 6, 31.0, 33.0),
+        (1, f"{RIGHT_FORAMEN}_l2_l3"): (9, 6, 31.0, 33.0),  # and no left foramen: its side's point is missing
+        (1, f"{SPINAL}_l4_l5"): (9, 7, 11.0, 40.0),
+        (1, f"{LEFT_FORAMEN}_l4_l5"): (9, 7, 11.0, 40.0),
+        (1, f"{RIGHT_FORAMEN}_l4_l5"): (9, 8, 29.0, 41.0),
+        (1, f"{SPINAL}_l5_s1"): (9, 10, 12.0, 50.0),
+        (1, f"{LEFT_FORAMEN}_l5_s1"): (9, 10, 12.0, 50.0),
+        (1, f"{RIGHT_FORAMEN}_l5_s1"): (10, 10, 28.0, 52.0),
+        (2, f"{SPINAL}_l1_l2"): (19, 2, 5.0, 6.0),
+        (2, f"{LEFT_FORAMEN}_l1_l2"): (19, 2, 5.0, 6.0),
+    }
+    assert got == expected  # subarticular targets, l3_l4 and study 3 get none
+    assert list(zip(views.study_id, views.target, strict=True)) == sorted(zip(views.study_id, views.target,
+                                                                              strict=True))  # fmt: skip
+    assert second_view_points(frame.iloc[:0]).empty
+    assert second_view_points(frame[frame.target == _t(SPINAL, "l3_l4")]).empty
+
+
+def _two_view_cache(tmp_path: Path) -> tuple[SeriesCache, pd.DataFrame]:
+    """Study 1: a random "sagittal" series 1 and a random "axial" series 2 (8 slices of 32 px each), and points:
+    at L1/L2 every target (both subarticular points on axial slice 4); at L2/L3 the right foramen and the left
+    subarticular point only (so the canal and the left foramen have only their second view, the right foramen
+    only its own)."""
+    cache = SeriesCache(tmp_path, {"test": "second view"})
+    cache.prepare()
+    rng = np.random.default_rng(0)
+    for series_id in (1, 2):
+        meta = stacked_meta([(0.0, [4.0 * i for i in range(8)])], size=32, series_id=series_id)
+        cache.write(1, series_id, rng.integers(1, 256, (8, 32, 32), dtype=np.uint8), meta)
+    points = pd.DataFrame([
+        _point(1, SPINAL, "l1_l2", 1, 3, 16.0, 16.0),
+        _point(1, LEFT_FORAMEN, "l1_l2", 1, 1, 12.0, 15.0),
+        _point(1, RIGHT_FORAMEN, "l1_l2", 1, 6, 20.0, 17.0),
+        _point(1, LEFT_SUB, "l1_l2", 2, 4, 12.0, 16.0),
+        _point(1, RIGHT_SUB, "l1_l2", 2, 4, 20.0, 18.0),
+        _point(1, RIGHT_FORAMEN, "l2_l3", 1, 5, 18.0, 22.0),
+        _point(1, LEFT_SUB, "l2_l3", 2, 6, 14.0, 19.0),
+    ], columns=list(POINT_COLUMNS))  # fmt: skip
+    return cache, points
+
+
+TWO_VIEWS = ONE_TO_ONE.model_copy(update={"second_view": True})
+
+
+def test_a_two_view_item_holds_each_targets_own_crop_then_its_second_view(tmp_path):
+    cache, points = _two_view_cache(tmp_path)
+    labels = np.arange(len(TARGETS))[None] % 3
+    one = CropDataset(cache, [1], points, ONE_TO_ONE, labels=labels)[0]
+    item = CropDataset(cache, [1], points, TWO_VIEWS, labels=labels, slice_points=points)[0]
+    n, crops = len(TARGETS), item["crops"].numpy()
+    assert crops.shape == (2 * n, 3, 17, 17) and item["crops"].dtype == torch.float32
+    assert item["labels"].shape == item["mask"].shape == item["slice_target"].shape == (n,)
+    np.testing.assert_array_equal(crops[:n], one["crops"].numpy())  # the first view is the one-view item
+    axial = cache.read(1, 2).volume
+    midway = crop_stack(axial, 4, 16.0, 17.0, ONE_TO_ONE, bounds=(0, 8))
+    np.testing.assert_array_equal(crops[n + _t(SPINAL, "l1_l2")], midway)
+    for foramen, sub in ((LEFT_FORAMEN, LEFT_SUB), (RIGHT_FORAMEN, RIGHT_SUB)):  # its side's subarticular crop
+        np.testing.assert_array_equal(crops[n + _t(foramen, "l1_l2")], crops[_t(sub, "l1_l2")])
+    np.testing.assert_array_equal(crops[n + _t(SPINAL, "l2_l3")], crops[_t(LEFT_SUB, "l2_l3")])
+    second = np.abs(crops[n:]).reshape(n, -1).max(axis=1) > 0
+    with_second = {f"{c}_{level}" for c in (SPINAL, LEFT_FORAMEN, RIGHT_FORAMEN) for level in ("l1_l2", "l2_l3")}
+    assert {TARGETS[t] for t in np.flatnonzero(second)} == with_second - {f"{RIGHT_FORAMEN}_l2_l3"}
+    # A target is masked only without any view: the L2/L3 canal and left foramen have their axial view alone.
+    mask = item["mask"].numpy()
+    for alone in (_t(SPINAL, "l2_l3"), _t(LEFT_FORAMEN, "l2_l3")):
+        assert mask[alone] and not one["mask"][alone]
+    np.testing.assert_array_equal(mask, one["mask"].numpy() | second)
+    np.testing.assert_array_equal(item["labels"].numpy(), np.where(mask, labels[0], IGNORE_INDEX))
+    # The slice targets stay about each target's own crop: the canal's axial view has none.
+    assert item["slice_target"][_t(SPINAL, "l1_l2")] == 1 and item["slice_target"][_t(SPINAL, "l2_l3")] == IGNORE_INDEX
+
+
+def test_the_flip_keeps_each_second_view_with_its_target(tmp_path):
+    cache, points = _two_view_cache(tmp_path)
+    n = len(TARGETS)
+    plain = CropDataset(cache, [1], points, TWO_VIEWS)[0]["crops"].numpy()
+    flipped = CropDataset(cache, [1], points, TWO_VIEWS, augment=OFF.model_copy(update={"flip_p": 1.0}))[0]
+    crops = flipped["crops"].numpy()
+    left, right = _t(LEFT_FORAMEN, "l1_l2"), _t(RIGHT_FORAMEN, "l1_l2")
+    # The left foramen's second view after the flip is the right foramen's, mirrored in-plane (axial)...
+    np.testing.assert_array_equal(crops[n + left], plain[n + right][..., ::-1])
+    np.testing.assert_array_equal(crops[n + right], plain[n + left][..., ::-1])
+    # ... while its own (sagittal) crop is the right one's with the slices reversed.
+    np.testing.assert_array_equal(crops[left], plain[right][::-1])
+    spinal = _t(SPINAL, "l1_l2")
+    np.testing.assert_array_equal(crops[n + spinal], plain[n + spinal][..., ::-1])
+    plain_mask = CropDataset(cache, [1], points, TWO_VIEWS)[0]["mask"].numpy()
+    np.testing.assert_array_equal(flipped["mask"].numpy(), plain_mask[flip_permutation()])
+
+
+def test_each_crop_jitters_by_the_series_type_its_point_is_on(tmp_path):
+    """Second views are cut on axial slices: an axial bound of 0 leaves them (and the subarticular crops) still
+    while the sagittal crops move."""
+    cache, points = _two_view_cache(tmp_path)
+    n = len(TARGETS)
+    plain = CropDataset(cache, [1], points, TWO_VIEWS)[0]["crops"].numpy()
+    still_axial = OFF.model_copy(update={"jitter_px": 4.0, "jitter_px_by_series": {"Axial T2": 0.0}})
+    crops = CropDataset(cache, [1], points, TWO_VIEWS, augment=still_axial, seed=1)[0]["crops"].numpy()
+    axial = np.array([t >= n or "subarticular" in TARGETS[t] for t in range(2 * n)])
+    np.testing.assert_array_equal(crops[axial], plain[axial])
+    assert not np.array_equal(crops[_t(SPINAL, "l1_l2")], plain[_t(SPINAL, "l1_l2")])
+
+
+def test_two_view_items_of_the_synthetic_studies(cache_env, labelled):
+    study_ids, labels, frame = labelled
+    one = CropDataset(cache_env.cache, study_ids[:3], frame, CROP, labels=labels[:3])
+    two = CropDataset(cache_env.cache, study_ids[:3], frame, CROP.model_copy(update={"second_view": True}),
+                      labels=labels[:3], augment=AugmentConfig(flip_p=0.0), seed=2)  # fmt: skip
+    two.set_epoch(1)
+    spinal = [_t(SPINAL, level) for level in LEVELS]
+    for index in range(3):
+        item = two[index]
+        assert item["crops"].shape == (50, 3, 16, 16)
+        present = np.abs(item["crops"].numpy()).reshape(50, -1).max(axis=1) > 0
+        assert present[25:][spinal].any() and not present[25:][[_t(LEFT_SUB, lv) for lv in LEVELS]].any()
+        assert (item["mask"].numpy() >= one[index]["mask"].numpy()).all()

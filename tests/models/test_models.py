@@ -217,11 +217,11 @@ def test_a_few_steps_drive_the_loss_down() -> None:
 TTA_CROP = CropConfig(size=16, region=24, slices=3)
 
 
-def _lively(tta_flip: bool, seed: int = 0) -> SeverityNet:
+def _lively(tta_flip: bool, seed: int = 0, crop: CropConfig = TTA_CROP) -> SeverityNet:
     """A tiny model in eval mode whose outputs differ a lot by crop and by target: a fresh one predicts about the
     prior everywhere, which no left/right swap changes, so a broken swap would pass the tests below."""
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(tta_flip=tta_flip), TTA_CROP)
+    model = build_model(ModelConfig(tta_flip=tta_flip), crop)
     with torch.no_grad():  # heads 20 times their initial scale: logits that follow the crops' features
         for head in model.heads.values():
             torch.nn.init.normal_(head.weight, std=1.0 / head.in_features**0.5)
@@ -338,3 +338,107 @@ def test_the_aux_slice_gradient_reaches_the_attention(pool: str) -> None:
     labels = torch.randint(0, 3, (1, len(TARGETS)), generator=torch.Generator().manual_seed(1))
     with_aux, without = attention_grads(1.0, labels), attention_grads(0.0, labels)
     assert any(not torch.allclose(a, b) for a, b in zip(with_aux, without, strict=True))
+
+
+# --- two views per target (crop.second_view)
+
+
+TWO_VIEWS = TTA_CROP.model_copy(update={"second_view": True})
+SUBARTICULAR = [t for t, target in enumerate(TARGETS) if "subarticular" in target]
+
+
+def _two_view_crops(batch: int, seed: int) -> torch.Tensor:
+    """``(batch, 50, ...)``: varied crops in both views, the subarticular targets' second views missing (zero)."""
+    crops = torch.cat([_varied_crops(batch, seed), _varied_crops(batch, seed + 1)], dim=1)
+    crops[:, [len(TARGETS) + t for t in SUBARTICULAR]] = 0.0
+    return crops
+
+
+def _one_view_twin(model: SeverityNet) -> SeverityNet:
+    """The one-view network with the two-view ``model``'s weights (all but the view embedding), in eval mode."""
+    twin = build_model(ModelConfig(), TTA_CROP)
+    state = {key: value for key, value in model.state_dict().items() if not key.startswith("view_embedding")}
+    twin.load_state_dict(state)
+    return twin.eval()
+
+
+def test_a_two_view_model_reads_50_crops_and_returns_its_first_views_attention() -> None:
+    model = _lively(tta_flip=False, crop=TWO_VIEWS)
+    crops = _two_view_crops(2, seed=5)
+    with torch.no_grad():
+        logits, attention = model(crops, return_attention=True)
+        assert logits.shape == (2, 25, 3) and attention.shape == (2, 25, TTA_CROP.slices)
+        torch.testing.assert_close(model(crops), logits, rtol=0, atol=0)
+        _, first_view = _one_view_twin(model)(crops[:, : len(TARGETS)], return_attention=True)
+    torch.testing.assert_close(attention, first_view, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(B, 50, S, H, W\)"):
+        model(crops[:, : len(TARGETS)])
+    with pytest.raises(ValueError, match="views must be 1 to 2"):
+        SeverityNet(torch.nn.Identity(), 8, views=3)
+
+
+def test_a_missing_view_is_left_out_of_the_fusion_not_zeroed_into_it() -> None:
+    """Whatever features a missing (all-zero) view would give, even NaN, the output is the same: they are never
+    used. A target seen once is read as that one view (plus its view embedding), not diluted towards zero, and a
+    view that is present does change its target's output."""
+    model = _lively(tta_flip=False, crop=TWO_VIEWS)
+    crops = _two_view_crops(2, seed=6)
+    missing = crops.flatten(2).eq(0).all(-1).reshape(-1)  # the pool's rows: (batch * 50,)
+    assert missing.sum() == 2 * len(SUBARTICULAR)
+    with torch.no_grad():
+        reference = model(crops)
+        handle = model.pool.register_forward_hook(lambda _m, _i, out: out.masked_fill(missing[:, None], torch.nan))
+        try:
+            poisoned = model(crops)
+        finally:
+            handle.remove()
+        assert torch.equal(poisoned, reference)
+        twin = _one_view_twin(model)
+        twin.target_embedding.weight += model.view_embedding.weight[0]  # the first view's embedding, alone
+        seen_once = twin(crops[:, : len(TARGETS)])
+        torch.testing.assert_close(reference[:, SUBARTICULAR], seen_once[:, SUBARTICULAR], rtol=0, atol=1e-5)
+        shown = crops.clone()
+        shown[:, len(TARGETS) + SUBARTICULAR[0]] = crops[:, SUBARTICULAR[0]]
+        changed = model(shown)
+    others = [t for t in range(len(TARGETS)) if t != SUBARTICULAR[0]]
+    assert (changed[:, SUBARTICULAR[0]] - reference[:, SUBARTICULAR[0]]).abs().max() > 1e-3
+    torch.testing.assert_close(changed[:, others], reference[:, others], rtol=0, atol=1e-6)
+
+
+def test_the_second_view_alone_trains_the_encoder_and_a_missing_one_gets_no_gradient() -> None:
+    model = _lively(tta_flip=False, crop=TWO_VIEWS)  # eval mode: BatchNorm does not couple the crops
+    crops = _two_view_crops(2, seed=7)
+    crops[:, : len(TARGETS)] = 0.0  # no first view at all: whatever is learnt comes through the second
+    crops.requires_grad_(True)
+    labels = torch.randint(0, 3, (2, len(TARGETS)), generator=torch.Generator().manual_seed(3))
+    labels[:, SUBARTICULAR] = IGNORE_INDEX  # no view of them at all: their outputs are ignored, as the data masks
+    SeverityLoss(LossConfig())(model(crops), labels).total.backward()
+    first_conv = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.grad.abs().sum() > 0 and model.view_embedding.weight.grad[1].abs().sum() > 0
+    assert model.view_embedding.weight.grad[0].abs().sum() == 0  # the absent first views took no part
+    per_crop = crops.grad.flatten(2).abs().sum(-1)[0]
+    assert (per_crop[len(TARGETS) :][[t for t in range(len(TARGETS)) if t not in SUBARTICULAR]] > 0).all()
+    assert per_crop[: len(TARGETS)].sum() == 0 and per_crop[[len(TARGETS) + t for t in SUBARTICULAR]].sum() == 0
+
+
+def test_flip_tta_is_equivariant_with_two_views() -> None:
+    """Mirroring both blocks of crops swaps the left and right predictions of the test-time-flipped model."""
+    model = _lively(tta_flip=True, crop=TWO_VIEWS)
+    crops = _two_view_crops(3, seed=8)
+    swap = torch.as_tensor(flip_permutation())
+    probs, probs_of_mirror = _probs(model, crops), _probs(model, mirror_crops(crops))
+    torch.testing.assert_close(probs_of_mirror, probs[:, swap], atol=1e-5, rtol=0)
+    assert (probs - probs[:, swap]).abs().max() > 1e-2
+    with torch.no_grad():  # the check has teeth: the network alone is not equivariant
+        plain = torch.softmax(model.logits(crops), dim=-1)
+        plain_of_mirror = torch.softmax(model.logits(mirror_crops(crops)), dim=-1)
+    assert (plain_of_mirror - plain[:, swap]).abs().max() > 1e-2
+
+
+def test_a_one_view_model_keeps_exactly_its_former_parameters() -> None:
+    """Checkpoints and registered weights of one-view models load: views add parameters only when there are two."""
+    one = build_model(ModelConfig(), CropConfig())
+    assert {key.split(".")[0] for key in one.state_dict()} == {"encoder", "pool", "target_embedding", "norm", "heads"}
+    two = build_model(ModelConfig(), CropConfig(second_view=True))
+    assert set(two.state_dict()) - set(one.state_dict()) == {"view_embedding.weight"}
+    assert two.view_embedding.weight.shape == (2, two.target_embedding.weight.shape[1])

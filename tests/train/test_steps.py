@@ -343,3 +343,26 @@ def test_oof_of_the_last_epoch_at_predicted_points_is_assembled_from_each_fold()
     np.testing.assert_allclose(assemble_oof(np.array([1, 2, 3]), outcomes, "last")[:, 0, 0], [0.1, 0.4, 0.1])
     with pytest.raises(ValueError, match="kept no 'last_predicted'"):
         assemble_oof(np.array([1, 2, 3]), {0: outcome(0, [1, 2, 3], 0.0, False)}, "last_predicted")
+
+
+def test_a_fold_with_the_second_view_trains_and_predicts_through_the_same_steps(small_fold):
+    """``crop.second_view=true`` end to end without Ray: 50-crop items, the two-view network, the auxiliary slice
+    term on the first views, flip TTA and EMA in the evaluation, every held-out target predicted."""
+    from lumbar_ray.config import Config
+    from lumbar_ray.train.steps import build_fold, keep_best, run_epoch
+
+    cfg = Config.model_validate({"crop": {"size": 16, "region": 24, "slices": 3, "second_view": True},
+                                 "model": {"tta_flip": True}, "loss": {"aux_slice_weight": 0.5},
+                                 "train": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0.5,
+                                           "ema_decay": 0.9}})  # fmt: skip
+    torch.manual_seed(cfg.train.seed)
+    fold = build_fold(cfg, small_fold, torch.device("cpu"))
+    assert fold.bare.views == 2 and fold.train_set[0]["crops"].shape == (50, 3, 16, 16)
+    before = {key: value.clone() for key, value in fold.bare.state_dict().items()}
+    epoch = run_epoch(fold, 0)
+    assert np.isfinite(epoch.metrics["train_loss"]) and np.isfinite(epoch.metrics["val_score"])
+    assert 0 < epoch.metrics["train_aux_slice"] < 2 * np.log(3)
+    assert not torch.equal(fold.bare.view_embedding.weight, before["view_embedding.weight"])  # it was trained
+    assert epoch.probs.shape == (4, 25, 3) and np.allclose(epoch.probs.sum(-1), 1)
+    best = keep_best(None, epoch, fold.evaluated)
+    assert "view_embedding.weight" in best["model"]
