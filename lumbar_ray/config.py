@@ -128,6 +128,13 @@ class AugmentConfig(_Strict):
     jitter_slices_by_series: dict[str, int] | None = Field(
         None, description="series type -> jitter_slices of the targets read on it; types left out keep jitter_slices"
     )
+    jitter_measured: bool = Field(
+        False,
+        description="train with the jitter this config's localiser calls for: before a CV, the pipeline sets "
+        "jitter_px_by_series and jitter_slices_by_series (where not given) from the detectors' errors on their "
+        "held-out fold (lumbar-ray localize; lumbar_ray.localize.evaluate.jitter_values), so training points stray "
+        "as far as the points inference will cut at; without an evaluated localisation, jitter_px/jitter_slices",
+    )
     rotate_deg: float = Field(10.0, ge=0, description="uniform in-plane rotation, +- degrees")
     scale: float = Field(0.1, ge=0, lt=1, description="uniform zoom, 1 +- scale")
     brightness: float = Field(0.1, ge=0, description="additive shift, +- fraction of the intensity range")

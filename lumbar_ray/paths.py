@@ -51,6 +51,7 @@ _ADDED_AFTER_IDS: dict[tuple[str, str], Any] = {
     ("augment", "jitter_px_by_series"): None,
     ("augment", "jitter_slices_by_series"): None,
     ("calibrate", "temperature"): False,
+    ("augment", "jitter_measured"): False,
     ("crop", "second_view"): False,
 }
 _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {

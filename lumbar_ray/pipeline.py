@@ -6,6 +6,8 @@ Stages never import each other; this module is where one stage's output becomes 
   :func:`complete_cache` caches every series the cache lacks: every command that needs the cache calls it first;
 - :func:`train` = cache, CV (:func:`lumbar_ray.train.cv.run_cv`), registration
   (:func:`lumbar_ray.train.register.register_cv`);
+- :func:`with_measured_jitter`: the localisation's held-out errors become the training jitter
+  (``augment.jitter_measured``) before a CV or a search trains;
 - :func:`predict` = the model's contract, the studies cached with the model's own preprocessing, inference;
 - :func:`ensemble` = trained CV runs of the workdir combined into one registered model
   (:func:`lumbar_ray.train.ensemble.run_ensemble`);
@@ -29,14 +31,15 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.baseline import BaselineResult, fit_prior, run_baseline
-from lumbar_ray.config import Config, save_config
+from lumbar_ray.config import AugmentConfig, Config, save_config
 from lumbar_ray.data.preprocess import PreprocessSummary, run_preprocess
 from lumbar_ray.data.rsna import DataReport, build_report, load_rsna
 from lumbar_ray.data.synthetic import write_dataset
 from lumbar_ray.labels import encode_labels
-from lumbar_ray.localize.stage import LocalizeResult, run_localize
+from lumbar_ray.localize.evaluate import jitter_values
+from lumbar_ray.localize.stage import VAL_ERRORS_NAME, LocalizeResult, run_localize
 from lumbar_ray.metrics import ScoreResult, score_arrays, score_submission, submission_to_probs
-from lumbar_ray.paths import RESOLVED_CONFIG, cache_root_for, data_root_for, tracking_uri_for
+from lumbar_ray.paths import RESOLVED_CONFIG, cache_root_for, data_root_for, localize_dir_for, tracking_uri_for
 from lumbar_ray.predict import PredictResult, plan_prediction, run_predict
 from lumbar_ray.registry import RegisteredEnsemble
 from lumbar_ray.tracking import Tracker
@@ -84,9 +87,37 @@ class TrainResult:
         return self.cv.format(self.registered)
 
 
+JITTER_KEYS = ("jitter_px", "jitter_slices")
+"""The augment settings a measured jitter stands in for (and a search over them searches instead)."""
+
+
+def with_measured_jitter(cfg: Config) -> Config:
+    """``cfg`` with the per-series jitter its localiser's held-out errors call for (``augment.jitter_measured``).
+
+    The errors are those ``lumbar-ray localize`` measured on ``localize.val_fold`` with detectors that never saw
+    it (:func:`lumbar_ray.localize.evaluate.jitter_values`: per series type, the 90th percentile of the in-plane
+    and the slice error). Per-series values given in the config are kept; without an evaluated localisation the
+    config is returned as it is, with a warning (training then jitters by ``jitter_px`` and ``jitter_slices``).
+    """
+    if not cfg.augment.jitter_measured:
+        return cfg
+    errors = localize_dir_for(cfg) / VAL_ERRORS_NAME
+    if not errors.is_file():
+        logger.warning("augment.jitter_measured: this config's localisation is not evaluated (no %s; run "
+                       "`lumbar-ray localize`): training with jitter_px=%g, jitter_slices=%d", errors,
+                       cfg.augment.jitter_px, cfg.augment.jitter_slices)  # fmt: skip
+        return cfg
+    measured = {key.split(".", 1)[1]: value for key, value in jitter_values(pd.read_parquet(errors)).items()}
+    measured = {key: value for key, value in measured.items() if getattr(cfg.augment, key) is None}
+    logger.info("augment.jitter_measured: %s, from the held-out errors in %s", measured, errors.parent)
+    augment = AugmentConfig.model_validate(cfg.augment.model_dump() | measured)
+    return cfg.model_copy(update={"augment": augment})
+
+
 def train(cfg: Config) -> TrainResult:
     """Complete the cache, run the CV (resumable) and register its ensemble with the config's detectors."""
     complete_cache(cfg)
+    cfg = with_measured_jitter(cfg)
     cv = run_cv(cfg)
     return TrainResult(cv, register_cv(cfg, cv))
 
@@ -105,7 +136,17 @@ def localize(cfg: Config) -> LocalizeResult:
 def tune(cfg: Config, resume: bool = False, register_best: bool = False) -> TuneResult:
     """Complete the cache, then search ``tune.space`` (see :func:`lumbar_ray.tune.run.run_tune`)."""
     complete_cache(cfg)
-    return run_tune(cfg, resume=resume, register_best=register_best)
+    return run_tune(tuning_config(cfg), resume=resume, register_best=register_best)
+
+
+def tuning_config(cfg: Config) -> Config:
+    """The base config of a search: with the measured jitter, unless the space searches the jitter itself (a
+    per-series value would override the searched one)."""
+    if any(f"augment.{key}" in cfg.tune.space for key in JITTER_KEYS):
+        if cfg.augment.jitter_measured:
+            logger.info("augment.jitter_measured: tune.space searches the jitter, so the search sets it")
+        return cfg
+    return with_measured_jitter(cfg)
 
 
 def predict(cfg: Config) -> PredictResult:
@@ -195,11 +236,13 @@ def run_quickstart(config: Config, tune: bool = True) -> QuickstartResult:
     baseline = run_baseline(root, n_folds=config.cv.n_folds, seed=config.cv.seed, out_csv=workdir / "baseline_oof.csv")
     preprocessed = complete_cache(config)
     localized = run_localize(config)  # resumable: trained detectors and a written evaluation are reused
-    cv = run_cv(config)  # resumable: a rerun skips the folds already trained
-    registered = register_cv(config, cv)
+    trained = with_measured_jitter(config)
+    cv = run_cv(trained)  # resumable: a rerun skips the folds already trained
+    registered = register_cv(trained, cv)
     # The detectors never saw localize.val_fold: its studies show what predicted points cost against labelled ones.
-    points_check = compare_points_on_fold(config, cv, config.localize.val_fold) if registered else None
-    tuning = run_tune(config, resume=experiment_exists(config)) if tune else None  # a rerun resumes (or just reads)
+    points_check = compare_points_on_fold(trained, cv, config.localize.val_fold) if registered else None
+    searched = tuning_config(config)
+    tuning = run_tune(searched, resume=experiment_exists(searched)) if tune else None  # a rerun resumes (or reads)
     model_uri = f"models:/{config.tracking.model_name}@{config.tracking.alias}"
     prediction = predict(config.model_copy(update={"predict": config.predict.model_copy(update={"model": model_uri})}))
     logger.info("quickstart finished in %s", workdir)
