@@ -15,11 +15,11 @@ Run it on the hard preset (the easy one cannot rank recipes: its Bayes floor is 
 With ``--predicted-points`` the detectors are first trained once per fold, each without that fold
 (``localize.val_fold=k``), and every CV also scores each fold's last epoch at the points those detectors predict
 for its held-out studies (``cv.predicted_points``): the comparison then holds at predicted points too, where a
-recipe meets the localisation error it will meet at inference. Those detectors' errors on their held-out folds also
-give the training jitter a localiser of this quality calls for (:func:`lumbar_ray.localize.evaluate.jitter_values`:
-per series type, the 90th percentile of the in-plane and slice errors); a variant that names the word
-``measured_jitter`` trains with it, e.g. ``--variant "measured_jitter model.tta_flip=true"``. The jitter is a
-statistic of the detectors alone (no severity label enters it), so it does not tune on the scored folds.
+recipe meets the localisation error it will meet at inference. Those detectors' errors on their held-out folds (all
+studies, pooled) also set the training jitter of a config with ``augment.jitter_measured=true``
+(:func:`lumbar_ray.pipeline.with_measured_jitter`: per series type, the 90th percentile of the in-plane and slice
+errors), e.g. ``--variant "augment.jitter_measured=true model.tta_flip=true"``. The jitter is a statistic of the
+detectors alone (no severity label enters it), so it does not tune on the scored folds.
 
 With ``--calibrate`` each CV is also compared after a temperature per condition group, cross-fitted (fitted on
 the other folds' out-of-fold predictions, applied to the held-out fold: :func:`lumbar_ray.calibrate.cross_fit`),
@@ -60,14 +60,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run(cfg, name: str):
-    """One CV (resumed or reused if its run id has been trained before); returns it and its wall time."""
-    from lumbar_ray.pipeline import complete_cache
+def run(cfg, name: str, errors=None):
+    """One CV (resumed or reused if its run id has been trained before), its measured jitter (if it asks for it)
+    from ``errors``; returns it and its wall time."""
+    from lumbar_ray.pipeline import complete_cache, with_measured_jitter
     from lumbar_ray.train.cv import run_cv
 
     started = time.perf_counter()
     complete_cache(cfg)  # a variant may preprocess differently
-    cv = run_cv(cfg)
+    cv = run_cv(with_measured_jitter(cfg, errors))
     seconds = time.perf_counter() - started
     if cv.last_epoch_score is None:
         raise RuntimeError(f"{name}: CV {cv.run_id} was trained before last epochs were kept; use a new workdir")
@@ -76,16 +77,11 @@ def run(cfg, name: str):
     return cv, seconds
 
 
-MEASURED_JITTER = "measured_jitter"
-"""The word in a ``--variant`` that stands for the jitter measured on the held-out detectors' errors."""
-
-
-def predicted_points(cfg, n_folds: int, workdir: Path) -> tuple[Path, dict, list[str]]:
-    """Every study's points from the detectors trained without its fold; returns the parquet, the training jitter
-    their held-out errors call for (config values) and their figures."""
+def predicted_points(cfg, n_folds: int, workdir: Path):
+    """Every study's points from the detectors trained without its fold; returns the parquet, those detectors'
+    errors on their held-out folds (every study's, pooled) and their figures."""
     import pandas as pd
 
-    from lumbar_ray.localize.evaluate import jitter_values
     from lumbar_ray.localize.stage import run_localize
     from lumbar_ray.pipeline import complete_cache
 
@@ -98,25 +94,7 @@ def predicted_points(cfg, n_folds: int, workdir: Path) -> tuple[Path, dict, list
         lines += [f"fold {fold} held out: " + result.format()]
     path = workdir / "predicted_points.parquet"
     pd.concat(frames, ignore_index=True).to_parquet(path, index=False)
-    jitter = jitter_values(pd.concat(errors, ignore_index=True))
-    lines += [f"{MEASURED_JITTER} (90th percentile of the held-out errors): "
-              + " ".join(f"{key}={value}" for key, value in jitter.items())]  # fmt: skip
-    return path, jitter, lines
-
-
-def variant_config(path: Path | None, common: list[str], variant: str, jitter: dict | None):
-    """The config of one ``--variant``: the common overrides, the measured jitter if the variant names it, then the
-    variant's own overrides (which win)."""
-    from lumbar_ray.config import load_config
-
-    tokens = shlex.split(variant)
-    values = None
-    if MEASURED_JITTER in tokens:
-        if jitter is None:
-            raise SystemExit(f"--variant {variant!r} names {MEASURED_JITTER}: it needs --predicted-points")
-        tokens.remove(MEASURED_JITTER)
-        values = jitter
-    return load_config(path, [*common, *tokens], values=values)
+    return path, pd.concat(errors, ignore_index=True), lines
 
 
 def cross_fitted_temperatures(labels: np.ndarray, probs: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
@@ -155,19 +133,22 @@ def main() -> None:
     common = [f"workdir={args.workdir}", "tracking.register_model=false", *args.overrides]
     base = load_config(args.config, common)
     localisation: list[str] = []
-    jitter = None
+    errors = None
     if args.predicted_points:
-        path, jitter, localisation = predicted_points(base, base.cv.n_folds, args.workdir)
+        path, errors, localisation = predicted_points(base, base.cv.n_folds, args.workdir)
         common.append(f"cv.predicted_points={path}")
         base = load_config(args.config, common)
-    base_cv, base_seconds = run(base, "base")
+    base_cv, base_seconds = run(base, "base", errors)
     study_ids = base_cv.folds["study_id"].to_numpy()
     fold_of = base_cv.folds["fold"].to_numpy()
     labels = labels_of(base, study_ids)
     lines = [f"# Recipe comparison: base `{' '.join(args.overrides) or 'defaults'}`, {len(study_ids)} studies, "
              f"{len(np.unique(fold_of))} folds, base CV {base_seconds:.0f} s", ""]  # fmt: skip
     if localisation:
-        lines += ["Detectors, one set per held-out fold:", "```", *localisation, "```", ""]
+        from lumbar_ray.localize.evaluate import jitter_values
+
+        lines += ["Detectors, one set per held-out fold:", "```", *localisation, "```", "",
+                  f"`augment.jitter_measured=true` trains with {jitter_values(errors)}", ""]  # fmt: skip
     epochs = {"last": "honest CV: each fold's last epoch", "best": "best epoch, picked on the fold"}
     if args.predicted_points:
         epochs["last_predicted"] = "honest CV at predicted points: each fold's last epoch, detectors without the fold"
@@ -182,8 +163,8 @@ def main() -> None:
             lines += [f"{title}:", "```", result.format("base", "calibrated"), "```"]
         lines.append("")
     for variant in args.variant:
-        cfg = variant_config(args.config, common, variant, jitter)
-        cv, seconds = run(cfg, variant)
+        cfg = load_config(args.config, [*common, *shlex.split(variant)])
+        cv, seconds = run(cfg, variant, errors)
         if not cv.folds.set_index("study_id")["fold"].equals(base_cv.folds.set_index("study_id")["fold"]):
             raise RuntimeError(f"variant {variant!r} trained other folds: a paired comparison needs the same ones")
         lines.append(f"## `{variant}` against the base ({seconds:.0f} s)")

@@ -25,6 +25,12 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+def absolute_location(value: str | None) -> str | None:
+    """A local path made absolute (the Ray workers and Tune trials run in other working directories, and an id
+    hashed from the location must not depend on the driver's); a URI (``s3://...``) or None stays as given."""
+    return value if value is None or "://" in value else str(Path(value).expanduser().resolve())
+
+
 class _Strict(BaseModel):
     """Base for every config section: unknown keys are rejected, assignments re-validated."""
 
@@ -72,8 +78,7 @@ class PreprocessConfig(_Strict):
     @field_validator("cache")
     @classmethod
     def _absolute_cache(cls, value: str | None) -> str | None:
-        # A local folder is made absolute for the Ray workers (other working directories); URIs stay as given.
-        return value if value is None or "://" in value else str(Path(value).expanduser().resolve())
+        return absolute_location(value)
 
     workers: int = Field(2, ge=1, description="actor pool size: series decoded in parallel")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per preprocessing actor")
@@ -244,6 +249,11 @@ class CVConfig(_Strict):
         "detectors that never saw its fold (benchmarks/recipe.py --predicted-points writes one): each fold's last "
         "epoch also predicts its held-out studies at these points (the honest CV at predicted points)",
     )
+
+    @field_validator("predicted_points")
+    @classmethod
+    def _absolute_points(cls, value: str | None) -> str | None:
+        return absolute_location(value)
 
 
 class SearchDim(_Strict):

@@ -72,9 +72,6 @@ _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     # The detectors ship with the registered ensemble, so their settings are part of the run; not their resources.
     "localize": set(LOCALIZE_RESOURCE_FIELDS),
     "predict": None,
-    # Post-processing fitted after training on the stored out-of-fold predictions: switching it on re-scores the
-    # same folds (a rerun finds them trained) instead of training them again.
-    "calibrate": None,
 }
 
 
@@ -135,10 +132,16 @@ def cv_run_id(cfg: Config) -> str:
 
 def _content_digest(path: str) -> str:
     """``sha256:<hex>`` of a local file's bytes (the same points moved or copied keep their runs; new points in the
-    same file get new ones); a path that is not a local file stays as it is."""
+    same file get new ones); a URI stays as it is.
+
+    Raises:
+        FileNotFoundError: if a local path is not a file.
+    """
+    if "://" in path:
+        return path
     file = Path(path)
     if not file.is_file():
-        return path
+        raise FileNotFoundError(f"cv.predicted_points: no such file {path}")
     digest = hashlib.sha256()
     with file.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

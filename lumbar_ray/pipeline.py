@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +38,9 @@ from lumbar_ray.data.rsna import DataReport, build_report, load_rsna
 from lumbar_ray.data.synthetic import write_dataset
 from lumbar_ray.labels import encode_labels
 from lumbar_ray.localize.evaluate import jitter_values
-from lumbar_ray.localize.stage import VAL_ERRORS_NAME, LocalizeResult, run_localize
+from lumbar_ray.localize.stage import LocalizeResult, load_val_errors, run_localize
 from lumbar_ray.metrics import ScoreResult, score_arrays, score_submission, submission_to_probs
-from lumbar_ray.paths import RESOLVED_CONFIG, cache_root_for, data_root_for, localize_dir_for, tracking_uri_for
+from lumbar_ray.paths import RESOLVED_CONFIG, cache_root_for, data_root_for, tracking_uri_for
 from lumbar_ray.predict import PredictResult, plan_prediction, run_predict
 from lumbar_ray.registry import RegisteredEnsemble
 from lumbar_ray.tracking import Tracker
@@ -88,28 +89,39 @@ class TrainResult:
 
 
 JITTER_KEYS = ("jitter_px", "jitter_slices")
-"""The augment settings a measured jitter stands in for (and a search over them searches instead)."""
+"""The augment settings a measured jitter stands in for (each by its ``*_by_series``)."""
 
 
-def with_measured_jitter(cfg: Config) -> Config:
+def with_measured_jitter(cfg: Config, errors: pd.DataFrame | None = None, searched: Iterable[str] = ()) -> Config:
     """``cfg`` with the per-series jitter its localiser's held-out errors call for (``augment.jitter_measured``).
 
     The errors are those ``lumbar-ray localize`` measured on ``localize.val_fold`` with detectors that never saw
-    it (:func:`lumbar_ray.localize.evaluate.jitter_values`: per series type, the 90th percentile of the in-plane
-    and the slice error). Per-series values given in the config are kept; without an evaluated localisation the
-    config is returned as it is, with a warning (training then jitters by ``jitter_px`` and ``jitter_slices``).
+    it, unless given (:func:`lumbar_ray.localize.evaluate.jitter_values`: per series type, the 90th percentile of
+    the in-plane and of the slice error). Per-series values given in the config are kept, and so is a setting a
+    search varies (``searched``: ``jitter_px`` or ``jitter_slices``; a per-series value would override it).
+    Without errors, or with nothing left to set, ``jitter_measured`` is switched off with a warning, so the config
+    (and the run id hashed from it) says what is trained: ``jitter_px`` and ``jitter_slices``.
+
+    Args:
+        cfg: the config.
+        errors: held-out point errors (:func:`lumbar_ray.localize.evaluate.point_errors`); None = this config's
+            evaluated localisation.
+        searched: the jitter settings a search varies.
     """
     if not cfg.augment.jitter_measured:
         return cfg
-    errors = localize_dir_for(cfg) / VAL_ERRORS_NAME
-    if not errors.is_file():
-        logger.warning("augment.jitter_measured: this config's localisation is not evaluated (no %s; run "
-                       "`lumbar-ray localize`): training with jitter_px=%g, jitter_slices=%d", errors,
+    errors = errors if errors is not None else load_val_errors(cfg)
+    measured = {} if errors is None else jitter_values(errors)
+    measured = {key.split(".", 1)[1]: value for key, value in measured.items()}
+    measured = {key: value for key, value in measured.items()
+                if getattr(cfg.augment, key) is None and key.removesuffix("_by_series") not in searched}  # fmt: skip
+    if not measured:
+        reason = "no evaluated localisation (run `lumbar-ray localize`)" if errors is None else "nothing left to set"
+        logger.warning("augment.jitter_measured: %s; training with jitter_px=%g, jitter_slices=%d", reason,
                        cfg.augment.jitter_px, cfg.augment.jitter_slices)  # fmt: skip
-        return cfg
-    measured = {key.split(".", 1)[1]: value for key, value in jitter_values(pd.read_parquet(errors)).items()}
-    measured = {key: value for key, value in measured.items() if getattr(cfg.augment, key) is None}
-    logger.info("augment.jitter_measured: %s, from the held-out errors in %s", measured, errors.parent)
+        measured = {"jitter_measured": False}
+    else:
+        logger.info("augment.jitter_measured: %s, from the localiser's held-out errors", measured)
     augment = AugmentConfig.model_validate(cfg.augment.model_dump() | measured)
     return cfg.model_copy(update={"augment": augment})
 
@@ -140,13 +152,8 @@ def tune(cfg: Config, resume: bool = False, register_best: bool = False) -> Tune
 
 
 def tuning_config(cfg: Config) -> Config:
-    """The base config of a search: with the measured jitter, unless the space searches the jitter itself (a
-    per-series value would override the searched one)."""
-    if any(f"augment.{key}" in cfg.tune.space for key in JITTER_KEYS):
-        if cfg.augment.jitter_measured:
-            logger.info("augment.jitter_measured: tune.space searches the jitter, so the search sets it")
-        return cfg
-    return with_measured_jitter(cfg)
+    """The base config of a search: with the measured jitter, except for a jitter setting the space searches."""
+    return with_measured_jitter(cfg, searched=[key for key in JITTER_KEYS if f"augment.{key}" in cfg.tune.space])
 
 
 def predict(cfg: Config) -> PredictResult:

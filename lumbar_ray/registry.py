@@ -93,12 +93,21 @@ def _input_shape(crop: CropConfig | Mapping[str, Any]) -> list[int]:
     return [-1, len(TARGETS) * crop.views, crop.slices, crop.size, crop.size]
 
 
+def contract_crop(crop: CropConfig) -> dict[str, Any]:
+    """``crop`` as a contract records it: ``second_view`` only when on, so a one-view model's contract stays
+    readable by the code of before the second view (its strict ``CropConfig`` refuses an unknown key)."""
+    dumped = crop.model_dump(mode="json")
+    if not crop.second_view:
+        del dumped["second_view"]
+    return dumped
+
+
 def _members_and_inputs(members: Sequence[tuple[str, Config]]) -> tuple[list[dict], dict[str, dict]]:
     """Members' contract entries and the inputs they read: one per distinct crop geometry, in order of first use
     (``crops``, then ``crops_1``, ...)."""
     entries, inputs = [], {}
     for name, cfg in members:
-        crop = cfg.crop.model_dump(mode="json")
+        crop = contract_crop(cfg.crop)
         input_name = next((key for key, spec in inputs.items() if spec["crop"] == crop), None)
         if input_name is None:
             input_name = DEFAULT_INPUT if not inputs else f"{DEFAULT_INPUT}_{len(inputs)}"
@@ -143,7 +152,7 @@ def ensemble_contract(
     first = members[0][1]
     return {
         "contract_version": CONTRACT_VERSION,
-        "crop": first.crop.model_dump(mode="json"),
+        "crop": contract_crop(first.crop),
         "model": first.model.model_dump(mode="json"),
         "preprocess": {
             **cache_settings(cfg.preprocess),

@@ -134,15 +134,15 @@ def test_calibration_keeps_the_ids_and_an_ensemble_id_names_its_members(tmp_path
     explicit = Config.model_validate({"workdir": str(tmp_path), "calibrate": {"temperature": False}})
     assert cv_run_id(explicit) == cv_run_id(base) == "cv-a45d0f059f"  # the golden id above
     calibrated = Config.model_validate({"workdir": str(tmp_path), "calibrate": {"temperature": True}})
-    # fitted on the stored out-of-fold predictions after training: switching it on re-scores, it does not retrain
-    assert cv_run_id(calibrated) == cv_run_id(base) and localize_key(calibrated) == localize_key(base)
+    # its own run (and registered version); `lumbar-ray ensemble --cv <id>` calibrates a trained CV without retraining
+    assert cv_run_id(calibrated) != cv_run_id(base) and localize_key(calibrated) == localize_key(base)
     ids = {ensemble_id(base, ["cv-a", "cv-b"]), ensemble_id(base, ["cv-b", "cv-a"]),
            ensemble_id(calibrated, ["cv-a", "cv-b"]), ensemble_id(base, ["cv-a"])}  # fmt: skip
     assert len(ids) == 4 and all(name.startswith("ens-") for name in ids)
     assert ensemble_id(base, ["cv-a", "cv-b"]) == ensemble_id(Config(workdir=str(tmp_path / "other")), ["cv-a", "cv-b"])
 
 
-def test_predicted_points_are_hashed_by_their_contents_not_their_path(tmp_path: Path) -> None:
+def test_predicted_points_are_hashed_by_their_contents_not_their_path(tmp_path: Path, monkeypatch) -> None:
     import pandas as pd
 
     def with_points(path: Path) -> Config:
@@ -159,3 +159,10 @@ def test_predicted_points_are_hashed_by_their_contents_not_their_path(tmp_path: 
     assert len(same) == 1 and same != {cv_run_id(Config(workdir=str(tmp_path)))}
     points.assign(x=6.0).to_parquet(tmp_path / "a" / "points.parquet", index=False)  # new points, the same file
     assert cv_run_id(with_points(tmp_path / "a" / "points.parquet")) not in same
+    monkeypatch.chdir(tmp_path)
+    relative = with_points(Path("a") / "points.parquet")  # made absolute: a worker elsewhere hashes the same file
+    assert relative.cv.predicted_points == str(tmp_path / "a" / "points.parquet")
+    monkeypatch.chdir(tmp_path / "a")
+    assert cv_run_id(relative) == cv_run_id(with_points(tmp_path / "a" / "points.parquet"))
+    with pytest.raises(FileNotFoundError, match="cv.predicted_points"):
+        cv_run_id(with_points(tmp_path / "missing.parquet"))

@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lumbar_ray.config import load_config
+from lumbar_ray.config import ConfigError, load_config
 from lumbar_ray.localize.stage import VAL_ERRORS_NAME
 from lumbar_ray.paths import cv_run_id, localize_dir_for
 from lumbar_ray.pipeline import tuning_config, with_measured_jitter
+from lumbar_ray.train.cv import start_cv
 
 
 def _write_errors(cfg) -> None:
@@ -46,18 +47,28 @@ def test_the_measured_jitter_comes_from_the_localisations_held_out_errors(tmp_pa
     assert kept.jitter_px_by_series == {"Axial T2": 1.5} and kept.jitter_slices_by_series == slices  # given wins
 
 
-def test_without_an_evaluated_localisation_the_jitter_stays_and_says_so(tmp_path, caplog):
+def test_without_an_evaluated_localisation_the_switch_goes_off_and_says_so(tmp_path, caplog):
+    """The config (and so the run id) says what is trained: the plain jitter, not an unresolved measured one."""
     cfg = load_config(None, [f"workdir={tmp_path}", "augment.jitter_measured=true"])
     with caplog.at_level(logging.WARNING, logger="lumbar_ray.pipeline"):
-        assert with_measured_jitter(cfg) == cfg
-    assert "not evaluated" in caplog.text and "lumbar-ray localize" in caplog.text
+        resolved = with_measured_jitter(cfg)
+    assert resolved.augment == cfg.augment.model_copy(update={"jitter_measured": False})
+    assert "no evaluated localisation" in caplog.text and "lumbar-ray localize" in caplog.text
+    with pytest.raises(ConfigError, match="jitter_measured is not resolved"):
+        start_cv(cfg)  # a CV never trains an unresolved one under its name
 
 
-def test_a_search_over_the_jitter_searches_it_instead_of_the_measured_one(tmp_path):
-    space = "tune.space={augment.jitter_px: {dist: uniform, low: 0.0, high: 10.0}}"
-    searching = load_config(None, [f"workdir={tmp_path}", "augment.jitter_measured=true", space])
-    _write_errors(searching)
-    assert tuning_config(searching).augment.jitter_px_by_series is None
-    other = load_config(None, [f"workdir={tmp_path}", "augment.jitter_measured=true",
-                               "tune.space={train.lr: {dist: loguniform, low: 0.0001, high: 0.01}}"])  # fmt: skip
-    assert tuning_config(other).augment.jitter_px_by_series is not None
+def test_errors_given_are_used_and_a_searched_setting_keeps_its_search(tmp_path):
+    cfg = load_config(None, [f"workdir={tmp_path}", "augment.jitter_measured=true"])
+    errors = pd.DataFrame({"series_type": ["Axial T2"] * 10, "error_px": np.arange(10.0), "slice_error": 0.0})
+    given = with_measured_jitter(cfg, errors).augment
+    assert given.jitter_px_by_series == {"Axial T2": pytest.approx(8.1)} and given.jitter_slices_by_series == {
+        "Axial T2": 0}  # fmt: skip
+    _write_errors(cfg)
+    px = "augment.jitter_px: {dist: uniform, low: 0.0, high: 10.0}"
+    searching = load_config(None, [f"workdir={tmp_path}", "augment.jitter_measured=true", f"tune.space={{{px}}}"])
+    tuned = tuning_config(searching).augment  # the searched in-plane jitter stays searched; the slices are measured
+    assert tuned.jitter_px_by_series is None and tuned.jitter_slices_by_series == {"Axial T2": 2, "Sagittal T1": 1}
+    both = f"tune.space={{{px}, augment.jitter_slices: {{dist: int, low: 0, high: 2}}}}"
+    searched = tuning_config(load_config(None, [f"workdir={tmp_path}", "augment.jitter_measured=true", both]))
+    assert not searched.augment.jitter_measured and searched.augment.jitter_px_by_series is None

@@ -249,12 +249,12 @@ def second_view_points(points: pd.DataFrame) -> pd.DataFrame:
 
     The second view of a target lies where the points of its sources
     (:data:`~lumbar_ray.constants.SECOND_VIEW_SOURCES`, at the same level) lie: on the series and slice of its
-    preferred source that has a point, at the mean ``(x, y)`` of the sources on that same series and slice. So the
-    spinal canal's second view at a level is midway between the level's left and right subarticular points when
-    both lie on one axial slice, else at the one that exists (the left one when both exist on different slices);
-    a foramen's is its side's subarticular point; no source point (and no subarticular target) means no second
-    view. Rows without coordinates and repeated ``(study_id, target)`` rows are dropped first, as the dataset
-    drops them (:func:`usable_points`).
+    preferred source that has a point, at the mean ``(x, y)`` of the sources on that same series. So the spinal
+    canal's second view at a level is midway between the level's left and right subarticular points (on the left
+    one's slice when a reader put them on two), else at the one that exists: the canal, which lies between the
+    recesses, whether the points are labelled or predicted; a foramen's is its side's subarticular point; no
+    source point (and no subarticular target) means no second view. Rows without coordinates and repeated
+    ``(study_id, target)`` rows are dropped first, as the dataset drops them (:func:`usable_points`).
 
     Args:
         points: POINTS frame.
@@ -267,8 +267,7 @@ def second_view_points(points: pd.DataFrame) -> pd.DataFrame:
         return _empty_points()
     frame = frame.sort_values(["study_id", "served", "rank"], kind="stable")
     keys = ["study_id", "served"]
-    first = frame.groupby(keys)[["series_id", "slice"]].transform("first")
-    frame = frame[(frame["series_id"] == first["series_id"]) & (frame["slice"] == first["slice"])]
+    frame = frame[frame["series_id"] == frame.groupby(keys)["series_id"].transform("first")]
     served = frame.groupby(keys, as_index=False).agg(series_id=("series_id", "first"), slice=("slice", "first"),
                                                      x=("x", "mean"), y=("y", "mean"))  # fmt: skip
     served = served.rename(columns={"served": "target"})[list(POINT_COLUMNS)]

@@ -281,6 +281,13 @@ def _evaluate(cfg: Config, inputs: _Inputs, weights: dict[str, Path], tracker: T
     return LocalizeResult(folder, weights, summary, axial_summary, predicted, parent, errors)
 
 
+def load_val_errors(cfg: Config) -> pd.DataFrame | None:
+    """The held-out point errors of this config's evaluated localisation (:attr:`LocalizeResult.val_errors`), or
+    None when it has not been evaluated (``lumbar-ray localize``)."""
+    path = localize_dir_for(cfg) / VAL_ERRORS_NAME
+    return pd.read_parquet(path) if path.is_file() else None
+
+
 def run_localize(cfg: Config) -> LocalizeResult:
     """Train (or reuse) the detectors and evaluate them on the validation fold (see the module docstring).
 

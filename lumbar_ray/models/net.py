@@ -304,22 +304,35 @@ class SeverityNet(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The network itself, without the test-time flip (see :meth:`forward` for the arguments)."""
         batch, n_crops, n_slices, height, width = crops.shape
-        windows = slice_windows(crops.reshape(batch * n_crops, n_slices, height, width), self.in_chans)
-        features = self.encoder(windows.reshape(-1, self.in_chans, height, width))
-        sequence = features.reshape(batch * n_crops, n_slices, -1)
+        stacks = crops.reshape(batch * n_crops, n_slices, height, width)
+        present = present_views(crops) if self.views > 1 else None
+        if present is not None and present.any():
+            # Only the crops that exist are encoded: a two-view study has 10 second views that never do (the
+            # subarticular targets), and batch-statistics layers must not learn from empty crops eval never fuses.
+            keep = present.reshape(-1)
+            encoded = self.encode(stacks[keep])
+            sequence = encoded.new_zeros((len(stacks), *encoded.shape[1:])).index_put((keep,), encoded)
+        else:
+            sequence = self.encode(stacks)
         if return_attention:
             pooled, attention = self.pool.forward_with_scores(sequence)
         else:
             pooled, attention = self.pool(sequence), None
         pooled = pooled.reshape(batch, n_crops, -1)
-        if self.views > 1:
-            pooled = self.fuse_views(pooled, present_views(crops))
+        if present is not None:
+            pooled = self.fuse_views(pooled, present)
         hidden = self.dropout(self.norm(pooled + self.target_embedding.weight))
         logits = [head(hidden[:, getattr(self, f"_targets_{group}")]) for group, head in self.heads.items()]
         logits = torch.cat(logits, dim=1)[:, self._inverse]
         if attention is None:
             return logits
         return logits, attention.reshape(batch, n_crops, n_slices)[:, : len(TARGETS)]
+
+    def encode(self, stacks: torch.Tensor) -> torch.Tensor:
+        """``(N, S, H, W)`` crops -> ``(N, S, D)``: each slice's window (:func:`slice_windows`) through the encoder."""
+        n_stacks, n_slices, height, width = stacks.shape
+        windows = slice_windows(stacks, self.in_chans)
+        return self.encoder(windows.reshape(-1, self.in_chans, height, width)).reshape(n_stacks, n_slices, -1)
 
     def fuse_views(self, pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Each target's views, view embedding added, averaged over the views that are present.

@@ -35,7 +35,7 @@ import pandas as pd
 
 from lumbar_ray.baseline import fit_prior, prior_oof_probs
 from lumbar_ray.calibrate import OutOfFoldCalibration, calibrate_out_of_fold, cross_fit_calibration
-from lumbar_ray.config import Config
+from lumbar_ray.config import Config, ConfigError
 from lumbar_ray.data.grading import known_floor
 from lumbar_ray.metrics import ScoreResult, labels_to_submission, score_arrays
 from lumbar_ray.paths import FOLDS_CSV, cv_run_id, data_root_for, fold_outcome_path, ray_storage_for, run_dir_for
@@ -291,6 +291,10 @@ def start_cv(cfg: Config, inputs: CVInputs | None = None, nest_under: str | None
         inputs: prepared inputs to reuse (Tune trials get them from the tuning driver); None = prepare here.
         nest_under: an MLflow run to hang the CV's parent run under (a tuning run); None = top level.
     """
+    augment = cfg.augment
+    if augment.jitter_measured and augment.jitter_px_by_series is None and augment.jitter_slices_by_series is None:
+        raise ConfigError("augment.jitter_measured is not resolved: the pipeline sets the per-series jitter "
+                          "from the localisation's held-out errors (pipeline.with_measured_jitter) first")  # fmt: skip
     run_id = cv_run_id(cfg)
     run_dir = run_dir_for(cfg, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -614,7 +614,7 @@ def test_second_view_points_follow_the_subarticular_points_of_the_level():
         _point(1, LEFT_SUB, "l1_l2", 9, 4, 10.0, 20.0),  # both sides on one slice: the canal midway
         _point(1, RIGHT_SUB, "l1_l2", 9, 4, 30.0, 24.0),
         _point(1, RIGHT_SUB, "l2_l3", 9, 6, 31.0, 33.0),  # one side missing: the one that exists
-        _point(1, LEFT_SUB, "l4_l5", 9, 7, 11.0, 40.0),  # different slices: the left one (preferred)
+        _point(1, LEFT_SUB, "l4_l5", 9, 7, 11.0, 40.0),  # different slices: midway, on the left one's slice
         _point(1, RIGHT_SUB, "l4_l5", 9, 8, 29.0, 41.0),
         _point(1, LEFT_SUB, "l5_s1", 9, 10, 12.0, 50.0),  # different series, same slice index: the left one
         _point(1, RIGHT_SUB, "l5_s1", 10, 10, 28.0, 52.0),
@@ -636,7 +636,7 @@ def test_second_view_points_follow_the_subarticular_points_of_the_level():
         (1, f"{RIGHT_FORAMEN}_l1_l2"): (9, 4, 30.0, 24.0),
         (1, f"{SPINAL}_l2_l3"): (9, 6, 31.0, 33.0),
         (1, f"{RIGHT_FORAMEN}_l2_l3"): (9, 6, 31.0, 33.0),  # and no left foramen: its side's point is missing
-        (1, f"{SPINAL}_l4_l5"): (9, 7, 11.0, 40.0),
+        (1, f"{SPINAL}_l4_l5"): (9, 7, 20.0, 40.5),
         (1, f"{LEFT_FORAMEN}_l4_l5"): (9, 7, 11.0, 40.0),
         (1, f"{RIGHT_FORAMEN}_l4_l5"): (9, 8, 29.0, 41.0),
         (1, f"{SPINAL}_l5_s1"): (9, 10, 12.0, 50.0),

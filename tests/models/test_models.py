@@ -405,6 +405,23 @@ def test_a_missing_view_is_left_out_of_the_fusion_not_zeroed_into_it() -> None:
     torch.testing.assert_close(changed[:, others], reference[:, others], rtol=0, atol=1e-6)
 
 
+def test_only_the_crops_that_exist_go_through_the_encoder() -> None:
+    """The subarticular targets never have a second view: their empty crops are not encoded (a fifth of a two-view
+    study's compute, and batch statistics that eval never fuses); a one-view model still encodes every crop."""
+    model = _lively(tta_flip=False, crop=TWO_VIEWS)
+    crops = _two_view_crops(2, seed=6)
+    crops[0, 3] = 0.0  # a primary crop missing too
+    twin = _one_view_twin(model)
+    seen: list[int] = []
+    for net in (model, twin):
+        net.encoder.register_forward_hook(lambda _m, inputs, _out: seen.append(len(inputs[0])))
+    with torch.no_grad():
+        model(crops)
+        twin(crops[:, : len(TARGETS)])
+    slices = crops.shape[2]
+    assert seen == [(2 * 50 - 2 * len(SUBARTICULAR) - 1) * slices, 2 * len(TARGETS) * slices]
+
+
 def test_the_second_view_alone_trains_the_encoder_and_a_missing_one_gets_no_gradient() -> None:
     model = _lively(tta_flip=False, crop=TWO_VIEWS)  # eval mode: BatchNorm does not couple the crops
     crops = _two_view_crops(2, seed=7)
