@@ -123,7 +123,7 @@ def test_contract(registered, tmp_path: Path) -> None:
     assert contract["input"]["shape"] == [-1, 25, 3, 32, 32]
     assert contract["classes"] == list(SEVERITIES) and contract["targets"] == list(TARGETS)
     assert contract["folds"] == FOLDS
-    assert contract["crop"] == {"size": 32, "region": 48, "region_mm": None, "slices": 3}  # one view: as before second views
+    assert contract["crop"] == {"size": 32, "region": 48, "region_mm": None, "slices": 3}  # one view: no second_view
     assert contract["input"]["views"] == 1
     assert contract["model"]["arch"] == "tiny"
     assert contract["preprocess"]["dtype"] == "uint8" and contract["preprocess"]["image_size"] == 256
