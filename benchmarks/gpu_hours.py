@@ -46,8 +46,7 @@ def study_crops(cfg):
 
     from lumbar_ray.constants import TARGETS
 
-    views = 2 if getattr(cfg.crop, "second_view", False) else 1
-    return torch.rand(1, len(TARGETS) * views, cfg.crop.slices, cfg.crop.size, cfg.crop.size)
+    return torch.rand(1, len(TARGETS) * cfg.crop.views, cfg.crop.slices, cfg.crop.size, cfg.crop.size)
 
 
 BACKWARD_PER_FORWARD = 2.0  # gradients of the activations and of the weights, each about a forward

@@ -290,7 +290,7 @@ with warnings.catch_warnings():
             return probs.cpu().numpy().astype(np.float64)
 
         def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
-            """``(B, 25, S, H, W)`` float32 crops (or a dict of them by input name) -> ``(B, 25, 3)`` float32.
+            """``(B, 25 * views, S, H, W)`` float32 crops (or a dict of them by input name) -> ``(B, 25, 3)`` float32.
 
             (Typed as an array: MLflow warns about a union hint; the signature is what checks the inputs.)
 
@@ -564,7 +564,7 @@ class LoadedEnsemble:
     def predict_crops(
         self, crops: np.ndarray | Mapping[str, np.ndarray], fold: int | None = None, batch_size: int = DEFAULT_BATCH
     ) -> np.ndarray:
-        """``(B, 25, S, H, W)`` crops in [0, 1] (cast to float32) -> ``(B, 25, 3)`` probabilities.
+        """``(B, 25 * views, S, H, W)`` crops in [0, 1] (cast to float32) -> ``(B, 25, 3)`` probabilities.
 
         Args:
             crops: the crops, as described by ``contract["input"]``; or input name -> crops (:attr:`inputs`).

@@ -448,6 +448,7 @@ def _point_arrays(study_ids: np.ndarray, points: pd.DataFrame) -> tuple[np.ndarr
 def _view_arrays(study_ids: np.ndarray, points: pd.DataFrame, views: int) -> tuple[np.ndarray, ...]:
     """:func:`_point_arrays` of every crop: ``(n, 25 * views)`` view-major, the points themselves, then (two
     views) their :func:`second_view_points`."""
+    points = usable_points(points[points["study_id"].isin(study_ids)])  # once, so a repeat is logged once
     view_points = [points]
     if views > 1:
         view_points.append(second_view_points(points))
@@ -507,8 +508,11 @@ class CropDataset(Dataset):
             self.label_series, self.label_slices, _, _ = _point_arrays(self.study_ids, slice_points)
         # Shared memory: DataLoader workers (forked, spawned or persistent) see the epoch set on the main copy.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        missing = int((~self.mask).sum())
-        logger.info("crop dataset: %d studies, %d of %d crop points missing", len(self), missing, self.mask.size)
+        own = self.mask[:, : len(TARGETS)]
+        logger.info("crop dataset: %d studies, %d of %d crop points missing", len(self), int((~own).sum()), own.size)
+        if crop.views > 1:  # only the spinal and foraminal targets can have one
+            possible = len(self) * len(SECOND_VIEW_SOURCES) * len(LEVELS)
+            logger.info("second views: %d of %d possible", int(self.mask[:, len(TARGETS) :].sum()), possible)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

@@ -60,8 +60,9 @@ class CVCalibration:
         epoch: ``last`` or ``best``: the epoch whose out-of-fold predictions it was fitted on and scored with.
         model_score: the registered model's own out-of-fold predictions (each fold's best-epoch weights, which
             are the ones registered), each fold post-processed by parameters fitted without it
-            (:func:`cross_fitted_model_score`): the version's ``cv_score``, which moves the alias, so it must not
-            flatter itself with parameters fitted on the studies it scores.
+            (:func:`cross_fitted_model_score`): the version's ``cv_score``, which moves the alias, so the
+            post-processing does not flatter it with parameters fitted on the studies it scores (the best epoch,
+            picked on each fold, still does a little).
     """
 
     fit: OutOfFoldCalibration
@@ -120,8 +121,9 @@ class CVResult:
 
     @property
     def model_score(self) -> ScoreResult:
-        """The score of the registered model's own out-of-fold predictions: the best epoch's, calibrated when
-        ``calibrate.temperature`` fitted temperatures (tagged ``cv_score`` on its version)."""
+        """The score of the registered model's own out-of-fold predictions (tagged ``cv_score`` on its version): the
+        best epoch's, each fold calibrated by temperatures fitted without it when ``calibrate.temperature`` is on.
+        The best epoch is still picked on the scored fold: the honest figures are the last epoch's columns."""
         return self.score if self.calibrated is None else self.calibrated.model_score
 
     def format(self, registered: object | None = None) -> str:

@@ -15,8 +15,9 @@ fold and registers one model version holding every member's folds:
   reported cross-fitted (each fold post-processed by parameters fitted on the other folds) beside every member
   alone and the equal mean; the parameters registered are fitted on every fold;
 - the version's ``cv_score`` is the score of the registered model's own out-of-fold predictions (each member's
-  best-epoch weights, which are the ones registered, blended and calibrated as registered), so the alias moves to
-  an ensemble only when it beats the holder as a single CV would have to.
+  best-epoch weights, which are the ones registered), each fold blended and calibrated by parameters fitted
+  without it, so the alias moves to an ensemble only when it beats the holder as a single CV would have to. The
+  ``oof`` the ensemble writes is what the registered parameters (fitted on every fold) predict.
 
 One member is allowed too: that registers a trained CV again with temperatures (``calibrate.temperature=true``)
 without retraining it. A rerun of the same ensemble (same members, settings and model name: the same

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from lumbar_ray.config import Config, ConfigError, SearchDim, set_path
+from lumbar_ray.models.net import pool_has_attention
+from lumbar_ray.models.registry import ARCHITECTURES, resolved_pool
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +61,13 @@ def check_space(cfg: Config) -> None:
     """
     if max(_candidates(cfg, AUX_SLICE_KEY, cfg.loss.aux_slice_weight)) <= 0:
         return
-    from lumbar_ray.models.net import pool_has_attention
-    from lumbar_ray.models.registry import ARCHITECTURES, resolved_pool
-
     archs = [a for a in _candidates(cfg, "model.arch", cfg.model.arch) if a in ARCHITECTURES]  # others fail alone
     pools = {resolved_pool(arch, pool) for arch in archs for pool in _candidates(cfg, "model.pool", cfg.model.pool)}
     without = sorted(pool for pool in pools if not pool_has_attention(pool))
     if without:
         raise ConfigError(f"the search can train {AUX_SLICE_KEY} > 0 with the slice pooling {without}, which has no "
-                          "attention for it to train: every trial would fail; search model.pool among attention and "
-                          f"lstm, or keep {AUX_SLICE_KEY} at 0")  # fmt: skip
+                          "attention for it to train: every trial that draws both would fail; search model.pool "
+                          f"among attention and lstm, or keep {AUX_SLICE_KEY} at 0")  # fmt: skip
 
 
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
