@@ -134,7 +134,7 @@ class AugmentConfig(_Strict):
         None, description="series type -> jitter_slices of the targets read on it; types left out keep jitter_slices"
     )
     jitter_measured: bool = Field(
-        False,
+        True,
         description="train with the jitter this config's localiser calls for: before a CV, the pipeline sets "
         "jitter_px_by_series and jitter_slices_by_series (where not given) from the detectors' errors on their "
         "held-out fold (lumbar-ray localize; lumbar_ray.localize.evaluate.jitter_values), so training points stray "
@@ -172,7 +172,7 @@ class ModelConfig(_Strict):
     pool: Literal["attention", "lstm", "mean"] | None = Field(None, description="slice pooling; None = arch's")
     dropout: float = Field(0.1, ge=0, lt=1)
     tta_flip: bool = Field(
-        False,
+        True,
         description="test-time flip in eval mode (validation, registered model): the mean of the softmax of the crops"
         " and of their left/right mirror, sided targets swapped back",
     )
@@ -184,7 +184,7 @@ class LossConfig(_Strict):
     class_weights: tuple[float, float, float] = Field((1.0, 2.0, 4.0), description="by true class, as the metric")
     any_severe_weight: float = Field(1.0, ge=0, description="weight of the any-severe-spinal BCE term")
     aux_slice_weight: float = Field(
-        0.0,
+        0.5,
         ge=0,
         description="weight of the cross-entropy training the slice attention to point at the labelled slice "
         "(added to the severity loss); 0 = off; needs an attention pool (attention or lstm)",
@@ -222,7 +222,7 @@ class CalibrateConfig(_Strict):
     """Post-hoc calibration fitted out of fold after a CV (or an ensemble), stored in the registered model."""
 
     temperature: bool = Field(
-        False,
+        True,
         description="fit a temperature per condition group on the out-of-fold predictions (the last epoch's when "
         "kept), report the cross-fitted CV beside the uncalibrated one, and apply them in the registered model",
     )

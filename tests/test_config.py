@@ -82,7 +82,7 @@ def test_the_aux_slice_loss_needs_an_attention_pool():
     with pytest.raises(ConfigError, match="loss.aux_slice_weight"):
         load_config(None, ["loss.aux_slice_weight=-1"])
     assert load_config(None, ["loss.aux_slice_weight=0.5", "model.pool=lstm"]).loss.aux_slice_weight == 0.5
-    assert load_config(None, ["model.pool=mean"]).loss.aux_slice_weight == 0.0  # off: any pool
+    assert load_config(None, ["model.pool=mean", "loss.aux_slice_weight=0"]).model.pool == "mean"  # off: any pool
 
 
 def test_a_width_with_pretrained_detector_weights_is_an_error():

@@ -71,14 +71,29 @@ def test_atomic_path_replaces_only_on_success(tmp_path: Path) -> None:
     assert target.read_text() == "whole" and list(target.parent.iterdir()) == [target]
 
 
+ISSUE_8_RECIPE = {"model": {"tta_flip": False}, "loss": {"aux_slice_weight": 0.0},
+                  "augment": {"jitter_measured": False}, "calibrate": {"temperature": False}}  # fmt: skip
+"""The defaults before issue 13 made the measured recipe the default: the settings of the golden ids."""
+
+
+def issue_8(workdir: Path, **sections: dict) -> Config:
+    """The config of the issue-8 defaults in ``workdir``, with ``sections`` set on top of them."""
+    tree = {name: dict(values) for name, values in ISSUE_8_RECIPE.items()}
+    for name, values in sections.items():
+        tree[name] = tree.get(name, {}) | values
+    return Config.model_validate({"workdir": str(workdir), **tree})
+
+
 def test_ids_of_the_default_config_are_those_existing_workdirs_hold(tmp_path: Path) -> None:
     """Golden values (computed by the code before the layered redesign, 61141a8): a workdir, a cache or a tuning
-    run made then is found again, so its folds, detectors and cache entries are reused, not redone."""
+    run made then is found again, so its folds, detectors and cache entries are reused, not redone. The recipe
+    defaults of issue 13 train another model, so the default CV is a new run; the old settings keep their id."""
     from lumbar_ray.config import cache_settings
     from lumbar_ray.data.cache import cache_key
 
     cfg = Config(workdir=str(tmp_path))
-    assert cv_run_id(cfg) == "cv-a45d0f059f"
+    assert cv_run_id(issue_8(tmp_path)) == "cv-a45d0f059f"
+    assert cv_run_id(cfg) == "cv-6e7ef393c5"  # issue 13's defaults (the jitter before it is measured)
     assert localize_key(cfg) == "loc-169c20482517"
     assert cache_key(cache_settings(cfg.preprocess)) == "pp-b617c510463a"
 
@@ -95,17 +110,16 @@ def test_the_hard_preset_and_real_data_get_their_own_folder_and_ids(tmp_path: Pa
     assert len({localize_key(easy), localize_key(hard), localize_key(real)}) == 3
     in_mm = easy.model_copy(update={"localize": easy.localize.model_copy(update={"box_mm": 18.0})})
     assert localize_key(in_mm) != localize_key(easy) and cv_run_id(in_mm) != cv_run_id(easy)
-    aux = easy.model_copy(update={"loss": easy.loss.model_copy(update={"aux_slice_weight": 0.5})})
+    aux = easy.model_copy(update={"loss": easy.loss.model_copy(update={"aux_slice_weight": 0.0})})
     assert cv_run_id(aux) != cv_run_id(easy) and localize_key(aux) == localize_key(easy)
 
 
 def test_ema_and_flip_tta_keep_the_ids_at_their_defaults_and_get_their_own_when_on(tmp_path: Path) -> None:
-    base = Config(workdir=str(tmp_path))
-    explicit = Config.model_validate({"workdir": str(tmp_path), "train": {"ema_decay": 0.0},
-                                      "model": {"tta_flip": False}})  # fmt: skip
+    base = issue_8(tmp_path)
+    explicit = issue_8(tmp_path, train={"ema_decay": 0.0}, model={"tta_flip": False})
     assert cv_run_id(explicit) == cv_run_id(base) == "cv-a45d0f059f"  # the golden id above
-    ema = Config.model_validate({"workdir": str(tmp_path), "train": {"ema_decay": 0.99}})
-    tta = Config.model_validate({"workdir": str(tmp_path), "model": {"tta_flip": True}})
+    ema = issue_8(tmp_path, train={"ema_decay": 0.99})
+    tta = issue_8(tmp_path, model={"tta_flip": True})
     assert len({cv_run_id(base), cv_run_id(ema), cv_run_id(tta)}) == 3  # they change what the CV predicts
     assert localize_key(ema) == localize_key(tta) == localize_key(base)
 
@@ -113,15 +127,14 @@ def test_ema_and_flip_tta_keep_the_ids_at_their_defaults_and_get_their_own_when_
 def test_crops_in_mm_second_views_and_per_series_jitter_keep_the_ids_at_their_defaults_and_get_their_own_when_set(
     tmp_path,
 ):
-    base = Config(workdir=str(tmp_path))
-    defaults = {"crop": {"region_mm": None, "second_view": False},
-                "augment": {"jitter_px_by_series": None, "jitter_slices_by_series": None}}  # fmt: skip
-    explicit = Config.model_validate({"workdir": str(tmp_path), **defaults})
+    base = issue_8(tmp_path)
+    explicit = issue_8(tmp_path, crop={"region_mm": None, "second_view": False},
+                       augment={"jitter_px_by_series": None, "jitter_slices_by_series": None})  # fmt: skip
     assert cv_run_id(explicit) == cv_run_id(base) == "cv-a45d0f059f"  # the golden id above
-    in_mm = Config.model_validate({"workdir": str(tmp_path), "crop": {"region_mm": 40.0}})
-    two_views = Config.model_validate({"workdir": str(tmp_path), "crop": {"second_view": True}})
-    px = Config.model_validate({"workdir": str(tmp_path), "augment": {"jitter_px_by_series": {"Axial T2": 3.0}}})
-    slices = Config.model_validate({"workdir": str(tmp_path), "augment": {"jitter_slices_by_series": {"Axial T2": 0}}})
+    in_mm = issue_8(tmp_path, crop={"region_mm": 40.0})
+    two_views = issue_8(tmp_path, crop={"second_view": True})
+    px = issue_8(tmp_path, augment={"jitter_px_by_series": {"Axial T2": 3.0}})
+    slices = issue_8(tmp_path, augment={"jitter_slices_by_series": {"Axial T2": 0}})
     changed = (in_mm, two_views, px, slices)
     assert len({cv_run_id(base), *(cv_run_id(cfg) for cfg in changed)}) == 5
     assert {localize_key(cfg) for cfg in changed} == {localize_key(base)}
@@ -130,16 +143,16 @@ def test_crops_in_mm_second_views_and_per_series_jitter_keep_the_ids_at_their_de
 def test_calibration_keeps_the_ids_and_an_ensemble_id_names_its_members(tmp_path: Path) -> None:
     from lumbar_ray.paths import ensemble_id
 
-    base = Config(workdir=str(tmp_path))
-    explicit = Config.model_validate({"workdir": str(tmp_path), "calibrate": {"temperature": False}})
+    base = issue_8(tmp_path)
+    explicit = issue_8(tmp_path, calibrate={"temperature": False})
     assert cv_run_id(explicit) == cv_run_id(base) == "cv-a45d0f059f"  # the golden id above
-    calibrated = Config.model_validate({"workdir": str(tmp_path), "calibrate": {"temperature": True}})
+    calibrated = issue_8(tmp_path, calibrate={"temperature": True})
     # its own run (and registered version); `lumbar-ray ensemble --cv <id>` calibrates a trained CV without retraining
     assert cv_run_id(calibrated) != cv_run_id(base) and localize_key(calibrated) == localize_key(base)
     ids = {ensemble_id(base, ["cv-a", "cv-b"]), ensemble_id(base, ["cv-b", "cv-a"]),
            ensemble_id(calibrated, ["cv-a", "cv-b"]), ensemble_id(base, ["cv-a"])}  # fmt: skip
     assert len(ids) == 4 and all(name.startswith("ens-") for name in ids)
-    assert ensemble_id(base, ["cv-a", "cv-b"]) == ensemble_id(Config(workdir=str(tmp_path / "other")), ["cv-a", "cv-b"])
+    assert ensemble_id(base, ["cv-a", "cv-b"]) == ensemble_id(issue_8(tmp_path / "other"), ["cv-a", "cv-b"])
 
 
 def test_predicted_points_are_hashed_by_their_contents_not_their_path(tmp_path: Path, monkeypatch) -> None:

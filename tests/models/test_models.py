@@ -118,7 +118,7 @@ def test_encoder_override_uses_the_timm_model() -> None:
 
 def test_target_embedding_makes_identical_crops_differ_per_target() -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(), CropConfig()).eval()
+    model = build_model(ModelConfig(tta_flip=False), CropConfig()).eval()  # the flip would average the sides
     one_crop = torch.rand(1, 1, 5, 32, 32).expand(1, len(TARGETS), 5, 32, 32).contiguous()
     with torch.no_grad():
         logits = model(one_crop)[0]
@@ -295,7 +295,7 @@ def test_with_tta_off_and_in_training_the_network_is_unchanged() -> None:
 @pytest.mark.parametrize(("pool", "in_chans"), [("attention", 1), ("lstm", 3)])
 def test_attention_logits_are_the_pools_own_and_leave_the_default_output_alone(pool: str, in_chans: int) -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(pool=pool, in_chans=in_chans), CropConfig(slices=5)).eval()
+    model = build_model(ModelConfig(pool=pool, in_chans=in_chans, tta_flip=False), CropConfig(slices=5)).eval()
     crops = _crops(1, 5, 32)
     with torch.no_grad():
         plain = model(crops)
@@ -356,7 +356,7 @@ def _two_view_crops(batch: int, seed: int) -> torch.Tensor:
 
 def _one_view_twin(model: SeverityNet) -> SeverityNet:
     """The one-view network with the two-view ``model``'s weights (all but the view embedding), in eval mode."""
-    twin = build_model(ModelConfig(), TTA_CROP)
+    twin = build_model(ModelConfig(tta_flip=model.tta_flip), TTA_CROP)
     state = {key: value for key, value in model.state_dict().items() if not key.startswith("view_embedding")}
     twin.load_state_dict(state)
     return twin.eval()

@@ -135,6 +135,7 @@ def member_config(workdir: Path, synthetic_dir: Path, cache: SmallCache, crop: d
         "cv": {"n_folds": 2, "seed": 0},
         "crop": crop,
         "model": model,
+        "loss": {"aux_slice_weight": 0.0 if model.get("pool") == "mean" else 0.5},  # a mean pool has no attention
         "train": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0.5},
         "tracking": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "model_name": "small_ensemble"},
     })  # fmt: skip

@@ -29,6 +29,9 @@ from lumbar_ray.train.steps import (
 
 CROP = CropConfig(size=16, region=24, slices=3)
 
+NO_AUX = LossConfig(aux_slice_weight=0.0)
+"""The severity loss alone: these datasets carry no slice targets."""
+
 
 class BrightnessDataset(Dataset):
     """Crops whose brightness is the label: a signal any working train step must pick up."""
@@ -99,7 +102,7 @@ def test_train_epochs_learn_a_planted_signal_and_predict_aligns_outputs():
     cfg = TrainConfig(epochs=8, lr=3e-3, warmup_epochs=0.5)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(loader))
-    loss_fn = SeverityLoss(LossConfig())
+    loss_fn = SeverityLoss(NO_AUX)
     cpu = torch.device("cpu")
     before = score_predictions(predict(model, eval_loader, cpu).probs, data.labels).total
     losses = [train_epoch(model, loader, loss_fn, optimizer, scheduler, cpu)["loss"] for _ in range(cfg.epochs)]
@@ -116,7 +119,7 @@ def test_train_epoch_reports_samples_and_loss_parts():
     data = BrightnessDataset(10)
     model = build_model(ModelConfig(arch="tiny"), CROP)
     optimizer = make_optimizer(model, TrainConfig())
-    loss_fn, cpu = SeverityLoss(LossConfig()), torch.device("cpu")
+    loss_fn, cpu = SeverityLoss(NO_AUX), torch.device("cpu")
     out = train_epoch(model, DataLoader(data, batch_size=4), loss_fn, optimizer, None, cpu)
     assert out["samples"] == 10 and out["seconds"] > 0
     assert {"loss", "spinal", "foraminal", "subarticular", "any_severe", "aux_slice"} <= set(out)
@@ -137,7 +140,7 @@ def test_train_epoch_updates_the_ema_after_every_optimiser_step():
         steps.append({name: value.detach().clone() for name, value in model.named_parameters()})
 
     optimizer.register_step_post_hook(snapshot)
-    train_epoch(model, DataLoader(data, batch_size=4), SeverityLoss(LossConfig()), optimizer, None,
+    train_epoch(model, DataLoader(data, batch_size=4), SeverityLoss(NO_AUX), optimizer, None,
                 torch.device("cpu"), ema=ema)  # fmt: skip
     assert len(steps) == ema.updates == 3  # 10 studies in batches of 4
     for weights in steps:
@@ -177,7 +180,7 @@ def test_the_aux_slice_term_trains_the_attention_to_find_the_labelled_slice():
     assert all(np.isfinite(epoch["loss"]) for epoch in epochs)
     # weight 0: the term is neither computed nor asked of the model (a mean pool trains as before)
     mean_pool = build_model(ModelConfig(arch="tiny", pool="mean"), CROP)
-    plain = train_epoch(mean_pool, loader, SeverityLoss(LossConfig()), make_optimizer(mean_pool, TrainConfig()), None,
+    plain = train_epoch(mean_pool, loader, SeverityLoss(NO_AUX), make_optimizer(mean_pool, TrainConfig()), None,
                         cpu)  # fmt: skip
     assert plain["aux_slice"] == 0.0
 
@@ -281,8 +284,8 @@ def test_build_fold_and_run_epoch_train_the_slice_attention(small_fold):
     assert (targets != IGNORE_INDEX).mean() > 0.5 and set(np.unique(targets)) <= {IGNORE_INDEX, 0, 1, 2}
     metrics = run_epoch(fold, 0).metrics
     assert 0 < metrics["train_aux_slice"] < 2 * np.log(3) and np.isfinite(metrics["train_loss"])
-    off = build_fold(Config.model_validate(tiny), small_fold, torch.device("cpu"))
-    assert "train_aux_slice" not in run_epoch(off, 0).metrics  # the default's metrics are as they were
+    off = build_fold(Config.model_validate(tiny | {"loss": {"aux_slice_weight": 0.0}}), small_fold, torch.device("cpu"))
+    assert "train_aux_slice" not in run_epoch(off, 0).metrics  # off: the metrics are as they were
 
     mean = cfg.model_copy(deep=True)
     mean.model.pool = "mean"  # assigned past the config's own check (which only sees an explicit pool)
