@@ -16,13 +16,17 @@ from lumbar_ray.train.steps import FoldPayload
 
 
 def make_small_config(workdir: Path, **train) -> Config:
-    """24 studies, 2 folds, the tiny model on 16 px crops of 3 slices, 2 DDP workers; ``train`` overrides."""
+    """24 studies, 2 folds, the tiny model on 16 px crops of 3 slices, 2 DDP workers; ``train`` overrides. A CV
+    without a localisation (so its jitter is the configured one, not measured) and without temperatures (so the
+    registered model predicts exactly its folds' out-of-fold probabilities)."""
     return Config.model_validate({
         "workdir": str(workdir),
         "synth": {"train_studies": 24, "test_studies": 1, "image_sizes": [96], "seed": 3},
         "preprocess": {"image_size": 96, "workers": 1},
         "cv": {"n_folds": 2, "seed": 0},
         "crop": {"size": 16, "region": 24, "slices": 3},
+        "augment": {"jitter_measured": False},
+        "calibrate": {"temperature": False},
         "train": {"epochs": 2, "batch_size": 4, "num_workers": 2, "warmup_epochs": 0.5} | train,
         "tracking": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "model_name": "test_ensemble"},
     })  # fmt: skip
