@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 
 from lumbar_ray.config import Config, ConfigError, get_path, load_config, save_config
 from lumbar_ray.errors import (
@@ -266,6 +267,28 @@ def predict(
     from lumbar_ray.pipeline import predict as run_predict
 
     typer.echo(run_predict(cfg).format())
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="MLflow model URI: models:/<name>@<alias> (serve.model)")] = None,
+    host: Annotated[str | None, typer.Option(help="HTTP host (serve.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (serve.port)")] = None,
+    write_config: Annotated[
+        Path | None, typer.Option(help="write the Serve config (serve deploy, a RayService) here and exit")
+    ] = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+) -> None:
+    """Registered model -> HTTP: POST a study (zip or DICOM files) to /v1/studies:predict (Ray Serve)."""
+    cfg = load(config, {"serve.model": model, "serve.host": host, "serve.port": port}, overrides)
+    from lumbar_ray.serve import run_serve, serve_config
+
+    if write_config is not None:
+        write_config.write_text(yaml.safe_dump(serve_config(cfg), sort_keys=False))
+        typer.echo(f"Serve config: {write_config} (serve deploy {write_config})")
+        return
+    run_serve(cfg)
 
 
 @app.command()

@@ -377,6 +377,36 @@ class PredictConfig(_Strict):
     num_cpus: float = Field(1.0, gt=0, description="CPUs per actor")
 
 
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling of the study replicas (``serve.autoscaling``; None there = a fixed replica count)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="requests in flight per replica to aim at")
+
+
+class ServeConfig(_Strict):
+    """``lumbar-ray serve``: the registered study-level model behind a Ray Serve HTTP application."""
+
+    model: str = Field("models:/lumbar_ray_ensemble@champion", description="MLflow model URI (an alias is resolved "
+                       "to its version once, at start: every replica serves the same version)")  # fmt: skip
+    host: str = Field("127.0.0.1", description="HTTP host (0.0.0.0 to listen on every interface)")
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    name: str = Field("lumbar_ray", description="the Serve application's name")
+    num_replicas: int = Field(1, ge=1, description="replicas when autoscaling is off")
+    autoscaling: AutoscalingConfig | None = None
+    use_gpu: bool = Field(False, description="one GPU per replica")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
+    max_ongoing_requests: int = Field(8, ge=1, description="requests a replica takes at once (the rest queue)")
+    max_batch_size: int = Field(4, ge=1, description="studies scored together (Serve request batching)")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="how long a batch waits to fill")
+    max_upload_mb: float = Field(512.0, gt=0, description="largest upload (and uncompressed study) in MiB")
+    max_files: int = Field(4000, ge=1, description="most files in one study upload")
+    series_map: dict[str, str] = Field(default_factory=dict, description="SeriesDescription regex -> series type, "
+                                       "tried before the built-in patterns")  # fmt: skip
+
+
 class Config(_Strict):
     """The whole resolved configuration of a run."""
 
@@ -404,6 +434,7 @@ class Config(_Strict):
     tune: TuneConfig = TuneConfig()
     localize: LocalizeConfig = LocalizeConfig()
     predict: PredictConfig = PredictConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _aux_slice_needs_attention(self) -> Config:

@@ -58,3 +58,23 @@ class UnknownStudyError(ValueError):
 
 class EnsembleError(ValueError):
     """Trained CV runs that cannot be combined into one ensemble (other folds, data, preprocessing or detectors)."""
+
+
+class StudyInputError(ValueError):
+    """A study sent for prediction that cannot be read as one (a served upload, a row of the registered model's
+    input): the message names the file (its name inside the upload, never a server path) and the reason.
+
+    Attributes:
+        file: the offending file or entry ("" when the problem is the upload as a whole).
+        reason: what is wrong, in words.
+        status: the HTTP status that says it (400 malformed, 413 too large, 422 unreadable content).
+    """
+
+    def __init__(self, file: str, reason: str, status: int = 400) -> None:
+        self.file = str(file)
+        self.reason = reason
+        self.status = int(status)
+        super().__init__(f"{self.file}: {reason}" if self.file else reason)
+
+    def __reduce__(self):  # keep file/reason/status when the error crosses a process boundary (Ray)
+        return (type(self), (self.file, self.reason, self.status))

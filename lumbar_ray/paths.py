@@ -72,6 +72,7 @@ _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     # The detectors ship with the registered ensemble, so their settings are part of the run; not their resources.
     "localize": set(LOCALIZE_RESOURCE_FIELDS),
     "predict": None,
+    "serve": None,
 }
 
 

@@ -32,15 +32,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lumbar_ray.baseline import fill_with_prior
 from lumbar_ray.config import Config, LocalizeConfig, PreprocessConfig, cache_settings, save_config
 from lumbar_ray.constants import SEVERITIES, TARGETS
 from lumbar_ray.data.cache import SeriesCache
-from lumbar_ray.data.crops import CropDataset
 from lumbar_ray.data.rsna import RsnaData, load_rsna
 from lumbar_ray.errors import UnknownStudyError
+from lumbar_ray.inference.study import StudyInput, StudyScorer, preprocess_settings
 from lumbar_ray.localize.detector import load_detectors
-from lumbar_ray.localize.study import localise_study, study_series
 from lumbar_ray.metrics import labels_to_submission, validate_submission
 from lumbar_ray.paths import (
     RESOLVED_CONFIG,
@@ -60,16 +58,11 @@ REPORT_NAME = "predict_report.json"
 POINTS_FOLDER = "points"
 
 
-def preprocess_config_for(contract: dict[str, Any], resources: PreprocessConfig) -> PreprocessConfig:
-    """The training preprocessing (settings from the contract) with this run's resources and cache."""
-    settings = contract["preprocess"]
-    return resources.model_copy(
-        update={"image_size": int(settings["image_size"]), "clip_percentiles": tuple(settings["clip_percentiles"])}
-    )
-
-
 class StudyPredictor:
     """Ray Data actor: the ensemble and its detectors loaded once; a batch of study ids in, predictions out.
+
+    The scoring itself is the study pipeline the registered model and ``lumbar-ray serve`` run
+    (:class:`lumbar_ray.inference.study.StudyScorer`), here over the cache of a batch run.
 
     Args:
         model_uri: MLflow model URI of the ensemble.
@@ -93,13 +86,12 @@ class StudyPredictor:
     ) -> None:
         self.ensemble = load_ensemble(model_uri, tracking_uri)
         contract = self.ensemble.contract
-        self.localize = LocalizeConfig(**contract.get("localize", {}).get("config", {}))
-        self.detectors = load_detectors(self.ensemble.detector_paths, self.localize, settings_dir=settings_dir)
-        if not self.detectors:
+        localize = LocalizeConfig(**contract.get("localize", {}).get("config", {}))
+        detectors = load_detectors(self.ensemble.detector_paths, localize, settings_dir=settings_dir)
+        if not detectors:
             logger.warning("%s carries no level detectors: every target falls back to the prior",
                            model_uri)  # fmt: skip
-        self.crops = self.ensemble.inputs  # input name -> crop geometry (one per geometry of the members)
-        self.prior = self.ensemble.calibrated_prior(fold)
+        self.scorer = StudyScorer(self.ensemble.model.unwrap_python_model(), detectors, localize)
         self.fold = fold
         self.cache = SeriesCache(cache_root, cache_settings)
         self.series = pd.DataFrame(series, columns=["study_id", "series_id", "series_description"])
@@ -107,25 +99,9 @@ class StudyPredictor:
 
     def predict_studies(self, study_ids: list[int]) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """``(n, 25, 3)`` probabilities and one JSON-able report per study."""
-        crops, masks, reports = {name: [] for name in self.crops}, [], []
-        for study_id in study_ids:
-            series = study_series(self.cache, self.series, int(study_id), self.cached)
-            located = localise_study(int(study_id), series, self.detectors, self.localize.subarticular_fraction)
-            items = {name: CropDataset(self.cache, [int(study_id)], located.points, crop)[0]
-                     for name, crop in self.crops.items()}  # fmt: skip
-            for name, item in items.items():
-                crops[name].append(item["crops"].numpy())
-            masks.append(np.logical_and.reduce([item["mask"].numpy() for item in items.values()]))
-            reports.append(located.to_json())
-        stacked = {name: np.stack(arrays) for name, arrays in crops.items()}
-        probs = self.ensemble.predict_crops(stacked, fold=self.fold).astype(np.float64)
-        masks = np.stack(masks)
-        if self.prior is not None:
-            probs = fill_with_prior(probs, masks, self.prior)  # no crop: the training prior
-        probs /= probs.sum(axis=-1, keepdims=True)  # float32 softmax means: exact row sums in float64
-        for report, mask in zip(reports, masks, strict=True):
-            report["prior_targets"] = [TARGETS[t] for t in np.flatnonzero(~mask)] if self.prior is not None else []
-        return probs, reports
+        studies = [StudyInput(int(study_id), self.cache, self.series, self.cached) for study_id in study_ids]
+        scored = self.scorer.score(studies, fold=self.fold)
+        return np.stack([result.probs for result in scored]), [result.report() for result in scored]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         study_ids = [int(s) for s in batch["study_id"]]
@@ -211,7 +187,7 @@ def plan_prediction(cfg: Config) -> PredictionPlan:
     study_ids, series = studies_to_predict(load_rsna(root), options.split, options.study_ids)
     if not study_ids:
         raise UnknownStudyError(f"{root} lists no {options.split} studies to predict")
-    preprocess = preprocess_config_for(contract, cfg.preprocess)
+    preprocess = preprocess_settings(contract, cfg.preprocess)
     return PredictionPlan(contract, root, options.split, study_ids, series, preprocess, cache_root_for(cfg))
 
 

@@ -66,6 +66,8 @@ MODEL_NAME_IN_RUN = "ensemble"
 SCORE_TAG = "cv_score"
 RUN_TAG = "mlflow_run_id"
 CV_RUN_TAG = "lumbar_ray.run_id"
+DATA_DIGEST_TAG = "lumbar_ray.data_digest"
+"""Tag of a model version (and of its CV run): the digest of the data it was trained on."""
 REGISTERED_TAG = "lumbar_ray.registered_version"
 """Tag of a CV's MLflow run: the model version its ensemble was registered as (so a rerun registers no duplicate)."""
 DEFAULT_BATCH = 16
@@ -204,6 +206,28 @@ def contract_calibration(contract: Mapping[str, Any]) -> Calibration:
     return Calibration.from_json(contract["calibration"])
 
 
+def contract_prior(contract: Mapping[str, Any], fold: int | None = None) -> np.ndarray | None:
+    """``(25, 3)`` prior of the training labels (of fold ``fold``'s training studies when given), or None for a
+    model registered without it."""
+    prior = contract.get("prior")
+    if fold is not None:
+        prior = contract.get("fold_priors", {}).get(str(int(fold)), None)
+    if prior is None:
+        return None
+    prior = np.asarray(prior, dtype=np.float64)
+    return prior / prior.sum(axis=-1, keepdims=True)  # exact row sums after the JSON round trip
+
+
+def contract_calibrated_prior(contract: Mapping[str, Any], fold: int | None = None) -> np.ndarray | None:
+    """What the model predicts for a target without a crop: :func:`contract_prior` with the model's temperatures (its
+    calibration was fitted on out-of-fold predictions whose crop-less targets held the prior)."""
+    prior = contract_prior(contract, fold)
+    temperatures = contract_calibration(contract).temperatures
+    if prior is None or temperatures is None:
+        return prior
+    return apply_group_temperatures(prior[None], temperatures)[0]
+
+
 def signature_for(contract: dict[str, Any]) -> ModelSignature:
     """Tensor signature of the ensemble: float32 crops in (one tensor, or one named tensor per crop geometry),
     float32 probabilities out; ``fold`` and batch params."""
@@ -289,6 +313,40 @@ with warnings.catch_warnings():
             probs = torch.stack([torch.softmax(model(x).float(), dim=-1) for model in models]).mean(dim=0)
             return probs.cpu().numpy().astype(np.float64)
 
+        @property
+        def inputs(self) -> dict[str, CropConfig]:
+            """Input name -> the crop geometry its crops are cut with (:func:`contract_inputs`)."""
+            return contract_inputs(self.contract)
+
+        def calibrated_prior(self, fold: int | None = None) -> np.ndarray | None:
+            """What the model predicts for a target without a crop (:func:`contract_calibrated_prior`)."""
+            return contract_calibrated_prior(self.contract, fold)
+
+        def predict_crops(
+            self,
+            model_input: np.ndarray | Mapping[str, np.ndarray],
+            fold: int | None = None,
+            batch_size: int = DEFAULT_BATCH,
+        ) -> np.ndarray:
+            """The crop-level entry: ``(B, 25 * views, S, H, W)`` float32 crops in [0, 1] (or a dict of them by input
+            name) -> ``(B, 25, 3)`` float32 probabilities; ``fold`` None or -1 = the mean over folds.
+
+            What the pyfunc signature of a crop-level model checks, and what the study-level model and the
+            project's own batch inference call directly (their inputs are not crops).
+            """
+            batch = max(1, int(batch_size))
+            inputs = self._inputs(model_input)
+            studies = len(next(iter(inputs.values())))
+            outputs = []
+            with torch.inference_mode():
+                for start in range(0, studies, batch):
+                    parts = [self._member_probs(index, inputs[member["input"]][start : start + batch],
+                                                -1 if fold is None else int(fold))
+                             for index, member in enumerate(self.members)]  # fmt: skip
+                    outputs.append(self.calibration.apply(parts).astype(np.float32))
+            shape = (0, len(self.contract["targets"]), len(self.contract["classes"]))
+            return np.concatenate(outputs) if outputs else np.zeros(shape, np.float32)
+
         def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
             """``(B, 25 * views, S, H, W)`` float32 crops (or a dict of them by input name) -> ``(B, 25, 3)`` float32.
 
@@ -300,18 +358,8 @@ with warnings.catch_warnings():
                 params: ``fold`` (-1 = mean over all folds) and ``batch_size`` (studies per forward pass).
             """
             params = params or {}
-            fold = int(params.get("fold", -1))
-            batch = max(1, int(params.get("batch_size", DEFAULT_BATCH)))
-            inputs = self._inputs(model_input)
-            studies = len(next(iter(inputs.values())))
-            outputs = []
-            with torch.inference_mode():
-                for start in range(0, studies, batch):
-                    parts = [self._member_probs(index, inputs[member["input"]][start : start + batch], fold)
-                             for index, member in enumerate(self.members)]  # fmt: skip
-                    outputs.append(self.calibration.apply(parts).astype(np.float32))
-            shape = (0, len(self.contract["targets"]), len(self.contract["classes"]))
-            return np.concatenate(outputs) if outputs else np.zeros(shape, np.float32)
+            return self.predict_crops(model_input, int(params.get("fold", -1)),
+                                      int(params.get("batch_size", DEFAULT_BATCH)))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -383,18 +431,44 @@ def _should_move(holder: ModelVersion | None, cv_score: float) -> tuple[bool, fl
     return bool(cv_score < previous), previous
 
 
-def _save_model(folder: Path, states: list[States], contract: dict[str, Any],
-                detectors: dict[str, Path]) -> Path:  # fmt: skip
+@dataclass(frozen=True)
+class Packaging:
+    """How a version is packaged for MLflow: the pyfunc class, its signature and requirements.
+
+    :func:`crop_packaging` (the default) is the crop-level :class:`FoldEnsemble`; the study-level model
+    (:mod:`lumbar_ray.inference.model`, DICOM in, submission rows out) brings its own.
+
+    Attributes:
+        python_model: a :class:`FoldEnsemble` (or subclass) instance.
+        signature: the model's signature.
+        pip_requirements: what the served model needs installed.
+        input_example: saved with the model (None = none).
+    """
+
+    python_model: FoldEnsemble
+    signature: ModelSignature
+    pip_requirements: tuple[str, ...]
+    input_example: Any = None
+
+
+def crop_packaging(contract: dict[str, Any]) -> Packaging:
+    """The crop-level packaging: :class:`FoldEnsemble` with its tensor signature (:func:`signature_for`)."""
+    return Packaging(FoldEnsemble(), signature_for(contract), PIP_REQUIREMENTS)
+
+
+def _save_model(folder: Path, states: list[States], contract: dict[str, Any], detectors: dict[str, Path],
+                packaging: Packaging) -> Path:  # fmt: skip
     """Write the pyfunc model (weights, contract, detectors, lumbar_ray's code) to ``folder/<name in run>``."""
     artifacts = _write_artifacts(states, contract, folder / "artifacts", detectors)
     model_dir = folder / MODEL_NAME_IN_RUN
     mlflow.pyfunc.save_model(
         path=str(model_dir),
-        python_model=FoldEnsemble(),
+        python_model=packaging.python_model,
         artifacts=artifacts,
         code_paths=[str(Path(__file__).resolve().parent)],
-        signature=signature_for(contract),
-        pip_requirements=list(PIP_REQUIREMENTS),
+        signature=packaging.signature,
+        input_example=packaging.input_example,
+        pip_requirements=list(packaging.pip_requirements),
         metadata={"contract": contract},
     )
     return model_dir
@@ -418,6 +492,7 @@ def log_and_register(
     parent_run_id: str,
     cv_score: float,
     detectors: dict[str, Path] | None = None,
+    packaging: Packaging | None = None,
 ) -> RegisteredEnsemble:
     """Log the fold ensemble into the CV's parent run, register it and promote the alias if it scores better.
 
@@ -434,6 +509,7 @@ def log_and_register(
         parent_run_id: the MLflow run the model is logged into.
         cv_score: the ensemble's out-of-fold CV score (lower is better), tagged on the version.
         detectors: series type -> level detector weights to ship with the model (named in the contract).
+        packaging: the pyfunc class and signature (None = the crop-level :func:`crop_packaging`).
 
     Returns:
         The registered version and whether the alias moved to it.
@@ -447,7 +523,8 @@ def log_and_register(
     run = client.get_run(parent_run_id)
     tags = {SCORE_TAG: repr(float(cv_score)), RUN_TAG: parent_run_id, CV_RUN_TAG: run.data.tags.get(CV_RUN_TAG, "")}
     with tempfile.TemporaryDirectory() as folder:
-        model_dir = _save_model(Path(folder), states, contract, detectors)
+        packaging = packaging if packaging is not None else crop_packaging(contract)
+        model_dir = _save_model(Path(folder), states, contract, detectors, packaging)
         client.log_artifacts(parent_run_id, str(model_dir), MODEL_NAME_IN_RUN)
     source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_NAME_IN_RUN}"
     version = _create_version(client, name, source, parent_run_id, tags)
@@ -519,6 +596,46 @@ def read_contract(model_uri: str, tracking_uri: str) -> dict[str, Any]:
     return metadata["contract"]
 
 
+def describe_model(model_uri: str, tracking_uri: str) -> dict[str, Any]:
+    """What a served model is: ``name``, ``version``, ``alias`` (the one it was asked by, or None), ``uri``,
+    ``cv_score``, ``data_digest``, ``run_id`` (the CV's MLflow run) and ``contract``; the registry fields None for a
+    URI outside the registry (``runs:/...``, a folder).
+
+    Raises:
+        ModelNotFoundError: an unknown model, version or alias.
+    """
+    contract = read_contract(model_uri, tracking_uri)
+    info: dict[str, Any] = {"name": None, "version": None, "alias": None, "uri": model_uri, "cv_score": None,
+                            "data_digest": None, "run_id": None, "contract": contract}  # fmt: skip
+    path = model_uri.removeprefix("models:/")
+    if path == model_uri or ("@" not in path and "/" not in path):
+        return info
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    name, at, alias = path.partition("@")
+    if at:
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, number = name.rpartition("/")
+        version = client.get_model_version(name, model_source_version(client, name, number))
+    tags = dict(version.tags)
+    score = tags.get(SCORE_TAG)
+    return info | {"name": name, "version": int(version.version), "alias": alias or None,
+                   "cv_score": None if score is None else float(score), "data_digest": tags.get(DATA_DIGEST_TAG),
+                   "run_id": tags.get(RUN_TAG)}  # fmt: skip
+
+
+def model_source_version(client: MlflowClient, name: str, number: str) -> str:
+    """A version number as given (``latest``: the highest)."""
+    if number != "latest":
+        return number
+    return str(max(int(v.version) for v in client.search_model_versions(f"name = {name!r}")))
+
+
+def pinned_model_uri(info: Mapping[str, Any]) -> str:
+    """``models:/<name>/<version>`` of a :func:`describe_model` (an alias resolved once), else its URI as given."""
+    return f"models:/{info['name']}/{info['version']}" if info.get("name") else str(info["uri"])
+
+
 @dataclass
 class LoadedEnsemble:
     """A loaded registered ensemble: its data contract and a crops -> probabilities call."""
@@ -532,15 +649,8 @@ class LoadedEnsemble:
         return dict(getattr(self.model.unwrap_python_model(), "detector_paths", {}))
 
     def prior(self, fold: int | None = None) -> np.ndarray | None:
-        """``(25, 3)`` prior of the training labels (of fold ``fold``'s training studies when given), or None for
-        a model registered without it."""
-        prior = self.contract.get("prior")
-        if fold is not None:
-            prior = self.contract.get("fold_priors", {}).get(str(int(fold)), None)
-        if prior is None:
-            return None
-        prior = np.asarray(prior, dtype=np.float64)
-        return prior / prior.sum(axis=-1, keepdims=True)  # exact row sums after the JSON round trip
+        """:func:`contract_prior` of this model."""
+        return contract_prior(self.contract, fold)
 
     @property
     def calibration(self) -> Calibration:
@@ -553,13 +663,8 @@ class LoadedEnsemble:
         return contract_inputs(self.contract)
 
     def calibrated_prior(self, fold: int | None = None) -> np.ndarray | None:
-        """What the model predicts for a target without a crop: :meth:`prior` with the model's temperatures (its
-        calibration was fitted on out-of-fold predictions whose crop-less targets held the prior)."""
-        prior = self.prior(fold)
-        temperatures = self.calibration.temperatures
-        if prior is None or temperatures is None:
-            return prior
-        return apply_group_temperatures(prior[None], temperatures)[0]
+        """:func:`contract_calibrated_prior` of this model."""
+        return contract_calibrated_prior(self.contract, fold)
 
     def predict_crops(
         self, crops: np.ndarray | Mapping[str, np.ndarray], fold: int | None = None, batch_size: int = DEFAULT_BATCH
@@ -578,7 +683,8 @@ class LoadedEnsemble:
             model_input = arrays[names[0]] if len(names) == 1 else arrays
         else:
             model_input = np.asarray(crops, dtype=np.float32)
-        return np.asarray(self.model.predict(model_input, params=params))
+        # The crop-level entry of the python model itself: a study-level model's signature takes DICOM, not crops.
+        return np.asarray(self.model.unwrap_python_model().predict_crops(model_input, **params))
 
 
 def load_ensemble(model_uri: str, tracking_uri: str) -> LoadedEnsemble:

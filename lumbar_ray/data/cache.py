@@ -411,6 +411,49 @@ class SeriesCache:
             return pd.read_csv(io.BytesIO(stream.read()))
 
 
+class MemoryCache:
+    """A cache version held in memory: the series of a study that arrives as DICOM files (a served request).
+
+    The read side of :class:`SeriesCache` (``read``, ``read_meta``, ``has``, ``cached_keys``) over a dict, so the
+    localisation and crop code that reads a cache reads it unchanged; nothing touches a disk.
+
+    Args:
+        settings: the preprocessing settings the entries were made with (the model's contract's).
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = dict(settings)
+        self.key = cache_key(self.settings)
+        self.entries: dict[tuple[int, int], CachedSeries] = {}
+
+    def write(self, study_id: int, series_id: int, volume: np.ndarray, meta: SeriesMeta) -> None:
+        """Hold one entry (read back as it is)."""
+        self.entries[(int(study_id), int(series_id))] = CachedSeries(volume=volume, meta=meta)
+
+    def has(self, study_id: int, series_id: int) -> bool:
+        """Whether the entry is held."""
+        return (int(study_id), int(series_id)) in self.entries
+
+    def read_meta(self, study_id: int, series_id: int) -> SeriesMeta:
+        """The metadata of one entry."""
+        return self.read(study_id, series_id).meta
+
+    def read(self, study_id: int, series_id: int, mmap: bool = False) -> CachedSeries:
+        """One entry (``mmap`` is accepted for :class:`SeriesCache`'s signature; it changes nothing here).
+
+        Raises:
+            OSError: an entry that is not held (as a missing file of a :class:`SeriesCache` would).
+        """
+        try:
+            return self.entries[(int(study_id), int(series_id))]
+        except KeyError:
+            raise FileNotFoundError(f"series {study_id}/{series_id} is not in this in-memory cache") from None
+
+    def cached_keys(self) -> set[tuple[int, int]]:
+        """``(study_id, series_id)`` of every entry held."""
+        return set(self.entries)
+
+
 MANIFEST_COLUMNS = (
     "study_id",
     "series_id",

@@ -39,6 +39,7 @@ from lumbar_ray.config import Config, cache_settings, load_config
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.data.splits import load_folds
 from lumbar_ray.errors import EnsembleError
+from lumbar_ray.inference.model import study_packaging
 from lumbar_ray.labels import encode_labels
 from lumbar_ray.metrics import ScoreResult, labels_to_submission, score_arrays
 from lumbar_ray.paths import (
@@ -246,7 +247,7 @@ def _register(cfg: Config, members: list[Member], labels: np.ndarray, calibrated
                                  calibration_info=calibrated.info())  # fmt: skip
     states = [{k: outcome.model_state for k, outcome in sorted(member.outcomes.items())} for member in members]
     registered = log_and_register(states, contract, cfg.tracking, uri, mlflow_run_id, calibrated.model_score.total,
-                                  detectors)  # fmt: skip
+                                  detectors, packaging=study_packaging(contract))  # fmt: skip
     mark_registered(uri, mlflow_run_id, registered.version)
     return registered
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from lumbar_ray.config import Config
+from lumbar_ray.inference.model import study_packaging
 from lumbar_ray.paths import tracking_uri_for, trained_detectors
 from lumbar_ray.registry import (
     RegisteredEnsemble,
@@ -53,7 +54,7 @@ def register_cv(cfg: Config, cv: CVResult) -> RegisteredEnsemble | str | None:
                                  members=[(cv.run_id, cfg)], calibration=calibration,
                                  calibration_info=info)  # fmt: skip
     registered = log_and_register(states, contract, cfg.tracking, uri, cv.mlflow_run_id, cv.model_score.total,
-                                  detectors)  # fmt: skip
+                                  detectors, packaging=study_packaging(contract))  # fmt: skip
     mark_registered(uri, cv.mlflow_run_id, registered.version)
     return registered
 

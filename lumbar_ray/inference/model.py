@@ -1,0 +1,237 @@
+"""The registered model at study level: DICOM in, the 25 submission rows with their points out.
+
+``mlflow.pyfunc.load_model("models:/<name>@<alias>").predict(frame)`` takes one study per row:
+
+* ``study_dir`` (string): a folder holding the study's DICOM files, any layout; or
+* ``study_zip`` (binary; base64 in JSON, as MLflow's scoring server takes binary columns): the study zipped;
+* ``study_id`` (long, optional): the id its rows are named by; else the folder's (or the zip's one top folder's)
+  numeric name, else 0.
+
+and returns :data:`~lumbar_ray.inference.study.ROW_COLUMNS` rows, 25 per study in the competition's order. Params:
+``fold`` (-1: the mean over folds), ``batch_size`` (studies per forward pass) and ``series_map`` (JSON:
+SeriesDescription pattern -> series type, before the defaults of :mod:`lumbar_ray.data.series_type`).
+
+Everything runs inside the model (:mod:`lumbar_ray.inference.study`): the files are grouped into series, typed
+from their headers, preprocessed in memory with the contract's settings, localised with the detectors shipped in
+the model, cropped, predicted by the folds, and filled with the prior where a target has no crop, which is what
+``lumbar-ray predict`` does from a cache. A file that is not readable DICOM refuses the study
+(:class:`~lumbar_ray.errors.StudyInputError` naming it). The crop-level entry stays:
+:meth:`~lumbar_ray.registry.FoldEnsemble.predict_crops`, which the project's batch inference calls directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+from lumbar_ray.config import LocalizeConfig
+from lumbar_ray.errors import StudyInputError
+from lumbar_ray.inference.study import (
+    ROW_COLUMNS,
+    ReadStudy,
+    StudyInput,
+    StudyScorer,
+    preprocess_settings,
+    read_study,
+    study_files,
+    study_id_from_folder,
+    study_rows,
+)
+from lumbar_ray.inference.uploads import UploadLimits, extract_zip, upload_folder
+from lumbar_ray.localize.detector import load_detectors
+from lumbar_ray.provenance import library_versions
+from lumbar_ray.registry import DEFAULT_BATCH, FoldEnsemble, Packaging
+
+logger = logging.getLogger(__name__)
+
+SERVED_LIBRARIES: tuple[str, ...] = (
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "pandas",
+    "scipy",
+    "pyarrow",
+    "pydantic",
+    "PyYAML",
+    "pydicom",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "opencv-python",
+    "ultralytics",
+    "matplotlib",
+)
+"""What the study-level model imports (the networks, the DICOM reader and its JPEG decoders, the crops, the YOLO
+detectors): pinned to the versions it was registered with (:func:`pinned_requirements`); MLflow adds itself."""
+
+
+def pinned_requirements(names: Sequence[str] = SERVED_LIBRARIES) -> list[str]:
+    """``name==version`` of each installed library (a local version label such as ``+cpu`` dropped: the public
+    release is what an index serves); a library not installed is listed unpinned."""
+    versions = library_versions(tuple(names))
+    return [name if versions[name] == "unknown" else f"{name}=={versions[name].split('+')[0]}" for name in names]
+
+
+def study_signature() -> ModelSignature:
+    """The study-level signature (see the module docstring)."""
+    inputs = Schema([ColSpec("string", "study_dir", required=False), ColSpec("binary", "study_zip", required=False),
+                     ColSpec("long", "study_id", required=False)])  # fmt: skip
+    types = {"row_id": "string", "study_id": "long", "series_id": "long", "sop_instance_uid": "string",
+             "instance_number": "long", "frame": "long", "row": "double", "column": "double", "filled": "boolean",
+             "missing_series": "boolean", "prior": "boolean"}  # fmt: skip
+    outputs = Schema([ColSpec(types.get(name, "double"), name, required=False) for name in ROW_COLUMNS])
+    params = ParamSchema([ParamSpec("fold", "long", -1), ParamSpec("batch_size", "long", DEFAULT_BATCH),
+                          ParamSpec("series_map", "string", "{}")])  # fmt: skip
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def study_packaging(contract: dict[str, Any]) -> Packaging:
+    """How :func:`lumbar_ray.registry.log_and_register` packages the study-level model.
+
+    The pinned requirements are recorded in the contract too (``requirements``), so what a version needs is read
+    from its contract without downloading it.
+    """
+    contract["requirements"] = pinned_requirements()
+    example = pd.DataFrame({"study_dir": ["studies/4003253"]})
+    return Packaging(StudyModel(), study_signature(), tuple(contract["requirements"]), example)
+
+
+def _zip_bytes(value: Any) -> bytes:
+    """A ``study_zip`` cell as bytes (JSON carries binary as base64 text)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    try:
+        return base64.b64decode(str(value), validate=True)
+    except (binascii.Error, ValueError):
+        raise StudyInputError("study_zip", "not base64-encoded zip bytes") from None
+
+
+def _present(value: Any) -> bool:
+    """Whether a cell holds a value (not None, NaN or empty)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return False
+    return not (isinstance(value, (str, bytes)) and len(value) == 0)
+
+
+@dataclass
+class StudyRequest:
+    """One study of the input: where its files are and what id it is given (None = from the folder)."""
+
+    study_dir: str | None = None
+    study_zip: bytes | None = None
+    study_id: int | None = None
+
+
+def requests_from_frame(frame: pd.DataFrame) -> list[StudyRequest]:
+    """The studies of a pyfunc input frame (one per row).
+
+    Raises:
+        StudyInputError: a row with neither or both of ``study_dir`` and ``study_zip``.
+    """
+    out = []
+    for index, row in enumerate(frame.to_dict("records")):
+        folder, archive = row.get("study_dir"), row.get("study_zip")
+        if _present(folder) == _present(archive):
+            raise StudyInputError(f"row {index}", "give exactly one of study_dir and study_zip")
+        study_id = row.get("study_id")
+        out.append(StudyRequest(str(folder) if _present(folder) else None,
+                                _zip_bytes(archive) if _present(archive) else None,
+                                int(study_id) if _present(study_id) else None))  # fmt: skip
+    return out
+
+
+# MLflow 3 inspects predict's type hints when the class is created and warns that they are not validated; the
+# signature given at logging is what checks the inputs.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+
+    class StudyModel(FoldEnsemble):
+        """MLflow pyfunc: a study's DICOM files in, its 25 rows out (see the module docstring)."""
+
+        def load_context(self, context: Any) -> None:
+            """The folds (:meth:`FoldEnsemble.load_context`), then the detectors shipped with them."""
+            super().load_context(context)
+            self.localize = LocalizeConfig(**self.contract.get("localize", {}).get("config", {}))
+            self.detectors = load_detectors(self.detector_paths, self.localize)
+            if not self.detectors:
+                logger.warning("this model carries no level detectors: every target falls back to the prior")
+            self.scorer = StudyScorer(self, self.detectors, self.localize)
+            self.settings = preprocess_settings(self.contract)
+
+        def read(self, files: Sequence[Path], study_id: int, series_map: dict[str, str] | None = None,
+                 root: Path | None = None) -> ReadStudy:  # fmt: skip
+            """One study's files read into memory, refused when any file is not readable DICOM.
+
+            Raises:
+                StudyInputError: a file that is not readable DICOM (named), or no image at all (422).
+            """
+            study = read_study(files, study_id, self.settings, series_map, root)
+            if study.skipped:
+                first = study.skipped[0]
+                more = f" (and {len(study.skipped) - 1} more)" if len(study.skipped) > 1 else ""
+                raise StudyInputError(first["file"], f"{first['kind']}: {first['reason']}{more}", status=422)
+            return study
+
+        def predict_read(self, studies: Sequence[ReadStudy], fold: int | None = None) -> list[pd.DataFrame]:
+            """Rows of studies already read (:meth:`read`): one forward pass of the ensemble for all."""
+            inputs = [StudyInput(study.study_id, study.cache, study.series) for study in studies]
+            scored = self.scorer.score(inputs, fold=fold)
+            return [study_rows(result, study.cache, study) for result, study in zip(scored, studies, strict=True)]
+
+        def read_folder(self, folder: Path, study_id: int | None = None, series_map: dict | None = None) -> ReadStudy:
+            """The study whose files are under ``folder``, read (:meth:`read`); its id, when not given, from the
+            folder's name (:func:`~lumbar_ray.inference.study.study_id_from_folder`), else 0."""
+            files = study_files(folder)
+            if not files:
+                raise StudyInputError("", "the study holds no file")
+            chosen = study_id if study_id is not None else (study_id_from_folder(folder, files) or 0)
+            return self.read(files, chosen, series_map, folder)
+
+        def read_request(self, request: StudyRequest, series_map: dict | None = None,
+                         limits: UploadLimits | None = None) -> ReadStudy:  # fmt: skip
+            """A study of the input read into memory (a zip extracted to a private folder, removed after)."""
+            if request.study_dir is not None:
+                folder = Path(request.study_dir)
+                if not folder.is_dir():
+                    raise StudyInputError(request.study_dir, "no such folder")
+                return self.read_folder(folder, request.study_id, series_map)
+            with upload_folder() as folder:
+                extract_zip(request.study_zip or b"", folder, limits or UploadLimits())
+                return self.read_folder(folder, request.study_id, series_map)
+
+        def predict(
+            self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+        ) -> pd.DataFrame:
+            """One study per row of ``model_input`` -> 25 rows each (see the module docstring).
+
+            Args:
+                context: MLflow's context (unused once loaded).
+                model_input: ``study_dir`` or ``study_zip`` (and optionally ``study_id``) per row.
+                params: ``fold``, ``batch_size`` (studies read and scored together) and ``series_map``.
+
+            Raises:
+                StudyInputError: a study that cannot be read (the message names the file and the reason).
+            """
+            params = params or {}
+            fold = int(params.get("fold", -1))
+            batch = max(1, int(params.get("batch_size", DEFAULT_BATCH)))
+            series_map = json.loads(params.get("series_map") or "{}")
+            requests = requests_from_frame(pd.DataFrame(model_input))
+            frames = []
+            for start in range(0, len(requests), batch):
+                studies = [self.read_request(request, series_map) for request in requests[start : start + batch]]
+                frames += self.predict_read(studies, None if fold < 0 else fold)
+            return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(ROW_COLUMNS))
