@@ -15,7 +15,8 @@ class DicomReadError(ValueError):
         path: The offending file or folder.
         cause: What is wrong, in words.
         kind: A short category for failure tables: ``not_dicom``, ``no_pixels``, ``undecodable`` (truncated or
-            corrupt pixel data), ``not_grayscale``, ``missing_folder`` or ``empty_folder``.
+            corrupt pixel data), ``not_grayscale``, ``multi_frame`` (several frames where one is expected),
+            ``missing_folder``, ``empty_folder`` or ``no_files`` (an empty list of files).
     """
 
     def __init__(self, path: str | os.PathLike[str], cause: str, kind: str = "unreadable") -> None:

@@ -1,13 +1,26 @@
-"""Read one DICOM series folder (``<study_id>/<series_id>/<instance_number>.dcm``) into stacks with geometry.
+"""Read one DICOM series (a folder or a list of files) into stacks with geometry.
 
 Rules (every caller relies on them):
 
-* **Files.** A series is every ``*.dcm`` file (case-insensitive, hidden files skipped) directly in the folder,
-  read in natural file-name order (``2.dcm`` before ``10.dcm``). Each file is read once with
-  :func:`pydicom.dcmread`. The first unreadable file (not DICOM, truncated, no pixel data, undecodable, not a
-  single grayscale frame) raises :class:`DicomReadError` naming the file and the cause; an empty or missing
-  folder raises it naming the folder. Nothing is skipped silently: the caller (the Ray Data preprocessing job)
-  records the failure per series.
+* **Files.** A series is either every ``*.dcm`` file (case-insensitive, hidden files skipped) directly in a folder
+  (``<study_id>/<series_id>/<instance_number>.dcm``), or an explicit sequence of file paths (any names). Files are
+  read in natural order: parent folder, then natural file name (``2.dcm`` before ``10.dcm``). Each file is read
+  once with :func:`pydicom.dcmread`. An empty or missing folder, or an empty sequence, raises
+  :class:`DicomReadError` naming it.
+* **Unreadable files.** A file that cannot be used (not DICOM, truncated, no pixel data, undecodable, not
+  grayscale) is skipped, never silently: it is listed in ``DicomSeries.skipped`` as a :class:`SkippedFile` (file
+  name, kind, cause; never a tag value) and logged at WARNING naming the series and the file. The other files
+  make the series. A series without one readable file raises :class:`DicomReadError` naming the folder, with
+  the kind and cause of its first file.
+* **Multi-frame files.** A file of several frames (Enhanced MR Image Storage, as Siemens XA and Philips write it)
+  gives one slice per frame. A frame's tags are the file's whitelisted top-level tags, overridden by those of the
+  Shared Functional Groups Sequence, overridden by those of its own item of the Per-frame Functional Groups
+  Sequence (the macros of :data:`FRAME_MACROS`: plane position and orientation, pixel measures, rescale, VOI LUT,
+  MR timing; MR Echo's EffectiveEchoTime becomes EchoTime). With several frames the file's top-level
+  ImagePositionPatient is not used (one position cannot place several frames). A frame's ``file_name`` is its
+  file's name and its ``instance_number`` is its **1-based frame number** (a single-frame file, enhanced or
+  not, keeps its InstanceNumber), so ``(file_name, instance_number)`` identifies a frame. Frames then follow
+  the grouping, sorting and stacking rules below like any other slice.
 * **Orientation groups.** Slices whose ImageOrientationPatient row and column direction cosines both lie
   within :data:`ORIENTATION_TOLERANCE_DEG` degrees of a group's first slice (in InstanceNumber, then file-name
   order) belong to that group; each group is one :class:`Stack`. Slices without a usable
@@ -33,9 +46,15 @@ Rules (every caller relies on them):
   ``x_stack = (x + 0.5) * cols_stack / cols_orig - 0.5``.
 * **Pixel <-> patient.** :func:`pixel_to_patient` and :func:`patient_to_pixel` are the one place of the rule
   ``IPP + column * column_spacing * row_direction + row * row_spacing * column_direction``.
+* **Grouping a request's files.** :func:`group_series_files` reads headers only and groups arbitrary files by
+  SeriesInstanceUID (files without one: by parent folder). Files inside a group, and groups by their first
+  file, come in the natural order above. A file that is not DICOM, or holds no image (no Rows), is returned as
+  a :class:`SkippedFile` and logged at WARNING; it never raises.
 * **Privacy.** Only tags in :data:`WHITELISTED_TAGS` (geometry and acquisition parameters) leave this module,
   converted to plain Python types; the pydicom ``Dataset`` is never returned. ``DicomSeries.meta`` holds the
-  whitelisted tags whose value is the same in every file of the series.
+  whitelisted tags whose value is the same in every file of the series. The one exception is
+  :class:`SeriesFiles`, which hands the caller its own SeriesInstanceUID and SOPInstanceUIDs to tell its files
+  apart within one request; they are left out of its repr and never logged or cached.
 """
 
 from __future__ import annotations
@@ -104,8 +123,21 @@ ORIENTATION_TOLERANCE_DEG: float = 1.0
 TIE_TOLERANCE_MM: float = 1e-3
 """Projections along the normal closer than this are equal positions (ties)."""
 
+FRAME_MACROS: tuple[str, ...] = (
+    "PlanePositionSequence",  # ImagePositionPatient
+    "PlaneOrientationSequence",  # ImageOrientationPatient
+    "PixelMeasuresSequence",  # PixelSpacing, SliceThickness, SpacingBetweenSlices
+    "PixelValueTransformationSequence",  # RescaleSlope, RescaleIntercept
+    "FrameVOILUTSequence",  # WindowCenter, WindowWidth
+    "MRTimingAndRelatedParametersSequence",  # RepetitionTime, FlipAngle, EchoTrainLength
+)
+"""Functional group macros of a multi-frame file whose whitelisted tags become a frame's tags (shared, then
+overridden per frame). Only whitelisted tags are taken from them."""
+
 _COS_TOLERANCE: float = math.cos(math.radians(ORIENTATION_TOLERANCE_DEG))
 _PIXEL_DATA_KEYWORDS: tuple[str, ...] = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Enhanced MR keeps the echo time as EffectiveEchoTime in its MR Echo macro; a frame reports it as EchoTime.
+_ECHO_MACRO: tuple[str, str, str] = ("MREchoSequence", "EffectiveEchoTime", "EchoTime")
 _NOT_PARSED = object()
 
 
@@ -302,26 +334,65 @@ class Stack:
         return spacing[0] / sy, spacing[1] / sx
 
 
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file left out of a series because it cannot be used.
+
+    Attributes:
+        file_name: Base name of the file (no folder).
+        kind: The :class:`DicomReadError` kind: ``not_dicom``, ``no_pixels``, ``undecodable`` or ``not_grayscale``.
+        cause: What is wrong, in words (never a tag value).
+    """
+
+    file_name: str
+    kind: str
+    cause: str
+
+
+@dataclass(frozen=True)
+class SeriesFiles:
+    """The files of one series among a request's files, found from their headers alone.
+
+    Attributes:
+        series_uid: SeriesInstanceUID ("" for files without one, grouped by folder). It groups files within one
+            request only; never cached or logged.
+        description: SeriesDescription of the first file ("" when absent).
+        orientation: ImageOrientationPatient (normalised) of the first file, or of its first frame for a
+            multi-frame file; None when absent or degenerate. It tells sagittal from axial series.
+        files: The files, in natural order (parent folder, then natural file name).
+        sop_instance_uids: SOPInstanceUID of each file ("" when absent): the caller's own identifier of an image,
+            for its responses only.
+    """
+
+    series_uid: str = field(repr=False)
+    description: str
+    orientation: tuple[float, ...] | None
+    files: tuple[Path, ...]
+    sop_instance_uids: tuple[str, ...] = field(repr=False)
+
+
 @dataclass
 class DicomSeries:
     """A decoded series: one stack per orientation group.
 
     Attributes:
         stacks: Stacks in the documented deterministic order.
-        meta: Whitelisted tags whose value is identical in every file, as plain Python values.
-        n_files: Number of files read.
-        series_dir: The series folder.
+        meta: Whitelisted tags whose value is identical in every slice, as plain Python values.
+        n_files: Number of files read (skipped files not counted; a multi-frame file counts once).
+        series_dir: The series folder (for a sequence of files: their common folder).
+        skipped: Files left out because they cannot be used, in file order.
     """
 
     stacks: list[Stack]
     meta: dict[str, Any] = field(default_factory=dict)
     n_files: int = 0
     series_dir: str = ""
+    skipped: list[SkippedFile] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return (
-            f"DicomSeries(series_dir={self.series_dir!r}, n_files={self.n_files}, stacks={self.stacks!r}, "
-            f"meta={self.meta!r})"
+            f"DicomSeries(series_dir={self.series_dir!r}, n_files={self.n_files}, n_skipped={len(self.skipped)}, "
+            f"stacks={self.stacks!r}, meta={self.meta!r})"
         )
 
     @property
@@ -445,6 +516,15 @@ def _parse_raw(raw: RawDataElement, dictionary_vr: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def _converted(ds: pydicom.Dataset, tag: int) -> Any:
+    """pydicom's conversion of one element to plain Python; None when its value is malformed (e.g. a DS of
+    letters), as if it were absent: a bad optional tag must not cost the whole file."""
+    try:
+        return _plain(ds[tag].value)
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
 def _whitelisted_meta(ds: pydicom.Dataset) -> dict[str, Any]:
     """Whitelisted tags present in ``ds`` with a non-empty value, as plain Python values."""
     meta: dict[str, Any] = {}
@@ -455,7 +535,7 @@ def _whitelisted_meta(ds: pydicom.Dataset) -> dict[str, Any]:
         element = ds.get_item(tag)
         value = _parse_raw(element, dictionary_vr) if isinstance(element, RawDataElement) else _NOT_PARSED
         if value is _NOT_PARSED:
-            value = _plain(ds[tag].value)
+            value = _converted(ds, tag)
         if value is not None and value != "" and value != []:
             meta[keyword] = value
     return meta
@@ -535,33 +615,105 @@ def _decode(ds: pydicom.Dataset) -> np.ndarray:
     return array
 
 
-def _read_raw(path: str | os.PathLike[str]) -> _RawSlice:
-    """Read and decode one file; the stored pixels are not converted yet (the caller writes them in place)."""
+def _dcmread(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    """:func:`pydicom.dcmread`, with any failure raised as a ``not_dicom`` :class:`DicomReadError`."""
     try:
-        ds = pydicom.dcmread(path)
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except Exception as exc:  # pydicom raises many types for garbage; all mean "not readable DICOM"
         raise DicomReadError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})", "not_dicom") from exc
-    if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):
-        raise DicomReadError(path, "DICOM file has no pixel data", "no_pixels")
+
+
+def _frame_count(ds: pydicom.Dataset, path: Path) -> int:
+    """NumberOfFrames (1 when absent)."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError) as exc:
+        raise DicomReadError(path, f"malformed NumberOfFrames ({exc})", "undecodable") from exc
+
+
+def _macro_meta(group: pydicom.Dataset) -> dict[str, Any]:
+    """Whitelisted tags of the :data:`FRAME_MACROS` of one functional group item (a frame's or the shared one)."""
+    meta: dict[str, Any] = {}
+    for keyword in FRAME_MACROS:
+        macro = group.get(keyword)
+        if macro:
+            meta |= _whitelisted_meta(macro[0])
+    sequence, source, target = _ECHO_MACRO
+    echo = group.get(sequence)
+    if echo and source in echo[0]:
+        value = _converted(echo[0], tag_for_keyword(source))
+        if isinstance(value, (int, float)):
+            meta[target] = value
+    return meta
+
+
+def _frame_metas(ds: pydicom.Dataset, path: Path, n_frames: int) -> list[dict[str, Any]]:
+    """The whitelisted tags of each frame: the file's, overridden by the shared functional groups', overridden by
+    the frame's own; with several frames, InstanceNumber is the 1-based frame number."""
+    base = _whitelisted_meta(ds)
+    shared_groups = ds.get("SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if n_frames == 1 and not shared_groups and not per_frame:
+        return [base]  # a classic single-frame file: its own tags, untouched
+    if per_frame and len(per_frame) != n_frames:
+        raise DicomReadError(path, f"{len(per_frame)} per-frame functional groups for {n_frames} frames", "undecodable")
+    if n_frames > 1:
+        base.pop("ImagePositionPatient", None)  # one position cannot place several frames
+    shared = base | (_macro_meta(shared_groups[0]) if shared_groups else {})
+    metas = []
+    for index in range(n_frames):
+        meta = shared | (_macro_meta(per_frame[index]) if per_frame else {})
+        if n_frames > 1:
+            meta["InstanceNumber"] = index + 1
+        metas.append(meta)
+    return metas
+
+
+def _decode_frames(ds: pydicom.Dataset, path: Path, n_frames: int) -> np.ndarray:
+    """The stored pixels as ``(frames, rows, cols)``."""
     try:
         stored = _decode(ds)
     except Exception as exc:  # truncated data, missing decoder plug-in, bad group 0028 values
         raise DicomReadError(path, f"cannot decode pixel data ({type(exc).__name__}: {exc})", "undecodable") from exc
-    if stored.ndim != 2:
+    if stored.ndim == 2:
+        stored = stored[np.newaxis]
+    if stored.ndim != 3 or stored.shape[0] != n_frames:
         raise DicomReadError(
-            path, f"expected one grayscale frame, got pixel array of shape {stored.shape}", "not_grayscale"
+            path, f"expected {n_frames} grayscale frame(s), got pixel array of shape {stored.shape}", "not_grayscale"
         )
+    return stored
 
-    meta = _whitelisted_meta(ds)
+
+def _raw_slice(stored: np.ndarray, meta: dict[str, Any], file_name: str, inverted: tuple[int, int] | None) -> _RawSlice:
+    """One frame's raw slice; ``inverted`` is the stored range of a MONOCHROME1 file (None otherwise)."""
     slope = float(meta.get("RescaleSlope", 1.0)) if isinstance(meta.get("RescaleSlope"), (int, float)) else 1.0
     intercept = meta.get("RescaleIntercept", 0.0)
     intercept = float(intercept) if isinstance(intercept, (int, float)) else 0.0
-    if str(meta.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+    if inverted is not None:
         # slope * (lo + hi - s) + intercept == -slope * s + (slope * (lo + hi) + intercept): one fused pass.
-        lo, hi = _stored_range(ds, stored)
+        lo, hi = inverted
         slope, intercept = -slope, slope * (lo + hi) + intercept
-    geometry = _geometry(meta, (int(stored.shape[0]), int(stored.shape[1])), Path(path).name)
+    geometry = _geometry(meta, (int(stored.shape[0]), int(stored.shape[1])), file_name)
     return _RawSlice(stored=stored, geometry=geometry, meta=meta, slope=slope, intercept=intercept)
+
+
+def _read_file(path: Path) -> list[_RawSlice]:
+    """Read and decode one file into one raw slice per frame (not converted yet: the caller writes in place)."""
+    ds = _dcmread(path)
+    if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):
+        raise DicomReadError(path, "DICOM file has no pixel data", "no_pixels")
+    n_frames = _frame_count(ds, path)
+    metas = _frame_metas(ds, path, n_frames)
+    samples = metas[0].get("SamplesPerPixel", 1)
+    if samples != 1:  # before decoding: a clear cause, and no colour frames decoded for nothing
+        photometric = metas[0].get("PhotometricInterpretation")
+        raise DicomReadError(
+            path, f"expected grayscale pixels, got {samples} samples per pixel ({photometric})", "not_grayscale"
+        )
+    frames = _decode_frames(ds, path, n_frames)
+    monochrome1 = str(metas[0].get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
+    inverted = _stored_range(ds, frames) if monochrome1 else None
+    return [_raw_slice(stored, meta, path.name, inverted) for stored, meta in zip(frames, metas, strict=True)]
 
 
 def _to_float(raw: _RawSlice, out: np.ndarray | None = None) -> np.ndarray:
@@ -578,7 +730,7 @@ def _to_float(raw: _RawSlice, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def read_slice(path: str | os.PathLike[str]) -> DicomSlice:
-    """Read one DICOM file: float32 pixels (rescaled, MONOCHROME1 inverted), geometry and whitelisted meta.
+    """Read one single-frame DICOM file: float32 pixels (rescaled, MONOCHROME1 inverted), geometry, whitelisted meta.
 
     Args:
         path: The ``.dcm`` file.
@@ -587,10 +739,13 @@ def read_slice(path: str | os.PathLike[str]) -> DicomSlice:
         The decoded slice; no pydicom object is kept.
 
     Raises:
-        DicomReadError: if the file is not DICOM, is truncated, has no pixel data or cannot be decoded.
+        DicomReadError: if the file is not DICOM, is truncated, has no pixel data, cannot be decoded, is not
+            grayscale, or holds several frames (kind ``multi_frame``: :func:`read_series` reads those).
     """
-    raw = _read_raw(path)
-    return DicomSlice(pixels=_to_float(raw), geometry=raw.geometry, meta=raw.meta)
+    raws = _read_file(Path(path))
+    if len(raws) != 1:
+        raise DicomReadError(path, f"file holds {len(raws)} frames; read it with read_series", "multi_frame")
+    return DicomSlice(pixels=_to_float(raws[0]), geometry=raws[0].geometry, meta=raws[0].meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -744,6 +899,11 @@ def _common_meta(raws: Sequence[_RawSlice]) -> dict[str, Any]:
     return common
 
 
+def _file_key(path: Path) -> tuple[str, tuple[int, int, str]]:
+    """Natural order of files: parent folder, then natural file name."""
+    return str(path.parent), _natural_key(path.name)
+
+
 def _series_files(folder: Path) -> list[Path]:
     """The ``*.dcm`` files of a series folder in natural name order."""
     if not folder.is_dir():
@@ -751,24 +911,66 @@ def _series_files(folder: Path) -> list[Path]:
     files = [p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and not p.name.startswith(".") and p.is_file()]
     if not files:
         raise DicomReadError(folder, "series folder contains no .dcm files", "empty_folder")
-    return sorted(files, key=lambda p: _natural_key(p.name))
+    return sorted(files, key=_file_key)
 
 
-def read_series(folder: str | os.PathLike[str]) -> DicomSeries:
-    """Read a series folder into one sorted stack per orientation (see the module docstring for the rules).
+def _source_files(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> tuple[list[Path], str]:
+    """The files of a series (a folder, or a sequence of files) in natural order, and its folder for messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return _series_files(Path(source)), str(source)
+    files = sorted((Path(path) for path in source), key=_file_key)
+    if not files:
+        raise DicomReadError("(no files)", "no DICOM files given", "no_files")
+    try:
+        folder = os.path.commonpath([str(path.parent) for path in files])
+    except ValueError:  # absolute and relative paths mixed: no common folder to name
+        folder = ""
+    return files, folder
 
-    Args:
-        folder: ``<study_id>/<series_id>`` holding ``<instance_number>.dcm`` files.
 
-    Returns:
-        The series: stacks with float32 volumes and per-slice geometry, plus whitelisted series meta.
+def _skip(error: DicomReadError, path: Path, where: str) -> SkippedFile:
+    """Record (and log) a file left out because it cannot be used."""
+    logger.warning("%s: skipped %s: %s (%s)", where, path.name, error.cause, error.kind)
+    return SkippedFile(file_name=path.name, kind=error.kind, cause=error.cause)
+
+
+def _read_files(files: Sequence[Path], where: str) -> tuple[list[_RawSlice], list[SkippedFile]]:
+    """One raw slice per frame of every usable file, and the files skipped.
 
     Raises:
-        DicomReadError: on the first unreadable file (naming it), or for a missing or empty folder. No file is
-            skipped: the caller records the failure for the whole series.
+        DicomReadError: if no file is usable (naming ``where`` and the first file's cause, with its kind).
     """
-    folder = Path(folder)
-    raws = [_read_raw(path) for path in _series_files(folder)]
+    raws: list[_RawSlice] = []
+    skipped: list[SkippedFile] = []
+    for path in files:
+        try:
+            raws += _read_file(path)
+        except DicomReadError as error:
+            skipped.append(_skip(error, path, where))
+    if not raws:
+        first = skipped[0]
+        cause = f"no readable DICOM file among {len(files)}; the first, {first.file_name}: {first.cause}"
+        raise DicomReadError(where, cause, first.kind)
+    return raws, skipped
+
+
+def read_series(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> DicomSeries:
+    """Read a series into one sorted stack per orientation (see the module docstring for the rules).
+
+    Args:
+        source: A folder (``<study_id>/<series_id>`` holding ``<instance_number>.dcm`` files), or the files of
+            one series as a sequence of paths (any names, e.g. one group of :func:`group_series_files`).
+
+    Returns:
+        The series: stacks with float32 volumes and per-slice geometry, whitelisted series meta, and the files
+        skipped because they cannot be used.
+
+    Raises:
+        DicomReadError: for a missing or empty folder, an empty sequence, or when no file is readable (naming
+            the folder, with the kind and cause of the first file).
+    """
+    files, where = _source_files(source)
+    raws, skipped = _read_files(files, where)
     groups, incomplete = _group_by_orientation(raws)
 
     stacks: list[Stack] = []
@@ -777,10 +979,91 @@ def read_series(folder: str | os.PathLike[str]) -> DicomSeries:
         ordered, projections = _sort_along_normal(group, normal)
         stacks.append(_build_stack(ordered, projections, orientation, normal))
     if incomplete:
-        logger.warning("%s: %d slices lack position or orientation; ordered by InstanceNumber", folder, len(incomplete))
+        logger.warning("%s: %d slices lack position or orientation; ordered by InstanceNumber", where, len(incomplete))
         ordered = sorted(incomplete, key=lambda r: _instance_key(r.geometry))
         stacks.append(_build_stack(ordered, np.full(len(ordered), np.nan), None, None))
     stacks.sort(key=_stack_order_key)
     if len(stacks) > 1:
-        logger.debug("%s: %d stacks", folder, len(stacks))
-    return DicomSeries(stacks=stacks, meta=_common_meta(raws), n_files=len(raws), series_dir=str(folder))
+        logger.debug("%s: %d stacks", where, len(stacks))
+    return DicomSeries(
+        stacks=stacks, meta=_common_meta(raws), n_files=len(files) - len(skipped), series_dir=where, skipped=skipped
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Grouping a request's files into series (headers only)
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What grouping needs of one file's header (internal)."""
+
+    path: Path
+    group: tuple[str, str]
+    series_uid: str
+    sop_instance_uid: str
+    description: str
+    orientation: tuple[float, ...] | None
+
+
+def _uid(ds: pydicom.Dataset, keyword: str) -> str:
+    """A UID of the header as a string ("" when absent)."""
+    value = ds.get(keyword)
+    return str(value).strip() if value else ""
+
+
+def _read_header(path: Path) -> _Header:
+    """Read one file's header (no pixels).
+
+    Raises:
+        DicomReadError: if the file is not DICOM or holds no image.
+    """
+    ds = _dcmread(path, stop_before_pixels=True)
+    if "Rows" not in ds:  # a DICOMDIR, a structured report, a presentation state...
+        raise DicomReadError(path, "DICOM file holds no image (no Rows)", "no_pixels")
+    first_frame = _frame_metas(ds, path, _frame_count(ds, path))[0]
+    series_uid = _uid(ds, "SeriesInstanceUID")
+    description = first_frame.get("SeriesDescription")
+    return _Header(
+        path=path,
+        group=("uid", series_uid) if series_uid else ("folder", str(path.parent)),
+        series_uid=series_uid,
+        sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+        description=description if isinstance(description, str) else "",
+        orientation=_orientation(first_frame.get("ImageOrientationPatient")),
+    )
+
+
+def group_series_files(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[SeriesFiles], list[SkippedFile]]:
+    """Group arbitrary DICOM files (e.g. one request's upload) into series, reading their headers only.
+
+    Files are grouped by SeriesInstanceUID (files without one: by parent folder). Files inside a group, and
+    groups by their first file, come in natural order (parent folder, then natural file name).
+
+    Args:
+        paths: The files, in any order.
+
+    Returns:
+        The series, and the files skipped (not DICOM, or holding no image) in file order: such a file is
+        reported, never raised.
+    """
+    groups: dict[tuple[str, str], list[_Header]] = {}
+    skipped: list[SkippedFile] = []
+    for path in sorted((Path(p) for p in paths), key=_file_key):
+        try:
+            header = _read_header(path)
+        except DicomReadError as error:
+            skipped.append(_skip(error, path, str(path.parent)))
+            continue
+        groups.setdefault(header.group, []).append(header)  # dicts keep insertion (here: natural file) order
+    series = [
+        SeriesFiles(
+            series_uid=headers[0].series_uid,
+            description=headers[0].description,
+            orientation=headers[0].orientation,
+            files=tuple(header.path for header in headers),
+            sop_instance_uids=tuple(header.sop_instance_uid for header in headers),
+        )
+        for headers in groups.values()
+    ]
+    return series, skipped

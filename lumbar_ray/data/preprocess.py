@@ -10,18 +10,23 @@ The pure core (:func:`lumbar_ray.data.volume.preprocess_series`) turns one serie
   when shrinking, bilinear when growing); the per-slice scale factors, positions, orientations, pixel spacings,
   original shapes and instance numbers are kept, so label coordinates and predicted points map both ways
   (see :mod:`lumbar_ray.data.cache`);
-- warnings, not failures: several orientations (stacks), slices of mixed shapes, incomplete geometry.
+- warnings, not failures: several orientations (stacks), slices of mixed shapes, incomplete geometry, unreadable
+  files left out of the series.
 
 The Ray layer (:func:`run_preprocess`) builds one row per series from the validated CSVs (no globbing of image
 files on the driver), skips series already in the manifest of this cache version, and runs the rest through
 ``map_batches`` on an actor pool; each actor writes its entries straight to the cache (volumes never travel
 through the driver) and returns one small status row per series. A bad series becomes a row of the failures
-table naming study, series, file and kind; it never stops the job. Dead actors are restarted and their tasks
+table naming study, series, file and kind; it never stops the job. An unreadable file inside a series that is
+otherwise readable does not fail it: the series is cached without that file, and the file becomes a row of its
+own (outcome ``cached_without_file``, kind ``not_dicom``/``undecodable``/...); a series recovered from an
+interrupted run names its skipped files only in its ``skipped_files`` warning. Dead actors are restarted and their tasks
 retried (Ray Data's actor-pool defaults). Entries written by a run that was killed are found by the next run and reused.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Collection, Sequence
@@ -34,7 +39,7 @@ import pandas as pd
 
 from lumbar_ray.config import PreprocessConfig, cache_settings
 from lumbar_ray.data.cache import FAILURE_COLUMNS, MANIFEST_COLUMNS, SeriesCache, manifest_row
-from lumbar_ray.data.dicom import DicomReadError, read_series
+from lumbar_ray.data.dicom import DicomReadError, DicomSeries, read_series
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.data.volume import preprocess_series
 from lumbar_ray.raytools import ensure_ray
@@ -54,12 +59,22 @@ STATUS_COLUMNS = (
     "file",
     "error",
     "warnings",
+    "skipped",
 )
+SKIPPED_FILE_OUTCOME = "cached_without_file"
+"""Outcome of a failures-table row naming an unreadable file left out of a series that was cached."""
 
 
 def _failure_file(error: Exception, folder: Path) -> str:
     path = getattr(error, "path", None)
     return Path(path).name if path and Path(path) != folder else ""
+
+
+def _skipped_json(series: DicomSeries) -> str | None:
+    """The files a series was cached without, as JSON (a status row crosses Ray as plain columns); None if none."""
+    if not series.skipped:
+        return None
+    return json.dumps([{"file": s.file_name, "kind": s.kind, "error": s.cause} for s in series.skipped])
 
 
 def process_row(row: dict[str, Any], cache: SeriesCache, cfg: PreprocessConfig) -> dict[str, Any]:
@@ -94,7 +109,7 @@ def process_row(row: dict[str, Any], cache: SeriesCache, cfg: PreprocessConfig) 
         meta, study_id=study_id, series_id=series_id, split=row["split"], series_description=row["series_description"]
     )
     cache.write(study_id, series_id, volume, meta)
-    return status | manifest_row(meta) | {"status": "done"}
+    return status | manifest_row(meta) | {"status": "done", "skipped": _skipped_json(series)}
 
 
 class SeriesWorker:
@@ -160,15 +175,23 @@ class PreprocessSummary:
     seconds: float
     failures: pd.DataFrame = field(repr=False)
     warnings: int = 0
+    files_skipped: int = 0
 
     @property
     def slices_per_second(self) -> float:
         return self.slices / self.seconds if self.seconds > 0 else 0.0
 
+    def _kind_counts(self, outcome: str) -> dict[str, int]:
+        rows = self.failures[self.failures["outcome"] == outcome]
+        return {str(k): int(v) for k, v in rows["kind"].value_counts().sort_index().items()}
+
     def failure_counts(self) -> dict[str, int]:
         """Failed series by kind."""
-        failed = self.failures[self.failures["outcome"] == "failed"]
-        return {str(k): int(v) for k, v in failed["kind"].value_counts().sort_index().items()}
+        return self._kind_counts("failed")
+
+    def skipped_file_counts(self) -> dict[str, int]:
+        """Unreadable files left out of cached series, by kind."""
+        return self._kind_counts(SKIPPED_FILE_OUTCOME)
 
     def format(self) -> str:
         """The end-of-run summary printed by the CLI."""
@@ -179,9 +202,16 @@ class PreprocessSummary:
             f"  slices written: {self.slices:,} in {self.seconds:.1f} s ({self.slices_per_second:.0f} slices/s)",
             f"  series cached with warnings: {self.warnings}",
         ]
-        counts = self.failure_counts()
+        counts, skipped = self.failure_counts(), self.skipped_file_counts()
+        if skipped:
+            lines.append(
+                f"  unreadable files left out of cached series: {self.files_skipped} ("
+                + ", ".join(f"{k} {v}" for k, v in skipped.items())
+                + ")"
+            )
         if counts:
             lines.append("  failures by kind: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        if counts or skipped:
             lines.append(f"  failures table: {self.cache_path}/failures.csv")
         return "\n".join(lines)
 
@@ -216,18 +246,29 @@ def run_on_ray(
     return statuses.take_all()
 
 
+def _skipped_file_rows(statuses: pd.DataFrame) -> pd.DataFrame:
+    """One failures-table row per unreadable file left out of a cached series (in the series' file order)."""
+    rows = [
+        {"study_id": status.study_id, "series_id": status.series_id, "split": status.split}
+        | skipped
+        | {"outcome": SKIPPED_FILE_OUTCOME}
+        for status in statuses[statuses["skipped"].notna()].itertuples()
+        for skipped in json.loads(status.skipped)
+    ]
+    return pd.DataFrame(rows, columns=list(FAILURE_COLUMNS))
+
+
 def _failures_table(statuses: pd.DataFrame) -> pd.DataFrame:
+    """Failed series, series cached with warnings, and files left out of cached series."""
     failed = statuses[statuses["status"] == "failed"].assign(outcome="failed")
     warned = statuses[(statuses["status"] != "failed") & statuses["warnings"].fillna("").ne("")]
     warned = warned.assign(
         kind=warned["warnings"].str.split(":").str[0], error=warned["warnings"], file="", outcome="cached"
     )
-    table = (
-        pd.concat([failed, warned])[list(FAILURE_COLUMNS)]
-        if len(statuses)
-        else pd.DataFrame(columns=list(FAILURE_COLUMNS))
-    )
-    return table.sort_values(["outcome", "study_id", "series_id"]).reset_index(drop=True)
+    parts = [part[list(FAILURE_COLUMNS)] for part in (failed, warned, _skipped_file_rows(statuses)) if len(part)]
+    table = pd.concat(parts) if parts else pd.DataFrame(columns=list(FAILURE_COLUMNS))
+    # stable: a series' skipped files keep the reader's natural file order
+    return table.sort_values(["outcome", "study_id", "series_id"], kind="stable").reset_index(drop=True)
 
 
 def _add_to_manifest(cache: SeriesCache, manifest: pd.DataFrame, statuses: pd.DataFrame) -> None:
@@ -292,6 +333,7 @@ def run_preprocess(
         seconds=time.perf_counter() - start,
         failures=failures,
         warnings=int((failures["outcome"] == "cached").sum()),
+        files_skipped=int((failures["outcome"] == SKIPPED_FILE_OUTCOME).sum()),
     )
     logger.info("preprocessing summary:\n%s", summary.format())
     return summary

@@ -7,7 +7,8 @@
   shrinking, bilinear when growing); the per-slice scale factors, positions, orientations, pixel spacings,
   original shapes and instance numbers are kept, so label coordinates and predicted points map both ways (see
   :mod:`lumbar_ray.data.cache`);
-- warnings, not failures: several orientations (stacks), slices of mixed shapes, incomplete geometry.
+- warnings, not failures: several orientations (stacks), slices of mixed shapes, incomplete geometry, unreadable
+  files left out of the series (the reader's ``skipped``; the cache holds the other slices).
 
 The Ray Data job (:mod:`lumbar_ray.data.preprocess`) calls it once per series.
 """
@@ -21,7 +22,10 @@ import numpy as np
 
 from lumbar_ray.config import PreprocessConfig
 from lumbar_ray.data.cache import SeriesMeta, SliceTable, StackMeta
-from lumbar_ray.data.dicom import DicomSeries, Stack
+from lumbar_ray.data.dicom import DicomSeries, SkippedFile, Stack
+
+# Unreadable files named in a series' skipped_files warning; the failures table lists every one.
+_LISTED_SKIPPED_FILES = 5
 
 
 def intensity_window(volume: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
@@ -52,8 +56,16 @@ def resize_slice(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
+def _skipped_files_warning(skipped: list[SkippedFile]) -> str:
+    """The warning of a series cached without its unreadable files, naming the first few of them."""
+    named = ", ".join(f"{s.file_name} ({s.kind})" for s in skipped[:_LISTED_SKIPPED_FILES])
+    more = f" and {len(skipped) - _LISTED_SKIPPED_FILES} more" if len(skipped) > _LISTED_SKIPPED_FILES else ""
+    return f"skipped_files: {len(skipped)} unreadable file(s) left out: {named}{more}"
+
+
 def series_warnings(series: DicomSeries) -> list[str]:
-    """Handled oddities worth reporting: several orientations, mixed slice shapes, incomplete geometry."""
+    """Handled oddities worth reporting: several orientations, mixed slice shapes, incomplete geometry, and
+    unreadable files left out (last, so a series without them keeps its warnings as before)."""
     warnings = []
     if len(series.stacks) > 1:
         warnings.append(f"multiple_orientations: {len(series.stacks)} stacks")
@@ -62,6 +74,8 @@ def series_warnings(series: DicomSeries) -> list[str]:
         warnings.append(f"mixed_shapes: {resized} slices resized to their stack's modal shape")
     if not series.geometry_complete:
         warnings.append("incomplete_geometry: slices without position/orientation ordered by instance number")
+    if series.skipped:
+        warnings.append(_skipped_files_warning(series.skipped))
     return warnings
 
 

@@ -16,7 +16,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from lumbar_ray.data.dicom import (
     WHITELISTED_TAGS,
     DicomReadError,
+    SkippedFile,
     SliceGeometry,
+    group_series_files,
     patient_to_pixel,
     pixel_to_patient,
     read_series,
@@ -25,6 +27,7 @@ from lumbar_ray.data.dicom import (
 )
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 PHI = {
@@ -34,6 +37,16 @@ PHI = {
     "InstitutionName": "Hospital Of Secrets",
     "StudyInstanceUID": "1.2.3.4.5.6.7.8.999",
 }
+
+
+def new_dataset(sop_class_uid: str) -> Dataset:
+    """An empty dataset of this SOP class with its file meta (explicit VR little endian) and a new instance UID."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
 
 
 def write_mr(
@@ -50,16 +63,10 @@ def write_mr(
     intercept: float | None = None,
     phi: bool = False,
     with_pixels: bool = True,
+    **tags: object,
 ) -> Path:
-    """Write a minimal single-frame MR file with uint16 pixels and the given geometry."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = MR_IMAGE_STORAGE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    """Write a minimal single-frame MR file with uint16 pixels, the given geometry and any further ``tags``."""
+    ds = new_dataset(MR_IMAGE_STORAGE)
     ds.Modality = "MR"
     ds.SeriesDescription = "Sagittal T2/STIR"
     ds.SliceThickness = 4.0
@@ -77,6 +84,8 @@ def write_mr(
     if phi:
         for keyword, value in PHI.items():
             setattr(ds, keyword, value)
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
     if with_pixels:
         ds.set_pixel_data(np.asarray(pixels, dtype=np.uint16), photometric, bits_stored)
     else:
@@ -175,11 +184,43 @@ def test_dicom_without_pixel_data_raises(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
-def test_series_raises_on_a_bad_file(tmp_path: Path) -> None:
-    write_mr(tmp_path / "1.dcm", constant(1))
+def _truncate(path: Path, n_bytes: int = 10) -> Path:
+    """Cut the end of a file's pixel data, as an interrupted copy does."""
+    path.write_bytes(path.read_bytes()[:-n_bytes])
+    return path
+
+
+def test_series_skips_unreadable_files_and_names_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for k in (1, 3, 6):
+        write_mr(tmp_path / f"{k}.dcm", constant(k), instance=k, position=(0.0, 0.0, float(k)))
     (tmp_path / "2.dcm").write_text("garbage")
-    with pytest.raises(DicomReadError, match=r"2\.dcm"):
+    _truncate(write_mr(tmp_path / "4.dcm", constant(4), instance=4, position=(0.0, 0.0, 4.0), phi=True))
+    write_mr(tmp_path / "5.dcm", constant(5), with_pixels=False)
+
+    with caplog.at_level("WARNING", logger="lumbar_ray.data.dicom"):
+        series = read_series(tmp_path)
+    np.testing.assert_array_equal(series.volume[:, 0, 0], [1, 3, 6])
+    assert series.n_files == 3 and series.stacks[0].instance_numbers == [1, 3, 6]
+    assert [(s.file_name, s.kind) for s in series.skipped] == [
+        ("2.dcm", "not_dicom"),
+        ("4.dcm", "undecodable"),
+        ("5.dcm", "no_pixels"),
+    ]
+    assert all(isinstance(s, SkippedFile) and s.cause for s in series.skipped)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for name in ("2.dcm", "4.dcm", "5.dcm"):
+        assert any(str(tmp_path) in message and name in message for message in warnings), name
+    blob = repr(series) + repr(series.skipped) + "\n".join(warnings)
+    assert not any(value in blob for value in PHI.values())
+
+
+def test_series_without_a_readable_file_raises_naming_the_folder(tmp_path: Path) -> None:
+    _truncate(write_mr(tmp_path / "1.dcm", constant(1)))
+    (tmp_path / "2.dcm").write_text("garbage")
+    with pytest.raises(DicomReadError, match=r"no readable DICOM file among 2; the first, 1\.dcm") as info:
         read_series(tmp_path)
+    assert info.value.path == str(tmp_path) and info.value.kind == "undecodable"
+    assert str(tmp_path) in str(info.value)
 
 
 def test_empty_and_missing_folders_raise(tmp_path: Path) -> None:
@@ -421,3 +462,246 @@ def test_phi_never_leaves_the_module(tmp_path: Path) -> None:
             if isinstance(value, list):
                 assert all(type(v) in (int, float, str) for v in value)
     assert not any(isinstance(v, pydicom.Dataset) for v in vars(series).values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-frame (Enhanced MR) files
+
+
+def _item(**tags: object) -> Dataset:
+    """One sequence item (a functional group macro) holding ``tags``."""
+    item = Dataset()
+    for keyword, value in tags.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def write_enhanced_mr(
+    path: Path,
+    frames: np.ndarray,
+    positions: list[tuple[float, float, float]],
+    *,
+    orientation: tuple[float, ...] = SAGITTAL,
+    spacing: tuple[float, float] = (0.5, 0.5),
+    rescale: list[tuple[float, float]] | None = None,
+    frame_spacing: dict[int, tuple[float, float]] | None = None,
+    orientation_per_frame: bool = False,
+    rgb: bool = False,
+    **tags: object,
+) -> Path:
+    """Write an Enhanced MR Image Storage file as Siemens XA and Philips do: geometry in functional groups.
+
+    Orientation, pixel measures and the echo time are shared (orientation per frame when asked); each frame has
+    its own plane position, optionally its own rescale (``rescale[i]``) and pixel spacing (``frame_spacing[i]``).
+    """
+    ds = new_dataset(ENHANCED_MR_IMAGE_STORAGE)
+    ds.Modality = "MR"
+    ds.SeriesDescription = "Sagittal T2/STIR"
+    ds.InstanceNumber = 7  # the file's number: a frame reports its frame number instead
+    ds.ImagePositionPatient = [99.0, 99.0, 99.0]  # not standard here, and it could not place several frames
+    shared = _item(
+        PixelMeasuresSequence=[_item(PixelSpacing=list(spacing), SliceThickness=4.0)],
+        MREchoSequence=[_item(EffectiveEchoTime=30.0)],
+    )
+    if not orientation_per_frame:
+        shared.PlaneOrientationSequence = [_item(ImageOrientationPatient=list(orientation))]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    groups = []
+    for index, position in enumerate(positions):
+        group = _item(PlanePositionSequence=[_item(ImagePositionPatient=list(position))])
+        if orientation_per_frame:
+            group.PlaneOrientationSequence = [_item(ImageOrientationPatient=list(orientation))]
+        if rescale is not None:
+            slope, intercept = rescale[index]
+            group.PixelValueTransformationSequence = [
+                _item(RescaleSlope=slope, RescaleIntercept=intercept, RescaleType="US")
+            ]
+        if frame_spacing and index in frame_spacing:
+            group.PixelMeasuresSequence = [_item(PixelSpacing=list(frame_spacing[index]))]
+        groups.append(group)
+    ds.PerFrameFunctionalGroupsSequence = groups
+    if rgb:  # colour frames (frames, rows, cols, 3), which the reader refuses
+        ds.set_pixel_data(np.asarray(frames, dtype=np.uint8), "RGB", 8)
+    else:
+        ds.set_pixel_data(np.asarray(frames, dtype=np.uint16), "MONOCHROME2", 16)
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+def _geometry_table(stack) -> dict[str, list]:
+    """Per-slice geometry of a stack, field by field."""
+    fields = ("instance_number", "position", "orientation", "pixel_spacing", "shape", "slice_thickness")
+    return {name: [getattr(g, name) for g in stack.geometry] for name in fields}
+
+
+@pytest.mark.parametrize("orientation_per_frame", [False, True])
+def test_enhanced_multiframe_reads_like_the_same_classic_files(tmp_path: Path, orientation_per_frame: bool) -> None:
+    rng = np.random.default_rng(5)
+    n = 6
+    frames = rng.integers(0, 4096, size=(n, 12, 10), dtype=np.uint16)
+    # Frames stored out of spatial order (left-right shuffled), each with its own rescale; frame 3 has its own
+    # pixel spacing, overriding the shared one.
+    xs = [4.0, -8.0, 0.0, 12.0, -4.0, 8.0]
+    positions = [(x, -30.0, 40.0) for x in xs]
+    rescale = [(1.0 + 0.5 * k, -10.0 * k) for k in range(n)]
+    frame_spacing = {3: (0.6, 0.6)}
+    enhanced = tmp_path / "enhanced"
+    enhanced.mkdir()
+    write_enhanced_mr(
+        enhanced / "1.dcm",
+        frames,
+        positions,
+        rescale=rescale,
+        frame_spacing=frame_spacing,
+        orientation_per_frame=orientation_per_frame,
+    )
+    classic = tmp_path / "classic"
+    classic.mkdir()
+    for k in range(n):  # the same pixels and geometry as single-frame files, numbered like the frames
+        write_mr(
+            classic / f"{k + 1}.dcm",
+            frames[k],
+            instance=k + 1,
+            position=positions[k],
+            orientation=SAGITTAL,
+            spacing=frame_spacing.get(k, (0.5, 0.5)),
+            slope=rescale[k][0],
+            intercept=rescale[k][1],
+            EchoTime=30.0,
+        )
+
+    from_enhanced, from_classic = read_series(enhanced), read_series(classic)
+    assert from_enhanced.n_files == 1 and from_classic.n_files == n
+    assert len(from_enhanced.stacks) == 1 and from_enhanced.n_slices == n
+    np.testing.assert_array_equal(from_enhanced.volume, from_classic.volume)
+    a, b = from_enhanced.stacks[0], from_classic.stacks[0]
+    assert _geometry_table(a) == _geometry_table(b)
+    np.testing.assert_array_equal(a.positions_along_normal, b.positions_along_normal)
+    np.testing.assert_array_equal(a.normal, b.normal)
+    # Sorted along the normal (-x for sagittal): frame numbers say which frame each slice came from.
+    assert a.instance_numbers == [4, 6, 1, 3, 5, 2]
+    assert {g.file_name for g in a.geometry} == {"1.dcm"}
+    assert from_enhanced.meta["EchoTime"] == 30.0 == from_classic.meta["EchoTime"]
+    assert set(from_enhanced.meta) <= set(WHITELISTED_TAGS)
+
+
+def test_multiframe_file_is_refused_by_read_slice(tmp_path: Path) -> None:
+    path = write_enhanced_mr(tmp_path / "1.dcm", np.zeros((2, 4, 5)), [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0)])
+    with pytest.raises(DicomReadError, match="holds 2 frames") as info:
+        read_slice(path)
+    assert info.value.kind == "multi_frame"
+
+
+def test_colour_files_are_not_grayscale(tmp_path: Path) -> None:
+    rgb = write_mr(tmp_path / "2.dcm", constant(1), instance=2, position=(0.0, 0.0, 1.0))
+    ds = pydicom.dcmread(rgb)
+    ds.set_pixel_data(np.zeros((4, 5, 3), dtype=np.uint8), "RGB", 8)
+    ds.save_as(rgb)
+    with pytest.raises(DicomReadError, match="3 samples per pixel") as info:
+        read_slice(rgb)
+    assert info.value.kind == "not_grayscale"
+    enhanced_rgb = write_enhanced_mr(
+        tmp_path / "3.dcm", np.zeros((2, 4, 5, 3)), [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0)], rgb=True
+    )
+    with pytest.raises(DicomReadError, match="3 samples per pixel") as info:
+        read_slice(enhanced_rgb)
+    assert info.value.kind == "not_grayscale"
+    write_mr(tmp_path / "1.dcm", constant(1))
+    series = read_series(tmp_path)
+    assert series.n_slices == 1
+    assert [(s.file_name, s.kind) for s in series.skipped] == [("2.dcm", "not_grayscale"), ("3.dcm", "not_grayscale")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Series from a list of files, and grouping a request's files
+
+
+def test_read_series_from_a_list_of_files_equals_the_folder(tmp_path: Path) -> None:
+    for k in (1, 2, 10):
+        write_mr(tmp_path / f"{k}.dcm", constant(k), instance=k, position=(0.0, 0.0, float(-k)))
+    shuffled = [tmp_path / "10.dcm", str(tmp_path / "1.dcm"), tmp_path / "2.dcm"]
+    from_list, from_folder = read_series(shuffled), read_series(tmp_path)
+    np.testing.assert_array_equal(from_list.volume, from_folder.volume)
+    assert _geometry_table(from_list.stacks[0]) == _geometry_table(from_folder.stacks[0])
+    assert from_list.series_dir == str(tmp_path) and from_list.n_files == 3
+
+    # Any names are read from a list (no .dcm needed), with the same skipping rules.
+    other = tmp_path / "upload"
+    other.mkdir()
+    (tmp_path / "2.dcm").rename(other / "IM_0002")
+    (other / "notes.txt").write_text("not DICOM")
+    series = read_series([other / "IM_0002", other / "notes.txt"])
+    assert series.n_slices == 1 and series.skipped[0].file_name == "notes.txt"
+    with pytest.raises(DicomReadError, match="no DICOM files given") as info:
+        read_series([])
+    assert info.value.kind == "no_files"
+
+
+def _write_header_only(path: Path, **tags: object) -> Path:
+    """A DICOM file without an image (as a DICOMDIR or a structured report is)."""
+    ds = new_dataset("1.2.840.10008.5.1.4.1.1.88.11")  # Basic Text SR
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+def test_group_series_files_groups_a_request_by_series(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sagittal_uid, axial_uid, enhanced_uid = generate_uid(), generate_uid(), generate_uid()
+    for folder in "abcde":
+        (tmp_path / folder).mkdir()
+    sagittal_tags = {"SeriesInstanceUID": sagittal_uid, "SeriesDescription": "Sag T1"}
+    axial_tags = {"SeriesInstanceUID": axial_uid, "SeriesDescription": "Ax T2"}
+    # an enhanced file: its orientation only in its per-frame functional groups
+    frames, positions = np.zeros((2, 4, 5)), [(0.0, 0.0, 0.0), (0.0, 0.0, 1.0)]
+    enhanced_file = write_enhanced_mr(
+        tmp_path / "e/1.dcm",
+        frames,
+        positions,
+        orientation=AXIAL,
+        orientation_per_frame=True,
+        SeriesInstanceUID=enhanced_uid,
+    )
+    paths = [
+        write_mr(
+            tmp_path / "a/10.dcm", constant(1), orientation=(0, 2, 0, 0, 0, -2), **sagittal_tags
+        ),  # not normalised
+        write_mr(tmp_path / "a/2.dcm", constant(1), orientation=SAGITTAL, **sagittal_tags),
+        write_mr(tmp_path / "b/1.dcm", constant(1), **axial_tags),  # the axial series spans two folders
+        write_mr(tmp_path / "a/3.dcm", constant(1), **axial_tags),
+        write_mr(tmp_path / "c/y.dcm", constant(1)),  # no SeriesInstanceUID: grouped by folder
+        write_mr(tmp_path / "c/x.dcm", constant(1)),
+        write_mr(tmp_path / "d/z.dcm", constant(1)),
+        enhanced_file,
+        _write_header_only(tmp_path / "DICOMDIR", SeriesInstanceUID=sagittal_uid),
+        tmp_path / "notes.txt",
+    ]
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    order = list(paths)
+    random.Random(1).shuffle(order)
+
+    with caplog.at_level("WARNING", logger="lumbar_ray.data.dicom"):
+        groups, skipped = group_series_files(order)
+    assert [(s.file_name, s.kind) for s in skipped] == [("DICOMDIR", "no_pixels"), ("notes.txt", "not_dicom")]
+    # Groups in the order of their first file (parent folder, then natural name); files likewise.
+    assert [[str(p.relative_to(tmp_path)) for p in g.files] for g in groups] == [
+        ["a/2.dcm", "a/10.dcm"],
+        ["a/3.dcm", "b/1.dcm"],
+        ["c/x.dcm", "c/y.dcm"],
+        ["d/z.dcm"],
+        ["e/1.dcm"],
+    ]
+    sagittal, axial, by_folder_c, by_folder_d, enhanced = groups
+    assert sagittal.series_uid == sagittal_uid and axial.series_uid == axial_uid
+    assert by_folder_c.series_uid == by_folder_d.series_uid == ""
+    assert (sagittal.description, axial.description, by_folder_c.description) == ("Sag T1", "Ax T2", "Sagittal T2/STIR")
+    assert sagittal.orientation == SAGITTAL and axial.orientation == AXIAL and enhanced.orientation == AXIAL
+    assert sagittal.sop_instance_uids == tuple(pydicom.dcmread(p).SOPInstanceUID for p in sagittal.files)
+    assert enhanced.series_uid == enhanced_uid and len(enhanced.sop_instance_uids) == 1
+    # UIDs stay out of reprs and logs; each group reads as a series.
+    text = repr(groups) + "\n".join(r.getMessage() for r in caplog.records)
+    assert not any(uid in text for uid in (sagittal_uid, axial_uid, enhanced_uid, *sagittal.sop_instance_uids))
+    assert any("notes.txt" in r.getMessage() for r in caplog.records)
+    assert read_series(enhanced.files).n_slices == 2 and read_series(axial.files).n_slices == 2

@@ -20,7 +20,14 @@ import pytest
 from lumbar_ray.config import PreprocessConfig, SynthConfig, cache_settings
 from lumbar_ray.data.cache import CachedSeries, SeriesCache, SeriesMeta
 from lumbar_ray.data.dicom import read_series
-from lumbar_ray.data.preprocess import run_preprocess
+from lumbar_ray.data.preprocess import (
+    SKIPPED_FILE_OUTCOME,
+    STATUS_COLUMNS,
+    PreprocessSummary,
+    _failures_table,
+    process_row,
+    run_preprocess,
+)
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.data.synthetic import write_dataset
 from lumbar_ray.data.volume import preprocess_series, resize_slice, to_uint8
@@ -130,6 +137,60 @@ def test_points_map_both_ways_even_on_mixed_shapes(tmp_path):
     assert any(w.startswith("mixed_shapes") for w in meta.warnings)
 
 
+def _row(folder: Path) -> dict:
+    """A work item of the preprocessing job for one series folder (study 1, series 2)."""
+    return {"study_id": 1, "series_id": 2, "split": "train", "series_description": "Sagittal T1", "folder": str(folder)}
+
+
+def test_a_series_with_unreadable_files_is_cached_without_them_and_tabled(tmp_path):
+    folder = tmp_path / "s"
+    _write_dot_series(folder, [(128, 128)] * 4, [(30, 90), (100, 40), (64, 20), (50, 50)])
+    truncated = folder / "2.dcm"
+    truncated.write_bytes(truncated.read_bytes()[:-500])
+    (folder / "4.dcm").write_text("this is not a DICOM file")
+    cache = SeriesCache(tmp_path / "cache", cache_settings(CFG))
+    cache.prepare()
+
+    status = process_row(_row(folder), cache, CFG)
+    assert status["status"] == "done" and status["n_slices"] == 2
+    entry = cache.read(1, 2)
+    assert entry.volume.shape == (2, 96, 96) and entry.meta.slices.file_name == ("1.dcm", "3.dcm")
+    expected = "skipped_files: 2 unreadable file(s) left out: 2.dcm (undecodable), 4.dcm (not_dicom)"
+    assert entry.meta.warnings == (expected,)
+
+    table = _failures_table(pd.DataFrame([status], columns=list(STATUS_COLUMNS)))
+    skipped = table[table["outcome"] == SKIPPED_FILE_OUTCOME]
+    assert skipped[["study_id", "series_id", "split", "file", "kind"]].values.tolist() == [
+        [1, 2, "train", "2.dcm", "undecodable"],
+        [1, 2, "train", "4.dcm", "not_dicom"],
+    ]
+    assert "less than expected" in skipped["error"].iloc[0] and "not a readable DICOM" in skipped["error"].iloc[1]
+    assert table.loc[table["outcome"] == "cached", "kind"].tolist() == ["skipped_files"]
+
+    summary = PreprocessSummary(
+        str(tmp_path), "pp-x", 1, 1, 0, 0, 0, 2, 1.0, table, warnings=1, files_skipped=len(skipped)
+    )
+    assert summary.skipped_file_counts() == {"not_dicom": 1, "undecodable": 1} and summary.failure_counts() == {}
+    text = summary.format()
+    assert "unreadable files left out of cached series: 2 (not_dicom 1, undecodable 1)" in text
+    assert "failures table:" in text
+
+
+def test_a_series_without_a_readable_file_fails_naming_its_first_file(tmp_path):
+    folder = tmp_path / "s"
+    _write_dot_series(folder, [(128, 128)] * 2, [(30, 90), (100, 40)])
+    for path in folder.glob("*.dcm"):
+        path.write_bytes(path.read_bytes()[:-500])
+    cache = SeriesCache(tmp_path / "cache", cache_settings(CFG))
+    cache.prepare()
+    status = process_row(_row(folder), cache, CFG)
+    assert status["status"] == "failed" and status["kind"] == "undecodable" and status["skipped"] is None
+    assert "no readable DICOM file among 2; the first, 1.dcm" in status["error"]
+    assert not cache.has(1, 2)
+    table = _failures_table(pd.DataFrame([status], columns=list(STATUS_COLUMNS)))
+    assert table[["study_id", "series_id", "kind", "outcome"]].values.tolist() == [[1, 2, "undecodable", "failed"]]
+
+
 # --- the Ray Data job
 
 
@@ -174,37 +235,52 @@ def test_cache_is_complete_then_rerun_skips_everything(ray_local, tmp_path):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.key, other.key])
 
 
-def _break_dataset(root: Path) -> dict[str, tuple[int, int]]:
-    """Seed one series with each kind of bad input; returns kind -> (study, series)."""
+def _break_dataset(root: Path) -> tuple[dict[str, tuple[int, int]], tuple[int, int], list[str]]:
+    """Seed one failing series per kind of bad input, and one series with two bad files among good ones.
+
+    Returns:
+        kind -> (study, series) of the failing series; (study, series) of the damaged one; its bad files.
+    """
     series = load_rsna(root).train_series
     rows = [(int(r.study_id), int(r.series_id)) for r in series.itertuples()]
-    broken = dict(zip(["undecodable", "not_dicom", "empty_folder", "missing_folder"], rows[:4], strict=True))
-    folder = {kind: root / "train_images" / str(s) / str(r) for kind, (s, r) in broken.items()}
-    victim = sorted(folder["undecodable"].glob("*.dcm"))[0]
-    victim.write_bytes(victim.read_bytes()[:-500])  # truncated pixel data
-    sorted(folder["not_dicom"].glob("*.dcm"))[1].write_text("this is not a DICOM file")
+    broken = dict(zip(["undecodable", "empty_folder", "missing_folder"], rows[:3], strict=True))
+    folder = {kind: root / "train_images" / str(s) / str(r) for kind, (s, r) in (*broken.items(), ("damaged", rows[3]))}
+    for victim in folder["undecodable"].glob("*.dcm"):
+        victim.write_bytes(victim.read_bytes()[:-500])  # truncated pixel data: no file of the series is readable
     for path in folder["empty_folder"].glob("*.dcm"):
         path.unlink()
     shutil.rmtree(folder["missing_folder"])
-    return broken
+    truncated, not_dicom = sorted(folder["damaged"].glob("*.dcm"))[:2]
+    truncated.write_bytes(truncated.read_bytes()[:-500])
+    not_dicom.write_text("this is not a DICOM file")
+    return broken, rows[3], [truncated.name, not_dicom.name]
 
 
 @pytest.mark.ray
 def test_bad_input_is_tabled_and_everything_else_cached(ray_local, tmp_path):
     cfg = SynthConfig(train_studies=6, test_studies=0, image_sizes=[96], tilted_axial_rate=0.5, seed=11)
     root = write_dataset(tmp_path / "rsna", cfg).root
-    broken = _break_dataset(root)
+    broken, damaged, bad_files = _break_dataset(root)
     summary = run_preprocess(root, tmp_path / "cache", CFG)
     n_series = len(load_rsna(root).train_series)
-    assert summary.failed == 4 and summary.done == n_series - 4
+    assert summary.failed == 3 and summary.done == n_series - 3
     assert summary.failure_counts() == {kind: 1 for kind in broken}
-    table = SeriesCache(tmp_path / "cache", cache_settings(CFG)).read_failures()
+    cache = SeriesCache(tmp_path / "cache", cache_settings(CFG))
+    table = cache.read_failures()
     failed = table[table["outcome"] == "failed"].set_index("kind")
     for kind, (study, series) in broken.items():
         assert (failed.at[kind, "study_id"], failed.at[kind, "series_id"]) == (study, series)
-    assert failed.at["undecodable", "file"].endswith(".dcm") and failed.at["not_dicom", "file"].endswith(".dcm")
+    assert "no readable DICOM file" in failed.at["undecodable", "error"]
+    # the damaged series is cached without its two bad files, each named in a row of its own
+    skipped = table[table["outcome"] == "cached_without_file"]
+    assert skipped[["study_id", "series_id"]].drop_duplicates().values.tolist() == [list(damaged)]
+    assert sorted(skipped["file"]) == sorted(bad_files) and set(skipped["kind"]) == {"undecodable", "not_dicom"}
+    assert summary.files_skipped == 2 and summary.skipped_file_counts() == {"not_dicom": 1, "undecodable": 1}
+    entry = cache.read_meta(*damaged)
+    assert not set(bad_files) & set(entry.slices.file_name)
+    assert any(w.startswith("skipped_files: 2 ") for w in entry.warnings)
     assert "multiple_orientations" in set(table.loc[table["outcome"] == "cached", "kind"])
-    assert "failures by kind" in summary.format()
+    assert "failures by kind" in summary.format() and "left out of cached series: 2" in summary.format()
 
 
 @pytest.mark.ray
