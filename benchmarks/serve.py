@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import statistics
 import sys
 import time
 import zipfile

@@ -83,7 +83,9 @@ def test_a_zipped_study_gets_the_probabilities_of_lumbar_ray_predict_with_points
     assert [row["row_id"] for row in rows] == [f"{study['id']}_{target}" for target in TARGETS]
     expected = served["submission"].set_index("row_id").loc[[row["row_id"] for row in rows]]
     np.testing.assert_allclose(_probs(rows), expected[list(SUBMISSION_COLUMNS)].to_numpy(), atol=1e-6, rtol=0)
-    uids = {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in study["folder"].rglob("*.dcm")}
+    uids = {
+        str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in study["folder"].rglob("*.dcm")
+    }
     pointed = [row for row in rows if row["sop_instance_uid"] is not None]
     assert len(pointed) >= 20 and {row["sop_instance_uid"] for row in pointed} <= uids
     assert all(row["row"] is not None and row["column"] is not None for row in pointed)
