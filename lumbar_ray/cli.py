@@ -18,6 +18,7 @@ import typer
 
 from lumbar_ray.config import Config, ConfigError, get_path, load_config, save_config
 from lumbar_ray.errors import (
+    DataChangedError,
     DicomReadError,
     EnsembleError,
     ModelNotFoundError,
@@ -304,7 +305,7 @@ def quickstart(
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, RsnaFormatError, DicomReadError, SubmissionError,
                                                 ModelNotFoundError, UnknownStudyError, EnsembleError,
-                                                FileExistsError, FileNotFoundError)  # fmt: skip
+                                                DataChangedError, FileExistsError, FileNotFoundError)  # fmt: skip
 """The exceptions that mean bad input rather than a bug: reported as one line, exit code 2."""
 
 

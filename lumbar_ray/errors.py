@@ -58,3 +58,8 @@ class UnknownStudyError(ValueError):
 
 class EnsembleError(ValueError):
     """Trained CV runs that cannot be combined into one ensemble (other folds, data, preprocessing or detectors)."""
+
+
+class DataChangedError(ValueError):
+    """Training data whose digest differs from the one a CV run was started on (its finished folds learnt other
+    data)."""

@@ -104,6 +104,13 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
         client.log_batch(run_id, params=chunk)
 
 
+def local_dataset(name: str, digest: str, path: str, profile: dict[str, Any] | None = None) -> Dataset:
+    """An MLflow dataset of files in a local folder: ``source`` is ``{"uri": path}`` (as MLflow's own local
+    sources write it), ``profile`` any JSON-able summary (it is shown beside the dataset)."""
+    return Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": str(path)}),
+                   profile=None if profile is None else json.dumps(profile))  # fmt: skip
+
+
 def log_dataset_input(client: MlflowClient, run_id: str, dataset: Dataset, context: str) -> bool:
     """Log ``dataset`` as an input of ``run_id`` (tagged ``mlflow.data.context=<context>``), unless the run already
     has an input of the same name and digest: a continued run gains no duplicate.

@@ -53,7 +53,7 @@ def register_cv(cfg: Config, cv: CVResult) -> RegisteredEnsemble | str | None:
                                  members=[(cv.run_id, cfg)], calibration=calibration,
                                  calibration_info=info)  # fmt: skip
     registered = log_and_register(states, contract, cfg.tracking, uri, cv.mlflow_run_id, cv.model_score.total,
-                                  detectors)  # fmt: skip
+                                  detectors, data_digest=cv.data_digest)  # fmt: skip
     mark_registered(uri, cv.mlflow_run_id, registered.version)
     return registered
 
