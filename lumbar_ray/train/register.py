@@ -1,4 +1,5 @@
-"""Registering a finished CV: its fold ensemble, with the level detectors of its config, as one model version.
+"""Registering a finished CV: its fold ensemble, with the level detectors of its config, as one model version
+tagged with the digest of the CV's training data (the registry moves the alias only between versions of one digest).
 
 A step of its own, after :func:`lumbar_ray.train.cv.run_cv`: ``lumbar-ray train``, the pipeline and
 ``lumbar-ray tune --register-best`` compose the two. The detectors are found through :mod:`lumbar_ray.paths`
