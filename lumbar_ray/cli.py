@@ -19,6 +19,7 @@ import yaml
 
 from lumbar_ray.config import Config, ConfigError, get_path, load_config, save_config
 from lumbar_ray.errors import (
+    DataChangedError,
     DicomReadError,
     EnsembleError,
     ModelNotFoundError,
@@ -327,7 +328,7 @@ def quickstart(
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, RsnaFormatError, DicomReadError, SubmissionError,
                                                 ModelNotFoundError, UnknownStudyError, EnsembleError,
-                                                FileExistsError, FileNotFoundError)  # fmt: skip
+                                                DataChangedError, FileExistsError, FileNotFoundError)  # fmt: skip
 """The exceptions that mean bad input rather than a bug: reported as one line, exit code 2."""
 
 

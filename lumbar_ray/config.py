@@ -228,14 +228,34 @@ class CalibrateConfig(_Strict):
     )
 
 
+MODEL_NAME = "lumbar_ray_ensemble"
+"""The registered model's name by default: the production model."""
+QUICKSTART_MODEL_NAME = "lumbar_ray_quickstart"
+"""The name the quickstart registers under instead of :data:`MODEL_NAME`, so that it never takes a production alias."""
+
+
 class TrackingConfig(_Strict):
     """MLflow: where runs go and how the fold ensemble is registered."""
 
     tracking_uri: str | None = Field(None, description="None = $MLFLOW_TRACKING_URI, else sqlite under workdir")
     experiment: str = "lumbar_ray"
-    model_name: str = Field("lumbar_ray_ensemble", description="registered model name")
-    alias: str = Field("champion", description="alias moved to a new version when its CV score is better")
+    model_name: str = Field(
+        MODEL_NAME, description=f"registered model name (the quickstart registers as {QUICKSTART_MODEL_NAME!r})"
+    )
+    alias: str = Field(
+        "champion",
+        description="alias moved to a new version when its CV score is better than the holder's on the same "
+        "training data (the versions' lumbar_ray.data_digest tags)",
+    )
     register_model: bool = Field(True, description="log and register the fold ensemble after the CV")
+    system_metrics: bool = Field(
+        True,
+        description="sample CPU, memory, disk, network (and GPU) of the rank-0 worker's machine into each fold's "
+        "run while it trains (MLflow's system/* metrics)",
+    )
+    system_metrics_interval: float = Field(
+        10.0, gt=0, description="seconds between system metrics samples ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins)"
+    )
 
 
 class CVConfig(_Strict):
@@ -365,7 +385,7 @@ class LocalizeConfig(_Strict):
 class PredictConfig(_Strict):
     """Inference with a registered ensemble (``lumbar-ray predict``): Ray Data batch inference over studies."""
 
-    model: str = Field("models:/lumbar_ray_ensemble@champion", description="MLflow model URI of a fold ensemble")
+    model: str = Field(f"models:/{MODEL_NAME}@champion", description="MLflow model URI of a fold ensemble")
     data: str | None = Field(None, description="RSNA-format folder; None = data.root (or the synthetic one)")
     split: Literal["test", "train"] = Field("test", description="whose series are predicted")
     study_ids: list[int] | None = Field(None, description="only these studies; None = every study of the split")

@@ -79,3 +79,8 @@ class StudyInputError(ValueError):
 
     def __reduce__(self):  # keep file/reason/status when the error crosses a process boundary (Ray)
         return (type(self), (self.file, self.reason, self.status))
+
+
+class DataChangedError(ValueError):
+    """Training data whose digest differs from the one a CV run was started on (its finished folds learnt other
+    data)."""

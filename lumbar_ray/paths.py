@@ -8,8 +8,8 @@ every node must see (the preprocessing cache, Ray Train checkpoints)::
     <workdir>/data/synthetic/                 the built-in synthetic dataset (data.root = null)
     <workdir>/cache/   or  $LUMBAR_RAY_STORAGE/cache/              preprocess.cache = null
     <workdir>/ray_results/  or  $LUMBAR_RAY_STORAGE/ray_results/   train.storage = null
-    <workdir>/runs/<cv run id>/               a CV's folds.csv, fold<k>.pt, oof.csv, config.yaml (an ensemble's
-                                              members are found here by their run ids)
+    <workdir>/runs/<cv run id>/               a CV's folds.csv, fold<k>.pt, oof.csv, config.yaml, data_digest.json
+                                              (an ensemble's members are found here by their run ids)
     <workdir>/localize/<localize key>/<series slug>/detector.pt    the level detectors of a config
     <workdir>/localize/ultralytics/           ultralytics' private settings (YOLO_CONFIG_DIR)
     <workdir>/ray_tune/  or  $LUMBAR_RAY_STORAGE/ray_tune/         tune.storage = null
@@ -162,6 +162,8 @@ RESOLVED_CONFIG = "resolved_config.yaml"
 """The resolved config written beside what a command produced (its workdir, a submission)."""
 FOLDS_CSV = "folds.csv"
 """A CV's (or the localisation's) fixed folds: study_id -> fold, written once, reused on resume."""
+DATA_DIGEST_JSON = "data_digest.json"
+"""A CV's training data digest (:mod:`lumbar_ray.data.lineage`), written when it first starts, checked on resume."""
 
 
 def fold_outcome_path(run_dir: Path, fold: int) -> Path:

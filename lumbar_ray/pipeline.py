@@ -17,7 +17,9 @@ Stages never import each other; this module is where one stage's output becomes 
   validate and report, score the prior, preprocess with Ray Data, train the sagittal YOLO level detectors and
   measure localisation on a held-out fold, train the k-fold CV on Ray Train, register the ensemble with its
   detectors, run a short Ray Tune + Optuna search and predict the synthetic test studies with the model pulled
-  back by its alias.
+  back by its alias. It registers under its own name (:func:`quickstart_config`: ``lumbar_ray_quickstart``, not
+  the production ``lumbar_ray_ensemble``), so a quickstart run against a shared registry never takes a production
+  alias.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.baseline import BaselineResult, fit_prior, run_baseline
-from lumbar_ray.config import AugmentConfig, Config, save_config
+from lumbar_ray.config import MODEL_NAME, QUICKSTART_MODEL_NAME, AugmentConfig, Config, save_config
 from lumbar_ray.data.preprocess import PreprocessSummary, run_preprocess
 from lumbar_ray.data.rsna import DataReport, build_report, load_rsna
 from lumbar_ray.data.synthetic import write_dataset
@@ -229,9 +231,22 @@ class QuickstartResult:
     tuning: TuneResult | None = None
 
 
+def quickstart_config(cfg: Config) -> Config:
+    """``cfg`` as the quickstart runs it: registered as ``lumbar_ray_quickstart`` (and predicted from its alias)
+    where it names the production model ``lumbar_ray_ensemble``; another name given on purpose is kept. The model
+    name is no part of the run ids (:func:`lumbar_ray.paths.cv_run_id`): the quickstart finds its CVs as before."""
+    if cfg.tracking.model_name != MODEL_NAME:
+        return cfg
+    tracking = cfg.tracking.model_copy(update={"model_name": QUICKSTART_MODEL_NAME})
+    predict = cfg.predict.model_copy(update={"model": f"models:/{QUICKSTART_MODEL_NAME}@{cfg.tracking.alias}"})
+    return cfg.model_copy(update={"tracking": tracking, "predict": predict})
+
+
 def run_quickstart(config: Config, tune: bool = True) -> QuickstartResult:
     """Synthesise (or reuse) the dataset, validate and report it, score the prior, preprocess, localise, train,
-    register, tune and predict the test studies with the model pulled back by its alias."""
+    register (under :func:`quickstart_config`'s name), tune and predict the test studies with the model pulled back
+    by its alias."""
+    config = quickstart_config(config)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(config, workdir / RESOLVED_CONFIG)

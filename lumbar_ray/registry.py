@@ -25,8 +25,13 @@ A target without a crop is predicted by the training prior (the caller fills it 
 :meth:`LoadedEnsemble.calibrated_prior`): the calibration, fitted on out-of-fold predictions where such targets
 hold the prior, applies to it too.
 
-The alias (``tracking.alias``, "champion") moves to a new version only when its CV score is lower than the
-current holder's ``cv_score`` tag (lower is better), so rerunning a worse config never demotes the best model.
+Each version is tagged with the digest of the data it was trained on (``lumbar_ray.data_digest``, see
+:mod:`lumbar_ray.data.lineage`). The alias (``tracking.alias``, "champion") moves to a new version when no version
+holds it, or when the holder was trained on the same digest and the new version's CV score is lower than the
+holder's ``cv_score`` tag (lower is better), so rerunning a worse config never demotes the best model. CV scores on
+different data do not compare: a holder of another digest, or of none (registered before digests were recorded),
+keeps the alias, and the :class:`RegisteredEnsemble` says why (move it by hand with
+``MlflowClient.set_registered_model_alias`` when the new data is meant to replace the old).
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ SCORE_TAG = "cv_score"
 RUN_TAG = "mlflow_run_id"
 CV_RUN_TAG = "lumbar_ray.run_id"
 DATA_DIGEST_TAG = "lumbar_ray.data_digest"
-"""Tag of a model version (and of its CV run): the digest of the data it was trained on."""
+"""Tag of a version (and of the CV's MLflow run): the digest of its training data, ``data-<16 hex>``."""
 REGISTERED_TAG = "lumbar_ray.registered_version"
 """Tag of a CV's MLflow run: the model version its ensemble was registered as (so a rerun registers no duplicate)."""
 DEFAULT_BATCH = 16
@@ -364,7 +369,12 @@ with warnings.catch_warnings():
 
 @dataclass(frozen=True)
 class RegisteredEnsemble:
-    """What :func:`log_and_register` did."""
+    """What :func:`log_and_register` did.
+
+    Attributes:
+        reason: why the alias moved or stayed, in words.
+        data_digest: the digest of the version's training data (None: not known).
+    """
 
     name: str
     version: int
@@ -372,10 +382,13 @@ class RegisteredEnsemble:
     alias_moved: bool
     previous_alias_score: float | None
     model_uri: str
+    reason: str = ""
+    data_digest: str | None = None
 
     def __str__(self) -> str:
-        held = "moved to it" if self.alias_moved else f"stays (holder scored {self.previous_alias_score})"
-        return f"{self.name} v{self.version} ({self.model_uri}); alias {self.alias!r} {held}"
+        held = "moved to it" if self.alias_moved else "stays"
+        why = f": {self.reason}" if self.reason else ""
+        return f"{self.name} v{self.version} ({self.model_uri}); alias {self.alias!r} {held}{why}"
 
 
 States = dict[int, dict[str, torch.Tensor]]
@@ -419,16 +432,45 @@ def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion |
         return None
 
 
-def _should_move(holder: ModelVersion | None, cv_score: float) -> tuple[bool, float | None]:
-    """Whether the alias moves to a version scoring ``cv_score``, and the holder's score."""
-    if holder is None:
-        return True, None
+@dataclass(frozen=True)
+class AliasDecision:
+    """Whether the alias moves to a new version and why; ``previous``: the holder's score (None: no holder or no
+    score); ``compared``: False when the scores could not be compared (other data, or a holder without a score)."""
+
+    move: bool
+    previous: float | None
+    reason: str
+    compared: bool = True
+
+
+def _holder_score(holder: ModelVersion) -> float | None:
     text = holder.tags.get(SCORE_TAG)
-    if text is None:
-        logger.warning("alias holder v%s has no %s tag: the alias is left where it is", holder.version, SCORE_TAG)
-        return False, None
-    previous = float(text)
-    return bool(cv_score < previous), previous
+    return None if text is None else float(text)
+
+
+def _should_move(holder: ModelVersion | None, cv_score: float, data_digest: str | None) -> AliasDecision:
+    """Whether the alias moves from ``holder`` to a version scoring ``cv_score`` trained on ``data_digest``: no
+    holder, or the same data digest and a lower score (see the module docstring)."""
+    if holder is None:
+        return AliasDecision(True, None, "no version held it")
+    previous, held = _holder_score(holder), holder.tags.get(DATA_DIGEST_TAG)
+    if held is None:
+        why = (f"holder v{holder.version} has no {DATA_DIGEST_TAG} tag (registered before digests were recorded), "
+               "so it counts as trained on other data")  # fmt: skip
+    elif data_digest is None:
+        why = f"this version's training data is unknown (no data digest), holder v{holder.version}'s is {held}"
+    elif held != data_digest:
+        why = f"holder v{holder.version} was trained on other data ({held}; this version on {data_digest})"
+    elif previous is None:
+        return AliasDecision(False, None, f"holder v{holder.version} has no {SCORE_TAG} tag", compared=False)
+    elif cv_score < previous:
+        return AliasDecision(True, previous, f"cv {cv_score:.5f} beats holder v{holder.version}'s {previous:.5f} "
+                             f"on the same data ({held})")  # fmt: skip
+    else:
+        return AliasDecision(False, previous, f"cv {cv_score:.5f} does not beat holder v{holder.version}'s "
+                             f"{previous:.5f} on the same data ({held})")  # fmt: skip
+    return AliasDecision(False, previous, f"{why}: CV scores on different data are not compared; move the alias by "
+                         "hand if this version should take it", compared=False)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -493,8 +535,10 @@ def log_and_register(
     cv_score: float,
     detectors: dict[str, Path] | None = None,
     packaging: Packaging | None = None,
+    data_digest: str | None = None,
 ) -> RegisteredEnsemble:
-    """Log the fold ensemble into the CV's parent run, register it and promote the alias if it scores better.
+    """Log the fold ensemble into the CV's parent run, register it and promote the alias if it scores better on
+    the same training data (see the module docstring).
 
     Only an explicit :class:`~mlflow.MlflowClient` is used (the model is saved locally, its files logged as the
     run's ``ensemble`` artifacts and registered from there), so MLflow's global tracking URI and active run are
@@ -510,9 +554,11 @@ def log_and_register(
         cv_score: the ensemble's out-of-fold CV score (lower is better), tagged on the version.
         detectors: series type -> level detector weights to ship with the model (named in the contract).
         packaging: the pyfunc class and signature (None = the crop-level :func:`crop_packaging`).
+        data_digest: the digest of the training data (:func:`lumbar_ray.data.lineage.data_digest`), tagged on the
+            version; None: unknown (no tag; the alias then moves to it only when no version holds it).
 
     Returns:
-        The registered version and whether the alias moved to it.
+        The registered version, whether the alias moved to it and why.
     """
     states = _member_states(states, contract)
     detectors = detectors or {}
@@ -522,6 +568,7 @@ def log_and_register(
     name, alias = tracking_cfg.model_name, tracking_cfg.alias
     run = client.get_run(parent_run_id)
     tags = {SCORE_TAG: repr(float(cv_score)), RUN_TAG: parent_run_id, CV_RUN_TAG: run.data.tags.get(CV_RUN_TAG, "")}
+    tags |= {DATA_DIGEST_TAG: data_digest} if data_digest else {}
     with tempfile.TemporaryDirectory() as folder:
         packaging = packaging if packaging is not None else crop_packaging(contract)
         model_dir = _save_model(Path(folder), states, contract, detectors, packaging)
@@ -529,15 +576,19 @@ def log_and_register(
     source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_NAME_IN_RUN}"
     version = _create_version(client, name, source, parent_run_id, tags)
     holder = _alias_holder(client, name, alias)
-    move, previous = _should_move(holder, float(cv_score))
-    if move:
+    decision = _should_move(holder, float(cv_score), data_digest)
+    if decision.move:
         client.set_registered_model_alias(name, alias, version.version)
-        logger.info("registered %s v%s (cv %.5f); alias %r moved to it (was %s)", name, version.version,
-                    cv_score, alias, "unset" if holder is None else f"v{holder.version}, {previous}")  # fmt: skip
-    else:
-        logger.info("registered %s v%s (cv %.5f); alias %r stays on v%s (%s)", name, version.version, cv_score,
-                    alias, holder.version, previous)  # fmt: skip
-    return RegisteredEnsemble(name, int(version.version), alias, move, previous, f"models:/{name}/{version.version}")
+    _log_decision(name, int(version.version), alias, decision, holder)
+    return RegisteredEnsemble(name, int(version.version), alias, decision.move, decision.previous,
+                              f"models:/{name}/{version.version}", decision.reason, data_digest)  # fmt: skip
+
+
+def _log_decision(name: str, version: int, alias: str, decision: AliasDecision, holder: ModelVersion | None) -> None:
+    """One line: info when the scores decided, a warning when the data kept them from being compared."""
+    where = "moved to it" if decision.move or holder is None else f"stays on v{holder.version}"
+    log = logger.info if decision.compared else logger.warning
+    log("registered %s v%s; alias %r %s: %s", name, version, alias, where, decision.reason)
 
 
 def registered_version(tracking_uri: str, run_id: str) -> str | None:

@@ -9,10 +9,15 @@ by :mod:`lumbar_ray.localize.stage`.
 Runs are found again by tags, so an interrupted stage that is run again continues its runs instead of starting
 new ones: a stage's parent run by ``lumbar_ray.run_id`` (its stable id) and ``lumbar_ray.kind``, a child run by
 ``mlflow.parentRunId`` and one tag of the caller's choosing (``lumbar_ray.fold=<k>``, ``lumbar_ray.detector``).
+
+Dataset inputs (:func:`log_dataset_input`) are logged once per run, however often a stage continues it; system
+metrics (:func:`system_metrics`: CPU, memory, disk, network and, with NVIDIA's ``pynvml``, GPU, as MLflow's
+``system/*`` metrics) are sampled by MLflow's own monitor thread for as long as a block runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -23,7 +28,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunStatus, ViewType
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 
 from lumbar_ray.config import Config
@@ -37,6 +42,8 @@ KIND_TAG = "lumbar_ray.kind"
 VERSION_TAG = "lumbar_ray.version"
 COMMIT_TAG = "lumbar_ray.git_commit"
 PARENT_TAG = "mlflow.parentRunId"
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+"""MLflow's input tag saying what a dataset was to a run (``train``, ``eval``): ``mlflow.utils.mlflow_tags``."""
 # MLflow's limits (mlflow.utils.validation); constants here so that a refactor there cannot break imports.
 _MAX_PARAM_LENGTH = 6000
 _MAX_PARAMS_PER_BATCH = 100
@@ -95,6 +102,53 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
     new = [Param(key, value) for key, value in params.items() if key not in existing]
     for chunk in _chunks(new, _MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=chunk)
+
+
+def local_dataset(name: str, digest: str, path: str, profile: dict[str, Any] | None = None) -> Dataset:
+    """An MLflow dataset of files in a local folder: ``source`` is ``{"uri": path}`` (as MLflow's own local
+    sources write it), ``profile`` any JSON-able summary (it is shown beside the dataset)."""
+    return Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": str(path)}),
+                   profile=None if profile is None else json.dumps(profile))  # fmt: skip
+
+
+def log_dataset_input(client: MlflowClient, run_id: str, dataset: Dataset, context: str) -> bool:
+    """Log ``dataset`` as an input of ``run_id`` (tagged ``mlflow.data.context=<context>``), unless the run already
+    has an input of the same name and digest: a continued run gains no duplicate.
+
+    Returns:
+        Whether it was logged now.
+    """
+    for existing in client.get_run(run_id).inputs.dataset_inputs:
+        if (existing.dataset.name, existing.dataset.digest) == (dataset.name, dataset.digest):
+            return False
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])])
+    return True
+
+
+@contextlib.contextmanager
+def system_metrics(tracking_uri: str, run_id: str, interval: float) -> Iterator[None]:
+    """Sample the machine's system metrics into ``run_id`` every ``interval`` seconds while the block runs.
+
+    MLflow's :class:`~mlflow.system_metrics.system_metrics_monitor.SystemMetricsMonitor` (a thread; its
+    ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides ``interval``) logs ``system/*`` metrics, continuing the
+    steps a restarted block logged before; it stops by itself when the run is no longer RUNNING. Monitoring that
+    cannot start is a warning, never an error of the block.
+    """
+    monitor = None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
+                                       tracking_uri=tracking_uri)  # fmt: skip
+        monitor.start()
+    except Exception as exc:  # e.g. psutil missing: the run goes on without system metrics
+        logger.warning("MLflow: no system metrics for run %s (%s)", run_id, exc)
+        monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -230,6 +284,15 @@ class Tracker:
         """See :func:`log_values`."""
         log_values(self.client, run_id, values, step)
 
+    def log_dataset_input(self, run_id: str, dataset: Dataset, context: str) -> bool:
+        """See :func:`log_dataset_input`."""
+        return log_dataset_input(self.client, run_id, dataset, context)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Set ``tags`` on ``run_id`` (a tag it has already is overwritten)."""
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """A text artifact (CSV, JSON, YAML) of ``run_id``."""
         self.client.log_text(run_id, text, artifact_file)
@@ -269,6 +332,10 @@ class RunLogger:
         if self._client is None:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
+
+    def system_metrics(self, interval: float) -> contextlib.AbstractContextManager[None]:
+        """See :func:`system_metrics` (the block's machine sampled into this run)."""
+        return system_metrics(self.tracking_uri, self.run_id, interval)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Log ``metrics`` at ``step=epoch`` in one request (non-numeric values are left out)."""

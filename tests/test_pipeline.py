@@ -1,4 +1,5 @@
-"""The composition layer's own rules, without Ray: the measured jitter a CV or a search trains with."""
+"""The composition layer's own rules, without Ray: the measured jitter a CV or a search trains with, the quickstart's
+own model name."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from lumbar_ray.config import ConfigError, load_config
 from lumbar_ray.localize.stage import VAL_ERRORS_NAME
 from lumbar_ray.paths import cv_run_id, localize_dir_for
-from lumbar_ray.pipeline import tuning_config, with_measured_jitter
+from lumbar_ray.pipeline import quickstart_config, tuning_config, with_measured_jitter
 from lumbar_ray.train.cv import start_cv
 
 
@@ -72,3 +73,16 @@ def test_errors_given_are_used_and_a_searched_setting_keeps_its_search(tmp_path)
     both = f"tune.space={{{px}, augment.jitter_slices: {{dist: int, low: 0, high: 2}}}}"
     searched = tuning_config(load_config(None, [f"workdir={tmp_path}", "augment.jitter_measured=true", both]))
     assert not searched.augment.jitter_measured and searched.augment.jitter_px_by_series is None
+
+
+def test_the_quickstart_registers_and_predicts_under_its_own_model_name(tmp_path):
+    """The quickstart never takes the production model's alias: with the default name it registers (and predicts)
+    as lumbar_ray_quickstart; its run ids stay those of the config it was given."""
+    cfg = load_config(None, [f"workdir={tmp_path}"])
+    assert cfg.tracking.model_name == "lumbar_ray_ensemble"  # the production name stays the default
+    quick = quickstart_config(cfg)
+    assert quick.tracking.model_name == "lumbar_ray_quickstart"
+    assert quick.predict.model == "models:/lumbar_ray_quickstart@champion"
+    assert cv_run_id(quick) == cv_run_id(cfg)  # the model name is no part of a CV's id
+    named = load_config(None, [f"workdir={tmp_path}", "tracking.model_name=my_model"])
+    assert quickstart_config(named) == named  # a name given on purpose is kept

@@ -22,6 +22,7 @@ from lumbar_ray.registry import ensemble_contract, load_ensemble, log_and_regist
 from lumbar_ray.tracking import Tracker
 
 FOLDS = [0, 1]
+DIGEST = "data-00000000000000aa"
 
 
 def _states(cfg: Config, seed: int) -> dict[int, dict[str, torch.Tensor]]:
@@ -53,7 +54,7 @@ def registered(tmp_path_factory):
     for i, score in enumerate((0.5, 0.6, 0.4)):
         parent = tracker.parent_run(f"cv-{i}", kind="cv")
         state = _states(cfg, seed=i)
-        results.append(log_and_register(state, contract, cfg.tracking, tracker.uri, parent, score))
+        results.append(log_and_register(state, contract, cfg.tracking, tracker.uri, parent, score, data_digest=DIGEST))
         states.append(state)
         parents.append(parent)
     return {
@@ -81,6 +82,40 @@ def test_alias_moves_only_to_a_better_score(registered) -> None:
     assert version2.tags["mlflow_run_id"] == registered["parents"][1]
     assert version2.tags["lumbar_ray.run_id"] == "cv-1"
     assert version2.run_id == registered["parents"][1]  # logged into the CV's parent run
+    assert version2.tags["lumbar_ray.data_digest"] == DIGEST
+    assert "does not beat holder v1's 0.50000 on the same data" in str(worse)
+    assert "beats holder v1's 0.50000" in better.reason and first.reason == "no version held it"
+
+
+def test_the_alias_never_moves_to_a_version_of_other_data(registered) -> None:
+    """A holder of another data digest, or of none (registered before digests), keeps the alias whatever the
+    scores: they were measured on different data. The result and the log say why."""
+    cfg = registered["cfg"].model_copy(deep=True)
+    cfg.tracking.model_name = "lineage_ensemble"
+    tracker = Tracker.from_config(cfg)
+    contract = ensemble_contract(cfg, [0])
+    state = {0: registered["states"][0][0]}
+
+    def register(score: float, digest: str | None):
+        return log_and_register(state, contract, cfg.tracking, tracker.uri, tracker.parent_run("cv-lineage", "cv"),
+                                score, data_digest=digest)  # fmt: skip
+
+    unknown = register(0.5, None)  # as a version registered before digests were recorded
+    assert unknown.alias_moved and unknown.data_digest is None
+    newer = register(0.1, DIGEST)
+    assert (newer.alias_moved, newer.previous_alias_score) == (False, 0.5)
+    assert "holder v1 has no lumbar_ray.data_digest tag" in str(newer) and "not compared" in newer.reason
+    client = MlflowClient(tracking_uri=tracker.uri, registry_uri=tracker.uri)
+    client.set_registered_model_alias(cfg.tracking.model_name, cfg.tracking.alias, str(newer.version))  # by hand
+    other = register(0.05, "data-00000000000000bb")
+    assert not other.alias_moved and "trained on other data (data-00000000000000aa" in other.reason
+    same = register(0.09, DIGEST)
+    assert same.alias_moved and same.previous_alias_score == 0.1
+    undigested = register(0.01, None)
+    assert not undigested.alias_moved and "no data digest" in undigested.reason
+    holder = client.get_model_version_by_alias(cfg.tracking.model_name, cfg.tracking.alias)
+    assert int(holder.version) == same.version and "lumbar_ray.data_digest" not in client.get_model_version(
+        cfg.tracking.model_name, str(undigested.version)).tags  # fmt: skip
 
 
 def test_registration_leaves_runs_and_globals_alone(registered) -> None:

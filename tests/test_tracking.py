@@ -99,3 +99,30 @@ def test_run_logger_logs_steps_and_pickles(tracker: Tracker) -> None:
     history = _client(tracker).get_metric_history(child, "val_score")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.9), (1, 0.7)]
     assert "note" not in _client(tracker).get_run(child).data.metrics
+
+
+def test_a_dataset_input_is_logged_once_however_often_the_run_continues(tracker: Tracker, cfg: Config) -> None:
+    from mlflow.entities import Dataset
+
+    parent = tracker.parent_run("cv-test", kind="cv")
+    dataset = Dataset("rsna", "data-0123456789abcdef", "local", '{"uri": "/data/rsna"}')
+    assert tracker.log_dataset_input(parent, dataset, "train")
+    again = Tracker.from_config(cfg)  # a continued CV: the run found again, the same input logged again
+    assert not again.log_dataset_input(again.parent_run("cv-test", kind="cv"), dataset, "train")
+    inputs = _client(tracker).get_run(parent).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest, i.dataset.source) for i in inputs] == [
+        ("rsna", "data-0123456789abcdef", '{"uri": "/data/rsna"}')]  # fmt: skip
+    assert [(tag.key, tag.value) for tag in inputs[0].tags] == [("mlflow.data.context", "train")]
+
+
+def test_system_metrics_are_sampled_into_the_run_while_a_block_runs(tracker: Tracker, monkeypatch) -> None:
+    import time
+
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    child = tracker.child_run(tracker.parent_run("cv-test", kind="cv"), "lumbar_ray.fold", "0", "fold", "fold0")
+    run_logger = RunLogger(tracker.uri, child)
+    with run_logger.system_metrics(interval=0.3):
+        time.sleep(1.2)
+    metrics = _client(tracker).get_run(child).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    assert mlflow.active_run() is None  # nothing global was started

@@ -10,6 +10,12 @@ changes what is learnt), which names everything it writes:
 - MLflow: one parent run tagged with the run id (found again on resume), a child run per fold
   (:mod:`lumbar_ray.train.report` logs them).
 
+The digest of the training data (:mod:`lumbar_ray.data.lineage`) is recorded in the run folder
+(``data_digest.json``) when the CV first starts, logged on its parent run (a dataset input and the tag
+``lumbar_ray.data_digest``) and tagged on the version it registers, which the registry's alias rule compares. A
+rerun whose data digests otherwise is refused (:class:`~lumbar_ray.errors.DataChangedError`): its finished folds
+learnt other data. A CV folder from before digests were recorded takes the digest of its data as it is now.
+
 Targets without a crop (their series or coordinate is missing) are predicted by the training folds' prior, so
 every training study gets out-of-fold predictions and the CV score is comparable with the prior baseline's on
 the same folds. The CV returns its result; registering the ensemble is a separate step
@@ -23,6 +29,7 @@ fold go into the registered model's contract.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -37,8 +44,19 @@ from lumbar_ray.baseline import fit_prior, prior_oof_probs
 from lumbar_ray.calibrate import OutOfFoldCalibration, calibrate_out_of_fold, cross_fit_calibration
 from lumbar_ray.config import Config, ConfigError
 from lumbar_ray.data.grading import known_floor
+from lumbar_ray.data.lineage import DataDigest, data_digest
+from lumbar_ray.errors import DataChangedError
 from lumbar_ray.metrics import ScoreResult, labels_to_submission, score_arrays
-from lumbar_ray.paths import FOLDS_CSV, cv_run_id, data_root_for, fold_outcome_path, ray_storage_for, run_dir_for
+from lumbar_ray.paths import (
+    DATA_DIGEST_JSON,
+    FOLDS_CSV,
+    atomic_path,
+    cv_run_id,
+    data_root_for,
+    fold_outcome_path,
+    ray_storage_for,
+    run_dir_for,
+)
 from lumbar_ray.raytools import ensure_ray
 from lumbar_ray.tracking import RunLogger, Tracker
 from lumbar_ray.train import report
@@ -108,6 +126,7 @@ class CVResult:
     predicted_points_score: ScoreResult | None = None
     calibration: dict[str, float] = field(default_factory=dict)
     calibrated: CVCalibration | None = None
+    data_digest: str | None = None
 
     def columns(self) -> dict[str, ScoreResult]:
         """The scores side by side: best epoch (picked on the scored fold: flattering), last epoch (honest: a fixed
@@ -153,13 +172,39 @@ class CVResult:
 
 @dataclass
 class CVRun:
-    """A CV under way: its id and folder, its inputs and its MLflow parent run."""
+    """A CV under way: its id and folder, its inputs, its MLflow parent run and the digest of its training data."""
 
     run_id: str
     run_dir: Path
     inputs: CVInputs
     tracker: Tracker
     parent: str
+    data_digest: DataDigest | None = None
+
+
+def recorded_data_digest(run_dir: Path) -> DataDigest | None:
+    """The training data digest a CV recorded in its folder when it first started (None: started before digests
+    were recorded, or never)."""
+    path = Path(run_dir) / DATA_DIGEST_JSON
+    return DataDigest.from_json(json.loads(path.read_text())) if path.is_file() else None
+
+
+def record_data_digest(run_dir: Path, digest: DataDigest) -> None:
+    """Record ``digest`` in a CV's folder, or check it against the one recorded when the CV first started.
+
+    Raises:
+        DataChangedError: the CV was started on other data (its finished folds learnt that).
+    """
+    recorded = recorded_data_digest(run_dir)
+    if recorded is None:
+        with atomic_path(Path(run_dir) / DATA_DIGEST_JSON) as temporary:
+            temporary.write_text(json.dumps(digest.to_json(), indent=2))
+    elif recorded.digest != digest.digest:
+        changed = sorted(name for name, sha in digest.files.items() if recorded.files.get(name) != sha)
+        what = f"changed: {changed}" if changed else f"preprocessing {recorded.cache_key} -> {digest.cache_key}"
+        raise DataChangedError(f"CV {Path(run_dir).name} was started on data {recorded.digest} ({recorded.root}) "
+                               f"but the data now digests to {digest.digest} ({what}): its finished folds learnt the "
+                               "old data. Restore it, or train a new CV (another train.run_id)")  # fmt: skip
 
 
 def build_trainer(cfg: Config, job: FoldJob, name: str) -> TorchTrainer:
@@ -303,10 +348,13 @@ def start_cv(cfg: Config, inputs: CVInputs | None = None, nest_under: str | None
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     logger.info("CV run %s: folds under %s, checkpoints under %s", run_id, run_dir, ray_storage_for(cfg))
     inputs = inputs if inputs is not None else prepare_inputs(cfg, run_dir)
+    digest = inputs.data_digest or data_digest(inputs.data.root, inputs.cache_settings)
+    record_data_digest(run_dir, digest)
     ensure_ray()
     tracker = Tracker.from_config(cfg)
     parent = tracker.parent_run(run_id, kind="cv", nest_under=nest_under, config=cfg)
-    return CVRun(run_id, run_dir, inputs, tracker, parent)
+    report.log_training_data(tracker, parent, digest)
+    return CVRun(run_id, run_dir, inputs, tracker, parent, digest)
 
 
 def run_cv(cfg: Config) -> CVResult:
@@ -357,7 +405,8 @@ def finish_cv(cfg: Config, run: CVRun, outcomes: dict[int, FoldOutcome], trained
         notes.append("calibrate.temperature: one fold only, none to fit the temperatures on without it: not fitted")
     result = CVResult(run.run_id, score, baseline, oof, inputs.folds, outcomes, trained, skipped, run.parent,
                       fit_prior(inputs.labels), fold_priors, len(outcomes) == cfg.cv.n_folds, notes,
-                      honest, floor, predicted_points_score=at_predicted, calibrated=calibrated)  # fmt: skip
+                      honest, floor, predicted_points_score=at_predicted, calibrated=calibrated,
+                      data_digest=None if run.data_digest is None else run.data_digest.digest)  # fmt: skip
     tables = {"oof.csv": oof, FOLDS_CSV: inputs.folds, "skipped_points.csv": inputs.skipped_points}
     result.calibration = report.log_cv(
         run.tracker, run.parent, result.columns(), tables, scored.labels, probs, tuple(cfg.loss.class_weights)

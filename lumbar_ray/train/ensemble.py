@@ -5,7 +5,9 @@
 fold and registers one model version holding every member's folds:
 
 - members must share their folds (the same studies in the same folds: the same data, ``cv.n_folds`` and
-  ``cv.seed``), so that each fold's out-of-fold predictions of every member come from models that never saw it;
+  ``cv.seed``), so that each fold's out-of-fold predictions of every member come from models that never saw it,
+  and their training data digest (:mod:`lumbar_ray.data.lineage`, recorded in each CV's folder; a CV from before
+  digests were recorded takes its data's digest as it is now), which the version is tagged with;
   they must also share the preprocessing (one cache feeds them all at prediction) and the level detectors
   (``localize`` settings: one set of predicted points is cropped for every member). Each member keeps its own crop
   geometry and model config in the contract (:mod:`lumbar_ray.registry`);
@@ -36,6 +38,7 @@ import pandas as pd
 from lumbar_ray.baseline import fit_prior
 from lumbar_ray.calibrate import calibrate_out_of_fold
 from lumbar_ray.config import Config, cache_settings, load_config
+from lumbar_ray.data.lineage import DataDigest, data_digest
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.data.splits import load_folds
 from lumbar_ray.errors import EnsembleError
@@ -60,8 +63,14 @@ from lumbar_ray.registry import (
     registered_version,
 )
 from lumbar_ray.tracking import KIND_TAG, RUN_ID_TAG, Tracker
-from lumbar_ray.train.cv import CVCalibration, assemble_oof, calibration_epoch, cross_fitted_model_score
-from lumbar_ray.train.report import calibration_values
+from lumbar_ray.train.cv import (
+    CVCalibration,
+    assemble_oof,
+    calibration_epoch,
+    cross_fitted_model_score,
+    recorded_data_digest,
+)
+from lumbar_ray.train.report import calibration_values, log_training_data
 from lumbar_ray.train.worker import FoldOutcome
 
 logger = logging.getLogger(__name__)
@@ -79,12 +88,14 @@ class Member:
         cfg: the config it was trained with.
         folds: ``study_id, fold`` of its studies.
         outcomes: fold -> the finished fold (weights, out-of-fold predictions).
+        data_digest: the digest of the data it was trained on (None: not known).
     """
 
     run_id: str
     cfg: Config
     folds: pd.DataFrame
     outcomes: dict[int, FoldOutcome]
+    data_digest: DataDigest | None = None
 
 
 def load_member(cfg: Config, run_id: str) -> Member:
@@ -104,7 +115,12 @@ def load_member(cfg: Config, run_id: str) -> Member:
         raise EnsembleError(f"CV run {run_id} has not finished folds {missing} of {member_cfg.cv.n_folds}: finish "
                             f"it (lumbar-ray train with its config) before ensembling it")  # fmt: skip
     outcomes = {k: FoldOutcome.load(fold_outcome_path(run_dir, k)) for k in range(member_cfg.cv.n_folds)}
-    return Member(run_id, member_cfg, load_folds(run_dir / FOLDS_CSV), outcomes)
+    digest = recorded_data_digest(run_dir)
+    if digest is None:
+        digest = data_digest(data_root_for(member_cfg), cache_settings(member_cfg.preprocess))
+        logger.warning("CV run %s recorded no data digest (trained before digests were): taking its data as it is "
+                       "now, %s", run_id, digest.digest)  # fmt: skip
+    return Member(run_id, member_cfg, load_folds(run_dir / FOLDS_CSV), outcomes, digest)
 
 
 def _fold_table(member: Member) -> pd.DataFrame:
@@ -115,8 +131,8 @@ def check_members(members: list[Member]) -> None:
     """Refuse members that cannot share one registered model (see the module docstring).
 
     Raises:
-        EnsembleError: no member, a run named twice, or members that differ in their folds, data, preprocessing
-            or level detectors (the message names the two runs and what differs).
+        EnsembleError: no member, a run named twice, or members that differ in their folds, data (its folder or
+            its digest), preprocessing or level detectors (the message names the two runs and what differs).
     """
     if not members:
         raise EnsembleError("an ensemble needs at least one trained CV run")
@@ -143,6 +159,14 @@ def check_members(members: list[Member]) -> None:
         if localize_key(first.cfg) != localize_key(other.cfg):
             raise EnsembleError(f"{pair} use different level detectors (localize settings): the model localises "
                                 "once and crops every member at the same points")  # fmt: skip
+        if _digest(first) != _digest(other):
+            raise EnsembleError(f"{pair} were trained on different data (digests {_digest(first)} and "
+                                f"{_digest(other)}: the training CSVs changed between them): a version is trained "
+                                "on one data digest")  # fmt: skip
+
+
+def _digest(member: Member) -> str | None:
+    return None if member.data_digest is None else member.data_digest.digest
 
 
 def member_labels(member: Member) -> np.ndarray:
@@ -247,7 +271,8 @@ def _register(cfg: Config, members: list[Member], labels: np.ndarray, calibrated
                                  calibration_info=calibrated.info())  # fmt: skip
     states = [{k: outcome.model_state for k, outcome in sorted(member.outcomes.items())} for member in members]
     registered = log_and_register(states, contract, cfg.tracking, uri, mlflow_run_id, calibrated.model_score.total,
-                                  detectors, packaging=study_packaging(contract))  # fmt: skip
+                                  detectors, packaging=study_packaging(contract),
+                                  data_digest=_digest(first))  # fmt: skip
     mark_registered(uri, mlflow_run_id, registered.version)
     return registered
 
@@ -273,6 +298,8 @@ def build_ensemble(cfg: Config, members: list[Member], labels: np.ndarray) -> En
     tracker = Tracker.from_config(cfg)
     parent = tracker.run_for({RUN_ID_TAG: identity, KIND_TAG: KIND}, identity, config=cfg,
                              params={"members": ",".join(run_ids)})  # fmt: skip
+    if members[0].data_digest is not None:
+        log_training_data(tracker, parent, members[0].data_digest)
     values = {f"member{i}_total": member_scores[run_id].total for i, run_id in enumerate(run_ids)}
     values |= {f"cv_{name}_total": score.total for name, score in calibrated.fit.scores.items()}
     tracker.log_values(parent, values | calibration_values(calibrated.fit.calibration, calibrated.model_score))

@@ -1,4 +1,5 @@
-"""What every fold of a CV needs, built once on the driver: labels, the fixed folds and the label points.
+"""What every fold of a CV needs, built once on the driver: labels, the fixed folds, the label points and the digest
+of the training data (:mod:`lumbar_ray.data.lineage`).
 
 The cache must be complete (``lumbar-ray preprocess``, or the ``train``/``tune`` commands and the pipeline, which
 complete it first): this stage reads it and never runs another stage.
@@ -19,6 +20,7 @@ from lumbar_ray.config import Config, cache_settings
 from lumbar_ray.constants import POINT_COLUMNS
 from lumbar_ray.data.cache import SeriesCache
 from lumbar_ray.data.crops import points_from_coordinates
+from lumbar_ray.data.lineage import DataDigest, data_digest
 from lumbar_ray.data.rsna import RsnaData, load_rsna
 from lumbar_ray.data.splits import load_folds, make_folds, save_folds
 from lumbar_ray.labels import encode_labels
@@ -41,6 +43,7 @@ class CVInputs:
     cache_root: str
     cache_settings: dict[str, Any]
     predicted_points: pd.DataFrame | None = None
+    data_digest: DataDigest | None = None
 
     def fold_of(self) -> np.ndarray:
         """``(n,)`` fold of each study, aligned with :attr:`study_ids`."""
@@ -50,7 +53,7 @@ class CVInputs:
         """The same inputs restricted to the studies where ``keep`` is True (points and cache unchanged)."""
         return CVInputs(self.data, self.study_ids[keep], self.labels[keep], self.folds[keep], self.points,
                         self.skipped_points, self.cache_root, self.cache_settings,
-                        self.predicted_points)  # fmt: skip
+                        self.predicted_points, self.data_digest)  # fmt: skip
 
 
 def prepare_inputs(cfg: Config, run_dir: Path) -> CVInputs:
@@ -76,8 +79,9 @@ def prepare_inputs(cfg: Config, run_dir: Path) -> CVInputs:
     folds = folds.set_index("study_id").loc[study_ids].reset_index()
     points = points_from_coordinates(data.coordinates, cache, data.train_series)
     predicted = None if cfg.cv.predicted_points is None else read_predicted_points(cfg.cv.predicted_points, study_ids)
-    return CVInputs(data, study_ids, labels, folds, points.points, points.skipped, cache_root_for(cfg),
-                    cache_settings(cfg.preprocess), predicted)  # fmt: skip
+    settings = cache_settings(cfg.preprocess)
+    return CVInputs(data, study_ids, labels, folds, points.points, points.skipped, cache_root_for(cfg), settings,
+                    predicted, data_digest(root, settings))  # fmt: skip
 
 
 def read_predicted_points(path: str, study_ids: np.ndarray) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""Registering a finished CV: its fold ensemble, with the level detectors of its config, as one model version.
+"""Registering a finished CV: its fold ensemble, with the level detectors of its config, as one model version
+tagged with the digest of the CV's training data (the registry moves the alias only between versions of one digest).
 
 A step of its own, after :func:`lumbar_ray.train.cv.run_cv`: ``lumbar-ray train``, the pipeline and
 ``lumbar-ray tune --register-best`` compose the two. The detectors are found through :mod:`lumbar_ray.paths`
@@ -54,7 +55,8 @@ def register_cv(cfg: Config, cv: CVResult) -> RegisteredEnsemble | str | None:
                                  members=[(cv.run_id, cfg)], calibration=calibration,
                                  calibration_info=info)  # fmt: skip
     registered = log_and_register(states, contract, cfg.tracking, uri, cv.mlflow_run_id, cv.model_score.total,
-                                  detectors, packaging=study_packaging(contract))  # fmt: skip
+                                  detectors, packaging=study_packaging(contract),
+                                  data_digest=cv.data_digest)  # fmt: skip
     mark_registered(uri, cv.mlflow_run_id, registered.version)
     return registered
 

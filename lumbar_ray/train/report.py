@@ -1,7 +1,10 @@
 """MLflow records of a CV: the fold child runs (best score, training curves) and the CV's scores, tables and
 plots on its parent run.
 
-- parent (``lumbar_ray.kind=cv``): the resolved config (params ``section.key`` and ``config.yaml``), ``cv_*``
+- parent (``lumbar_ray.kind=cv``): the resolved config (params ``section.key`` and ``config.yaml``), the training
+  data as an MLflow dataset input (context ``train``, logged once: name = the data folder's name, digest =
+  :mod:`lumbar_ray.data.lineage`'s, source = the folder's path, profile = the CSVs' hashes and the cache key; no
+  patient value) and its digest as the tag ``lumbar_ray.data_digest``, ``cv_*``
   (best epoch) and ``cv_last_epoch_*`` (the honest CV) scores next to the prior's ``prior_*`` on the same folds and,
   where the data knows its latents, a perfect model's ``floor_*``; with ``calibrate.temperature``, the cross-fitted
   ``cv_calibrated_*``, the fitted ``temperature_<group>`` and the registered model's ``cv_model_total``;
@@ -16,6 +19,7 @@ plots on its parent run.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,12 +28,28 @@ import pandas as pd
 from lumbar_ray import plots
 from lumbar_ray.calibrate import Calibration
 from lumbar_ray.constants import SEVERITY_WEIGHTS
+from lumbar_ray.data.lineage import DataDigest
 from lumbar_ray.metrics import ScoreResult, calibration_table, expected_calibration_error
-from lumbar_ray.tracking import Tracker
+from lumbar_ray.registry import DATA_DIGEST_TAG
+from lumbar_ray.tracking import Tracker, local_dataset
 
 logger = logging.getLogger(__name__)
 
 FOLD_TAG = "lumbar_ray.fold"
+
+
+DATA_CONTEXT = "train"
+"""``mlflow.data.context`` of the training data's dataset input."""
+
+
+def log_training_data(tracker: Tracker, run_id: str, digest: DataDigest) -> None:
+    """The training data as ``run_id``'s dataset input (once, however often the run continues) and its digest as
+    the tag ``lumbar_ray.data_digest`` (see the module docstring)."""
+    profile = {"files_sha256": digest.files, "cache_key": digest.cache_key}
+    dataset = local_dataset(Path(digest.root).name or "data", digest.digest, digest.root, profile)
+    if tracker.log_dataset_input(run_id, dataset, DATA_CONTEXT):
+        logger.info("MLflow: run %s trained on %s (%s)", run_id, digest.digest, digest.root)
+    tracker.set_tags(run_id, {DATA_DIGEST_TAG: digest.digest})
 
 
 def fold_run(tracker: Tracker, parent: str, fold: int) -> str:

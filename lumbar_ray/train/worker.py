@@ -15,6 +15,7 @@ honest CV (an epoch fixed in advance, not chosen on the scored fold).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -143,25 +144,33 @@ def train_fold_loop(config: dict[str, Any]) -> None:
         starts = state.get("starts", [])
         logger.info("fold %s rank %d: resumed after epoch %d", job.fold, rank, state["epoch"])
     starts = [*starts, start_epoch]  # the epoch each (re)start of this fold began at, for the record
-    for epoch_index in range(start_epoch, cfg.train.epochs):
-        epoch = run_epoch(fold, epoch_index)
-        metrics = epoch.metrics
-        history.append(metrics)
-        # Per-rank evidence (kept in the checkpoint, not sent to MLflow): every replica trained, and in sync.
-        ranks = {"samples": _per_rank(metrics["train_samples"], fold.device),
-                 "checksum": _per_rank(_parameter_checksum(fold.bare), fold.device)}  # fmt: skip
-        best = keep_best(best, epoch, fold.evaluated)  # with EMA on, the average is what is kept and registered
-        # The last epoch's predictions give the honest CV: a fixed schedule, not an epoch picked on this fold.
-        last = {"epoch": epoch_index, "study_ids": epoch.predictions.study_ids, "probs": epoch.probs}
-        if epoch_index == cfg.train.epochs - 1:
-            last |= _at_predicted_points(fold, last, metrics)
-        metrics["best_val_score"] = best["score"]
-        if rank == 0:
-            _log_progress(job.fold, epoch_index, cfg.train.epochs, metrics)
-            if job.run_logger is not None:
-                job.run_logger.log_epoch(epoch_index, {k: v for k, v in metrics.items()
-                                                       if k not in ("epoch", "epoch_started_at")})  # fmt: skip
-        _report(rank, metrics, _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks))
+    with _system_metrics(cfg, job, rank):  # the machine of rank 0, sampled into the fold's run
+        for epoch_index in range(start_epoch, cfg.train.epochs):
+            epoch = run_epoch(fold, epoch_index)
+            metrics = epoch.metrics
+            history.append(metrics)
+            # Per-rank evidence (kept in the checkpoint, not sent to MLflow): every replica trained, and in sync.
+            ranks = {"samples": _per_rank(metrics["train_samples"], fold.device),
+                     "checksum": _per_rank(_parameter_checksum(fold.bare), fold.device)}  # fmt: skip
+            best = keep_best(best, epoch, fold.evaluated)  # with EMA on, the average is what is kept and registered
+            # The last epoch's predictions give the honest CV: a fixed schedule, not an epoch picked on this fold.
+            last = {"epoch": epoch_index, "study_ids": epoch.predictions.study_ids, "probs": epoch.probs}
+            if epoch_index == cfg.train.epochs - 1:
+                last |= _at_predicted_points(fold, last, metrics)
+            metrics["best_val_score"] = best["score"]
+            if rank == 0:
+                _log_progress(job.fold, epoch_index, cfg.train.epochs, metrics)
+                if job.run_logger is not None:
+                    job.run_logger.log_epoch(epoch_index, {k: v for k, v in metrics.items()
+                                                           if k not in ("epoch", "epoch_started_at")})  # fmt: skip
+            _report(rank, metrics, _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks))
+
+
+def _system_metrics(cfg: Config, job: FoldJob, rank: int) -> contextlib.AbstractContextManager[None]:
+    """System metrics of rank 0's machine into the fold's run while it trains (``tracking.system_metrics``)."""
+    if rank != 0 or job.run_logger is None or not cfg.tracking.system_metrics:
+        return contextlib.nullcontext()
+    return job.run_logger.system_metrics(cfg.tracking.system_metrics_interval)
 
 
 def _at_predicted_points(fold: Fold, last: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:

@@ -115,6 +115,7 @@ def finish_small_cv(cfg: Config, outcomes: dict, cache: SmallCache, synthetic_di
     """:func:`~lumbar_ray.train.cv.finish_cv` of ``outcomes`` (trained by :func:`train_small_cv` on
     :data:`SMALL_FOLDS`) as the CV driver finishes a CV: scored, logged to ``cfg``'s MLflow under run ``name``, its
     folder in ``cfg.workdir``. Returns the :class:`~lumbar_ray.train.cv.CVResult`, ready for ``register_cv``."""
+    from lumbar_ray.data.lineage import data_digest
     from lumbar_ray.data.rsna import load_rsna
     from lumbar_ray.tracking import Tracker
     from lumbar_ray.train.cv import CVRun, finish_cv
@@ -125,7 +126,8 @@ def finish_small_cv(cfg: Config, outcomes: dict, cache: SmallCache, synthetic_di
                       cache.cache_root, cache.cache_settings)  # fmt: skip
     tracker = Tracker.from_config(cfg)
     parent = tracker.parent_run(name, kind="cv", config=cfg)
-    run = CVRun(name, Path(cfg.workdir) / "runs" / name, inputs, tracker, parent)
+    digest = data_digest(synthetic_dir, cache.cache_settings)
+    run = CVRun(name, Path(cfg.workdir) / "runs" / name, inputs, tracker, parent, digest)
     run.run_dir.mkdir(parents=True)
     return finish_cv(cfg, run, outcomes, sorted(outcomes), [])
 

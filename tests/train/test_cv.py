@@ -101,6 +101,11 @@ def test_mlflow_holds_runs_metrics_plots_and_the_version(interrupted_then_resume
     assert "plots/training_curves.png" in curves
     version = client.get_model_version_by_alias(cfg.tracking.model_name, cfg.tracking.alias)
     assert version.run_id == parent.info.run_id
+    # the training data: one dataset input though the CV ran twice, its digest on the run and on the version
+    lineage = client.get_run(parent.info.run_id)
+    digest = lineage.data.tags["lumbar_ray.data_digest"]
+    assert [i.dataset.digest for i in lineage.inputs.dataset_inputs] == [digest]
+    assert version.tags["lumbar_ray.data_digest"] == digest == second.data_digest
 
 
 def test_model_loaded_by_alias_reproduces_a_folds_oof(interrupted_then_resumed):

@@ -100,6 +100,11 @@ def test_the_ensemble_reports_its_members_and_cross_fitted_figures_and_registers
     # one epoch each, so the registered weights are the ones fitted on: their cv_score is the cross-fitted column
     assert calibrated.model_score.total == pytest.approx(calibrated.fit.scores["calibrated"].total)
     assert rerun.mlflow_run_id == result.mlflow_run_id and "registered earlier" in str(rerun.registered)
+    # the members recorded no digest (folders written by hand): the data as it is now, on the version and the run
+    digest = load_member(cfg, "cv-tiny").data_digest.digest
+    assert version.tags["lumbar_ray.data_digest"] == digest == result.registered.data_digest
+    assert run.data.tags["lumbar_ray.data_digest"] == digest
+    assert [i.dataset.digest for i in client.get_run(result.mlflow_run_id).inputs.dataset_inputs] == [digest]
 
 
 def test_members_that_cannot_share_a_model_are_refused_clearly(ensembled, small_members, small_cache) -> None:
@@ -118,6 +123,9 @@ def test_members_that_cannot_share_a_model_are_refused_clearly(ensembled, small_
     elsewhere = tiny.cfg.model_copy(update={"data": tiny.cfg.data.model_copy(update={"root": "/elsewhere"})})
     with pytest.raises(EnsembleError, match="different data"):
         check_members([tiny, Member("other", elsewhere, tiny.folds, tiny.outcomes)])
+    other_data = dataclasses.replace(tiny.data_digest, digest="data-ffffffffffffffff")
+    with pytest.raises(EnsembleError, match="trained on different data \\(digests data-"):
+        check_members([tiny, dataclasses.replace(tiny, run_id="other", data_digest=other_data)])
     with pytest.raises(EnsembleError, match="named twice"):
         check_members([tiny, tiny])
     with pytest.raises(FileNotFoundError, match="no trained CV run 'nope'"):

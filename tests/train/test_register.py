@@ -51,6 +51,7 @@ def test_a_calibrated_cv_reports_its_cross_fitted_score_and_registers_its_temper
     registered = register_cv(cfg, cv)
     version = MlflowClient(tracking_uri_for(cfg)).get_model_version("calibrated_cv", str(registered.version))
     assert float(version.tags["cv_score"]) == pytest.approx(cv.model_score.total)
+    assert version.tags["lumbar_ray.data_digest"] == cv.data_digest and cv.data_digest.startswith("data-")
     loaded = load_ensemble(f"models:/calibrated_cv@{cfg.tracking.alias}", tracking_uri_for(cfg))
     assert loaded.calibration == calibrated.fit.calibration
     assert loaded.contract["calibration"]["fitted_on"] == "last epoch, out of fold"
