@@ -44,6 +44,7 @@ from lumbar_ray.inference.model import StudyModel
 from lumbar_ray.inference.study import ReadStudy
 from lumbar_ray.inference.uploads import UploadLimits, extract_zip, upload_folder, write_files
 from lumbar_ray.paths import tracking_uri_for
+from lumbar_ray.raytools import ensure_ray
 from lumbar_ray.registry import describe_model, load_ensemble, pinned_model_uri
 
 logger = logging.getLogger(__name__)
@@ -250,8 +251,6 @@ def run_serve(cfg: Config, blocking: bool = True) -> str:
         blocking: keep serving until interrupted (the CLI); False returns once the replicas are up (tests,
             benchmarks).
     """
-    from lumbar_ray.raytools import ensure_ray
-
     ensure_ray()
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(serve_args(cfg)), name=cfg.serve.name, route_prefix=cfg.serve.route_prefix)

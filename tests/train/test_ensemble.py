@@ -152,7 +152,7 @@ def test_the_inference_actor_feeds_every_input_and_falls_back_on_the_calibrated_
     predictor = StudyPredictor(f"models:/{cfg.tracking.model_name}/{result.registered.version}", tracking_uri_for(cfg),
                                small_cache.cache_root, small_cache.cache_settings, records,
                                settings_dir=str(tmp_path))  # fmt: skip
-    assert set(predictor.crops) == {"crops", "crops_1"} and not predictor.detectors
+    assert set(predictor.scorer.model.inputs) == {"crops", "crops_1"} and not predictor.scorer.detectors
     probs, reports = predictor.predict_studies(study_ids)
     prior = predictor.ensemble.calibrated_prior()
     assert np.abs(prior - predictor.ensemble.prior()).max() > 1e-4  # the temperatures reach the prior too
