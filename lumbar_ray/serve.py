@@ -24,7 +24,6 @@ then scored in batches (``@serve.batch``: localisation, crops and one forward pa
 :func:`serve_config` (``lumbar-ray serve --write-config serve.yaml``); its ``import_path`` is :func:`build_app`.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
