@@ -425,6 +425,8 @@ class ServeConfig(_Strict):
     max_files: int = Field(4000, ge=1, description="most files in one study upload")
     series_map: dict[str, str] = Field(default_factory=dict, description="SeriesDescription regex -> series type, "
                                        "tried before the built-in patterns")  # fmt: skip
+    upload_dir: str | None = Field(None, description="where uploads are unpacked (a private folder each, removed "
+                                   "after reading); None = the system's temporary folder")  # fmt: skip
 
 
 class Config(_Strict):

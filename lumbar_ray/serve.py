@@ -24,12 +24,12 @@ then scored in batches (``@serve.batch``: localisation, crops and one forward pa
 :func:`serve_config` (``lumbar-ray serve --write-config serve.yaml``); its ``import_path`` is :func:`build_app`.
 """
 
-
 import asyncio
 import logging
 import math
+import tempfile
 import time
-from typing import Any
+from typing import Any, BinaryIO
 
 import pandas as pd
 from fastapi import FastAPI, Request
@@ -38,10 +38,11 @@ from ray import serve
 from ray.serve import Application
 
 from lumbar_ray.config import Config, ServeConfig
+from lumbar_ray.data.series_type import description_map
 from lumbar_ray.errors import StudyInputError
-from lumbar_ray.inference.model import StudyModel
+from lumbar_ray.inference.model import StudyModel, StudyRequest
 from lumbar_ray.inference.study import ReadStudy
-from lumbar_ray.inference.uploads import UploadLimits, extract_zip, upload_folder, write_files
+from lumbar_ray.inference.uploads import UploadLimits
 from lumbar_ray.paths import tracking_uri_for
 from lumbar_ray.raytools import ensure_ray
 from lumbar_ray.registry import describe_model, load_ensemble, pinned_model_uri
@@ -50,9 +51,8 @@ logger = logging.getLogger(__name__)
 
 PREDICT_ROUTE = "/v1/studies:predict"
 ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/octet-stream")
-# An upload's file names and folders are the client's and may carry identifiers: the reader's per-file warnings
-# (which name them) stay out of a replica's logs; what is wrong with a file goes back in the response instead.
-QUIET_LOGGERS = ("lumbar_ray.data.dicom", "lumbar_ray.inference.study", "lumbar_ray.localize.study")
+SPOOL_BYTES = 8 << 20  # an upload up to this size stays in memory, a larger one goes to a temporary file
+MAX_FORM_PARTS = 1 << 20  # starlette's own part limit, set out of the way: serve.max_files is checked on the files
 
 api = FastAPI(title="lumbar_ray", description="Lumbar spine degeneration severities of one MRI study (RSNA 2024)")
 
@@ -83,34 +83,49 @@ def _json_rows(rows: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
-async def _body(request: Request, limits: UploadLimits) -> bytes:
-    """The request body, refused (413) as soon as it grows past the limit (a declared length is checked first)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+def _declared_length(request: Request, limits: UploadLimits) -> int:
+    """The upload's declared length, refused (411) when missing and (413) when over the limit: the server never
+    reads more than it was told (the HTTP server ends a body at its declared length)."""
+    declared = request.headers.get("content-length", "")
+    if not declared.isdigit():
+        raise StudyInputError("", "send the upload with a Content-Length", 411)
+    if int(declared) > limits.max_bytes:
         raise StudyInputError("", f"the upload is {int(declared):,} bytes, more than the {limits.max_bytes:,} allowed",
                               413)  # fmt: skip
-    chunks, size = [], 0
+    return int(declared)
+
+
+async def _spooled_body(request: Request, limits: UploadLimits) -> BinaryIO:
+    """The request body in a temporary file (in memory up to a few MiB, on disk beyond), within the limit."""
+    _declared_length(request, limits)
+    spooled = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (the caller closes it)
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limits.max_bytes:
+            spooled.close()
             raise StudyInputError("", f"the upload is more than the {limits.max_bytes:,} bytes allowed", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        spooled.write(chunk)
+    spooled.seek(0)
+    return spooled
 
 
 async def _form_files(request: Request, limits: UploadLimits) -> list[tuple[str, bytes]]:
-    """``(file name, bytes)`` of each file part of a multipart upload."""
+    """``(file name, bytes)`` of every file part of a multipart upload (parts may share a field name)."""
+    _declared_length(request, limits)
     try:
-        form = await request.form(max_files=limits.max_files, max_fields=limits.max_files)
-    except Exception as error:  # starlette's MultiPartException / HTTPException: a malformed or too large form
-        status = 413 if "Too many" in str(error) else 400
-        raise StudyInputError("", f"cannot read the multipart upload ({error})", status) from None
-    files = []
-    for value in form.values():
-        if hasattr(value, "read"):
-            files.append((value.filename or "", await value.read()))
-    await form.close()
-    return files
+        # The count is checked below, on the files themselves: starlette's own limit answers with a bare 400.
+        form = await request.form(max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS)
+    except Exception as error:  # starlette's HTTPException: a malformed form
+        raise StudyInputError("", f"cannot read the multipart upload ({error})") from None
+    try:
+        parts = [value for _, value in form.multi_items() if hasattr(value, "read")]
+        if len(parts) > limits.max_files:
+            raise StudyInputError("", f"the upload holds {len(parts)} files, more than the {limits.max_files} "
+                                  "allowed", 413)  # fmt: skip
+        return [(part.filename or "", await part.read()) for part in parts]
+    finally:
+        await form.close()
 
 
 @serve.deployment
@@ -126,8 +141,6 @@ class StudyService:
     """
 
     def __init__(self, model_uri: str, tracking_uri: str, info: dict[str, Any], serve_cfg: dict[str, Any]) -> None:
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
         self.cfg = ServeConfig(**serve_cfg)
         self.limits = limits_for(self.cfg)
         loaded = load_ensemble(model_uri, tracking_uri)
@@ -141,35 +154,32 @@ class StudyService:
         self.score_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         logger.info("serving %s v%s", info.get("name"), info.get("version"))
 
-    def _read_zip(self, data: bytes, study_id: int | None) -> ReadStudy:
-        with upload_folder() as folder:
-            extract_zip(data, folder, self.limits)
-            return self.model.read_folder(folder, study_id, self.cfg.series_map)
-
-    def _read_files(self, files: list[tuple[str, bytes]], study_id: int | None) -> ReadStudy:
-        with upload_folder() as folder:
-            write_files(files, folder, self.limits)
-            return self.model.read_folder(folder, study_id, self.cfg.series_map)
-
     async def _read(self, request: Request) -> ReadStudy:
         """The request's study, read in a thread (decoding is CPU work; the event loop keeps answering)."""
         study_id = request.query_params.get("study_id")
         if study_id is not None and not study_id.isdigit():
             raise StudyInputError("study_id", "must be a non-negative integer")
-        study_id = None if study_id is None else int(study_id)
+        upload = StudyRequest(study_id=None if study_id is None else int(study_id))
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
-            files = await _form_files(request, self.limits)
-            return await asyncio.to_thread(self._read_files, files, study_id)
-        if kind in ZIP_TYPES or not kind:
-            data = await _body(request, self.limits)
-            return await asyncio.to_thread(self._read_zip, data, study_id)
-        raise StudyInputError("", f"content type {kind!r}: send a zip (application/zip) or multipart/form-data", 415)
+            upload.study_files = await _form_files(request, self.limits)
+        elif kind in ZIP_TYPES or not kind:
+            upload.study_zip = await _spooled_body(request, self.limits)
+        else:
+            raise StudyInputError("", f"content type {kind!r}: send a zip (application/zip) or multipart/form-data",
+                                  415)  # fmt: skip
+        try:
+            return await asyncio.to_thread(self.model.read_request, upload, self.cfg.series_map, self.limits,
+                                           self.cfg.upload_dir)  # fmt: skip
+        finally:
+            if upload.study_zip is not None:
+                upload.study_zip.close()
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def score_batch(self, studies: list[ReadStudy]) -> list[pd.DataFrame]:
-        """Localise, crop and score the studies of a batch (one forward pass of the folds)."""
-        return await asyncio.to_thread(self.model.predict_read, studies)
+    async def score_batch(self, studies: list[ReadStudy]) -> list[pd.DataFrame | Exception]:
+        """Localise, crop and score the studies of a batch (one forward pass of the folds); a study that fails
+        gets its exception in its place, never failing the others."""
+        return await asyncio.to_thread(self.model.predict_each, studies)
 
     @api.post(PREDICT_ROUTE)
     async def predict(self, request: Request) -> JSONResponse:
@@ -179,9 +189,16 @@ class StudyService:
         except StudyInputError as error:
             logger.info("refused an upload: %d", error.status)
             return error_response(error)
+        except Exception as error:  # a bug: its message and traceback could name the upload's files
+            logger.error("reading an upload failed: %s", type(error).__name__)
+            return JSONResponse({"error": "internal error while reading the study", "file": ""}, status_code=500)
         rows = await self.score_batch(study)
+        if isinstance(rows, Exception):
+            logger.error("scoring a study failed: %s", type(rows).__name__)
+            return JSONResponse({"error": "internal error while scoring the study", "file": ""}, status_code=500)
         body = {"model": {key: self.info.get(key) for key in ("name", "version", "alias", "data_digest")},
-                "study_id": study.study_id, "rows": _json_rows(rows), "series": study.report}  # fmt: skip
+                "study_id": study.study_id, "rows": _json_rows(rows), "series": study.report,
+                "skipped": study.skipped}  # fmt: skip
         return JSONResponse(body)
 
     @api.get("/v1/model")
@@ -217,6 +234,7 @@ def build_app(args: dict[str, Any]) -> Application:
     args = dict(args)
     tracking_uri = args.pop("tracking_uri")
     cfg = ServeConfig(**args)
+    description_map(cfg.series_map)  # a bad pattern or type fails the deployment, not every request
     info = describe_model(cfg.model, tracking_uri)
     pinned = pinned_model_uri(info)
     deployment = StudyService.options(**deployment_options(cfg))

@@ -8,11 +8,12 @@ served request, a hospital export) has only its headers. The rule, first match w
    sagittal T2 ``"SAG FSE"``). The competition's own names match themselves.
 2. **Orientation**: the slice normal (``row x column`` of ImageOrientationPatient) mostly along patient x is
    sagittal, mostly along z is axial (coronal and oblique series are none of the three).
-3. **Weighting of a sagittal series** the description leaves open: EchoTime and RepetitionTime (T1: TE under 30 ms
-   and TR under 1000 ms; T2 or STIR: TE of 60 ms or more, or an InversionTime, which STIR has); left open
-   otherwise.
+3. **Weighting**: a description that names one (``T1``, ``T2``, ``STIR``) without matching the map, else the echo
+   time (:func:`weighting`: with an inversion pulse, TE under 30 ms is T1 FLAIR, longer is STIR; without one, TE
+   of 60 ms or more is T2, TE under 30 ms with TR under 1000 ms is T1); a sagittal series of unknown weighting is
+   left open.
 
-An axial series is taken as the task's Axial T2 whatever its weighting (the only axial type the models read).
+An axial series is the task's Axial T2 unless it is known to be T1 (the models read axial T2 only).
 A series the rule cannot type is reported, never guessed: its targets fall back to the prior downstream.
 """
 
@@ -107,16 +108,27 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) and number > 0 else None
 
 
-def sagittal_weighting(meta: Mapping[str, Any]) -> str | None:
-    """``Sagittal T1``, ``Sagittal T2/STIR`` or None from EchoTime, RepetitionTime and InversionTime (ms)."""
+def weighting(meta: Mapping[str, Any]) -> str | None:
+    """``T1``, ``T2`` (T2 or STIR) or None from EchoTime, RepetitionTime and InversionTime (ms).
+
+    With an inversion pulse the echo time decides alone (STIR has a long echo; T1 FLAIR, the usual 3 T sagittal T1,
+    a short one and a long TR); without one, a long echo is T2 and a short echo with a short TR is T1.
+    """
     echo, repetition = _number(meta.get("EchoTime")), _number(meta.get("RepetitionTime"))
-    if _number(meta.get("InversionTime")) is not None and (echo is None or echo >= T1_MAX_ECHO_MS):
-        return SAGITTAL_T2  # STIR: an inversion pulse and a long echo (FLAIR-like T1 sequences have a short TE)
+    if _number(meta.get("InversionTime")) is not None and echo is not None:
+        return "T1" if echo < T1_MAX_ECHO_MS else "T2"
     if echo is not None and echo >= T2_MIN_ECHO_MS:
-        return SAGITTAL_T2
+        return "T2"
     if echo is not None and echo < T1_MAX_ECHO_MS and (repetition is None or repetition < T1_MAX_REPETITION_MS):
-        return SAGITTAL_T1
+        return "T1"
     return None
+
+
+def _named_weighting(description: str) -> str | None:
+    """``T1`` or ``T2`` when the description names one weighting (``STIR`` counts as T2), else None."""
+    spaced = f" {re.sub(r'[^0-9a-z]+', ' ', description.lower())} "
+    named = {name for name, token in (("T1", " t1"), ("T2", " t2"), ("T2", " stir")) if token in spaced}
+    return next(iter(named)) if len(named) == 1 else None
 
 
 def series_type(
@@ -136,12 +148,16 @@ def series_type(
     kind = type_from_description(description, mapping)
     if kind is not None:
         return kind, "description"
+    # A description that names the weighting outright is believed over the echo time (which can be missing or odd).
+    sequence = _named_weighting(description) or weighting(meta)
+    how = "description's weighting" if _named_weighting(description) else "echo time"
     orientation_plane = plane(orientation)
     if orientation_plane == "axial":
-        return AXIAL_T2, "orientation"
+        if sequence == "T1":
+            return None, f"axial T1 ({how}): the models read axial T2 only"
+        return AXIAL_T2, "orientation" if sequence is None else f"orientation and {how}"
     if orientation_plane == "sagittal":
-        weighting = sagittal_weighting(meta)
-        if weighting is not None:
-            return weighting, "orientation and echo time"
-        return None, "sagittal, weighting unknown (no description match, no usable EchoTime)"
+        if sequence is not None:
+            return (SAGITTAL_T1 if sequence == "T1" else SAGITTAL_T2), f"orientation and {how}"
+        return None, "sagittal, weighting unknown (no description match, no EchoTime that tells T1 from T2)"
     return None, f"not sagittal or axial ({orientation_plane or 'no usable orientation'})"

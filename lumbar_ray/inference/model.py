@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from lumbar_ray.config import LocalizeConfig
+from lumbar_ray.data.series_type import description_map
 from lumbar_ray.errors import StudyInputError
 from lumbar_ray.inference.study import (
     ROW_COLUMNS,
@@ -45,11 +46,12 @@ from lumbar_ray.inference.study import (
     StudyScorer,
     preprocess_settings,
     read_study,
+    refuses_study,
     study_files,
     study_id_from_folder,
     study_rows,
 )
-from lumbar_ray.inference.uploads import UploadLimits, extract_zip, upload_folder
+from lumbar_ray.inference.uploads import UploadLimits, extract_zip, upload_folder, write_files
 from lumbar_ray.localize.detector import load_detectors
 from lumbar_ray.provenance import library_versions
 from lumbar_ray.registry import DEFAULT_BATCH, FoldEnsemble, Packaging
@@ -128,11 +130,29 @@ def _present(value: Any) -> bool:
 
 @dataclass
 class StudyRequest:
-    """One study of the input: where its files are and what id it is given (None = from the folder)."""
+    """One study to read: a folder, a zip (bytes, or a binary file such as a spooled upload) or uploaded files
+    (``(name, bytes)``); and the id it is given (None = from the folder's layout)."""
 
     study_dir: str | None = None
-    study_zip: bytes | None = None
+    study_zip: bytes | BinaryIO | None = None
     study_id: int | None = None
+    study_files: list[tuple[str, bytes]] | None = None
+
+
+def parse_series_map(text: str | None) -> dict[str, str]:
+    """The ``series_map`` param (JSON: pattern -> series type), checked.
+
+    Raises:
+        StudyInputError: not a JSON object of strings, a pattern that does not compile, an unknown series type.
+    """
+    try:
+        mapping = json.loads(text or "{}")
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise ValueError("a JSON object of pattern -> series type")
+        description_map(mapping)
+    except ValueError as error:  # json.JSONDecodeError is one
+        raise StudyInputError("series_map", str(error)) from None
+    return mapping
 
 
 def requests_from_frame(frame: pd.DataFrame) -> list[StudyRequest]:
@@ -173,16 +193,21 @@ with warnings.catch_warnings():
 
         def read(self, files: Sequence[Path], study_id: int, series_map: dict[str, str] | None = None,
                  root: Path | None = None) -> ReadStudy:  # fmt: skip
-            """One study's files read into memory, refused when any file is not readable DICOM.
+            """One study's files read into memory, refused when an image file is damaged
+            (:func:`~lumbar_ray.inference.study.refuses_study`); a file that is no MR image is left out and listed in
+            :attr:`ReadStudy.skipped`.
 
             Raises:
-                StudyInputError: a file that is not readable DICOM (named), or no image at all (422).
+                StudyInputError: a damaged image or a ``.dcm`` file that is not DICOM (named), or no image (422).
             """
             study = read_study(files, study_id, self.settings, series_map, root)
-            if study.skipped:
-                first = study.skipped[0]
-                more = f" (and {len(study.skipped) - 1} more)" if len(study.skipped) > 1 else ""
+            refused = [item for item in study.skipped if refuses_study(item)]
+            if refused:
+                first = refused[0]
+                more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
                 raise StudyInputError(first["file"], f"{first['kind']}: {first['reason']}{more}", status=422)
+            if study.skipped:  # counted here; named in the answer of the server (never logged: upload names)
+                logger.warning("%d file(s) of the study are no MR image and were left out", len(study.skipped))
             return study
 
         def predict_read(self, studies: Sequence[ReadStudy], fold: int | None = None) -> list[pd.DataFrame]:
@@ -190,6 +215,20 @@ with warnings.catch_warnings():
             inputs = [StudyInput(study.study_id, study.cache, study.series) for study in studies]
             scored = self.scorer.score(inputs, fold=fold)
             return [study_rows(result, study.cache, study) for result, study in zip(scored, studies, strict=True)]
+
+        def predict_each(self, studies: Sequence[ReadStudy]) -> list[pd.DataFrame | Exception]:
+            """:meth:`predict_read` of a batch; should it fail, each study alone, so that one study's failure
+            (returned in its place) never fails the others."""
+            try:
+                return list(self.predict_read(studies))
+            except Exception:  # one study broke the batch: find which, keep the others
+                out: list[pd.DataFrame | Exception] = []
+                for study in studies:
+                    try:
+                        out.append(self.predict_read([study])[0])
+                    except Exception as error:  # returned, raised by its own request
+                        out.append(error)
+                return out
 
         def read_folder(self, folder: Path, study_id: int | None = None, series_map: dict | None = None) -> ReadStudy:
             """The study whose files are under ``folder``, read (:meth:`read`); its id, when not given, from the
@@ -201,15 +240,24 @@ with warnings.catch_warnings():
             return self.read(files, chosen, series_map, folder)
 
         def read_request(self, request: StudyRequest, series_map: dict | None = None,
-                         limits: UploadLimits | None = None) -> ReadStudy:  # fmt: skip
-            """A study of the input read into memory (a zip extracted to a private folder, removed after)."""
+                         limits: UploadLimits | None = None, upload_root: str | None = None) -> ReadStudy:  # fmt: skip
+            """A study read into memory: a folder in place; a zip or uploaded files through a private folder
+            (under ``upload_root``, else the system's temporary folder) that is removed after reading.
+
+            Raises:
+                StudyInputError: see :meth:`read` and :mod:`lumbar_ray.inference.uploads`.
+            """
             if request.study_dir is not None:
                 folder = Path(request.study_dir)
                 if not folder.is_dir():
                     raise StudyInputError(request.study_dir, "no such folder")
                 return self.read_folder(folder, request.study_id, series_map)
-            with upload_folder() as folder:
-                extract_zip(request.study_zip or b"", folder, limits or UploadLimits())
+            limits = limits or UploadLimits()
+            with upload_folder(root=upload_root) as folder:
+                if request.study_files is not None:
+                    write_files(request.study_files, folder, limits)
+                else:
+                    extract_zip(request.study_zip or b"", folder, limits)
                 return self.read_folder(folder, request.study_id, series_map)
 
         def predict(
@@ -228,7 +276,7 @@ with warnings.catch_warnings():
             params = params or {}
             fold = int(params.get("fold", -1))
             batch = max(1, int(params.get("batch_size", DEFAULT_BATCH)))
-            series_map = json.loads(params.get("series_map") or "{}")
+            series_map = parse_series_map(params.get("series_map"))
             requests = requests_from_frame(pd.DataFrame(model_input))
             frames = []
             for start in range(0, len(requests), batch):

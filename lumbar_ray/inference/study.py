@@ -20,8 +20,10 @@ coordinates (SOPInstanceUID, InstanceNumber, row, column) and its flags.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -106,12 +108,14 @@ def study_files(folder: Path) -> list[Path]:
 
 
 def study_id_from_folder(folder: Path, files: Sequence[Path]) -> int | None:
-    """The study id a folder's layout gives: its own name, or the one top-level folder all files sit in, when
-    numeric (the competition's ``<study_id>/<series_id>/<n>.dcm``); None otherwise."""
+    """The study id a folder's layout gives: its own name when numeric, or the numeric name of the one top-level
+    folder holding every file two levels down (the competition's ``<study_id>/<series_id>/<n>.dcm``: a lone
+    ``<series_id>/<n>.dcm`` names a series, not a study); None otherwise."""
     if folder.name.isdigit():
         return int(folder.name)
-    tops = {path.relative_to(folder).parts[0] for path in files if len(path.relative_to(folder).parts) > 1}
-    if len(tops) == 1 and all(len(path.relative_to(folder).parts) > 1 for path in files):
+    parts = [path.relative_to(folder).parts for path in files]
+    tops = {part[0] for part in parts}
+    if len(tops) == 1 and all(len(part) >= 3 for part in parts):
         top = next(iter(tops))
         return int(top) if top.isdigit() else None
     return None
@@ -135,6 +139,52 @@ def series_ids(groups: Sequence[Any]) -> list[int]:
         taken.add(next_free)
         out.append(next_free)
     return out
+
+
+IGNORED_KINDS = frozenset({"no_pixels", "not_grayscale"})
+"""Skipped files that do not refuse a study: DICOM objects that are no MR image (a DICOMDIR, a structured report, a
+presentation state) and colour images (secondary-capture screenshots), which exports carry beside the series."""
+DICOM_LIKE_SUFFIXES = frozenset({"", ".dcm", ".dicom", ".ima"})
+"""Names a DICOM image file has: such a file that does not read as DICOM refuses its study (a damaged image);
+another file that is no DICOM (``Thumbs.db``, ``README.txt``, a PDF report) is left out and listed."""
+
+
+def refuses_study(skipped: Mapping[str, str]) -> bool:
+    """Whether a skipped file refuses its study (:data:`IGNORED_KINDS`, :data:`DICOM_LIKE_SUFFIXES`): a damaged
+    image does (its series would silently lose a slice); a non-image object or a stray document does not."""
+    if skipped["kind"] in IGNORED_KINDS:
+        return False
+    if skipped["kind"] == "not_dicom":
+        return Path(skipped["file"]).suffix.lower() in DICOM_LIKE_SUFFIXES
+    return True
+
+
+class _UploadNames(logging.Filter):
+    """Drops the records of the thread reading an upload: the reader's warnings name files and folders, and an
+    upload's names are the client's (an export may name a folder after the patient). What is wrong with a file goes
+    back in the answer instead (:attr:`ReadStudy.skipped`)."""
+
+    local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "reading", False)
+
+
+_QUIETED = ("lumbar_ray.data.dicom", "lumbar_ray.data.volume", __name__)
+
+
+@contextlib.contextmanager
+def _names_unlogged() -> Iterator[None]:
+    """While reading an upload in this thread, the reader's loggers drop their records (:class:`_UploadNames`)."""
+    for name in _QUIETED:
+        chosen = logging.getLogger(name)
+        if not any(isinstance(f, _UploadNames) for f in chosen.filters):
+            chosen.addFilter(_UploadNames())
+    _UploadNames.local.reading = True
+    try:
+        yield
+    finally:
+        _UploadNames.local.reading = False
 
 
 def _skipped(entry: Any, relative_to: Path | None) -> dict[str, str]:
@@ -177,6 +227,12 @@ def read_study(
         StudyInputError: no file is readable DICOM (422).
     """
     mapping = description_map(series_map)
+    with _names_unlogged():
+        return _read_study(files, study_id, settings, mapping, root)
+
+
+def _read_study(files: Sequence[Path], study_id: int, settings: PreprocessConfig, mapping: Mapping[str, str],
+                root: Path | None) -> ReadStudy:  # fmt: skip
     groups, skipped = group_series_files([Path(path) for path in files])
     out = ReadStudy(int(study_id), MemoryCache(settings.model_dump()), pd.DataFrame(columns=list(SERIES_COLUMNS)))
     out.skipped = [_skipped(entry, root) for entry in skipped]
@@ -207,7 +263,7 @@ def _read_group(study: ReadStudy, group: Any, series_id: int, settings: Preproce
     kind, how = series_type(group.description, group.orientation, series.meta, mapping)
     item.update(type=kind, typed_by=how, slices=series.n_slices)
     if kind is None:
-        logger.info("study %s: series %s left out: %s", study.study_id, series_id, how)
+        logger.info("series %s left out: %s", series_id, how)
         return None
     volume, meta = preprocess_series(series, settings)
     meta = replace(meta, study_id=study.study_id, series_id=series_id, split="test", series_description=kind)

@@ -26,6 +26,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from lumbar_ray.errors import StudyInputError
 
@@ -47,10 +48,14 @@ class UploadLimits:
     max_files: int = 4000
 
 
+UPLOAD_PREFIX = "lumbar_ray_study_"
+
+
 @contextlib.contextmanager
-def upload_folder(prefix: str = "lumbar_ray_study_") -> Iterator[Path]:
-    """A fresh private folder for one upload, removed on leaving whatever happened inside."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
+def upload_folder(root: str | Path | None = None) -> Iterator[Path]:
+    """A fresh private folder (mode 700) for one upload under ``root`` (None: the system's temporary folder),
+    removed on leaving whatever happened inside."""
+    folder = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX, dir=root))
     try:
         yield folder
     finally:
@@ -65,7 +70,9 @@ def safe_relative_path(name: str) -> PurePosixPath:
     """
     text = name.replace("\\", "/")
     path = PurePosixPath(text)
-    if not text or text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+    if not text:
+        raise StudyInputError(name, "a file without a name")
+    if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
         raise StudyInputError(name, "absolute paths are not allowed in an upload")
     parts = [part for part in path.parts if part not in ("", ".")]
     if not parts or any(part == ".." for part in parts):
@@ -89,11 +96,16 @@ def _check_totals(count: int, size: int, limits: UploadLimits, what: str) -> Non
         raise StudyInputError("", f"{what} holds {size:,} bytes, more than the {limits.max_bytes:,} allowed", 413)
 
 
-def extract_zip(data: bytes, folder: Path, limits: UploadLimits = UploadLimits()) -> list[Path]:
+def _is_folder(info: zipfile.ZipInfo) -> bool:
+    """A folder entry, including a Windows tool's ``name\\`` (which ``ZipInfo.is_dir`` does not know)."""
+    return info.is_dir() or info.filename.endswith("\\")
+
+
+def extract_zip(data: bytes | BinaryIO, folder: Path, limits: UploadLimits = UploadLimits()) -> list[Path]:
     """Extract a zipped study into ``folder`` (see the module docstring for what is refused).
 
     Args:
-        data: the zip's bytes.
+        data: the zip's bytes, or a seekable binary file holding them (an upload spooled to disk).
         folder: an empty folder (:func:`upload_folder`).
         limits: the size and count limits.
 
@@ -103,14 +115,16 @@ def extract_zip(data: bytes, folder: Path, limits: UploadLimits = UploadLimits()
     Raises:
         StudyInputError: see the module docstring.
     """
-    if not data:
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    if source.seek(0, io.SEEK_END) == 0:
         raise StudyInputError("", "the upload is empty")
+    source.seek(0)
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(source)
     except zipfile.BadZipFile as error:
         raise StudyInputError("", f"the upload is not a zip archive ({error})") from None
     with archive:
-        entries = [info for info in archive.infolist() if not info.is_dir()]
+        entries = [info for info in archive.infolist() if not _is_folder(info)]
         if not entries:
             raise StudyInputError("", "the zip holds no file")
         _check_totals(len(entries), sum(info.file_size for info in entries), limits, "the zip")
@@ -128,46 +142,52 @@ def extract_zip(data: bytes, folder: Path, limits: UploadLimits = UploadLimits()
 def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, written: int,
                    limits: UploadLimits) -> int:  # fmt: skip
     """Copy one entry in chunks, counting bytes against the limit as they come; the running total."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with archive.open(info) as source, target.open("xb") as sink:
             for chunk in iter(lambda: source.read(_CHUNK), b""):
                 written += len(chunk)
                 _check_totals(0, written, limits, "the zip")
                 sink.write(chunk)
     except FileExistsError:
-        raise StudyInputError(info.filename, "the zip names this file twice") from None
+        raise StudyInputError(
+            info.filename, "the zip names this path twice (as a file, or as a file and a folder)"
+        ) from None
     except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as error:  # corrupt, encrypted
         raise StudyInputError(info.filename, f"cannot extract the entry ({error})") from None
+    except OSError as error:  # a name too long, a file where a folder must go
+        raise StudyInputError(info.filename, f"cannot be written ({error.strerror})") from None
     return written
 
 
 def write_files(files: Iterable[tuple[str, bytes]], folder: Path, limits: UploadLimits = UploadLimits()) -> list[Path]:
     """Write uploaded files (``(name, bytes)``, e.g. a multipart form's parts) into ``folder``.
 
-    A part's name may carry folders (``<series>/<n>.dcm``); the same rules as a zip's entries apply.
+    A part's name may carry folders (``<series>/<n>.dcm``); the same rules as a zip's entries apply. Clients often
+    send base names only (``curl -F files=@1.dcm``), so two series' ``1.dcm`` collide: the second goes to a folder
+    of its own (``part-<k>/``), which changes nothing, since files are grouped into series by their headers.
 
     Raises:
-        StudyInputError: no file, an empty file, too many files or bytes, a path leaving the folder, an archive, or a
-            name given twice.
+        StudyInputError: no file, an empty file, too many files or bytes, a path leaving the folder, an archive.
     """
     files = list(files)
     if not files:
         raise StudyInputError("", "the upload is empty")
     _check_totals(len(files), sum(len(data) for _, data in files), limits, "the upload")
     out = []
-    for name, data in files:
+    for index, (name, data) in enumerate(files):
         relative = safe_relative_path(name)
         if name.lower().endswith(ARCHIVE_SUFFIXES):
             raise StudyInputError(name, "archives go in the request body as application/zip, not as a file part")
         if not data:
             raise StudyInputError(name, "the file is empty")
         target = folder / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            target = folder / f"part-{index}" / relative
         try:
-            with target.open("xb") as sink:
-                sink.write(data)
-        except FileExistsError:
-            raise StudyInputError(name, "the upload names this file twice") from None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        except OSError as error:
+            raise StudyInputError(name, f"cannot be written ({error.strerror})") from None
         out.append(target)
     return out

@@ -49,6 +49,17 @@ def test_without_a_description_orientation_and_echo_time_decide():
     assert kind is None and "coronal" in reason
 
 
+def test_t1_flair_is_t1_and_an_axial_t1_is_no_axial_t2():
+    mapping = description_map()
+    flair = {"EchoTime": 12.0, "RepetitionTime": 2200.0, "InversionTime": 860.0}
+    assert series_type("", SAGITTAL, flair, mapping)[0] == "Sagittal T1"
+    assert series_type("", SAGITTAL, {"EchoTime": 70.0, "InversionTime": 150.0}, mapping)[0] == "Sagittal T2/STIR"
+    kind, reason = series_type("AX T1", AXIAL, {}, mapping)
+    assert kind is None and "axial T1" in reason
+    assert series_type("", AXIAL, {"EchoTime": 9.0, "RepetitionTime": 550.0}, mapping)[0] is None
+    assert series_type("T2 FSE", SAGITTAL, {"EchoTime": 9.0, "RepetitionTime": 550.0}, mapping)[0] == "Sagittal T2/STIR"
+
+
 def test_a_tilted_axial_block_is_still_axial_and_an_oblique_plane_is_none():
     tilt = 0.3  # ~17 degrees along a disc
     import math

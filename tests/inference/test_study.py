@@ -150,6 +150,7 @@ def test_study_and_series_ids_come_from_numeric_folders_else_are_numbered(tmp_pa
     assert study_id_from_folder(tmp_path, files) == 123
     assert study_id_from_folder(tmp_path / "123", [f for f in files]) == 123
     assert study_id_from_folder(tmp_path, [tmp_path / "a" / "1.dcm", tmp_path / "b" / "1.dcm"]) is None
+    assert study_id_from_folder(tmp_path, [tmp_path / "7" / "1.dcm"]) is None  # a lone series folder is no study
 
     class Group:
         def __init__(self, *paths):

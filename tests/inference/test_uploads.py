@@ -63,6 +63,15 @@ def test_a_zip_bomb_is_refused_from_its_directory_before_anything_is_written(tmp
     assert caught.value.status == 413 and not any(tmp_path.iterdir())
 
 
+def test_entries_that_cannot_be_written_are_400_naming_them(tmp_path):
+    for entries, named in (({"a": b"x", "a/b.dcm": b"y"}, "a/b.dcm"), ({"n" * 300 + ".dcm": b"x"}, "n" * 300 + ".dcm")):
+        with upload_folder() as folder, pytest.raises(StudyInputError) as caught:
+            extract_zip(_zip(entries), folder)
+        assert (caught.value.status, caught.value.file) == (400, named)
+    windows = _zip({"s\\": b"", "s\\1.dcm": b"x"})  # a folder entry as a Windows tool writes it
+    assert [f.relative_to(tmp_path).as_posix() for f in extract_zip(windows, tmp_path)] == ["s/1.dcm"]
+
+
 def test_too_many_files_is_413(tmp_path):
     with pytest.raises(StudyInputError, match="3 files") as caught:
         extract_zip(_zip({f"{i}.dcm": b"x" for i in range(3)}), tmp_path, UploadLimits(max_files=2))
@@ -72,9 +81,11 @@ def test_too_many_files_is_413(tmp_path):
 def test_files_given_one_by_one_follow_the_same_rules(tmp_path):
     written = write_files([("4/1.dcm", b"a"), ("4/2.dcm", b"b")], tmp_path)
     assert [f.relative_to(tmp_path).as_posix() for f in written] == ["4/1.dcm", "4/2.dcm"]
-    for files, status, named in (([("../x.dcm", b"a")], 400, "../x.dcm"), ([("e.dcm", b"")], 400, "e.dcm"),
-                                 ([("a.zip", b"PK")], 400, "a.zip"), ([("d.dcm", b"a"), ("d.dcm", b"b")], 400, "d.dcm"),
-                                 ([], 400, "")):  # fmt: skip
+    same_names = write_files([("1.dcm", b"a"), ("1.dcm", b"b")], tmp_path / "base_names")
+    assert [f.read_bytes() for f in same_names] == [b"a", b"b"] and same_names[0] != same_names[1]
+    cases = (([("../x.dcm", b"a")], 400, "../x.dcm"), ([("e.dcm", b"")], 400, "e.dcm"),
+             ([("a.zip", b"PK")], 400, "a.zip"), ([("", b"a")], 400, ""), ([], 400, ""))  # fmt: skip
+    for files, status, named in cases:
         with upload_folder() as folder, pytest.raises(StudyInputError) as caught:
             write_files(files, folder)
         assert (caught.value.status, caught.value.file) == (status, named)
