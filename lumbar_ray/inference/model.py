@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import logging
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +38,9 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-from lumbar_ray.config import LocalizeConfig
+from lumbar_ray.config import LocalizeConfig, SynthConfig
 from lumbar_ray.data.series_type import description_map
+from lumbar_ray.data.synthetic import write_dataset
 from lumbar_ray.errors import StudyInputError
 from lumbar_ray.inference.study import (
     ROW_COLUMNS,
@@ -107,8 +110,22 @@ def study_packaging(contract: dict[str, Any]) -> Packaging:
     from its contract without downloading it.
     """
     contract["requirements"] = pinned_requirements()
-    example = pd.DataFrame({"study_dir": ["studies/4003253"]})
-    return Packaging(StudyModel(), study_signature(), tuple(contract["requirements"]), example)
+    return Packaging(StudyModel(), study_signature(), tuple(contract["requirements"]), example_input())
+
+
+def example_input() -> pd.DataFrame:
+    """The input example saved with the model: one small synthetic study (32 px phantoms, about 100 KB zipped),
+    so that ``mlflow models predict`` on the example runs the whole pipeline."""
+    config = SynthConfig(train_studies=1, test_studies=1, image_sizes=[32], missing_series_rate=0.0,
+                         extra_axial_rate=0.0, tilted_axial_rate=0.0, shuffled_instances_rate=0.0)  # fmt: skip
+    with upload_folder() as folder:
+        root = write_dataset(folder / "rsna", config).root
+        study = next(path for path in sorted((root / "test_images").iterdir()) if path.is_dir())
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(study.rglob("*.dcm")):
+                archive.write(path, path.relative_to(study.parent).as_posix())
+    return pd.DataFrame({"study_zip": [buffer.getvalue()]})
 
 
 def _zip_bytes(value: Any) -> bytes:

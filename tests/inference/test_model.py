@@ -86,6 +86,15 @@ def test_the_signature_takes_study_columns_and_refuses_crops(study_model):
         model.predict(pd.DataFrame({"study_dir": ["/no/such/study"]}))
 
 
+def test_the_saved_input_example_is_a_study_the_model_predicts(study_model):
+    from mlflow.models import Model
+
+    example = Model.load(study_model["local"]).load_input_example(study_model["local"])
+    assert list(example.columns) == ["study_zip"] and len(example) == 1
+    rows = mlflow.pyfunc.load_model(study_model["local"]).predict(example)
+    assert len(rows) == len(TARGETS) and np.allclose(rows[["normal_mild", "moderate", "severe"]].sum(axis=1), 1.0)
+
+
 def test_the_crop_level_entry_stays_for_batch_inference(study_model):
     loaded = load_ensemble(study_model["uri"], study_model["tracking"])
     crops = np.random.default_rng(0).random((2, 25, 3, 16, 16), dtype=np.float32)
