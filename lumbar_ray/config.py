@@ -214,6 +214,12 @@ class TrainConfig(_Strict):
     )
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
     max_failures: int = Field(2, ge=0, description="worker restarts from the latest checkpoint, per fold")
+    parallel_folds: int = Field(
+        1,
+        ge=1,
+        description="folds trained at once, each TorchTrainer launched from a "
+        "zero-CPU driver task (Ray schedules what the cluster holds); 1 = one after another",
+    )
     storage: str | None = Field(None, description="Ray Train storage path or URI; None = <workdir>/ray_results")
     seed: int = 0
 

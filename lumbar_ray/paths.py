@@ -66,6 +66,7 @@ _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
         "loader_workers",
         "max_failures",
         "storage",
+        "parallel_folds",
     },
     "tracking": None,
     "tune": None,

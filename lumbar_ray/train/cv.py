@@ -303,30 +303,68 @@ def wanted_folds(cfg: Config) -> list[int]:
     return list(cfg.train.folds) if cfg.train.folds is not None else list(range(cfg.cv.n_folds))
 
 
-def train_folds(cfg: Config, run: CVRun) -> Iterator[tuple[int, FoldOutcome, bool]]:
-    """Train the wanted folds one after another, each with its own ``TorchTrainer``; skip finished ones.
+def _fold_job(cfg: Config, run: CVRun, fold: int) -> tuple[FoldJob, str]:
+    """A fold's job (its payload and the MLflow run its workers log to) and that child run's id."""
+    child = report.fold_run(run.tracker, run.parent, fold)
+    return FoldJob(fold, fold_payload(run.inputs, fold), RunLogger(run.tracker.uri, child)), child
 
-    Yields after every fold, so that a caller (a Tune trial) can report the running score between folds.
+
+def _finish_fold(run: CVRun, fold: int, child: str, outcome: FoldOutcome, seconds: float) -> None:
+    """Save a trained fold's outcome (what a rerun skips it by) and close its MLflow run."""
+    logger.info("fold %d done in %.0f s: best val score %.5f at epoch %d", fold, seconds, outcome.best_score,
+                outcome.best_epoch)  # fmt: skip
+    outcome.save(fold_outcome_path(run.run_dir, fold))
+    report.finish_fold(run.tracker, child, outcome.best_score, outcome.best_epoch, outcome.history)
+
+
+def _train_in_parallel(cfg: Config, run: CVRun, folds: list[int]) -> Iterator[tuple[int, FoldOutcome, bool]]:
+    """Up to ``train.parallel_folds`` folds at once, each fitted by a zero-CPU Ray task (the same driver-task
+    pattern as a tuning trial): the task holds no CPU, so the folds' workers get every CPU and GPU, and Ray starts
+    a fold's workers when the cluster has room. Yields the folds as they finish."""
+    import ray
+
+    fit = ray.remote(num_cpus=0, max_retries=0)(run_fold)  # a failed fold is retried by Ray Train, not re-launched
+    queue, pending = list(folds), {}
+    while queue or pending:
+        while queue and len(pending) < cfg.train.parallel_folds:
+            fold = queue.pop(0)
+            job, child = _fold_job(cfg, run, fold)
+            logger.info("fold %d: launched (%d at once)", fold, cfg.train.parallel_folds)
+            pending[fit.remote(cfg, job, run.run_id)] = (fold, child, time.perf_counter())
+        (done,), _ = ray.wait(list(pending), num_returns=1)
+        fold, child, started = pending.pop(done)
+        outcome = ray.get(done)
+        _finish_fold(run, fold, child, outcome, time.perf_counter() - started)
+        yield fold, outcome, True
+
+
+def train_folds(cfg: Config, run: CVRun) -> Iterator[tuple[int, FoldOutcome, bool]]:
+    """Train the wanted folds, each with its own ``TorchTrainer``; skip finished ones.
+
+    One after another, or ``train.parallel_folds`` at once (:func:`_train_in_parallel`); each fold's seeds are its
+    own, so both give the same folds. Yields after every fold, so that a caller (a Tune trial) can report the
+    running score between folds.
 
     Yields:
         ``(fold, outcome, trained_now)``; ``trained_now`` is False for a fold found finished on disk.
     """
-    wanted = wanted_folds(cfg)
-    for index, fold in enumerate(wanted):
+    wanted, todo = wanted_folds(cfg), []
+    for fold in wanted:
         path = fold_outcome_path(run.run_dir, fold)
         if path.is_file():
             logger.info("fold %d already finished (%s): skipped", fold, path)
             yield fold, FoldOutcome.load(path), False
-            continue
-        child = report.fold_run(run.tracker, run.parent, fold)
-        logger.info("fold %d (%d of %d): training on %d workers", fold, index + 1, len(wanted), cfg.train.num_workers)
+        else:
+            todo.append(fold)
+    if cfg.train.parallel_folds > 1 and len(todo) > 1:
+        yield from _train_in_parallel(cfg, run, todo)
+        return
+    for index, fold in enumerate(todo):
+        job, child = _fold_job(cfg, run, fold)
+        logger.info("fold %d (%d of %d): training on %d workers", fold, index + 1, len(todo), cfg.train.num_workers)
         started = time.perf_counter()
-        job = FoldJob(fold, fold_payload(run.inputs, fold), RunLogger(run.tracker.uri, child))
         outcome = run_fold(cfg, job, run.run_id)
-        logger.info("fold %d done in %.0f s: best val score %.5f at epoch %d", fold, time.perf_counter() - started,
-                    outcome.best_score, outcome.best_epoch)  # fmt: skip
-        outcome.save(path)
-        report.finish_fold(run.tracker, child, outcome.best_score, outcome.best_epoch, outcome.history)
+        _finish_fold(run, fold, child, outcome, time.perf_counter() - started)
         yield fold, outcome, True
 
 
