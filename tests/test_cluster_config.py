@@ -14,6 +14,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -68,14 +69,27 @@ def test_unknown_node_type_key_is_rejected(raw):
         _validate(raw)
 
 
-def test_image_is_a_pinned_plain_ray_image(raw):
-    docker = raw["docker"]
+def _images(config: dict[str, Any]) -> list[str]:
+    """Every image a node can run: the cluster's, the head's and workers' overrides, each node type's."""
+    docker = config["docker"]
     images = [docker["image"], docker.get("head_image", docker["image"]), docker.get("worker_image", docker["image"])]
-    images += [t.get("docker", {}).get("worker_image", docker["image"]) for t in raw["available_node_types"].values()]
-    for image in images:
-        assert image.startswith("rayproject/ray:"), image
-        assert "ray-ml" not in image, image  # retired images
-        assert re.fullmatch(r"rayproject/ray:\d+\.\d+\.\d+-\S+", image), f"{image}: pin a Ray version"
+    node_types = config["available_node_types"].values()
+    return images + [t.get("docker", {}).get("worker_image", docker["image"]) for t in node_types]
+
+
+def test_every_node_runs_the_projects_image_at_the_projects_version(raw):
+    """The Dockerfile's image (Ray's GPU image plus this project), tagged with the version of pyproject.toml."""
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    images = set(_images(raw))
+    assert len(images) == 1, images  # one environment on every node
+    (image,) = images
+    assert re.fullmatch(rf"\S+/lumbar-ray:{re.escape(version)}", image), f"{image}: the project's image, tag {version}"
+    assert "rayproject/" not in image and "ray-ml" not in image  # a bare Ray image lacks the project
+
+
+def test_every_host_logs_in_to_the_images_registry_before_pulling(raw):
+    registry = raw["docker"]["image"].split("/")[0]
+    assert any("docker login" in c and registry in c for c in raw.get("initialization_commands", []))
 
 
 def test_every_node_has_file_limits_and_shared_memory(raw):
@@ -136,9 +150,15 @@ def test_every_node_gets_s3_access_through_an_instance_profile(raw):
         assert "Arn" in node_type["node_config"].get("IamInstanceProfile", {}), name
 
 
-def test_setup_commands_install_the_project(prepared):
-    mount = prepared["file_mounts"]["~/lumbar_ray"]
-    assert (REPO / mount / "pyproject.toml").is_file()  # `ray up` runs from the repository root
+def test_no_node_installs_the_project_it_runs_from_the_image(raw, prepared):
+    """No per-node `pip install` of the project or its stack (the image has them); no checkout synced to install."""
+    assert not raw.get("file_mounts"), raw.get("file_mounts")
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        for command in prepared.get(key, []):
+            if "pip install" in command:
+                assert key == "head_setup_commands" and re.fullmatch(r'pip install "boto3[^"]*"', command), command
+
+
+def test_every_node_gets_the_shared_storage_root(prepared):
     for commands in (prepared["head_setup_commands"], prepared["worker_setup_commands"]):
-        assert "pip install -e ~/lumbar_ray" in commands
         assert any("LUMBAR_RAY_STORAGE=s3://" in command for command in commands)
