@@ -96,6 +96,14 @@ def _existing_folder(path: Path, what: str) -> Path:
     return path
 
 
+def _data_root(data: str | None) -> Path | str | None:
+    """``--data``: an existing local folder (a Path), or a URI as given (a missing bucket, prefix or CSV is reported,
+    naming it, when the CSVs are read)."""
+    from lumbar_ray.data.cache import is_uri  # pyarrow: deferred like every heavy import of the commands
+
+    return data if data is None or is_uri(data) else _existing_folder(Path(data), "data folder")
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="folder to write the RSNA-format dataset into")],
@@ -177,7 +185,7 @@ def score(
 
 @app.command()
 def preprocess(
-    data: Annotated[Path | None, typer.Option(help="RSNA-format folder (data.root)")] = None,
+    data: Annotated[str | None, typer.Option(help="RSNA-format folder or URI, e.g. s3://b/rsna (data.root)")] = None,
     cache: Annotated[str | None, typer.Option(help="cache root: a folder or a URI such as s3://bucket/cache")] = None,
     workers: Annotated[int | None, typer.Option(help="actor pool size (preprocess.workers)")] = None,
     strict: Annotated[bool, typer.Option(help="exit 1 when any series failed")] = False,
@@ -185,9 +193,7 @@ def preprocess(
     overrides: Overrides = None,
 ) -> None:
     """Decode every series into the cache with Ray Data (resumable; failures tabled, never fatal)."""
-    if data is not None:
-        _existing_folder(data, "data folder")
-    options = {"data.root": data, "preprocess.cache": cache, "preprocess.workers": workers}
+    options = {"data.root": _data_root(data), "preprocess.cache": cache, "preprocess.workers": workers}
     cfg = load(config, options, overrides)
     from lumbar_ray.pipeline import complete_cache
 
@@ -254,16 +260,14 @@ def localize(config: ConfigFile = None, overrides: Overrides = None) -> None:
 @app.command()
 def predict(
     model: Annotated[str | None, typer.Option(help="MLflow model URI: models:/<name>@<alias> (predict.model)")] = None,
-    data: Annotated[Path | None, typer.Option(help="RSNA-format folder (predict.data)")] = None,
+    data: Annotated[str | None, typer.Option(help="RSNA-format folder or URI, e.g. s3://b/rsna (predict.data)")] = None,
     out: Annotated[Path | None, typer.Option(help="submission CSV to write (predict.out)")] = None,
     split: Annotated[str | None, typer.Option(help="test (default) or train (predict.split)")] = None,
     config: ConfigFile = None,
     overrides: Overrides = None,
 ) -> None:
     """Registered ensemble -> competition submission: preprocess, localise, crop, predict (Ray Data)."""
-    if data is not None:
-        _existing_folder(data, "data folder")
-    options = {"predict.model": model, "predict.data": data, "predict.out": out, "predict.split": split}
+    options = {"predict.model": model, "predict.data": _data_root(data), "predict.out": out, "predict.split": split}
     cfg = load(config, options, overrides)
     from lumbar_ray.pipeline import predict as run_predict
 

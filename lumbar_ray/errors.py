@@ -33,13 +33,13 @@ class RsnaFormatError(ValueError):
     """A competition CSV that does not follow the format.
 
     Attributes:
-        file: the offending file.
+        file: the offending file: a path, or the URI (a string) of a file in object storage.
         line: CSV line number (the header is line 1).
         value: the offending value (a cell, a column name or a list of column names).
     """
 
     def __init__(self, file: Path | str, line: int, value: Any, problem: str) -> None:
-        self.file = Path(file)
+        self.file = file if "://" in str(file) else Path(file)  # Path would fold a URI's "//"
         self.line = line
         self.value = value
         super().__init__(f"{self.file}, line {line}: {problem}: {value!r}")

@@ -35,6 +35,7 @@ import pandas as pd
 
 from lumbar_ray.baseline import BaselineResult, fit_prior, run_baseline
 from lumbar_ray.config import MODEL_NAME, QUICKSTART_MODEL_NAME, AugmentConfig, Config, save_config
+from lumbar_ray.data.cache import is_uri
 from lumbar_ray.data.preprocess import PreprocessSummary, run_preprocess
 from lumbar_ray.data.rsna import DataReport, build_report, load_rsna
 from lumbar_ray.data.synthetic import write_dataset
@@ -54,13 +55,15 @@ from lumbar_ray.tune.run import TuneResult, experiment_exists, run_tune
 logger = logging.getLogger(__name__)
 
 
-def prepare_data(cfg: Config) -> Path:
-    """The RSNA-format folder of ``cfg``: ``data.root`` as it is, or the built-in synthetic dataset (written once,
-    reused when its files are there).
+def prepare_data(cfg: Config) -> Path | str:
+    """The RSNA-format folder of ``cfg``: ``data.root`` as it is (a URI such as ``s3://bucket/rsna`` as the string it
+    is), or the built-in synthetic dataset (written once, reused when its files are there).
 
     Raises:
-        FileNotFoundError: ``data.root`` names a folder that does not exist.
+        FileNotFoundError: ``data.root`` names a folder that does not exist (a URI is checked when its CSVs are read).
     """
+    if cfg.data.root is not None and is_uri(cfg.data.root):
+        return cfg.data.root
     root = data_root_for(cfg)
     if cfg.data.root is not None:
         if not root.is_dir():

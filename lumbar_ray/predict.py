@@ -1,6 +1,7 @@
 """Inference: a registered fold ensemble -> a competition submission for a folder of studies, on Ray Data.
 
-``lumbar-ray predict --model models:/<name>@<alias> --data DIR --out submission.csv``:
+``lumbar-ray predict --model models:/<name>@<alias> --data DIR --out submission.csv`` (``--data`` may be a URI such as
+``s3://bucket/rsna``: the CSVs are read from there and each series is downloaded by the worker that caches it):
 
 1. :func:`plan_prediction` reads the model's data contract from its MLmodel metadata (no weights downloaded on
    the driver) and lists the studies; the caller (the pipeline, the CLI) caches their series with the *same*
@@ -34,7 +35,7 @@ import pandas as pd
 
 from lumbar_ray.config import Config, LocalizeConfig, PreprocessConfig, cache_settings, save_config
 from lumbar_ray.constants import SEVERITIES, TARGETS
-from lumbar_ray.data.cache import SeriesCache
+from lumbar_ray.data.cache import SeriesCache, join_location
 from lumbar_ray.data.rsna import RsnaData, load_rsna
 from lumbar_ray.errors import UnknownStudyError
 from lumbar_ray.inference.study import StudyInput, StudyScorer, preprocess_settings
@@ -157,7 +158,7 @@ class PredictionPlan:
 
     Attributes:
         contract: the registered model's data contract.
-        data_root: the RSNA-format folder.
+        data_root: the RSNA-format folder, or its URI (``s3://bucket/rsna``).
         split: ``test`` or ``train``.
         study_ids: the studies to predict.
         series: their ``study_id, series_id, series_description`` rows.
@@ -166,7 +167,7 @@ class PredictionPlan:
     """
 
     contract: dict[str, Any]
-    data_root: Path
+    data_root: Path | str
     split: str
     study_ids: list[int]
     series: pd.DataFrame
@@ -182,7 +183,7 @@ def plan_prediction(cfg: Config) -> PredictionPlan:
         ValueError: unknown study ids, or no study to predict.
     """
     options = cfg.predict
-    root = Path(options.data) if options.data else data_root_for(cfg)
+    root = join_location(options.data) if options.data else data_root_for(cfg)
     contract = read_contract(options.model, tracking_uri_for(cfg))
     study_ids, series = studies_to_predict(load_rsna(root), options.split, options.study_ids)
     if not study_ids:

@@ -107,6 +107,21 @@ def trained_pipeline(ray_local, tmp_path_factory):
     return cfg, run_quickstart(cfg, tune=False)
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto's server mode, in a thread of the test process) on a free loopback port:
+    a :class:`tests.net.S3Server` whose ``upload`` puts a folder in a bucket and returns its ``s3://`` URI."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.net import S3Server, free_port
+
+    server = S3Server("127.0.0.1", free_port())
+    moto = ThreadedMotoServer(ip_address=server.host, port=server.port, verbose=False)
+    moto.start()
+    yield server
+    moto.stop()
+
+
 RAY_FIXTURES = frozenset({"ray_local", "ray_env", "trained_pipeline"})
 
 

@@ -1,4 +1,4 @@
-"""Loopback helpers of the tests that start servers (a Ray head, an MLflow server)."""
+"""Loopback helpers of the tests that start servers (a Ray head, an MLflow server, an S3-compatible server)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,34 @@ def wait_for_http(url: str, process: subprocess.Popen, log: Path, what: str, tim
                 process.kill()
                 pytest.fail(f"{what} did not come up: {log.read_text()[-2000:]}")
             time.sleep(0.5)
+
+
+S3_KEY = "testing"
+"""The access key and secret of :class:`S3Server` (moto accepts any)."""
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A local S3-compatible server (moto's server mode) on a loopback port.
+
+    Its URIs carry the endpoint and the (dummy) credentials in pyarrow's own URI form,
+    ``s3://KEY:SECRET@bucket/prefix?endpoint_override=127.0.0.1:PORT&scheme=http``, so that every process that reads
+    them (Ray workers started before the test included) reaches the server without any AWS_* environment variable.
+    """
+
+    host: str
+    port: int
+
+    def uri(self, path: str) -> str:
+        """The URI of ``bucket/prefix`` on this server."""
+        return f"s3://{S3_KEY}:{S3_KEY}@{path}?endpoint_override={self.host}:{self.port}&scheme=http"
+
+    def upload(self, folder: Path, path: str) -> str:
+        """Copy a local folder (recursively) to ``bucket/prefix``, creating the bucket; returns the URI of the copy."""
+        import pyarrow.fs as pafs
+
+        bucket = path.split("/", 1)[0]
+        fs, _ = pafs.FileSystem.from_uri(f"{self.uri(bucket)}&allow_bucket_creation=true")
+        fs.create_dir(bucket)
+        pafs.copy_files(str(folder), path, destination_filesystem=fs)
+        return self.uri(path)

@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
@@ -50,12 +51,36 @@ def cache_key(settings: dict[str, Any]) -> str:
     return settings_hash({"format": FORMAT_VERSION, **settings}, "pp-")
 
 
+def is_uri(location: str | Path) -> bool:
+    """Whether ``location`` is a URI (``scheme://...``, read through pyarrow) rather than a local path.
+
+    The one rule by which every root (a cache root, an RSNA data root) is told local or remote.
+    """
+    return "://" in str(location)
+
+
 def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and path of a local folder (relative allowed) or a URI such as ``s3://b/p``."""
+    """The pyarrow filesystem and path of a local folder (relative allowed) or a URI such as ``s3://b/p``.
+
+    A URI may carry the filesystem's options (pyarrow's ``FileSystem.from_uri``), e.g.
+    ``s3://bucket/rsna?endpoint_override=127.0.0.1:9000&scheme=http`` for an S3-compatible server.
+    """
     text = str(uri)
-    if "://" not in text:
+    if not is_uri(text):
         return pafs.LocalFileSystem(), str(Path(text).resolve())
     return pafs.FileSystem.from_uri(text)
+
+
+def join_location(root: str | Path, *parts: str) -> Path | str:
+    """``root`` with ``parts`` appended: a local path as a :class:`~pathlib.Path` (``Path(root).joinpath(*parts)``,
+    as given, not resolved), a URI as a string with the parts added to its path and its query (the filesystem's
+    options, see :func:`filesystem`) kept."""
+    if not is_uri(root):
+        return Path(root).joinpath(*parts)
+    if not parts:
+        return str(root)
+    split = urlsplit(str(root))
+    return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
 
 
 def _to_json_value(value: Any) -> Any:

@@ -7,6 +7,9 @@ Rules (every caller relies on them):
   read in natural order: parent folder, then natural file name (``2.dcm`` before ``10.dcm``). Each file is read
   once with :func:`pydicom.dcmread`. An empty or missing folder, or an empty sequence, raises
   :class:`DicomReadError` naming it.
+* **Object storage.** A folder may be a URI that pyarrow reads (``s3://bucket/rsna/train_images/1/2``, see
+  :func:`lumbar_ray.data.cache.filesystem`): its ``*.dcm`` files are copied into a temporary folder of the calling
+  process, read as above, and the copy is deleted; ``series_dir`` and the folder's errors name the URI.
 * **Unreadable files.** A file that cannot be used (not DICOM, truncated, no pixel data, undecodable, not
   grayscale) is skipped, never silently: it is listed in ``DicomSeries.skipped`` as a :class:`SkippedFile` (file
   name, kind, cause; never a tag value) and logged at WARNING naming the series and the file. The other files
@@ -64,19 +67,23 @@ import logging
 import math
 import os
 import struct
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 
+from lumbar_ray.data.cache import filesystem, is_uri
 from lumbar_ray.errors import DicomReadError
 
 logger = logging.getLogger(__name__)
@@ -904,14 +911,59 @@ def _file_key(path: Path) -> tuple[str, tuple[int, int, str]]:
     return str(path.parent), _natural_key(path.name)
 
 
+MISSING_FOLDER = "series folder does not exist or is not a directory"
+EMPTY_FOLDER = "series folder contains no .dcm files"
+# Files of a series in object storage downloaded at once (pyarrow releases the GIL while it reads).
+DOWNLOAD_THREADS = 8
+
+
+def is_series_file(name: str) -> bool:
+    """Whether a file in a series folder is one of its files: a ``*.dcm`` name (any case), not hidden."""
+    return Path(name).suffix.lower() == ".dcm" and not name.startswith(".")
+
+
 def _series_files(folder: Path) -> list[Path]:
     """The ``*.dcm`` files of a series folder in natural name order."""
     if not folder.is_dir():
-        raise DicomReadError(folder, "series folder does not exist or is not a directory", "missing_folder")
-    files = [p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and not p.name.startswith(".") and p.is_file()]
+        raise DicomReadError(folder, MISSING_FOLDER, "missing_folder")
+    files = [p for p in folder.iterdir() if is_series_file(p.name) and p.is_file()]
     if not files:
-        raise DicomReadError(folder, "series folder contains no .dcm files", "empty_folder")
+        raise DicomReadError(folder, EMPTY_FOLDER, "empty_folder")
     return sorted(files, key=_file_key)
+
+
+def _download_series(folder: str, into: Path) -> None:
+    """Copy the series files of a folder URI into the local folder ``into``.
+
+    Raises:
+        DicomReadError: naming the URI, for a folder that does not exist or holds no series file.
+    """
+    fs, path = filesystem(folder)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path))
+    except FileNotFoundError:
+        raise DicomReadError(folder, MISSING_FOLDER, "missing_folder") from None
+    files = [entry for entry in entries if entry.type == pafs.FileType.File and is_series_file(entry.base_name)]
+    if not files:
+        raise DicomReadError(folder, EMPTY_FOLDER, "empty_folder")
+
+    def download(entry: pafs.FileInfo) -> None:
+        with fs.open_input_stream(entry.path) as source:
+            (into / entry.base_name).write_bytes(source.read())
+
+    with ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(files))) as pool:
+        list(pool.map(download, files))
+
+
+def _read_series_uri(folder: str) -> DicomSeries:
+    """:func:`read_series` of a folder URI, through a temporary local copy (see the module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="lumbar-ray-series-") as temporary:
+        _download_series(folder, Path(temporary))
+        try:
+            series = read_series(temporary)
+        except DicomReadError as error:  # the folder's own error (no readable file): name the URI, not the copy
+            raise DicomReadError(folder, error.cause, error.kind) from None
+    return replace(series, series_dir=folder)
 
 
 def _source_files(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> tuple[list[Path], str]:
@@ -958,8 +1010,8 @@ def read_series(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
     """Read a series into one sorted stack per orientation (see the module docstring for the rules).
 
     Args:
-        source: A folder (``<study_id>/<series_id>`` holding ``<instance_number>.dcm`` files), or the files of
-            one series as a sequence of paths (any names, e.g. one group of :func:`group_series_files`).
+        source: A folder (``<study_id>/<series_id>`` holding ``<instance_number>.dcm`` files) or its URI, or the
+            files of one series as a sequence of paths (any names, e.g. one group of :func:`group_series_files`).
 
     Returns:
         The series: stacks with float32 volumes and per-slice geometry, whitelisted series meta, and the files
@@ -969,6 +1021,8 @@ def read_series(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
         DicomReadError: for a missing or empty folder, an empty sequence, or when no file is readable (naming
             the folder, with the kind and cause of the first file).
     """
+    if isinstance(source, str) and is_uri(source):
+        return _read_series_uri(source)
     files, where = _source_files(source)
     raws, skipped = _read_files(files, where)
     groups, incomplete = _group_by_orientation(raws)

@@ -22,6 +22,9 @@ otherwise readable does not fail it: the series is cached without that file, and
 own (outcome ``cached_without_file``, kind ``not_dicom``/``undecodable``/...); a series recovered from an
 interrupted run names its skipped files only in its ``skipped_files`` warning. Dead actors are restarted and their tasks
 retried (Ray Data's actor-pool defaults). Entries written by a run that was killed are found by the next run and reused.
+
+The data root may be a URI such as ``s3://bucket/rsna``: the driver reads its CSVs, and each actor lists and downloads
+the files of its series itself (see :func:`lumbar_ray.data.dicom.read_series`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from lumbar_ray.config import PreprocessConfig, cache_settings
-from lumbar_ray.data.cache import FAILURE_COLUMNS, MANIFEST_COLUMNS, SeriesCache, manifest_row
+from lumbar_ray.data.cache import FAILURE_COLUMNS, MANIFEST_COLUMNS, SeriesCache, join_location, manifest_row
 from lumbar_ray.data.dicom import DicomReadError, DicomSeries, read_series
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.data.volume import preprocess_series
@@ -65,9 +68,9 @@ SKIPPED_FILE_OUTCOME = "cached_without_file"
 """Outcome of a failures-table row naming an unreadable file left out of a series that was cached."""
 
 
-def _failure_file(error: Exception, folder: Path) -> str:
+def _failure_file(error: Exception, folder: Path | str) -> str:
     path = getattr(error, "path", None)
-    return Path(path).name if path and Path(path) != folder else ""
+    return Path(path).name if path and Path(path) != Path(folder) else ""
 
 
 def _skipped_json(series: DicomSeries) -> str | None:
@@ -91,7 +94,7 @@ def process_row(row: dict[str, Any], cache: SeriesCache, cfg: PreprocessConfig) 
     }
     if cache.has(study_id, series_id):  # written by a run that was killed before its manifest
         return status | manifest_row(cache.read_meta(study_id, series_id)) | {"status": "recovered"}
-    folder = Path(row["folder"])
+    folder = join_location(row["folder"])
     try:
         series = read_series(folder)
         volume, meta = preprocess_series(series, cfg)
@@ -128,10 +131,11 @@ class SeriesWorker:
 def series_items(
     data_root: str | Path, splits: Sequence[str] | None = None, study_ids: Collection[int] | None = None
 ) -> list[dict[str, Any]]:
-    """One item per series listed in the validated CSVs (train and test), with its expected folder.
+    """One item per series listed in the validated CSVs (train and test), with its expected folder (a URI under a
+    URI root).
 
     Args:
-        data_root: RSNA-format folder.
+        data_root: RSNA-format folder or its URI.
         splits: only these splits (``train``, ``test``); None = both.
         study_ids: only these studies; None = all.
     """
@@ -146,7 +150,7 @@ def series_items(
             continue
         if wanted is not None:
             frame = frame[frame["study_id"].astype(int).isin(wanted)]
-        images = Path(images) if images is not None else Path(data_root) / f"{split}_images"
+        images = images if images is not None else join_location(data_root, f"{split}_images")
         for row in frame.itertuples(index=False):
             items.append(
                 {
@@ -154,7 +158,7 @@ def series_items(
                     "series_id": int(row.series_id),
                     "split": split,
                     "series_description": str(row.series_description),
-                    "folder": str(images / str(row.study_id) / str(row.series_id)),
+                    "folder": str(join_location(images, str(row.study_id), str(row.series_id))),
                 }
             )
     return items
@@ -292,7 +296,7 @@ def run_preprocess(
     """Cache every series of an RSNA-format folder that this cache version does not hold yet.
 
     Args:
-        data_root: RSNA-format folder (validated with :func:`lumbar_ray.data.rsna.load_rsna`).
+        data_root: RSNA-format folder or its URI (validated with :func:`lumbar_ray.data.rsna.load_rsna`).
         cache_root: cache root folder or URI; the version folder below it is keyed by the settings.
         cfg: preprocessing settings and resources.
         splits: only the series of these splits (inference caches ``test`` alone); None = all.

@@ -10,6 +10,9 @@ The layout (any part may be absent: a folder can be train-only or test-only)::
     train_images/<study_id>/<series_id>/<instance_number>.dcm
     test_images/<study_id>/<series_id>/<instance_number>.dcm
 
+The folder may also be a URI that pyarrow reads (``s3://bucket/rsna``, see :func:`lumbar_ray.data.cache.filesystem`):
+its CSVs are then read from object storage and its image folders are URIs too (strings; local ones are paths).
+
 Every malformed file raises :class:`RsnaFormatError`, whose message names the file, the CSV line (the
 header is line 1) and the offending value, so a broken export can be fixed without a debugger. Facts about
 well-formed data that a user should know (empty cells, missing series, ...) are not errors:
@@ -18,6 +21,7 @@ well-formed data that a user should know (empty cells, missing series, ...) are 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -27,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 
 from lumbar_ray.constants import (
     CONDITION_GROUPS,
@@ -39,6 +44,7 @@ from lumbar_ray.constants import (
     SUBMISSION_COLUMNS,
     TARGETS,
 )
+from lumbar_ray.data.cache import filesystem, join_location
 from lumbar_ray.errors import RsnaFormatError
 from lumbar_ray.labels import encode_labels
 
@@ -76,7 +82,7 @@ class RsnaData:
     """The typed tables of an RSNA-format folder; a file that is absent is ``None``.
 
     Attributes:
-        root: the folder.
+        root: the folder (a :class:`~pathlib.Path`), or its URI (a string).
         train: ``study_id`` (int64) + the 25 :data:`TARGETS` columns, categorical over :data:`SEVERITIES`
             (NaN = empty cell), in ``train.csv`` column order.
         train_series: ``study_id``, ``series_id`` (int64), ``series_description`` (str).
@@ -84,18 +90,18 @@ class RsnaData:
             as written in the file, e.g. ``Spinal Canal Stenosis``, ``L1/L2``), ``x``, ``y`` (float64).
         test_series: like ``train_series``.
         sample_submission: ``row_id`` (str) + the three probability columns (float64).
-        train_images_dir: ``train_images/`` if it exists.
-        test_images_dir: ``test_images/`` if it exists.
+        train_images_dir: ``train_images/`` if it exists (a URI under a URI root).
+        test_images_dir: ``test_images/`` if it exists (likewise).
     """
 
-    root: Path
+    root: Path | str
     train: pd.DataFrame | None = None
     train_series: pd.DataFrame | None = None
     coordinates: pd.DataFrame | None = None
     test_series: pd.DataFrame | None = None
     sample_submission: pd.DataFrame | None = None
-    train_images_dir: Path | None = None
-    test_images_dir: Path | None = None
+    train_images_dir: Path | str | None = None
+    test_images_dir: Path | str | None = None
 
 
 # --- reading helpers
@@ -106,15 +112,37 @@ def _line(index: int) -> int:
     return int(index) + 2
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _read_bytes(uri: str) -> io.BytesIO:
+    """The whole of a file in object storage (a competition CSV is a few MB at most).
+
+    Raises:
+        FileNotFoundError: naming the URI, if the file is absent or cannot be read (no such bucket, no access).
+    """
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return io.BytesIO(stream.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file not found: {uri}") from None
+    except OSError as error:
+        raise FileNotFoundError(f"cannot read {uri}: {_one_line(error)}") from None
+
+
+def _read_csv(path: Path | str) -> pd.DataFrame:
     """Read every cell as a string so that validation, not pandas' guessing, decides what is malformed.
 
     Blank lines are read as empty rows and then dropped, so the index of the remaining rows still maps to
-    their CSV line (see :func:`_line`).
+    their CSV line (see :func:`_line`). A URI (a string, see :func:`lumbar_ray.data.cache.join_location`) is read
+    whole through its pyarrow filesystem first.
     """
+    source = _read_bytes(path) if isinstance(path, str) else path
     try:
         frame = pd.read_csv(
-            path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False, index_col=False
+            source, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False, index_col=False
         )
     except pd.errors.ParserError as error:
         raise RsnaFormatError(path, 1, str(error), "unreadable CSV") from error
@@ -124,7 +152,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
     return frame.loc[~blank]
 
 
-def _require_columns(frame: pd.DataFrame, path: Path, required: Sequence[str]) -> None:
+def _require_columns(frame: pd.DataFrame, path: Path | str, required: Sequence[str]) -> None:
     missing = [column for column in required if column not in frame.columns]
     if missing:
         raise RsnaFormatError(path, 1, missing, f"missing column(s) (header has {list(frame.columns)})")
@@ -136,7 +164,7 @@ def _first_bad(mask: pd.Series) -> int | None:
     return None if len(hits) == 0 else mask.index[hits[0]]
 
 
-def _parse_int(frame: pd.DataFrame, path: Path, column: str) -> pd.Series:
+def _parse_int(frame: pd.DataFrame, path: Path | str, column: str) -> pd.Series:
     values = frame[column].str.strip()
     bad = _first_bad(~values.str.fullmatch(_INT_PATTERN))
     if bad is not None:
@@ -144,7 +172,7 @@ def _parse_int(frame: pd.DataFrame, path: Path, column: str) -> pd.Series:
     return values.astype("int64")
 
 
-def _parse_float(frame: pd.DataFrame, path: Path, column: str) -> pd.Series:
+def _parse_float(frame: pd.DataFrame, path: Path | str, column: str) -> pd.Series:
     values = pd.to_numeric(frame[column].str.strip(), errors="coerce").astype("float64")
     bad = _first_bad(~np.isfinite(values))
     if bad is not None:
@@ -152,7 +180,7 @@ def _parse_float(frame: pd.DataFrame, path: Path, column: str) -> pd.Series:
     return values
 
 
-def _check_allowed(frame: pd.DataFrame, path: Path, column: str, allowed: Iterable[str], what: str) -> None:
+def _check_allowed(frame: pd.DataFrame, path: Path | str, column: str, allowed: Iterable[str], what: str) -> None:
     allowed = tuple(allowed)
     bad = _first_bad(~frame[column].isin(allowed))
     if bad is not None:
@@ -164,7 +192,7 @@ def _check_allowed(frame: pd.DataFrame, path: Path, column: str, allowed: Iterab
         )
 
 
-def _check_unique(frame: pd.DataFrame, path: Path, columns: list[str], what: str) -> None:
+def _check_unique(frame: pd.DataFrame, path: Path | str, columns: list[str], what: str) -> None:
     duplicated = frame.duplicated(columns, keep="first")
     bad = _first_bad(duplicated)
     if bad is not None:
@@ -190,7 +218,7 @@ def load_train(path: Path | str) -> pd.DataFrame:
         RsnaFormatError: on a missing or unknown column, a non-integer study id, an unknown severity or a
             duplicate study.
     """
-    path = Path(path)
+    path = join_location(path)
     frame = _read_csv(path)
     _require_columns(frame, path, ["study_id", *TARGETS])
     unknown = [column for column in frame.columns if column not in ("study_id", *TARGETS)]
@@ -222,7 +250,7 @@ def load_series(path: Path | str) -> pd.DataFrame:
     Raises:
         RsnaFormatError: on a missing column, a non-integer id, an unknown description or a duplicate series.
     """
-    path = Path(path)
+    path = join_location(path)
     frame = _read_csv(path)
     _require_columns(frame, path, SERIES_COLUMNS)
     result = pd.DataFrame(
@@ -250,7 +278,7 @@ def load_coordinates(path: Path | str, series: pd.DataFrame | None = None) -> pd
         RsnaFormatError: on a missing column, a non-integer id, a non-numeric coordinate, an unknown condition
             or level, or a series that the series descriptions do not list for that study.
     """
-    path = Path(path)
+    path = join_location(path)
     frame = _read_csv(path)
     _require_columns(frame, path, COORDINATE_COLUMNS)
     _check_allowed(frame, path, "condition", CONDITION_TITLES.values(), "condition")
@@ -286,7 +314,7 @@ def load_sample_submission(path: Path | str) -> pd.DataFrame:
     Raises:
         RsnaFormatError: on a missing column, a malformed row id or a non-numeric probability.
     """
-    path = Path(path)
+    path = join_location(path)
     frame = _read_csv(path)
     _require_columns(frame, path, SUBMISSION_FILE_COLUMNS)
     # reindex: an empty frame's partition has no columns at all (a dataset without test studies)
@@ -307,24 +335,44 @@ def load_sample_submission(path: Path | str) -> pd.DataFrame:
     return result.reset_index(drop=True)
 
 
+def _contents(root: Path | str) -> tuple[set[str], set[str]]:
+    """The names of the files and of the folders directly in ``root`` (a folder or a URI).
+
+    Raises:
+        FileNotFoundError: naming ``root``, if it is not a folder (for object storage: no such bucket or prefix)
+            or cannot be listed.
+    """
+    fs, path = filesystem(root)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            raise FileNotFoundError(path)
+        entries = fs.get_file_info(pafs.FileSelector(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"RSNA data folder not found: {root}") from None
+    except OSError as error:  # no access, no such endpoint, ...: still one line naming the root
+        raise FileNotFoundError(f"cannot list RSNA data folder {root}: {_one_line(error)}") from None
+    files = {entry.base_name for entry in entries if entry.type == pafs.FileType.File}
+    return files, {entry.base_name for entry in entries if entry.type == pafs.FileType.Directory}
+
+
 def load_rsna(root: Path | str) -> RsnaData:
     """Load and validate every competition file present under ``root``.
 
     Args:
-        root: an RSNA-format folder (train-only, test-only or both).
+        root: an RSNA-format folder (train-only, test-only or both), or its URI (``s3://bucket/rsna``).
 
     Returns:
         The typed tables; absent files are ``None``.
 
     Raises:
-        FileNotFoundError: if ``root`` is not a folder or holds none of the competition CSVs.
+        FileNotFoundError: if ``root`` is not a folder (no such bucket or prefix) or holds none of the
+            competition CSVs; the message names ``root``.
         RsnaFormatError: if a present file is malformed.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"RSNA data folder not found: {root}")
+    root = join_location(root)
+    files, folders = _contents(root)
     names = (TRAIN_CSV, TRAIN_SERIES_CSV, COORDINATES_CSV, TEST_SERIES_CSV, SAMPLE_SUBMISSION_CSV)
-    present = {name: root / name for name in names if (root / name).is_file()}
+    present = {name: join_location(root, name) for name in names if name in files}
     if not present:
         raise FileNotFoundError(f"none of {names} found in {root}")
     train = load_train(present[TRAIN_CSV]) if TRAIN_CSV in present else None
@@ -344,8 +392,8 @@ def load_rsna(root: Path | str) -> RsnaData:
         sample_submission=(
             load_sample_submission(present[SAMPLE_SUBMISSION_CSV]) if SAMPLE_SUBMISSION_CSV in present else None
         ),
-        train_images_dir=root / TRAIN_IMAGES if (root / TRAIN_IMAGES).is_dir() else None,
-        test_images_dir=root / TEST_IMAGES if (root / TEST_IMAGES).is_dir() else None,
+        train_images_dir=join_location(root, TRAIN_IMAGES) if TRAIN_IMAGES in folders else None,
+        test_images_dir=join_location(root, TEST_IMAGES) if TEST_IMAGES in folders else None,
     )
     logger.info("loaded RSNA data from %s: %s", root, ", ".join(sorted(present)))
     return data
