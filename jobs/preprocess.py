@@ -6,8 +6,8 @@ Submit to a running head (local: see tests/test_jobs.py; cluster: README, "Run o
         python jobs/preprocess.py --data /mnt/rsna --cache s3://my-bucket/lumbar-ray/cache --workers 16
 
 Inside a job RAY_ADDRESS is set, so the library's ``ray.init()`` joins the cluster. ``--working-dir .`` ships
-this checkout (it is put on the workers' Python path); the dependencies come from the cluster's image and
-setup commands (cluster.yaml). Arguments are those of ``lumbar-ray preprocess``.
+this checkout (it is put on the workers' Python path); the dependencies come from the cluster's image
+(``Dockerfile``, named in cluster.yaml). Arguments are those of ``lumbar-ray preprocess``.
 """
 
 import sys
