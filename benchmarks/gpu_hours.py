@@ -28,6 +28,8 @@ from pathlib import Path
 logger = logging.getLogger("gpu_hours")
 
 RSNA_TRAIN_STUDIES = 1975  # train.csv of the RSNA 2024 competition
+A10G_BF16_TFLOPS = 70.0  # the g5 nodes' GPU (cluster.yaml): dense bf16 tensor peak, TFLOP/s
+ASSUMED_MFU = 0.2  # a conservative share of the peak for a small convolutional backbone on 128 px crops
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,8 +37,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     parser.add_argument("--config", type=Path, default=Path("configs/rsna-gpu.yaml"), help="the config to cost")
     parser.add_argument("--studies", type=int, default=RSNA_TRAIN_STUDIES, help="labelled studies of the data")
-    parser.add_argument("--peak-tflops", type=float, default=70.0, help="the GPU's dense bf16 peak, TFLOP/s")
-    parser.add_argument("--mfu", type=float, default=0.2, help="the share of the peak the training sustains")
+    parser.add_argument("--peak-tflops", type=float, default=A10G_BF16_TFLOPS, help="dense bf16 peak, TFLOP/s")
+    parser.add_argument("--mfu", type=float, default=ASSUMED_MFU, help="the share of the peak the training sustains")
     return parser.parse_args()
 
 
