@@ -179,7 +179,8 @@ def fit_detectors(
         dataset_yaml = _export(points, cache, folds, cfg, description)  # before the run: a failed export leaves none
         run_id = tracker.child_run(parent, DETECTOR_TAG, slug, "detector", f"detector_{slug}") if track else None
         runtime_env = {"env_vars": _task_env(cfg, tracker, run_id, f"detector_{slug}")}
-        remote = task.options(num_cpus=cfg.localize.num_cpus, num_gpus=cfg.localize.num_gpus, runtime_env=runtime_env)
+        remote = task.options(num_cpus=cfg.localize.num_cpus, num_gpus=cfg.localize.num_gpus,
+                              resources=cfg.localize.resources or None, runtime_env=runtime_env)
         ref = remote.remote(dataset_yaml, description, cfg.localize, detector_dir_for(cfg, description),
                             settings_dir=ultralytics_settings_dir(cfg), track=track)  # fmt: skip
         pending[description] = (ref, run_id)

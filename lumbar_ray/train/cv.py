@@ -212,7 +212,7 @@ def build_trainer(cfg: Config, job: FoldJob, name: str) -> TorchTrainer:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {}) | cfg.train.resources
     return TorchTrainer(
         train_fold_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": job},
