@@ -112,6 +112,12 @@ def ray_storage_for(cfg: Config) -> str:
     return cfg.train.storage or shared_storage("ray_results") or str((Path(cfg.workdir) / "ray_results").resolve())
 
 
+def with_resolved_storage(cfg: Config) -> Config:
+    """``cfg`` with ``train.storage`` resolved here (:func:`ray_storage_for`): what to hand a Ray task that builds a
+    ``TorchTrainer`` on another node, whose ``$LUMBAR_RAY_STORAGE`` and working directory may not be the driver's."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage": ray_storage_for(cfg)})})
+
+
 def cv_run_id(cfg: Config) -> str:
     """``train.run_id``, else ``cv-`` + a hash of the settings that define the model (not the resources)."""
     if cfg.train.run_id:

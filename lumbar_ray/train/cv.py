@@ -56,6 +56,7 @@ from lumbar_ray.paths import (
     fold_outcome_path,
     ray_storage_for,
     run_dir_for,
+    with_resolved_storage,
 )
 from lumbar_ray.raytools import ensure_ray
 from lumbar_ray.tracking import RunLogger, Tracker
@@ -324,6 +325,7 @@ def _train_in_parallel(cfg: Config, run: CVRun, folds: list[int]) -> Iterator[tu
     import ray
 
     fit = ray.remote(num_cpus=0, max_retries=0)(run_fold)  # a failed fold is retried by Ray Train, not re-launched
+    cfg = with_resolved_storage(cfg)  # the task may run on a node whose environment and disk are not the driver's
     queue, pending = list(folds), {}
     while queue or pending:
         while queue and len(pending) < cfg.train.parallel_folds:
