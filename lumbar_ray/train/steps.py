@@ -9,7 +9,8 @@ whatever Ray adds is measured against this code.
 With ``train.ema_decay`` > 0 the fold also keeps an EMA of the weights (:class:`lumbar_ray.models.ema.ModelEma`),
 updated after every optimiser step; that average, not the trained weights, is then what predicts the validation
 fold (the OOF predictions), what :func:`keep_best` keeps and what gets registered (:attr:`Fold.evaluated`).
-:func:`training_state` is what a checkpoint must hold to resume the fold, the average included.
+:func:`training_state` is what a checkpoint must hold to resume the fold, the average included, and
+:func:`evaluated_weights` reads the evaluated weights back out of it (the Ray worker keeps no other copy of them).
 """
 
 from __future__ import annotations
@@ -348,6 +349,13 @@ def training_state(fold: Fold) -> dict[str, Any]:
     return {"model": state_dict_cpu(fold.bare), "optimizer": fold.optimizer.state_dict(),
             "scheduler": fold.scheduler.state_dict(),
             "ema": fold.ema.state_dict() if fold.ema is not None else None}  # fmt: skip
+
+
+def evaluated_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of :attr:`Fold.evaluated` in a :func:`training_state`: the EMA's when the fold keeps one, else
+    the trained ones. The state holds them already, so the weights of an epoch need no second copy beside it."""
+    ema = state.get("ema")
+    return ema["module"] if ema is not None else state["model"]
 
 
 @dataclass
