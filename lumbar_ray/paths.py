@@ -67,6 +67,7 @@ _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
         "max_failures",
         "storage",
         "parallel_folds",
+        "node_cache",
     },
     "tracking": None,
     "tune": None,
