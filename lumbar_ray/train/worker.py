@@ -18,7 +18,9 @@ latest; no checkpoint carries a second copy of the best weights.
 
 Rank 0 writes a checkpoint into a fresh temporary folder and reports it with ``CheckpointUploadMode.ASYNC``: the
 next epoch trains while Ray copies it to storage, and Ray deletes the folder once the copy is done (never a
-``TemporaryDirectory``, which would vanish under the upload).
+``TemporaryDirectory``, which would vanish under the upload). The folders of a fold lie under one staging folder
+per Ray Train run (:func:`checkpoint_staging`), which rank 0 clears when it (re)starts: a worker group stopped by
+a failure leaves the checkpoints it had not uploaded yet behind.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from lumbar_ray.train.steps import (
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
+STAGING_DIR = "lumbar_ray_checkpoints"
+"""The folder under the node's temporary directory where rank 0 writes checkpoints until Ray has uploaded them."""
 SCORE_ATTRIBUTE = "val_score"
 """The reported metric Ray keeps the best checkpoint by (lower is better), the one :func:`running_best` follows."""
 
@@ -190,7 +194,10 @@ def train_fold_loop(config: dict[str, Any]) -> None:
 
     cfg, job = Config.model_validate(config["cfg"]), config["job"]
     quiet_ray_train_info()
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, staging = context.get_world_rank(), checkpoint_staging(context.get_experiment_name())
+    if rank == 0:
+        clear_staging(staging)
     torch.manual_seed(cfg.train.seed + rank)
     state = load_checkpoint_state(ray.train.get_checkpoint())
     fold = build_fold(cfg, job.payload, ray.train.torch.get_device(), state, ray.train.torch.prepare_model,
@@ -219,7 +226,7 @@ def train_fold_loop(config: dict[str, Any]) -> None:
                 if job.run_logger is not None:
                     job.run_logger.log_epoch(epoch_index, {k: v for k, v in metrics.items()
                                                            if k not in ("epoch", "epoch_started_at")})  # fmt: skip
-            _report(rank, metrics, _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks))
+            _report(rank, metrics, _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks), staging)
 
 
 def epoch_predictions(epoch_index: int, epoch: Epoch) -> dict[str, Any]:
@@ -272,13 +279,32 @@ def _log_progress(fold: int, epoch: int, epochs: int, metrics: dict[str, Any]) -
     )  # fmt: skip
 
 
-def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+def checkpoint_staging(run_name: str) -> Path:
+    """``<the node's temporary directory>/lumbar_ray_checkpoints/<run name>``: where rank 0 of a Ray Train run (a
+    fold) writes its checkpoints until Ray has uploaded them."""
+    return Path(tempfile.gettempdir()) / STAGING_DIR / run_name
+
+
+def clear_staging(staging: Path) -> None:
+    """Remove the checkpoints a stopped worker group of this run left on this node before Ray uploaded them (Ray
+    deletes each one it uploads; a restarted group resumes from the latest uploaded one, never from these)."""
+    if not staging.is_dir():
+        return
+    left = [path for path in staging.iterdir() if path.is_dir()]
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True)
+    if left:
+        logger.info("removed %d checkpoint folder(s) a stopped worker group left in %s", len(left), staging)
+
+
+def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any], staging: Path) -> None:
     """Every rank reports (a barrier); rank 0 attaches the checkpoint, uploaded while the next epoch trains.
 
     ``CheckpointUploadMode.ASYNC`` copies the folder to storage in a background thread after ``report`` returns,
     and deletes it once copied (``delete_local_checkpoint_after_upload``, the default of that mode): so the folder
-    is a fresh ``mkdtemp`` that this function never removes once reported. Ray waits for pending uploads before the
-    training function counts as finished, and reports them in order, so the latest checkpoint is always whole.
+    is a fresh ``mkdtemp`` (under ``staging``) that this function never removes once reported. Ray waits for
+    pending uploads before the training function counts as finished, and reports them in order, so the latest
+    checkpoint is always whole.
     """
     import ray.train
 
@@ -286,7 +312,8 @@ def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
     if rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=upload)
         return
-    folder = tempfile.mkdtemp(prefix="lumbar_ray_checkpoint_")
+    staging.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="epoch_", dir=staging)
     try:
         torch.save(state, Path(folder) / CHECKPOINT_FILE)
         checkpoint = ray.train.Checkpoint.from_directory(folder)

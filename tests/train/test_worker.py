@@ -4,6 +4,8 @@ the checkpoint Ray kept as the best and the last epoch from the latest."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +102,67 @@ def test_a_worker_checkpoint_of_a_real_epoch_holds_the_evaluated_weights_once(sm
     outcome = FoldOutcome.from_state(0, state, "ckpt")
     np.testing.assert_array_equal(outcome.probs, epoch.probs)
     assert outcome.best_score == epoch.metrics["val_score"] and outcome.last_epoch == 0
+
+
+def test_rank_0_hands_its_checkpoint_folder_to_an_asynchronous_upload_and_never_removes_it(tmp_path, monkeypatch):
+    """``_report`` with ``ray.train.report`` stood in for (no Ray started): rank 0 reports a whole checkpoint folder
+    under the run's staging folder with ``CheckpointUploadMode.ASYNC`` and leaves it to Ray, which deletes it once
+    uploaded; the other ranks report no checkpoint. A restarted rank 0 clears what a stopped group left there."""
+    import ray.train
+
+    from lumbar_ray.train.worker import CHECKPOINT_FILE, _report, checkpoint_staging, clear_staging
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    staging = checkpoint_staging("cv-x-fold0")
+    assert staging == tmp_path / "lumbar_ray_checkpoints" / "cv-x-fold0"
+    calls = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kwargs: calls.append((metrics, kwargs)))
+    _report(1, {"val_score": 0.5}, {"epoch": 0}, staging)
+    _report(0, {"val_score": 0.5}, {"epoch": 0}, staging)
+    (_, other), (_, first) = calls
+    assert other["checkpoint"] is None and other["checkpoint_upload_mode"] == ray.train.CheckpointUploadMode.ASYNC
+    assert first["checkpoint_upload_mode"] == ray.train.CheckpointUploadMode.ASYNC
+    assert first["delete_local_checkpoint_after_upload"] is True
+    folder = Path(first["checkpoint"].path)
+    assert folder.parent == staging and torch.load(folder / CHECKPOINT_FILE, weights_only=False) == {"epoch": 0}
+
+    def failing(metrics, **kwargs):
+        raise RuntimeError("the barrier broke")
+
+    monkeypatch.setattr(ray.train, "report", failing)
+    with pytest.raises(RuntimeError, match="barrier"):
+        _report(0, {"val_score": 0.4}, {"epoch": 1}, staging)
+    assert [path.name for path in staging.iterdir()] == [folder.name]  # not handed to Ray: removed at once
+    clear_staging(staging)
+    assert staging.is_dir() and not list(staging.iterdir())
+    clear_staging(tmp_path / "absent")
+
+
+def test_the_worker_loop_runs_in_ray_trains_local_mode(small_fold, tmp_path, monkeypatch):
+    """``train_fold_loop`` under Ray Train's local mode (``ScalingConfig(num_workers=0)``: the loop runs in this
+    process, no Ray started, ``report`` keeps the checkpoint folder as it is): its checkpoint, staged under the
+    run's folder, holds its own epoch's predictions and the best as numbers, not the best weights."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from lumbar_ray.config import Config
+    from lumbar_ray.train.worker import FoldJob, load_checkpoint_state, train_fold_loop
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    # Local mode leaves its report functions installed in this process: put back what was there (nothing).
+    import ray.train.v2._internal.execution.train_fn_utils as train_fn_utils
+
+    monkeypatch.setattr(train_fn_utils, "_train_fn_utils", train_fn_utils._train_fn_utils)
+    cfg = Config.model_validate({"crop": {"size": 16, "region": 24, "slices": 3},
+                                 "train": {"epochs": 2, "batch_size": 4, "warmup_epochs": 0.5}})  # fmt: skip
+    config = {"cfg": cfg.model_dump(mode="json"), "job": FoldJob(0, small_fold)}
+    run = RunConfig(name="cv-local-fold0", storage_path=str(tmp_path / "ray"))
+    result = TorchTrainer(train_fold_loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=0),
+                          run_config=run).fit()  # fmt: skip
+    state = load_checkpoint_state(result.checkpoint)
+    assert Path(result.checkpoint.path).parent == tmp_path / "lumbar_ray_checkpoints" / "cv-local-fold0"
+    assert state["epoch"] == 1 and state["last"]["epoch"] == 1 and set(state["best"]) == {"score", "epoch"}
+    assert state["last"]["score"] == state["history"][-1]["val_score"] == result.metrics["val_score"]
+    assert result.metrics["best_val_score"] == state["best"]["score"] == min(m["val_score"] for m in state["history"])
+    outcome = FoldOutcome.from_state(0, state, result.checkpoint.path)
+    assert outcome.last_epoch == 1 and outcome.starts == [0]
