@@ -226,6 +226,19 @@ class TrainConfig(_Strict):
         description="custom Ray resources each training worker also asks for (e.g. {gpu_node: 1} to keep workers on "
         "nodes that carry it)",
     )
+    node_cache: str | None = Field(
+        None,
+        description="node-local folder that a remote cache (preprocess.cache a URI) is copied into, once per node, "
+        "for the folds to read; None = lumbar_ray_cache under the node's temporary directory",
+    )
+
+    @field_validator("node_cache")
+    @classmethod
+    def _local_node_cache(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            raise ValueError(f"train.node_cache must be a local folder on every node, not a URI: {value}")
+        return absolute_location(value)
+
     seed: int = 0
 
 

@@ -68,6 +68,7 @@ _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
         "storage",
         "parallel_folds",
         "resources",
+        "node_cache",
     },
     "tracking": None,
     "tune": None,
