@@ -11,7 +11,7 @@ every node must see (the preprocessing cache, Ray Train checkpoints)::
     <workdir>/runs/<cv run id>/               a CV's folds.csv, fold<k>.pt, oof.csv, config.yaml, data_digest.json
                                               (an ensemble's members are found here by their run ids)
     <workdir>/localize/<localize key>/<series slug>/detector.pt    the level detectors of a config
-    <workdir>/localize/ultralytics/           ultralytics' private settings (YOLO_CONFIG_DIR)
+    <workdir>/localize/ultralytics/           ultralytics' private settings of the driver (YOLO_CONFIG_DIR)
     <workdir>/ray_tune/  or  $LUMBAR_RAY_STORAGE/ray_tune/         tune.storage = null
     <workdir>/tune/<tune.name>/               a tuning run's trials.csv and best.yaml
     <workdir>/predict/submission.csv          predict.out = null
