@@ -96,14 +96,18 @@ def start_process(command: list[str], log: Path, env: dict[str, str] | None = No
     return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_process(process: subprocess.Popen, timeout: float = 60.0) -> None:
-    """SIGTERM (``ray start --block`` then stops the processes it started), SIGKILL to the group after ``timeout``.
+def stop_process(*processes: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGTERM to each (``ray start --block`` then stops the processes it started), all at once since each takes
+    seconds; SIGKILL to a group still running after ``timeout``.
 
     ``ray stop`` is never used: it would end every Ray process of the machine, the test session's own included.
     """
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.time() + timeout
+    for process in processes:
+        try:
+            process.wait(timeout=max(deadline - time.time(), 1.0))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -95,8 +95,7 @@ def cluster(tmp_path):
         _wait_for_nodes(gcs, env, tmp_path)
         yield env | {"RAY_ADDRESS": gcs}, workdir, shared, f"http://127.0.0.1:{port}"
     finally:
-        for process in reversed(processes):
-            stop_process(process)
+        stop_process(*reversed(processes))
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
