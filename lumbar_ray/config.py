@@ -221,6 +221,24 @@ class TrainConfig(_Strict):
         "zero-CPU driver task (Ray schedules what the cluster holds); 1 = one after another",
     )
     storage: str | None = Field(None, description="Ray Train storage path or URI; None = <workdir>/ray_results")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each training worker also asks for (e.g. {gpu_node: 1} to keep workers on "
+        "nodes that carry it)",
+    )
+    node_cache: str | None = Field(
+        None,
+        description="node-local folder that a remote cache (preprocess.cache a URI) is copied into, once per node, "
+        "for the folds to read; None = lumbar_ray_cache under the node's temporary directory",
+    )
+
+    @field_validator("node_cache")
+    @classmethod
+    def _local_node_cache(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            raise ValueError(f"train.node_cache must be a local folder on every node, not a URI: {value}")
+        return absolute_location(value)
+
     seed: int = 0
 
 
@@ -254,6 +272,11 @@ class TrackingConfig(_Strict):
         "training data (the versions' lumbar_ray.data_digest tags)",
     )
     register_model: bool = Field(True, description="log and register the fold ensemble after the CV")
+    register_without_detectors: bool = Field(
+        False,
+        description="register a model without level detectors (it can then only predict from given points); "
+        "false = finding no trained detectors is an error",
+    )
     system_metrics: bool = Field(
         True,
         description="sample CPU, memory, disk, network (and GPU) of the rank-0 worker's machine into each fold's "
@@ -335,7 +358,7 @@ class TuneConfig(_Strict):
     trial_max_failures: int = Field(1, ge=0, description="retries of a failed trial")
 
 
-LOCALIZE_RESOURCE_FIELDS = frozenset({"num_cpus", "num_gpus", "workers", "conf"})
+LOCALIZE_RESOURCE_FIELDS = frozenset({"num_cpus", "num_gpus", "resources", "workers", "conf"})
 """LocalizeConfig fields that do not change the trained detectors (left out of the run ids that hash it)."""
 
 
@@ -366,6 +389,9 @@ class LocalizeConfig(_Strict):
     conf: float = Field(0.05, ge=0, le=1, description="minimum detection confidence kept at prediction")
     num_cpus: float = Field(2.0, gt=0, description="CPUs the Ray training task asks for")
     num_gpus: float = Field(0.0, ge=0, description="GPUs the Ray training task asks for (1 on a GPU cluster)")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources the training task also asks for"
+    )
     workers: int = Field(0, ge=0, description="ultralytics dataloader workers")
     seed: int = 0
     subarticular_fraction: float = Field(

@@ -84,3 +84,8 @@ class StudyInputError(ValueError):
 class DataChangedError(ValueError):
     """Training data whose digest differs from the one a CV run was started on (its finished folds learnt other
     data)."""
+
+
+class MissingDetectorsError(FileNotFoundError):
+    """A model about to be registered without the level detectors its config trains (``lumbar-ray localize`` not
+    run for it, or their weights not on the registering machine): it could only predict from given points."""

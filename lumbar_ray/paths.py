@@ -11,7 +11,7 @@ every node must see (the preprocessing cache, Ray Train checkpoints)::
     <workdir>/runs/<cv run id>/               a CV's folds.csv, fold<k>.pt, oof.csv, config.yaml, data_digest.json
                                               (an ensemble's members are found here by their run ids)
     <workdir>/localize/<localize key>/<series slug>/detector.pt    the level detectors of a config
-    <workdir>/localize/ultralytics/           ultralytics' private settings (YOLO_CONFIG_DIR)
+    <workdir>/localize/ultralytics/           ultralytics' private settings of the driver (YOLO_CONFIG_DIR)
     <workdir>/ray_tune/  or  $LUMBAR_RAY_STORAGE/ray_tune/         tune.storage = null
     <workdir>/tune/<tune.name>/               a tuning run's trials.csv and best.yaml
     <workdir>/predict/submission.csv          predict.out = null
@@ -67,6 +67,8 @@ _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
         "max_failures",
         "storage",
         "parallel_folds",
+        "resources",
+        "node_cache",
     },
     "tracking": None,
     "tune": None,
@@ -109,6 +111,12 @@ def ray_storage_for(cfg: Config) -> str:
     """Ray Train's storage path: ``train.storage``, else ``$LUMBAR_RAY_STORAGE/ray_results``, else
     ``<workdir>/ray_results`` (absolute, as Ray requires)."""
     return cfg.train.storage or shared_storage("ray_results") or str((Path(cfg.workdir) / "ray_results").resolve())
+
+
+def with_resolved_storage(cfg: Config) -> Config:
+    """``cfg`` with ``train.storage`` resolved here (:func:`ray_storage_for`): what to hand a Ray task that builds a
+    ``TorchTrainer`` on another node, whose ``$LUMBAR_RAY_STORAGE`` and working directory may not be the driver's."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage": ray_storage_for(cfg)})})
 
 
 def cv_run_id(cfg: Config) -> str:

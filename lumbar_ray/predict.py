@@ -48,7 +48,6 @@ from lumbar_ray.paths import (
     data_root_for,
     submission_path_for,
     tracking_uri_for,
-    ultralytics_settings_dir,
 )
 from lumbar_ray.raytools import ensure_ray
 from lumbar_ray.registry import load_ensemble, read_contract
@@ -72,7 +71,8 @@ class StudyPredictor:
         cache_settings: its settings (the contract's).
         series: ``study_id, series_id, series_description`` records of the studies to predict.
         fold: one fold's model only; None = the mean over folds.
-        settings_dir: ultralytics' private settings folder (:func:`lumbar_ray.paths.ultralytics_settings_dir`).
+        settings_dir: ultralytics' private settings folder; None = the actor's node's own (a folder of the
+            driver's may not exist where the actor runs).
     """
 
     def __init__(
@@ -211,7 +211,6 @@ def run_predict(cfg: Config, plan: PredictionPlan) -> PredictResult:
             "cache_settings": cache_settings(plan.preprocess),
             "series": records.to_dict("records"),
             "fold": options.fold,
-            "settings_dir": str(ultralytics_settings_dir(cfg)),
         },
         batch_size=options.batch_size,
         concurrency=options.actors,

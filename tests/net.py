@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -62,3 +66,48 @@ class S3Server:
         fs.create_dir(bucket)
         pafs.copy_files(str(folder), path, destination_filesystem=fs)
         return self.uri(path)
+
+
+RAY = str(Path(sys.executable).parent / "ray")
+"""The ``ray`` command of the interpreter running the tests."""
+
+
+def ray_node_command(temp_dir: str, *options: str, head: str | None = None, num_cpus: int = 2,
+                     resources: dict[str, float] | None = None) -> list[str]:  # fmt: skip
+    """``ray start --block`` of a head on loopback (``head`` None) or of a node joining the head at ``head``.
+
+    Every agent port is a fresh one: the session's Ray instance (and another node on this machine) already holds
+    the default ones, and a node whose agents cannot bind never runs a job or a runtime environment. The temp dir
+    is its own and short (Ray's unix socket paths are length-capped). ``options`` are further ``ray start`` options.
+    """
+    ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+             "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]  # fmt: skip
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--disable-usage-stats",
+              "--temp-dir", temp_dir, *ports, *options]  # fmt: skip
+    if resources:
+        common += ["--resources", json.dumps(resources)]
+    if head is None:
+        return [RAY, "start", "--head", *common]
+    return [RAY, "start", "--address", head, *common]
+
+
+def start_process(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A server process in its own session (so :func:`stop_process` can end all it started), its output in ``log``."""
+    return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_process(*processes: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGTERM to each (``ray start --block`` then stops the processes it started), all at once since each takes
+    seconds; SIGKILL to a group still running after ``timeout``.
+
+    ``ray stop`` is never used: it would end every Ray process of the machine, the test session's own included.
+    """
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.time() + timeout
+    for process in processes:
+        try:
+            process.wait(timeout=max(deadline - time.time(), 1.0))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -74,6 +74,9 @@ def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
     assert cfg.workdir == str(tmp_path / "rel") and cfg.preprocess.cache == str(tmp_path / "rel" / "cache")
     assert Config().workdir == str(tmp_path / "lumbar_ray_work")
     assert load_config(None, ["preprocess.cache=s3://bucket/cache"]).preprocess.cache == "s3://bucket/cache"
+    assert load_config(None, ["train.node_cache=rel/node"]).train.node_cache == str(tmp_path / "rel" / "node")
+    with pytest.raises(ConfigError, match="train.node_cache must be a local folder"):
+        load_config(None, ["train.node_cache=s3://bucket/node"])
 
 
 def test_the_aux_slice_loss_needs_an_attention_pool():

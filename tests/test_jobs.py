@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,42 +18,25 @@ from lumbar_ray.data.cache import SeriesCache
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.data.synthetic import write_dataset
 from lumbar_ray.metrics import validate_submission
-from tests.net import free_port, wait_for_http
+from tests.net import RAY, free_port, ray_node_command, start_process, stop_process, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture(scope="module")
 def local_head(tmp_path_factory):
-    """A Ray head started with ``ray start --head --block`` on loopback; stopped by its own pid afterwards.
-
-    ``ray stop`` would end every Ray process of the machine, the test session's own instance included. Every
-    port of the head's agents is a fresh one and its temp dir its own: the session's Ray instance already holds the
-    default agent ports, and a head whose job agent cannot bind never accepts a submission.
-    """
+    """A Ray head on loopback (:func:`tests.net.ray_node_command`), with its dashboard for ``ray job submit``."""
     tmp_path = tmp_path_factory.mktemp("head")
-    port, dashboard = free_port(), free_port()
+    dashboard = free_port()
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
-    temp_dir = tempfile.mkdtemp(prefix="rayhead_", dir="/tmp")  # short: Ray's unix socket paths are length-capped
-    command = [
-        RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-        "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
-        "--temp-dir", temp_dir, "--disable-usage-stats",
-    ]  # fmt: skip
-    log = (tmp_path / "head.log").open("w")
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    temp_dir = tempfile.mkdtemp(prefix="rayhead_", dir="/tmp")
+    command = ray_node_command(temp_dir, "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
+                               "--dashboard-port", str(dashboard))  # fmt: skip
+    head = start_process(command, tmp_path / "head.log", env)
     address = f"http://127.0.0.1:{dashboard}"
     json.loads(wait_for_http(f"{address}/api/version", head, tmp_path / "head.log", "local Ray head"))
     yield address, env
-    head.send_signal(signal.SIGTERM)  # --block: the head stops the processes it started
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
+    stop_process(head)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

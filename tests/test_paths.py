@@ -48,7 +48,8 @@ def test_shared_storage_root_and_explicit_settings(tmp_path: Path, monkeypatch) 
 
 def test_run_ids_hash_what_is_learnt_not_the_resources(tmp_path: Path) -> None:
     base = Config(workdir=str(tmp_path / "a"))
-    elsewhere = Config.model_validate({"workdir": str(tmp_path / "b"), "train": {"num_workers": 4},
+    elsewhere = Config.model_validate({"workdir": str(tmp_path / "b"),
+                                       "train": {"num_workers": 4, "node_cache": str(tmp_path / "node")},
                                        "localize": {"num_cpus": 8.0}})  # fmt: skip
     assert cv_run_id(base) == cv_run_id(elsewhere) and cv_run_id(base).startswith("cv-")
     assert localize_key(base) == localize_key(elsewhere) and localize_key(base).startswith("loc-")

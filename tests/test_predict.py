@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lumbar_ray.config import load_config
+from lumbar_ray.config import cache_settings, load_config
+from lumbar_ray.data.cache import SeriesCache
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.metrics import score_submission, validate_submission
 from lumbar_ray.pipeline import predict
@@ -106,6 +108,33 @@ def test_model_pulled_by_alias_through_an_mlflow_server_predicts_the_test_studie
     np.testing.assert_allclose(submission.iloc[:, 1:].to_numpy(), direct.iloc[:, 1:].to_numpy(), atol=1e-6)
     assert prediction.report_path.is_file()
     assert load_config(out.parent / "resolved_config.yaml").predict.model == "models:/pipeline_ensemble@champion"
+
+
+def test_predict_reads_the_test_studies_from_an_s3_uri_and_gives_the_local_folders_submission(
+    trained_pipeline, s3_server, tmp_path
+):
+    """``lumbar-ray predict --data s3://...``: the CSVs read from the URI, each test series downloaded by its
+    preprocessing actor into a fresh cache, then localised and predicted: the submission of the local folder."""
+    cfg, result = trained_pipeline
+    test_only = tmp_path / "rsna"  # the test split only: what a user would upload to predict
+    shutil.copytree(result.data_root / "test_images", test_only / "test_images")
+    for name in ("test_series_descriptions.csv", "sample_submission.csv"):
+        shutil.copy2(result.data_root / name, test_only / name)
+    uri = s3_server.upload(test_only, "predict-data/rsna")
+    out = tmp_path / "s3" / "submission.csv"
+    from_s3 = cfg.model_copy(update={
+        "preprocess": cfg.preprocess.model_copy(update={"cache": str(tmp_path / "cache")}),
+        "predict": cfg.predict.model_copy(update={"model": "models:/pipeline_ensemble@champion", "out": str(out),
+                                                  "data": uri}),
+    })  # fmt: skip
+    prediction = predict(from_s3)
+    assert sorted(prediction.study_ids) == sorted(load_rsna(result.data_root).test_series["study_id"].unique())
+    local = pd.read_csv(result.prediction.submission_path)
+    submission = pd.read_csv(out)
+    assert submission["row_id"].tolist() == local["row_id"].tolist()
+    np.testing.assert_allclose(submission.iloc[:, 1:].to_numpy(), local.iloc[:, 1:].to_numpy(), atol=1e-6)
+    manifest = SeriesCache(tmp_path / "cache", cache_settings(cfg.preprocess)).read_manifest()
+    assert len(manifest) == len(load_rsna(test_only).test_series)  # every test series came from the URI
 
 
 def test_held_out_training_studies_beat_the_prior_with_predicted_points(trained_pipeline):

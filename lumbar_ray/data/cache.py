@@ -12,7 +12,9 @@ Layout under a cache root (a local folder or any URI pyarrow understands, e.g. `
 A changed setting gives a new key, so versions never mix. Each file is written to a temporary name and then
 renamed; the ``.json`` is written after the ``.npy`` and is the entry's commit marker: an entry exists only when
 its ``.json`` does, so a killed run never leaves a half-written entry behind (a stray ``.npy`` or temporary file
-is overwritten by the next run).
+is overwritten by the next run). Entries are written once (preprocessing skips an entry that exists), so a copy of
+one never goes stale: :func:`copy_to_node` keeps a node-local copy of the entries a training run reads from a
+remote root, made once per node and version rather than fetched per item and epoch.
 
 Slices of a series with several orientations are concatenated stack after stack (each sorted along its own
 normal, see :mod:`lumbar_ray.data.dicom`); ``slices.stack`` says which stack a slice belongs to. Every slice
@@ -22,9 +24,17 @@ is resized from its instance's own grid to ``size x size``; a point maps with pi
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import io
 import json
+import logging
+import tempfile
+import time
 import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -36,7 +46,11 @@ import pyarrow.fs as pafs
 
 from lumbar_ray.config import settings_hash
 
+logger = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+NODE_CACHE_DIR = "lumbar_ray_cache"
+"""The folder under the node's temporary directory that holds its copies of remote caches (by default)."""
 MANIFEST_NAME = "manifest.parquet"
 FAILURES_NAME = "failures.csv"
 FAILURE_COLUMNS = ("study_id", "series_id", "split", "file", "kind", "error", "outcome")
@@ -434,6 +448,82 @@ class SeriesCache:
             return pd.DataFrame(columns=list(FAILURE_COLUMNS))
         with self.fs.open_input_stream(path) as stream:
             return pd.read_csv(io.BytesIO(stream.read()))
+
+
+def node_cache_folder(root: str | Path, base: str | Path | None = None) -> Path:
+    """Where a node keeps its copy of the cache root ``root``: ``<base>/<hash of root>`` (the cache versions go
+    below it, by key, as under the root itself).
+
+    Args:
+        root: the cache root (a URI).
+        base: a node-local folder; None = ``<the node's temporary directory>/lumbar_ray_cache``.
+    """
+    split = urlsplit(str(root))
+    # The credentials a URI may carry name no other place: left out, so a rotated key finds the same copy.
+    location = urlunsplit(split._replace(netloc=split.netloc.rsplit("@", 1)[-1]))
+    digest = hashlib.sha256(location.encode()).hexdigest()[:16]
+    return Path(base if base is not None else Path(tempfile.gettempdir()) / NODE_CACHE_DIR) / digest
+
+
+@contextlib.contextmanager
+def _node_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` against the other processes of this node (``flock``: the kernel releases
+    it if its holder dies, so a killed worker never blocks the next one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _copy_entry(source: SeriesCache, target: SeriesCache, study_id: int, series_id: int) -> bool:
+    """Copy one entry with the cache's own commit rule (the ``.npy``, then its ``.json``, each renamed into
+    place); False when the source has no such entry or it cannot be read (its targets are then masked, as when
+    the source is read directly)."""
+    try:
+        if not source.has(study_id, series_id):
+            return False
+        target.fs.create_dir(f"{target.path}/series/{study_id}", recursive=True)
+        for suffix in ("npy", "json"):
+            with source.fs.open_input_stream(source._entry(study_id, series_id, suffix)) as stream:
+                data = stream.read()
+            target._write_bytes(target._entry(study_id, series_id, suffix), data)
+    except OSError as error:
+        logger.warning("cache entry %s/%s not copied to this node: %s", study_id, series_id, error)
+        return False
+    return True
+
+
+def copy_to_node(
+    cache: SeriesCache, entries: Iterable[tuple[int, int]], base: str | Path | None = None, threads: int = 8
+) -> SeriesCache:
+    """A node-local copy of ``entries`` of a (remote) cache version, as a :class:`SeriesCache` to read instead.
+
+    Entries already on the node are not fetched again (see the module docstring: they never change). The processes
+    of one node (the workers of a fold, the folds trained at once) take turns on a lock per version, so the first
+    copies what is missing while the others wait and then find it there; an entry is whole or absent at any
+    moment (the cache's commit rule), so a copy killed midway is completed by the next.
+
+    Args:
+        cache: the cache version to copy from.
+        entries: ``(study_id, series_id)`` of the entries to copy; those the source lacks are left out.
+        base: the node-local folder (:func:`node_cache_folder`); None = under the node's temporary directory.
+        threads: entries fetched at once (object storage answers each request slowly, but many in parallel).
+    """
+    local = SeriesCache(node_cache_folder(cache.root, base), cache.settings)
+    wanted = sorted({(int(study_id), int(series_id)) for study_id, series_id in entries})
+    started = time.perf_counter()
+    with _node_lock(Path(f"{local.path}.lock")):
+        local.prepare()
+        missing = [entry for entry in wanted if not local.has(*entry)]
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            copied = sum(pool.map(lambda entry: _copy_entry(cache, local, *entry), missing))
+    logger.info("cache %s on this node at %s: %d of %d entries copied now, %d there already, %d absent (%.1f s)",
+                local.key, local.path, copied, len(wanted), len(wanted) - len(missing), len(missing) - copied,
+                time.perf_counter() - started)  # fmt: skip
+    return local
 
 
 class MemoryCache:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,19 +31,20 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lumbar_ray import plots
-from lumbar_ray.config import Config, ConfigError, cache_settings
+from lumbar_ray.config import Config, ConfigError, LocalizeConfig, cache_settings
 from lumbar_ray.constants import DETECTED_SERIES_TYPES, series_slug
 from lumbar_ray.data.cache import CachedSeries, SeriesCache
 from lumbar_ray.data.crops import points_from_coordinates
 from lumbar_ray.data.rsna import encode_labels, load_rsna
 from lumbar_ray.data.splits import make_folds
-from lumbar_ray.localize.detector import complete_export, load_detectors, mlflow_env, train_detector, ultralytics_env
+from lumbar_ray.localize.detector import complete_export, load_detectors, mlflow_env, train_detector
 from lumbar_ray.localize.evaluate import point_errors, summarise_errors, summary_metrics
 from lumbar_ray.localize.study import AXIAL, LOCATED_COLUMNS, axial_rows, localise_study, patient_points, study_series
-from lumbar_ray.localize.yolo_data import export_yolo_dataset
+from lumbar_ray.localize.yolo_data import export_yolo_dataset, pack_dataset, unpack_dataset
 from lumbar_ray.paths import (
     DETECTOR_WEIGHTS,
     FOLDS_CSV,
+    atomic_path,
     cache_root_for,
     data_root_for,
     detector_dir_for,
@@ -61,6 +63,8 @@ SUMMARY_NAME = "localisation_summary.csv"
 AXIAL_SUMMARY_NAME = "axial_from_labels_summary.csv"
 VAL_POINTS_NAME = "val_points.parquet"
 VAL_ERRORS_NAME = "val_errors.parquet"
+RESULTS_NAME = "results.csv"
+"""Ultralytics' per-epoch training metrics, kept beside a detector's weights."""
 OVERLAY_STUDIES = 3
 
 
@@ -103,26 +107,58 @@ def _export(points: pd.DataFrame, cache: SeriesCache, folds: pd.DataFrame, cfg: 
     return complete_export(points, cache, description, export.dataset_yaml)
 
 
-def _task_env(cfg: Config, tracker: Tracker | None, run_id: str | None, run_name: str) -> dict[str, str]:
-    """The environment of one training task: ultralytics' private settings, and its MLflow routing to
-    ``run_id`` (in the run's own experiment) when there is one."""
-    env = ultralytics_env(ultralytics_settings_dir(cfg))
-    if tracker is not None and run_id is not None:
-        experiment_id = tracker.client.get_run(run_id).info.experiment_id
-        experiment = tracker.client.get_experiment(experiment_id).name
-        env |= mlflow_env(tracker.uri, experiment, run_id, run_name)
-    return env
+def _task_env(tracker: Tracker | None, run_id: str | None, run_name: str) -> dict[str, str]:
+    """The environment of one training task: its MLflow routing to ``run_id`` (in the run's own experiment) when
+    there is one. Ultralytics' settings are not routed: the task keeps them in its own node's private folder
+    (:func:`~lumbar_ray.localize.detector.default_settings_dir`), never in a folder of the driver's."""
+    if tracker is None or run_id is None:
+        return {}
+    experiment = tracker.client.get_experiment(tracker.client.get_run(run_id).info.experiment_id).name
+    return mlflow_env(tracker.uri, experiment, run_id, run_name)
 
 
-def _collect(pending: dict[str, tuple[Any, str | None]], tracker: Tracker | None) -> dict[str, Path]:
-    """Wait for every training task and end its child run FINISHED or FAILED; then raise the first failure."""
+def train_packed_detector(packed: bytes, description: str, cfg: LocalizeConfig, track: bool) -> dict[str, bytes]:
+    """The Ray task, on whichever node has the resources it asks for: unpack the export (:func:`pack_dataset`) in a
+    temporary folder of that node, train there, and return the weights (and ultralytics' per-epoch
+    ``results.csv``) as bytes. It reads no path of the driver's and leaves nothing the driver must find on its node.
+
+    Args:
+        packed: the export of :func:`lumbar_ray.localize.yolo_data.pack_dataset`.
+        description: the series type.
+        cfg: the detector's settings.
+        track: log to the MLflow run the task's environment names (:func:`_task_env`).
+
+    Returns:
+        ``{"detector.pt": bytes}``, with ``"results.csv"`` when ultralytics wrote one.
+    """
+    with tempfile.TemporaryDirectory(prefix="lumbar_ray_detector_") as folder:
+        dataset_yaml = unpack_dataset(packed, Path(folder) / "dataset")
+        weights = train_detector(dataset_yaml, description, cfg, Path(folder) / "out", track=track)
+        outputs = {DETECTOR_WEIGHTS: weights.read_bytes()}
+        results = Path(folder) / "out" / "train" / RESULTS_NAME
+        return outputs | ({RESULTS_NAME: results.read_bytes()} if results.is_file() else {})
+
+
+def _write_outputs(outputs: dict[str, bytes], folder: Path) -> Path:
+    """Write a training task's outputs into the driver's detector folder (the weights last and atomically: their
+    presence marks the detector trained); returns the weights' path."""
+    for name, data in sorted(outputs.items(), key=lambda item: item[0] == DETECTOR_WEIGHTS):
+        with atomic_path(folder / name) as temporary:
+            temporary.write_bytes(data)
+    return folder / DETECTOR_WEIGHTS
+
+
+def _collect(pending: dict[str, tuple[Any, str | None]], folders: dict[str, Path],
+             tracker: Tracker | None) -> dict[str, Path]:  # fmt: skip
+    """Wait for every training task, write what it returned into its detector folder, and end its child run FINISHED
+    or FAILED; then raise the first failure."""
     import ray
 
     trained: dict[str, Path] = {}
     failure: Exception | None = None
     for description, (ref, run_id) in pending.items():
         try:
-            trained[description] = Path(ray.get(ref))
+            trained[description] = _write_outputs(ray.get(ref), folders[description])
         except Exception as error:  # a RayTaskError wrapping the training's own error
             logger.error("training the %s detector failed: %s", description, error)
             failure = failure or error
@@ -143,9 +179,11 @@ def fit_detectors(
 ) -> dict[str, Path]:
     """Train the Sagittal T2/STIR and Sagittal T1 detectors as Ray tasks; finished ones are not retrained.
 
-    Each trains in :func:`lumbar_ray.paths.detector_dir_for` with the resources ``cfg.localize`` asks for, in a
-    worker whose environment (Ray's ``runtime_env``) points ultralytics at its private settings and, with a
-    ``parent`` run, its MLflow callback at the series type's child run (tag :data:`DETECTOR_TAG`).
+    The driver exports each series type's training data into :func:`lumbar_ray.paths.detector_dir_for` and hands
+    it to its task packed, through the object store; the task (:func:`train_packed_detector`, with the resources
+    ``cfg.localize`` asks for, on any node) returns the weights the same way and the driver writes them there: no
+    path crosses a node. With a ``parent`` run, the task's environment (Ray's ``runtime_env``) routes ultralytics'
+    MLflow callback to the series type's child run (tag :data:`DETECTOR_TAG`).
 
     Args:
         points: POINTS frame of the label points (cache pixels).
@@ -172,18 +210,19 @@ def fit_detectors(
     import ray
 
     track = tracker is not None and parent is not None
-    task = ray.remote(train_detector)
+    task = ray.remote(train_packed_detector)
     pending: dict[str, tuple[Any, str | None]] = {}
     for description in missing:  # each task starts as soon as its data is exported
         slug = series_slug(description)
-        dataset_yaml = _export(points, cache, folds, cfg, description)  # before the run: a failed export leaves none
+        packed = ray.put(pack_dataset(_export(points, cache, folds, cfg, description)))  # a failed export runs none
         run_id = tracker.child_run(parent, DETECTOR_TAG, slug, "detector", f"detector_{slug}") if track else None
-        runtime_env = {"env_vars": _task_env(cfg, tracker, run_id, f"detector_{slug}")}
-        remote = task.options(num_cpus=cfg.localize.num_cpus, num_gpus=cfg.localize.num_gpus, runtime_env=runtime_env)
-        ref = remote.remote(dataset_yaml, description, cfg.localize, detector_dir_for(cfg, description),
-                            settings_dir=ultralytics_settings_dir(cfg), track=track)  # fmt: skip
-        pending[description] = (ref, run_id)
-    return result | _collect(pending, tracker if track else None)
+        options = {"num_cpus": cfg.localize.num_cpus, "num_gpus": cfg.localize.num_gpus,
+                   "runtime_env": {"env_vars": _task_env(tracker, run_id, f"detector_{slug}")}}  # fmt: skip
+        if cfg.localize.resources:
+            options["resources"] = dict(cfg.localize.resources)
+        pending[description] = (task.options(**options).remote(packed, description, cfg.localize, track), run_id)
+    folders = {description: detector_dir_for(cfg, description) for description in missing}
+    return result | _collect(pending, folders, tracker if track else None)
 
 
 # -------------------------------------------------------------------------------------------------- evaluation

@@ -10,7 +10,9 @@ that fold's crops never saw its studies.
 
 from __future__ import annotations
 
+import io
 import logging
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,3 +116,32 @@ def export_yolo_dataset(
     logger.info("YOLO dataset %s (%s): %d train / %d val images, %d boxes", out, description, counts["train"],
                 counts["val"], boxes)  # fmt: skip
     return YoloExport(dataset_yaml, counts["train"], counts["val"], boxes, names)
+
+
+def pack_dataset(dataset_yaml: Path) -> bytes:
+    """An export (the folder of ``dataset.yaml``) as the bytes of one uncompressed tar (its PNGs are compressed
+    already): how a detector's training data reaches a task on another node, through Ray's object store."""
+    folder = Path(dataset_yaml).parent
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.suffix != ".cache":  # ultralytics' label caches are rebuilt where it trains
+                archive.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
+    return buffer.getvalue()
+
+
+def unpack_dataset(packed: bytes, into: Path) -> Path:
+    """Extract a :func:`pack_dataset` archive into ``into`` and point its ``dataset.yaml`` there; returns the yaml.
+
+    Raises:
+        tarfile.TarError: for an archive member that would land outside ``into`` (the ``data`` filter's check).
+    """
+    into = Path(into)
+    into.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(packed), mode="r") as archive:
+        archive.extractall(into, filter="data")
+    dataset_yaml = into / "dataset.yaml"
+    dataset = yaml.safe_load(dataset_yaml.read_text())
+    dataset["path"] = str(into.resolve())
+    dataset_yaml.write_text(yaml.safe_dump(dataset, sort_keys=False))
+    return dataset_yaml

@@ -3,8 +3,8 @@
 The CV has a stable run id (:func:`lumbar_ray.paths.cv_run_id`: ``train.run_id``, or a hash of every setting that
 changes what is learnt), which names everything it writes:
 
-- ``<train.storage>/<run_id>-fold<k>/``: Ray Train's run folder of fold ``k`` (checkpoints). Rerunning the same
-  CV makes Ray resume an unfinished fold from its latest checkpoint;
+- ``<train.storage>/<run_id>-fold<k>/``: Ray Train's run folder of fold ``k`` (its latest checkpoint and its best
+  by the validation score). Rerunning the same CV makes Ray resume an unfinished fold from its latest checkpoint;
 - ``<workdir>/runs/<run_id>/``: ``folds.csv`` (written once, reused on resume), ``fold<k>.pt`` (a finished
   fold's best weights, out-of-fold probabilities and history; a rerun skips those folds), ``oof.csv``;
 - MLflow: one parent run tagged with the run id (found again on resume), a child run per fold
@@ -56,12 +56,13 @@ from lumbar_ray.paths import (
     fold_outcome_path,
     ray_storage_for,
     run_dir_for,
+    with_resolved_storage,
 )
 from lumbar_ray.raytools import ensure_ray
 from lumbar_ray.tracking import RunLogger, Tracker
 from lumbar_ray.train import report
 from lumbar_ray.train.inputs import CVInputs, fold_payload, prepare_inputs
-from lumbar_ray.train.worker import FoldJob, FoldOutcome, load_checkpoint_state, train_fold_loop
+from lumbar_ray.train.worker import SCORE_ATTRIBUTE, FoldJob, FoldOutcome, load_checkpoint_state, train_fold_loop
 
 if TYPE_CHECKING:  # for annotations only: importing ray.train costs seconds
     from ray.train.torch import TorchTrainer
@@ -212,7 +213,7 @@ def build_trainer(cfg: Config, job: FoldJob, name: str) -> TorchTrainer:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {}) | cfg.train.resources
     return TorchTrainer(
         train_fold_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": job},
@@ -222,21 +223,33 @@ def build_trainer(cfg: Config, job: FoldJob, name: str) -> TorchTrainer:
         run_config=RunConfig(
             name=name,
             storage_path=ray_storage_for(cfg),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest; it carries the best weights
+            # The best checkpoint by the validation score, and the latest (Ray never deletes the latest one):
+            # the registered weights come from the first, a resume starts from the second (see worker.py).
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=SCORE_ATTRIBUTE, checkpoint_score_order="min"
+            ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
 
 
 def run_fold(cfg: Config, job: FoldJob, run_id: str) -> FoldOutcome:
-    """Train one fold with its own ``TorchTrainer`` (resuming from its checkpoint if one exists)."""
+    """Train one fold with its own ``TorchTrainer`` (resuming from its checkpoint if one exists).
+
+    The outcome takes the last epoch from ``result.checkpoint`` (the latest) and the best epoch from the checkpoint
+    Ray kept as the best by the validation score (``result.best_checkpoints``, ordered worst to best).
+    """
     result = build_trainer(cfg, job, f"{run_id}-fold{job.fold}").fit()
     if result.error is not None:
         raise RuntimeError(f"fold {job.fold} failed") from result.error
     state = load_checkpoint_state(result.checkpoint)
     if state is None:
         raise RuntimeError(f"fold {job.fold} finished without a checkpoint")
-    return FoldOutcome.from_state(job.fold, state, result.checkpoint.path)
+    best_checkpoint = result.best_checkpoints[-1][0] if result.best_checkpoints else None
+    if best_checkpoint is None or best_checkpoint.path == result.checkpoint.path:
+        return FoldOutcome.from_state(job.fold, state, result.checkpoint.path)
+    return FoldOutcome.from_state(job.fold, state, result.checkpoint.path, load_checkpoint_state(best_checkpoint),
+                                  best_checkpoint.path)  # fmt: skip
 
 
 def assemble_oof(study_ids: np.ndarray, outcomes: dict[int, FoldOutcome], epoch: str = "best") -> np.ndarray:
@@ -324,6 +337,7 @@ def _train_in_parallel(cfg: Config, run: CVRun, folds: list[int]) -> Iterator[tu
     import ray
 
     fit = ray.remote(num_cpus=0, max_retries=0)(run_fold)  # a failed fold is retried by Ray Train, not re-launched
+    cfg = with_resolved_storage(cfg)  # the task may run on a node whose environment and disk are not the driver's
     queue, pending = list(folds), {}
     while queue or pending:
         while queue and len(pending) < cfg.train.parallel_folds:

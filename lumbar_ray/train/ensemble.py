@@ -53,7 +53,6 @@ from lumbar_ray.paths import (
     localize_key,
     run_dir_for,
     tracking_uri_for,
-    trained_detectors,
 )
 from lumbar_ray.registry import (
     RegisteredEnsemble,
@@ -70,6 +69,7 @@ from lumbar_ray.train.cv import (
     cross_fitted_model_score,
     recorded_data_digest,
 )
+from lumbar_ray.train.register import detectors_to_register
 from lumbar_ray.train.report import calibration_values, log_training_data
 from lumbar_ray.train.worker import FoldOutcome
 
@@ -262,9 +262,7 @@ def _register(cfg: Config, members: list[Member], labels: np.ndarray, calibrated
     fold_of = first.folds["fold"].to_numpy()
     folds = sorted(first.outcomes)
     fold_priors = {k: fit_prior(labels[fold_of != k]) for k in folds}
-    detectors = trained_detectors(first.cfg)
-    if not detectors:
-        logger.warning("no level detectors trained for these members: the model can only predict from given points")
+    detectors = detectors_to_register(first.cfg.model_copy(update={"tracking": cfg.tracking}))
     contract = ensemble_contract(first.cfg, folds, fit_prior(labels), sorted(detectors), fold_priors,
                                  members=[(member.run_id, member.cfg) for member in members],
                                  calibration=calibrated.fit.calibration,

@@ -9,10 +9,13 @@ A step of its own, after :func:`lumbar_ray.train.cv.run_cv`: ``lumbar-ray train`
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from lumbar_ray.config import Config
+from lumbar_ray.constants import DETECTED_SERIES_TYPES
+from lumbar_ray.errors import MissingDetectorsError
 from lumbar_ray.inference.model import study_packaging
-from lumbar_ray.paths import tracking_uri_for, trained_detectors
+from lumbar_ray.paths import detector_dir_for, tracking_uri_for, trained_detectors
 from lumbar_ray.registry import (
     RegisteredEnsemble,
     ensemble_contract,
@@ -46,9 +49,7 @@ def register_cv(cfg: Config, cv: CVResult) -> RegisteredEnsemble | str | None:
         logger.info("the ensemble of this CV is already registered (version %s): not registering again", done)
         return f"{cfg.tracking.model_name} version {done} (registered earlier)"
     states = {fold: outcome.model_state for fold, outcome in sorted(cv.outcomes.items())}
-    detectors = trained_detectors(cfg)
-    if not detectors:
-        logger.warning("no level detectors trained for this config: the model can only predict from given points")
+    detectors = detectors_to_register(cfg)
     calibration = None if cv.calibrated is None else cv.calibrated.fit.calibration
     info = None if cv.calibrated is None else cv.calibrated.info()
     contract = ensemble_contract(cfg, sorted(cv.outcomes), cv.prior, sorted(detectors), cv.fold_priors,
@@ -59,6 +60,28 @@ def register_cv(cfg: Config, cv: CVResult) -> RegisteredEnsemble | str | None:
                                   data_digest=cv.data_digest)  # fmt: skip
     mark_registered(uri, cv.mlflow_run_id, registered.version)
     return registered
+
+
+def detectors_to_register(cfg: Config) -> dict[str, Path]:
+    """The level detectors of ``cfg`` that a registered model ships (series type -> weights).
+
+    Raises:
+        MissingDetectorsError: when one is missing, unless ``tracking.register_without_detectors`` asks for a model
+            without them (then a warning names what is missing).
+    """
+    detectors = trained_detectors(cfg)
+    missing = [description for description in DETECTED_SERIES_TYPES if description not in detectors]
+    if not missing:
+        return detectors
+    where = detector_dir_for(cfg, missing[0]).parent
+    if not cfg.tracking.register_without_detectors:
+        raise MissingDetectorsError(f"no trained level detector for {missing} under {where}: run `lumbar-ray localize` "
+                                    "with this config first (on this machine's workdir), or set "
+                                    "tracking.register_without_detectors=true for a model that only predicts from "
+                                    "given points")  # fmt: skip
+    logger.warning("registering without the level detectors for %s (tracking.register_without_detectors): those "
+                   "series types can only be predicted from given points", missing)  # fmt: skip
+    return detectors
 
 
 def registered_model_uri(cfg: Config, mlflow_run_id: str) -> str:

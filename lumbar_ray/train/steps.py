@@ -9,7 +9,8 @@ whatever Ray adds is measured against this code.
 With ``train.ema_decay`` > 0 the fold also keeps an EMA of the weights (:class:`lumbar_ray.models.ema.ModelEma`),
 updated after every optimiser step; that average, not the trained weights, is then what predicts the validation
 fold (the OOF predictions), what :func:`keep_best` keeps and what gets registered (:attr:`Fold.evaluated`).
-:func:`training_state` is what a checkpoint must hold to resume the fold, the average included.
+:func:`training_state` is what a checkpoint must hold to resume the fold, the average included, and
+:func:`evaluated_weights` reads the evaluated weights back out of it (the Ray worker keeps no other copy of them).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader
 from lumbar_ray.baseline import fill_with_prior
 from lumbar_ray.config import Config, ConfigError, TrainConfig
 from lumbar_ray.constants import IGNORE_INDEX
-from lumbar_ray.data.cache import SeriesCache
+from lumbar_ray.data.cache import SeriesCache, copy_to_node, is_uri
 from lumbar_ray.data.crops import CropDataset
 from lumbar_ray.losses import LossOutput, SeverityLoss
 from lumbar_ray.metrics import ScoreResult, score_arrays
@@ -228,9 +229,39 @@ class FoldPayload:
     val_points: pd.DataFrame | None = None
 
 
-def fold_loaders(cfg: Config, payload: FoldPayload) -> tuple[CropDataset, DataLoader, DataLoader]:
-    """The fold's training dataset and the training/validation DataLoaders (not yet prepared for DDP)."""
+def fold_entries(payload: FoldPayload) -> set[tuple[int, int]]:
+    """``(study_id, series_id)`` of every cache entry the fold's datasets may read: the series of its studies'
+    label points and, when given, of its predicted points."""
+    studies = np.concatenate([np.asarray(payload.train_ids), np.asarray(payload.val_ids)]).astype(np.int64)
+    entries: set[tuple[int, int]] = set()
+    for frame in (payload.points, payload.val_points):
+        if frame is None:
+            continue
+        rows = frame[frame["study_id"].isin(studies) & frame["series_id"].notna()]
+        entries |= set(zip(rows["study_id"].astype(int), rows["series_id"].astype(int), strict=True))
+    return entries
+
+
+def fold_cache(cfg: Config, payload: FoldPayload) -> SeriesCache:
+    """The cache version the fold's datasets read.
+
+    A local cache root is read in place (memory-mapped). A remote one (a URI: ``s3://...``) is copied once per node
+    into ``train.node_cache`` (by default under the node's temporary directory), only the entries this fold needs
+    (:func:`fold_entries`), so that the loaders read local files instead of fetching every series from object
+    storage for every item of every epoch (:func:`lumbar_ray.data.cache.copy_to_node`).
+    """
     cache = SeriesCache(payload.cache_root, payload.cache_settings)
+    if not is_uri(payload.cache_root):
+        return cache
+    return copy_to_node(cache, fold_entries(payload), cfg.train.node_cache)
+
+
+def fold_loaders(
+    cfg: Config, payload: FoldPayload, cache: SeriesCache | None = None
+) -> tuple[CropDataset, DataLoader, DataLoader]:
+    """The fold's training dataset and the training/validation DataLoaders (not yet prepared for DDP), reading
+    ``cache`` (None = :func:`fold_cache`)."""
+    cache = cache if cache is not None else fold_cache(cfg, payload)
     train_set = CropDataset(cache, payload.train_ids, payload.points, cfg.crop, labels=payload.train_labels,
                             augment=cfg.augment, seed=cfg.train.seed, slice_points=payload.points)  # fmt: skip
     val_set = CropDataset(cache, payload.val_ids, payload.points, cfg.crop, labels=payload.val_labels)
@@ -241,11 +272,12 @@ def fold_loaders(cfg: Config, payload: FoldPayload) -> tuple[CropDataset, DataLo
     return train_set, train_loader, val_loader
 
 
-def predicted_points_loader(cfg: Config, payload: FoldPayload) -> DataLoader | None:
-    """The held-out studies cropped at the predicted points ``payload.val_points`` (None without them)."""
+def predicted_points_loader(cfg: Config, payload: FoldPayload, cache: SeriesCache | None = None) -> DataLoader | None:
+    """The held-out studies cropped at the predicted points ``payload.val_points`` (None without them), reading
+    ``cache`` (None = :func:`fold_cache`)."""
     if payload.val_points is None:
         return None
-    cache = SeriesCache(payload.cache_root, payload.cache_settings)
+    cache = cache if cache is not None else fold_cache(cfg, payload)
     val_set = CropDataset(cache, payload.val_ids, payload.val_points, cfg.crop, labels=payload.val_labels)
     return DataLoader(val_set, batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.train.loader_workers)
 
@@ -308,7 +340,8 @@ def build_fold(
         wrap_loader: e.g. ``ray.train.torch.prepare_data_loader`` (a distributed sampler).
     """
     amp = cfg.train.amp if device.type == "cuda" else "off"
-    train_set, train_loader, val_loader = fold_loaders(cfg, payload)
+    cache = fold_cache(cfg, payload)  # a remote cache is copied to this node here, once
+    train_set, train_loader, val_loader = fold_loaders(cfg, payload, cache)
     train_loader = wrap_loader(train_loader)
     model = build_model(cfg.model, cfg.crop)
     if cfg.loss.aux_slice_weight > 0 and not model.has_slice_attention:
@@ -327,7 +360,7 @@ def build_fold(
         scheduler.load_state_dict(state["scheduler"])
     return Fold(model, bare, train_set, train_loader, val_loader, loss_fn, optimizer, scheduler,
                 make_grad_scaler(device, amp), device, amp, np.asarray(payload.prior),
-                _build_ema(bare, cfg.train, state), predicted_points_loader(cfg, payload),
+                _build_ema(bare, cfg.train, state), predicted_points_loader(cfg, payload, cache),
                 np.asarray(payload.val_ids), np.asarray(payload.val_labels))  # fmt: skip
 
 
@@ -348,6 +381,13 @@ def training_state(fold: Fold) -> dict[str, Any]:
     return {"model": state_dict_cpu(fold.bare), "optimizer": fold.optimizer.state_dict(),
             "scheduler": fold.scheduler.state_dict(),
             "ema": fold.ema.state_dict() if fold.ema is not None else None}  # fmt: skip
+
+
+def evaluated_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of :attr:`Fold.evaluated` in a :func:`training_state`: the EMA's when the fold keeps one, else
+    the trained ones. The state holds them already, so the weights of an epoch need no second copy beside it."""
+    ema = state.get("ema")
+    return ema["module"] if ema is not None else state["model"]
 
 
 @dataclass

@@ -6,17 +6,29 @@ restarts it after a failure or when an interrupted CV is rerun under the same ru
 :func:`~lumbar_ray.train.steps.run_epoch`; then every worker calls ``ray.train.report`` once (it is a barrier);
 rank 0 attaches the checkpoint and logs the epoch to MLflow.
 
-A checkpoint holds the latest state (model, optimiser, scheduler, the EMA of the weights when ``train.ema_decay`` is
-on, epoch, history), the best epoch's weights (the EMA's, when on) and
-validation probabilities, and the latest epoch's validation probabilities: Ray keeps only the latest checkpoint,
-which therefore always carries the best model by the validation score, and the last epoch's predictions for the
-honest CV (an epoch fixed in advance, not chosen on the scored fold).
+A checkpoint holds the state at the end of its epoch (model, optimiser, scheduler, the EMA of the weights when
+``train.ema_decay`` is on, epoch, history, the best score so far as numbers) and that epoch's own validation
+probabilities and score. Ray keeps two of them (``CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=
+"val_score", checkpoint_score_order="min")``, see :func:`lumbar_ray.train.cv.build_trainer`): the best by the
+validation score, and the latest, which Ray never deletes while it is the latest, so a restarted worker or a rerun
+resumes from it. :meth:`FoldOutcome.from_state` takes the best epoch's weights (the evaluated model's, the EMA's
+when on: :func:`~lumbar_ray.train.steps.evaluated_weights`) and probabilities from the best checkpoint and the
+last epoch's probabilities (the honest CV: an epoch fixed in advance, not chosen on the scored fold) from the
+latest; no checkpoint carries a second copy of the best weights.
+
+Rank 0 writes a checkpoint into a fresh temporary folder and reports it with ``CheckpointUploadMode.ASYNC``: the
+next epoch trains while Ray copies it to storage, and Ray deletes the folder once the copy is done (never a
+``TemporaryDirectory``, which would vanish under the upload). The folders of a fold lie under one staging folder
+per Ray Train run (:func:`checkpoint_staging`), which rank 0 clears when it (re)starts: a worker group stopped by
+a failure leaves the checkpoints it had not uploaded yet behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +42,11 @@ from lumbar_ray.paths import atomic_path
 from lumbar_ray.raytools import quiet_ray_train_info
 from lumbar_ray.tracking import RunLogger
 from lumbar_ray.train.steps import (
+    Epoch,
     Fold,
     FoldPayload,
     build_fold,
-    keep_best,
+    evaluated_weights,
     predict_at_predicted_points,
     run_epoch,
     training_state,
@@ -42,6 +55,10 @@ from lumbar_ray.train.steps import (
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
+STAGING_DIR = "lumbar_ray_checkpoints"
+"""The folder under the node's temporary directory where rank 0 writes checkpoints until Ray has uploaded them."""
+SCORE_ATTRIBUTE = "val_score"
+"""The reported metric Ray keeps the best checkpoint by (lower is better), the one :func:`running_best` follows."""
 
 
 @dataclass
@@ -56,10 +73,11 @@ class FoldJob:
 
 @dataclass
 class FoldOutcome:
-    """A finished fold: its best epoch's weights and out-of-fold probabilities.
+    """A finished fold: its best epoch's weights and out-of-fold probabilities, and its last epoch's.
 
     ``starts`` lists the epoch each (re)start of the fold's workers began at (``[0]`` for an uninterrupted fold);
-    ``ranks`` holds the last epoch's per-rank training samples and weight checksums.
+    ``ranks`` holds the last epoch's per-rank training samples and weight checksums; ``checkpoint_path`` is the
+    latest checkpoint, ``best_checkpoint_path`` the one the best epoch's weights come from.
     """
 
     fold: int
@@ -75,6 +93,7 @@ class FoldOutcome:
     last_epoch: int | None = None
     last_probs: np.ndarray | None = None
     last_predicted_probs: np.ndarray | None = None
+    best_checkpoint_path: str | None = None
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as temporary:  # a fold counts as done only once its file is whole
@@ -85,17 +104,59 @@ class FoldOutcome:
         return cls(**torch.load(path, map_location="cpu", weights_only=False))
 
     @classmethod
-    def from_state(cls, fold: int, state: dict[str, Any], checkpoint_path: str | None = None) -> FoldOutcome:
-        """The outcome a finished fold's last checkpoint state holds (see :func:`train_fold_loop`)."""
-        best, last = state["best"], state.get("last") or {}
+    def from_state(cls, fold: int, state: dict[str, Any], checkpoint_path: str | None = None,
+                   best_state: dict[str, Any] | None = None,
+                   best_checkpoint_path: str | None = None) -> FoldOutcome:  # fmt: skip
+        """The outcome of a finished fold from its checkpoint states (see :func:`train_fold_loop`).
+
+        Args:
+            fold: the fold.
+            state: the latest checkpoint's state: the last epoch's predictions, the history, the restarts.
+            checkpoint_path: where that checkpoint lies.
+            best_state: the state of the checkpoint Ray kept as the best by :data:`SCORE_ATTRIBUTE` (None: only
+                ``state``). The better of the two candidates (:func:`best_candidate`) gives the best epoch, so a
+                checkpoint written before the best weights left the checkpoints still counts.
+            best_checkpoint_path: where the best checkpoint lies.
+        """
+        candidates = [best_candidate(each) for each in (state, best_state) if each is not None]
+        best = min(candidates, key=lambda c: (math.inf if math.isnan(c["score"]) else c["score"], c["epoch"]))
+        last = state.get("last") or {}
         if "study_ids" in last and not np.array_equal(last["study_ids"], best["study_ids"]):
             raise RuntimeError(f"fold {fold}: the last and the best epoch scored different studies")
+        if best_checkpoint_path is None and best is candidates[0]:
+            best_checkpoint_path = checkpoint_path
         return cls(fold=fold, best_score=float(best["score"]), best_epoch=int(best["epoch"]),
                    study_ids=np.asarray(best["study_ids"]), probs=np.asarray(best["probs"]), history=state["history"],
                    model_state=best["model"], starts=list(state.get("starts", [])),
                    ranks=dict(state.get("ranks", {})), checkpoint_path=checkpoint_path,
                    last_epoch=last.get("epoch"), last_probs=last.get("probs"),
-                   last_predicted_probs=last.get("predicted_probs"))  # fmt: skip
+                   last_predicted_probs=last.get("predicted_probs"),
+                   best_checkpoint_path=best_checkpoint_path)  # fmt: skip
+
+
+def best_candidate(state: dict[str, Any]) -> dict[str, Any]:
+    """The best epoch one checkpoint state vouches for: ``score``, ``epoch``, ``model`` (weights), ``study_ids``
+    and ``probs``.
+
+    That is the checkpoint's own epoch (its evaluated weights, its validation predictions), unless its ``best``
+    holds weights: a checkpoint of an older version, which copied the best epoch's weights and predictions into
+    every checkpoint (and a fold resumed from one carries that copy on until an epoch beats it), or a state built
+    by :func:`~lumbar_ray.train.steps.keep_best` without Ray.
+    """
+    if "model" in state["best"]:
+        return state["best"]
+    last = state["last"]
+    return {"score": float(last["score"]), "epoch": int(last["epoch"]), "model": evaluated_weights(state),
+            "study_ids": last["study_ids"], "probs": last["probs"]}  # fmt: skip
+
+
+def running_best(best: dict[str, Any] | None, epoch: int, score: float) -> dict[str, Any]:
+    """The best epoch so far by validation score (lower is better; the earlier on a tie), as numbers only: its
+    weights and predictions stay in its own checkpoint, which Ray keeps by the same score. A best resumed from an
+    older checkpoint, weights included (:func:`best_candidate`), is carried on until an epoch beats it."""
+    if best is not None and score >= best["score"]:
+        return best
+    return {"score": float(score), "epoch": int(epoch)}
 
 
 def load_checkpoint_state(checkpoint: Any) -> dict[str, Any] | None:
@@ -133,7 +194,10 @@ def train_fold_loop(config: dict[str, Any]) -> None:
 
     cfg, job = Config.model_validate(config["cfg"]), config["job"]
     quiet_ray_train_info()
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, staging = context.get_world_rank(), checkpoint_staging(context.get_experiment_name())
+    if rank == 0:
+        clear_staging(staging)
     torch.manual_seed(cfg.train.seed + rank)
     state = load_checkpoint_state(ray.train.get_checkpoint())
     fold = build_fold(cfg, job.payload, ray.train.torch.get_device(), state, ray.train.torch.prepare_model,
@@ -152,9 +216,8 @@ def train_fold_loop(config: dict[str, Any]) -> None:
             # Per-rank evidence (kept in the checkpoint, not sent to MLflow): every replica trained, and in sync.
             ranks = {"samples": _per_rank(metrics["train_samples"], fold.device),
                      "checksum": _per_rank(_parameter_checksum(fold.bare), fold.device)}  # fmt: skip
-            best = keep_best(best, epoch, fold.evaluated)  # with EMA on, the average is what is kept and registered
-            # The last epoch's predictions give the honest CV: a fixed schedule, not an epoch picked on this fold.
-            last = {"epoch": epoch_index, "study_ids": epoch.predictions.study_ids, "probs": epoch.probs}
+            best = running_best(best, epoch_index, metrics[SCORE_ATTRIBUTE])
+            last = epoch_predictions(epoch_index, epoch)
             if epoch_index == cfg.train.epochs - 1:
                 last |= _at_predicted_points(fold, last, metrics)
             metrics["best_val_score"] = best["score"]
@@ -163,7 +226,17 @@ def train_fold_loop(config: dict[str, Any]) -> None:
                 if job.run_logger is not None:
                     job.run_logger.log_epoch(epoch_index, {k: v for k, v in metrics.items()
                                                            if k not in ("epoch", "epoch_started_at")})  # fmt: skip
-            _report(rank, metrics, _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks))
+            _report(rank, metrics, _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks), staging)
+
+
+def epoch_predictions(epoch_index: int, epoch: Epoch) -> dict[str, Any]:
+    """An epoch's own validation predictions and score, as its checkpoint keeps them (``last``).
+
+    The best checkpoint's are the best epoch's (with EMA on, the average's, which is also what is registered); the
+    latest's are the last epoch's, the honest CV (a fixed schedule, not an epoch picked on this fold).
+    """
+    return {"epoch": int(epoch_index), "score": float(epoch.metrics[SCORE_ATTRIBUTE]),
+            "study_ids": epoch.predictions.study_ids, "probs": epoch.probs}  # fmt: skip
 
 
 def _system_metrics(cfg: Config, job: FoldJob, rank: int) -> contextlib.AbstractContextManager[None]:
@@ -206,13 +279,46 @@ def _log_progress(fold: int, epoch: int, epochs: int, metrics: dict[str, Any]) -
     )  # fmt: skip
 
 
-def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
+def checkpoint_staging(run_name: str) -> Path:
+    """``<the node's temporary directory>/lumbar_ray_checkpoints/<run name>``: where rank 0 of a Ray Train run (a
+    fold) writes its checkpoints until Ray has uploaded them."""
+    return Path(tempfile.gettempdir()) / STAGING_DIR / run_name
+
+
+def clear_staging(staging: Path) -> None:
+    """Remove the checkpoints a stopped worker group of this run left on this node before Ray uploaded them (Ray
+    deletes each one it uploads; a restarted group resumes from the latest uploaded one, never from these)."""
+    if not staging.is_dir():
+        return
+    left = [path for path in staging.iterdir() if path.is_dir()]
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True)
+    if left:
+        logger.info("removed %d checkpoint folder(s) a stopped worker group left in %s", len(left), staging)
+
+
+def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any], staging: Path) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint, uploaded while the next epoch trains.
+
+    ``CheckpointUploadMode.ASYNC`` copies the folder to storage in a background thread after ``report`` returns,
+    and deletes it once copied (``delete_local_checkpoint_after_upload``, the default of that mode): so the folder
+    is a fresh ``mkdtemp`` (under ``staging``) that this function never removes once reported. Ray waits for
+    pending uploads before the training function counts as finished, and reports them in order, so the latest
+    checkpoint is always whole.
+    """
     import ray.train
 
+    upload = ray.train.CheckpointUploadMode.ASYNC
     if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+        ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=upload)
         return
-    with tempfile.TemporaryDirectory() as folder:
+    staging.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="epoch_", dir=staging)
+    try:
         torch.save(state, Path(folder) / CHECKPOINT_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=upload,
+                         delete_local_checkpoint_after_upload=True)  # fmt: skip
+    except BaseException:  # not handed to Ray: nothing else would remove it
+        shutil.rmtree(folder, ignore_errors=True)
+        raise

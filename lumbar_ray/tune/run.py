@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from lumbar_ray.config import Config, ConfigError, SearchDim
-from lumbar_ray.paths import cv_run_id, run_dir_for, tune_dir_for, tune_storage_for
+from lumbar_ray.paths import cv_run_id, run_dir_for, tune_dir_for, tune_storage_for, with_resolved_storage
 from lumbar_ray.raytools import ensure_ray
 from lumbar_ray.registry import RegisteredEnsemble
 from lumbar_ray.tracking import Tracker
@@ -205,7 +205,8 @@ def run_tune(cfg: Config, resume: bool = False, register_best: bool = False) -> 
     inputs = prepare_inputs(cfg, out_dir)  # once for every trial: labels, cache, folds, label points
     tracker = Tracker.from_config(cfg)
     parent = tune_parent_run(tracker, cfg)
-    trainable = tune.with_parameters(cv_trial, base=cfg.model_dump(mode="json"), inputs=inputs, tune_parent=parent)
+    base = with_resolved_storage(cfg).model_dump(mode="json")  # a trial runs on any node
+    trainable = tune.with_parameters(cv_trial, base=base, inputs=inputs, tune_parent=parent)
     # The trial only waits on its TorchTrainers, which hold the CPUs. Tune refuses an empty request, and any CPU
     # fraction would leave a trial's workers one CPU short on a full machine: so one byte of memory, and no CPU.
     trainable = tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)

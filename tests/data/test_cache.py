@@ -1,11 +1,19 @@
-"""Cache metadata helpers: a slice's stack, the stack's slice spacing, and the block of slices it belongs to."""
+"""Cache metadata helpers (a slice's stack, the stack's slice spacing, the block of slices it belongs to) and the
+node-local copy of a remote cache."""
 
 from __future__ import annotations
 
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+import lumbar_ray.data.cache as cache_module
+from lumbar_ray.data.cache import SeriesCache, copy_to_node, is_uri, node_cache_folder
 from tests.data.conftest import stacked_meta
 
 
@@ -33,3 +41,76 @@ def test_without_positions_along_the_normal_the_block_is_the_whole_stack():
     meta = stacked_meta([(0.0, [0.0, 4.0, 8.0, 40.0, 44.0, 48.0])])
     unpositioned = replace(meta, slices=replace(meta.slices, position_along_normal=(float("nan"),) * 6))
     assert unpositioned.block_bounds(0) == (0, 6) and unpositioned.stack_spacing(0) is None
+
+
+def _write_entries(root, entries) -> SeriesCache:
+    """A local cache version holding a small volume (filled with its series id) per ``(study_id, series_id)``."""
+    cache = SeriesCache(root, {"image_size": 32})
+    cache.prepare()
+    for study_id, series_id in entries:
+        meta = replace(stacked_meta([(0.0, [0.0, 4.0])], series_id=series_id), study_id=study_id)
+        cache.write(study_id, series_id, np.full((2, 32, 32), series_id, dtype=np.uint8), meta)
+    return cache
+
+
+def _series_files(cache: SeriesCache) -> dict[str, bytes]:
+    """The entries' files of a local cache version, by their path inside it."""
+    base = Path(cache.path) / "series"
+    return {str(path.relative_to(base)): path.read_bytes() for path in sorted(base.rglob("*")) if path.is_file()}
+
+
+def test_a_remote_cache_is_copied_to_the_node_once_and_read_from_there(tmp_path, monkeypatch):
+    """A cache root given as a URI (here ``file://``, read through pyarrow as ``s3://`` is): the entries asked for
+    are copied into the node-local folder, file for file, and a second call fetches nothing again."""
+    source = _write_entries(tmp_path / "remote", [(1, 10), (1, 11), (2, 20)])
+    remote = SeriesCache(f"file://{tmp_path / 'remote'}", source.settings)
+    fetched = []
+    monkeypatch.setattr(cache_module, "_copy_entry", _counting(cache_module._copy_entry, fetched))
+
+    local = copy_to_node(remote, [(1, 10), (2, 20), (2, 20), (3, 30)], tmp_path / "node")  # (3, 30) is absent
+    assert Path(local.root).parent == tmp_path / "node" and local.key == remote.key and not is_uri(local.root)
+    assert _series_files(local) == {name: data for name, data in _series_files(source).items()
+                                    if not name.startswith("1/11.")}  # fmt: skip
+    assert local.read(1, 10, mmap=True).meta == source.read_meta(1, 10)
+    assert isinstance(local.read(2, 20, mmap=True).volume, np.memmap)  # read as a local cache: memory-mapped
+    assert sorted(fetched) == [(1, 10), (2, 20), (3, 30)]
+
+    fetched.clear()
+    again = copy_to_node(remote, [(1, 10), (1, 11), (2, 20)], tmp_path / "node")
+    assert again.path == local.path and fetched == [(1, 11)]  # only what was not there yet
+    assert not list(Path(local.path).rglob("*.tmp-*"))  # every file renamed into place
+
+
+def test_the_workers_of_a_node_copy_a_remote_cache_once_between_them(tmp_path, monkeypatch):
+    """Four workers of one node start at once: the lock lets one copy each entry while the others wait, then they
+    all read the same complete copy."""
+    entries = [(study, 100 + study) for study in range(12)]
+    _write_entries(tmp_path / "remote", entries)
+    remote = SeriesCache(f"file://{tmp_path / 'remote'}", {"image_size": 32})
+    fetched = []
+    monkeypatch.setattr(cache_module, "_copy_entry", _counting(cache_module._copy_entry, fetched, delay=0.01))
+    with ThreadPoolExecutor(4) as pool:
+        copies = list(pool.map(lambda _: copy_to_node(remote, entries, tmp_path / "node", threads=2), range(4)))
+    assert sorted(fetched) == entries  # each entry fetched exactly once on the node
+    assert {copy.path for copy in copies} == {copies[0].path}
+    assert all(copies[0].has(*entry) for entry in entries)
+
+
+def test_the_node_folder_is_keyed_by_the_root_without_its_credentials(tmp_path):
+    server = "bucket/cache?endpoint_override=127.0.0.1:9000&scheme=http"
+    with_key, rotated = node_cache_folder(f"s3://KEY:SECRET@{server}"), node_cache_folder(f"s3://OTHER:KEY@{server}")
+    assert with_key == rotated == node_cache_folder(f"s3://{server}")
+    assert with_key.parent == Path(tempfile.gettempdir()) / "lumbar_ray_cache"
+    assert node_cache_folder("s3://bucket/other") != with_key
+    assert node_cache_folder("s3://bucket/cache", tmp_path).parent == tmp_path
+
+
+def _counting(copy_entry, fetched: list, delay: float = 0.0):
+    """``copy_entry`` that records the entries it is asked for (slowed by ``delay`` s, so that callers overlap)."""
+
+    def counted(source, target, study_id, series_id):
+        fetched.append((study_id, series_id))
+        time.sleep(delay)
+        return copy_entry(source, target, study_id, series_id)
+
+    return counted

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from lumbar_ray.config import PreprocessConfig, SynthConfig, cache_settings
-from lumbar_ray.data.cache import SeriesCache, join_location
+from lumbar_ray.data.cache import SeriesCache, copy_to_node, join_location
 from lumbar_ray.data.dicom import read_series
 from lumbar_ray.data.preprocess import process_row, run_preprocess, series_items
 from lumbar_ray.data.rsna import TRAIN_SERIES_CSV, load_rsna, load_series
@@ -133,6 +133,24 @@ def test_the_series_of_a_test_study_are_cached_from_the_uri_as_from_the_folder(d
         caches.append(cache)
     assert statuses[0] == statuses[1] and {status["status"] for status in statuses[1]} == {"done"}
     assert len(statuses[1]) == len(series) and _cache_files(caches[1]) == _cache_files(caches[0])
+
+
+def test_a_cache_in_object_storage_is_copied_to_the_node_file_for_file(dataset, s3_server, tmp_path):
+    """A cache version on the S3 server (``preprocess.cache=s3://...``): the entries a fold asks for are copied to
+    the node-local folder once, byte for byte as the cache they were uploaded from."""
+    local, _uri = dataset
+    cache = SeriesCache(tmp_path / "made", cache_settings(CFG))
+    cache.prepare()
+    for item in series_items(local, ["train"]):
+        assert process_row(item, cache, CFG)["status"] == "done"
+    remote = SeriesCache(s3_server.upload(tmp_path / "made", "rsna-cache/cache"), cache_settings(CFG))
+    entries = sorted((int(item["study_id"]), int(item["series_id"])) for item in series_items(local, ["train"]))
+    copy = copy_to_node(remote, entries, tmp_path / "node")
+    assert copy.key == cache.key and copy.root.startswith(str(tmp_path / "node"))
+    files = {name: data for name, data in _cache_files(cache).items() if name.startswith("series/")}
+    assert {name: data for name, data in _cache_files(copy).items() if name.startswith("series/")} == files
+    assert len(files) == 2 * len(entries) > 0
+    assert copy_to_node(remote, entries, tmp_path / "node").path == copy.path  # found there: nothing fetched
 
 
 @pytest.mark.ray

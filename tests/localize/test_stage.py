@@ -11,7 +11,7 @@ import pytest
 
 from lumbar_ray.config import Config
 from lumbar_ray.constants import DETECTED_SERIES_TYPES
-from lumbar_ray.localize.stage import DETECTOR_TAG, SUMMARY_NAME, VAL_POINTS_NAME, run_localize
+from lumbar_ray.localize.stage import DETECTOR_TAG, RESULTS_NAME, SUMMARY_NAME, VAL_POINTS_NAME, run_localize
 from lumbar_ray.paths import detector_dir_for, localize_dir_for, trained_detectors
 
 TINY = {"width": 0.0625, "imgsz": 64, "epochs": 1, "batch": 16, "num_cpus": 1}
@@ -67,7 +67,8 @@ def test_run_localize_trains_on_ray_evaluates_then_reuses_everything(
     assert {r.info.status for r in children} == {"FINISHED"}
     assert sorted(r.info.run_name for r in children) == ["detector_sagittal_t1", "detector_sagittal_t2_stir"]
     assert {p.name for p in tmp_path.iterdir()} == {"work"}  # no mlruns, mlflow.db or runs/ in the cwd
-    assert any((result.folder.parent / "ultralytics").rglob("settings.json"))  # the workers' private settings
+    # What each task returned, written by the driver beside the weights (the task's own folder was its node's).
+    assert all((path.parent / RESULTS_NAME).is_file() for path in result.weights.values())
     assert {key: value for key, value in os.environ.items() if key.startswith("MLFLOW")} == {
         key: value for key, value in driver_env.items() if key.startswith("MLFLOW")
     }

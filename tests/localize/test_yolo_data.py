@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
+
 import cv2
 import numpy as np
 import pytest
 import yaml
 
 from lumbar_ray.constants import TARGETS
-from lumbar_ray.localize.yolo_data import detector_targets, export_yolo_dataset
+from lumbar_ray.localize.yolo_data import detector_targets, export_yolo_dataset, pack_dataset, unpack_dataset
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +74,32 @@ def test_boxes_in_millimetres_cover_the_same_anatomy_whatever_the_field_of_view(
         line.split()[3] for f in (tmp_path / "share" / "labels").rglob("*.txt") for line in f.read_text().splitlines()
     }
     assert shares == {"0.080000"}
+
+
+def test_a_packed_export_unpacks_elsewhere_whole_and_pointing_at_itself(cached, tmp_path):
+    """What a detector task on another node trains on: the same files, its ``dataset.yaml`` pointing at the copy."""
+    cache, points, folds = cached
+    export = export_yolo_dataset(points, cache, "Sagittal T1", folds, val_fold=1, out=tmp_path / "driver" / "yolo")
+
+    dataset_yaml = unpack_dataset(pack_dataset(export.dataset_yaml), tmp_path / "node" / "copy")
+
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    original, copy = files(tmp_path / "driver" / "yolo"), files(tmp_path / "node" / "copy")
+    assert set(copy) == set(original) and len(copy) > 3
+    assert all(copy[name] == original[name] for name in copy if name != "dataset.yaml")
+    dataset = yaml.safe_load(dataset_yaml.read_text())
+    assert dataset["path"] == str((tmp_path / "node" / "copy").resolve())
+    assert dataset["names"] == yaml.safe_load(export.dataset_yaml.read_text())["names"]
+
+
+def test_an_archive_entry_leaving_the_folder_is_refused(tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        entry = tarfile.TarInfo("../outside.txt")
+        entry.size = 1
+        archive.addfile(entry, io.BytesIO(b"x"))
+    with pytest.raises(tarfile.TarError, match="outside"):
+        unpack_dataset(buffer.getvalue(), tmp_path / "into")
+    assert not (tmp_path / "outside.txt").exists()

@@ -28,7 +28,8 @@ def make_small_config(workdir: Path, **train) -> Config:
         "augment": {"jitter_measured": False},
         "calibrate": {"temperature": False},
         "train": {"epochs": 2, "batch_size": 4, "num_workers": 2, "warmup_epochs": 0.5} | train,
-        "tracking": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "model_name": "test_ensemble"},
+        "tracking": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "model_name": "test_ensemble",
+                     "register_without_detectors": True},
     })  # fmt: skip
 
 
@@ -143,7 +144,8 @@ def member_config(workdir: Path, synthetic_dir: Path, cache: SmallCache, crop: d
         "model": model,
         "loss": {"aux_slice_weight": 0.0 if model.get("pool") == "mean" else 0.5},  # a mean pool has no attention
         "train": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0.5},
-        "tracking": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "model_name": "small_ensemble"},
+        "tracking": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "model_name": "small_ensemble",
+                     "register_without_detectors": True},
     })  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from lumbar_ray.metrics import score_arrays
 from lumbar_ray.paths import cv_run_id, data_root_for, ray_storage_for, run_dir_for
 from lumbar_ray.pipeline import train
 from lumbar_ray.train.cv import assemble_oof, run_cv
+from lumbar_ray.train.worker import CHECKPOINT_FILE
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -50,7 +51,7 @@ def test_parallel_folds_give_the_sequential_cvs_out_of_fold_predictions(interrup
     assert parallel.score.total == pytest.approx(sequential.cv.score.total, abs=1e-6)
 
 
-def test_fold_ran_ddp_on_two_workers_with_one_checkpoint(interrupted_then_resumed):
+def test_fold_ran_ddp_on_two_workers_keeping_its_best_and_latest_checkpoints(interrupted_then_resumed):
     cfg, first, _, _ = interrupted_then_resumed
     outcome = first.cv.outcomes[0]
     assert [entry["world_size"] for entry in outcome.history] == [2, 2]
@@ -62,8 +63,15 @@ def test_fold_ran_ddp_on_two_workers_with_one_checkpoint(interrupted_then_resume
     assert checksum[0] == pytest.approx(checksum[1], rel=1e-9)  # DDP kept the replicas identical
     fold_dir = ray_storage_for(cfg).rstrip("/") + f"/{cv_run_id(cfg)}-fold0"
     checkpoints = sorted(p.name for p in Path(fold_dir).rglob("checkpoint_*") if p.is_dir())
-    assert len(checkpoints) == 1, checkpoints  # num_to_keep=1: the latest, carrying the best weights
-    assert outcome.checkpoint_path is not None and Path(outcome.checkpoint_path).name == checkpoints[0]
+    # num_to_keep=1 by val_score: the best checkpoint, and the latest (Ray never deletes the latest), one if they agree
+    assert {Path(outcome.checkpoint_path).name, Path(outcome.best_checkpoint_path).name} == set(checkpoints)
+    assert (len(checkpoints) == 1) == (outcome.best_epoch == outcome.last_epoch), (checkpoints, outcome.best_epoch)
+    for path in {outcome.checkpoint_path, outcome.best_checkpoint_path}:
+        state = torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        assert set(state["best"]) == {"score", "epoch"}  # no copy of the best weights in any checkpoint
+    best = torch.load(Path(outcome.best_checkpoint_path) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    assert best["epoch"] == outcome.best_epoch and best["last"]["score"] == outcome.best_score
+    torch.testing.assert_close(outcome.model_state, best["model"])  # no EMA here: the trained weights
 
 
 def test_interrupted_cv_rerun_trains_only_missing_folds(interrupted_then_resumed):

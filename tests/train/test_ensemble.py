@@ -39,7 +39,7 @@ def _ensemble_config(workdir: Path, **calibrate) -> Config:
         "workdir": str(workdir),
         "calibrate": calibrate,
         "tracking": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "experiment": "ensembles",
-                     "model_name": "two_archs"},
+                     "model_name": "two_archs", "register_without_detectors": True},
     })  # fmt: skip
 
 

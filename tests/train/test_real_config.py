@@ -31,6 +31,7 @@ def tiny_real_config(workdir: Path, data_root: Path, cache_root: str):
         "cv.n_folds=2", "crop.size=32", "crop.region=24", "train.batch_size=2", "train.epochs=1",
         "train.num_workers=1", "train.use_gpu=false", "train.loader_workers=0", "train.storage=null",
         "model.pretrained=false", f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
+        "tracking.register_without_detectors=true",
     ])  # fmt: skip
 
 

@@ -9,12 +9,13 @@ import pytest
 from mlflow import MlflowClient
 
 from lumbar_ray.calibrate import apply_group_temperatures, fit_group_temperatures
-from lumbar_ray.config import CalibrateConfig
+from lumbar_ray.config import CalibrateConfig, Config
+from lumbar_ray.errors import MissingDetectorsError
 from lumbar_ray.metrics import score_arrays
-from lumbar_ray.paths import tracking_uri_for
+from lumbar_ray.paths import DETECTOR_WEIGHTS, detector_dir_for, tracking_uri_for
 from lumbar_ray.registry import load_ensemble
 from lumbar_ray.train.cv import assemble_oof
-from lumbar_ray.train.register import register_cv
+from lumbar_ray.train.register import detectors_to_register, register_cv
 from tests.train.conftest import SMALL_FOLDS, finish_small_cv, predict_held_out
 
 
@@ -59,3 +60,19 @@ def test_a_calibrated_cv_reports_its_cross_fitted_score_and_registers_its_temper
         np.testing.assert_allclose(predict_held_out(loaded, small_cache, fold), model_oof[np.equal(SMALL_FOLDS, fold)],
                                    atol=1e-5)  # fmt: skip
     assert np.abs(model_oof - assemble_oof(small_cache.study_ids, outcomes)).max() > 1e-3  # the temperatures act
+
+
+def test_registering_without_the_detectors_is_an_error_unless_asked_for(tmp_path, caplog) -> None:
+    cfg = Config.model_validate({"workdir": str(tmp_path)})
+    with pytest.raises(MissingDetectorsError, match="lumbar-ray localize"):
+        detectors_to_register(cfg)
+    weights = detector_dir_for(cfg, "Sagittal T2/STIR") / DETECTOR_WEIGHTS
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    with pytest.raises(MissingDetectorsError, match="Sagittal T1"):  # one of two is not enough
+        detectors_to_register(cfg)
+
+    allowed = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"register_without_detectors": True})})
+    with caplog.at_level("WARNING"):
+        assert detectors_to_register(allowed) == {"Sagittal T2/STIR": weights}
+    assert "Sagittal T1" in caplog.text

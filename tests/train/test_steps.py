@@ -369,3 +369,36 @@ def test_a_fold_with_the_second_view_trains_and_predicts_through_the_same_steps(
     assert epoch.probs.shape == (4, 25, 3) and np.allclose(epoch.probs.sum(-1), 1)
     best = keep_best(None, epoch, fold.evaluated)
     assert "view_embedding.weight" in best["model"]
+
+
+def test_a_fold_reads_a_remote_cache_from_its_node_local_copy(small_cache, small_fold, tmp_path):
+    """``preprocess.cache`` a URI: the fold's entries are copied once into ``train.node_cache`` and its datasets
+    read the copy, item for item as they read the cache itself; a local cache root is read in place."""
+    import dataclasses
+
+    from lumbar_ray.config import Config
+    from lumbar_ray.data.cache import SeriesCache
+    from lumbar_ray.train.steps import build_fold, fold_cache, fold_entries
+
+    train = {"epochs": 1, "batch_size": 4, "node_cache": str(tmp_path / "node")}
+    cfg = Config.model_validate({"crop": {"size": 16, "region": 24, "slices": 3}, "train": train})
+    assert fold_cache(cfg, small_fold).root == str(small_cache.cache_root)  # local: read in place, nothing copied
+    assert not (tmp_path / "node").exists()
+
+    remote = dataclasses.replace(small_fold, cache_root=f"file://{small_cache.cache_root}")
+    entries = fold_entries(remote)
+    studies = set(small_fold.train_ids.tolist()) | set(small_fold.val_ids.tolist())
+    assert entries and {study for study, _ in entries} == studies
+    source = SeriesCache(small_cache.cache_root, small_cache.cache_settings)
+    assert entries <= source.cached_keys()
+    torch.manual_seed(0)
+    fold = build_fold(cfg, remote, torch.device("cpu"))
+    copy = fold.train_set.cache
+    assert copy.root.startswith(str(tmp_path / "node")) and copy.key == source.key
+    assert all(copy.has(*entry) for entry in entries)
+    torch.manual_seed(0)
+    in_place = build_fold(cfg, small_fold, torch.device("cpu"))
+    for index in (0, len(in_place.train_set) - 1):
+        for key, value in in_place.train_set[index].items():
+            torch.testing.assert_close(fold.train_set[index][key], value, rtol=0, atol=0)
+    assert fold.val_loader.dataset.cache.root == copy.root
