@@ -23,7 +23,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from lumbar_ray.config import SynthConfig
 from lumbar_ray.data.rsna import load_rsna
+from lumbar_ray.data.synthetic import write_dataset
 from lumbar_ray.metrics import validate_submission
 from lumbar_ray.registry import read_contract
 from tests.net import free_port, ray_node_command, start_process, stop_process, wait_for_http
@@ -121,10 +123,8 @@ def _run(env: dict[str, str], cwd: Path, *args: str) -> str:
 def test_localise_train_register_and_predict_with_nothing_passed_as_a_driver_path(cluster):
     env, workdir, shared, tracking_uri = cluster
     config = _config(workdir.parent, shared, tracking_uri)
-    _run(env, workdir, "synth", "--out", str(shared / "rsna"), "--studies", "24", "--test-studies", "2",
-         "synth.image_sizes=[64]")  # fmt: skip
-    _run(env, workdir, "preprocess", "--config", str(config))
-    _run(env, workdir, "localize", "--config", str(config))
+    write_dataset(shared / "rsna", SynthConfig(train_studies=24, test_studies=2, image_sizes=[64], seed=2))
+    _run(env, workdir, "localize", "--config", str(config))  # preprocesses first, into $LUMBAR_RAY_STORAGE/cache
     _run(env, workdir, "train", "--config", str(config))
     out = workdir / "submission.csv"
     _run(env, workdir, "predict", "--config", str(config), "--out", str(out))
