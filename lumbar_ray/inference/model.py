@@ -2,7 +2,8 @@
 
 ``mlflow.pyfunc.load_model("models:/<name>@<alias>").predict(frame)`` takes one study per row:
 
-* ``study_dir`` (string): a folder holding the study's DICOM files, any layout; or
+* ``study_dir`` (string): a folder holding the study's DICOM files, any layout, or its URI (``s3://...``, any
+  URI pyarrow reads: the files are downloaded into a private folder first); or
 * ``study_zip`` (binary; base64 in JSON, as MLflow's scoring server takes binary columns): the study zipped;
 * ``study_id`` (long, optional): the id its rows are named by; else the folder's (or the zip's one top folder's)
   numeric name, else 0.
@@ -30,15 +31,18 @@ import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from lumbar_ray.config import LocalizeConfig, SynthConfig
+from lumbar_ray.data.cache import filesystem, is_uri
 from lumbar_ray.data.series_type import description_map
 from lumbar_ray.data.synthetic import write_dataset
 from lumbar_ray.errors import StudyInputError
@@ -54,7 +58,14 @@ from lumbar_ray.inference.study import (
     study_id_from_folder,
     study_rows,
 )
-from lumbar_ray.inference.uploads import UploadLimits, extract_zip, upload_folder, write_files
+from lumbar_ray.inference.uploads import (
+    UploadLimits,
+    check_totals,
+    extract_zip,
+    safe_relative_path,
+    upload_folder,
+    write_files,
+)
 from lumbar_ray.localize.detector import load_detectors
 from lumbar_ray.provenance import library_versions
 from lumbar_ray.registry import DEFAULT_BATCH, FoldEnsemble, Packaging
@@ -143,6 +154,40 @@ def _present(value: Any) -> bool:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return False
     return not (isinstance(value, (str, bytes)) and len(value) == 0)
+
+
+def _without_credentials(uri: str) -> str:
+    """``uri`` as it may be shown: without the ``user:secret@`` a pyarrow URI can carry."""
+    split = urlsplit(uri)
+    return urlunsplit(split._replace(netloc=split.netloc.rpartition("@")[2]))
+
+
+def download_study(uri: str, folder: Path, limits: UploadLimits) -> Path:
+    """Copy the files under a study folder's URI (``s3://bucket/rsna/test_images/<study_id>``, any layout below it)
+    into ``folder/<the URI's last name>``, within the upload limits, and return that folder (so a numeric name is
+    still the study id).
+
+    Raises:
+        StudyInputError: a URI that cannot be listed or holds no file (404); too many files or bytes (413), counted
+            before anything is downloaded; a name leaving the folder (400). The URI is named without credentials.
+    """
+    shown = _without_credentials(uri)
+    fs, root = filesystem(uri)
+    try:
+        entries = [entry for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+                   if entry.type == pafs.FileType.File]  # fmt: skip
+    except OSError as error:
+        raise StudyInputError(shown, f"cannot be listed ({error})", 404) from None
+    if not entries:
+        raise StudyInputError(shown, "no such folder, or it holds no file", 404)
+    check_totals(len(entries), sum(entry.size for entry in entries), limits, shown)
+    target = folder / (PurePosixPath(root).name or "study")
+    for entry in entries:
+        path = target / safe_relative_path(entry.path[len(root.rstrip("/")) + 1 :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(entry.path) as source:
+            path.write_bytes(source.read())
+    return target
 
 
 @dataclass
@@ -264,13 +309,16 @@ with warnings.catch_warnings():
             Raises:
                 StudyInputError: see :meth:`read` and :mod:`lumbar_ray.inference.uploads`.
             """
-            if request.study_dir is not None:
+            limits = limits or UploadLimits()
+            if request.study_dir is not None and not is_uri(request.study_dir):
                 folder = Path(request.study_dir)
                 if not folder.is_dir():
                     raise StudyInputError(request.study_dir, "no such folder")
                 return self.read_folder(folder, request.study_id, series_map)
-            limits = limits or UploadLimits()
             with upload_folder(root=upload_root) as folder:
+                if request.study_dir is not None:  # a URI: its files come down into the private folder
+                    return self.read_folder(download_study(request.study_dir, folder, limits), request.study_id,
+                                            series_map)  # fmt: skip
                 if request.study_files is not None:
                     write_files(request.study_files, folder, limits)
                 else:

@@ -89,7 +89,8 @@ def _check_entry(info: zipfile.ZipInfo) -> None:
         raise StudyInputError(info.filename, "nested archives are not accepted: zip the DICOM files themselves")
 
 
-def _check_totals(count: int, size: int, limits: UploadLimits, what: str) -> None:
+def check_totals(count: int, size: int, limits: UploadLimits, what: str) -> None:
+    """Refuse (413) ``count`` files of ``size`` bytes in all beyond ``limits``; ``what`` names the source."""
     if count > limits.max_files:
         raise StudyInputError("", f"{what} holds {count} files, more than the {limits.max_files} allowed", 413)
     if size > limits.max_bytes:
@@ -127,7 +128,7 @@ def extract_zip(data: bytes | BinaryIO, folder: Path, limits: UploadLimits = Upl
         entries = [info for info in archive.infolist() if not _is_folder(info)]
         if not entries:
             raise StudyInputError("", "the zip holds no file")
-        _check_totals(len(entries), sum(info.file_size for info in entries), limits, "the zip")
+        check_totals(len(entries), sum(info.file_size for info in entries), limits, "the zip")
         targets = []
         for info in entries:
             _check_entry(info)
@@ -147,7 +148,7 @@ def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path
         with archive.open(info) as source, target.open("xb") as sink:
             for chunk in iter(lambda: source.read(_CHUNK), b""):
                 written += len(chunk)
-                _check_totals(0, written, limits, "the zip")
+                check_totals(0, written, limits, "the zip")
                 sink.write(chunk)
     except FileExistsError:
         raise StudyInputError(
@@ -173,7 +174,7 @@ def write_files(files: Iterable[tuple[str, bytes]], folder: Path, limits: Upload
     files = list(files)
     if not files:
         raise StudyInputError("", "the upload is empty")
-    _check_totals(len(files), sum(len(data) for _, data in files), limits, "the upload")
+    check_totals(len(files), sum(len(data) for _, data in files), limits, "the upload")
     out = []
     for index, (name, data) in enumerate(files):
         relative = safe_relative_path(name)

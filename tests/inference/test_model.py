@@ -121,3 +121,18 @@ def test_a_base64_zip_is_what_json_carries(study_model):
     (request,) = requests_from_frame(pd.DataFrame({"study_zip": [encoded]}))
     assert request.study_zip == _zip(study_model["study"])
     assert len(model.predict(pd.DataFrame({"study_zip": [encoded]}))) == len(TARGETS)
+
+
+def test_a_study_folder_in_object_storage_predicts_as_the_local_folder(study_model, s3_server):
+    """``study_dir`` as an ``s3://`` URI: its files come down into a private folder, and its name is still the id."""
+    model = mlflow.pyfunc.load_model(study_model["local"])
+    study = study_model["study"]
+    uri = s3_server.upload(study, f"studies/test_images/{study.name}")
+
+    by_uri = model.predict(pd.DataFrame({"study_dir": [uri]}))
+
+    by_folder = model.predict(pd.DataFrame({"study_dir": [str(study)]}))
+    pd.testing.assert_frame_equal(by_uri, by_folder)
+    with pytest.raises(StudyInputError, match="no such folder") as missing:
+        model.predict(pd.DataFrame({"study_dir": [s3_server.uri("studies/test_images/404")]}))
+    assert missing.value.status == 404 and "testing:testing@" not in str(missing.value)  # no credentials shown
