@@ -8,8 +8,8 @@ thread (torch, OpenCV, BLAS): one process on one core, which is what one DataLoa
 worker is. Three item paths:
 
 - training items (augmented), volumes memory-mapped from a local cache;
-- the same, each series read whole, as ``SeriesCache.read`` does from an ``s3://`` cache (the shipped config's;
-  network and TLS not included, so a lower bound of its cost);
+- the same, each series read whole, as ``SeriesCache.read`` reads a remote cache directly (training reads its
+  node-local copy instead, the first path; network and TLS not included);
 - validation items (deterministic crops, no augmentation), memory-mapped.
 
 Figures are studies per CPU second of this process (user + system time: other jobs on a shared machine do not

@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +267,44 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+SHIPPED_DIR = "lumbar_ray_inputs"
+"""The folder under a node's temporary directory where shipped files are written (:meth:`ShippedFile.local_path`)."""
+
+
+@dataclass(frozen=True)
+class ShippedFile:
+    """A file of the driver's carried by value to a Ray task or worker on any node: its bytes travel with the task's
+    arguments (through the object store), and the receiving node writes them once, under its temporary directory.
+
+    For the inputs a config names by a local path that other nodes need (``model.pretrained_file``, a weights or
+    yaml file as ``localize.model``): a path of the driver's means nothing on another node.
+    """
+
+    name: str
+    sha256: str
+    data: bytes
+
+    @classmethod
+    def of(cls, path: str | Path) -> ShippedFile:
+        """The file at ``path`` (read now, on the driver)."""
+        data = Path(path).read_bytes()
+        return cls(Path(path).name, hashlib.sha256(data).hexdigest(), data)
+
+    def local_path(self) -> Path:
+        """The file on this node: ``<tmp>/lumbar_ray_inputs/<sha256>/<name>`` (the name kept: ultralytics reads a
+        model's scale from it), written atomically the first time."""
+        target = Path(tempfile.gettempdir()) / SHIPPED_DIR / self.sha256[:32] / self.name
+        if not target.is_file():
+            with atomic_path(target) as temporary:
+                temporary.write_bytes(self.data)
+        return target
+
+
+def ship_if_local(location: str | None) -> ShippedFile | None:
+    """``location`` shipped when it names a file here; None for None, a URI, or a name that something else resolves
+    where it runs (a timm hub name, an ultralytics ``yolov8n.yaml``)."""
+    if location is None or "://" in str(location) or not Path(location).is_file():
+        return None
+    return ShippedFile.of(location)

@@ -49,7 +49,7 @@ from lumbar_ray.registry import RegisteredEnsemble
 from lumbar_ray.tracking import Tracker
 from lumbar_ray.train.cv import CVResult, run_cv
 from lumbar_ray.train.ensemble import EnsembleResult, run_ensemble
-from lumbar_ray.train.register import register_cv, registered_model_uri
+from lumbar_ray.train.register import detectors_to_register, register_cv, registered_model_uri
 from lumbar_ray.tune.run import TuneResult, experiment_exists, run_tune
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,13 @@ def with_measured_jitter(cfg: Config, errors: pd.DataFrame | None = None, search
 
 
 def train(cfg: Config) -> TrainResult:
-    """Complete the cache, run the CV (resumable) and register its ensemble with the config's detectors."""
+    """Complete the cache, run the CV (resumable) and register its ensemble with the config's detectors.
+
+    Raises:
+        MissingDetectorsError: before any training, when the CV would be registered without its detectors.
+    """
+    if cfg.tracking.register_model and cfg.train.folds is None:
+        detectors_to_register(cfg)  # now, not after hours of training
     complete_cache(cfg)
     cfg = with_measured_jitter(cfg)
     cv = run_cv(cfg)
@@ -151,7 +157,10 @@ def localize(cfg: Config) -> LocalizeResult:
 
 
 def tune(cfg: Config, resume: bool = False, register_best: bool = False) -> TuneResult:
-    """Complete the cache, then search ``tune.space`` (see :func:`lumbar_ray.tune.run.run_tune`)."""
+    """Complete the cache, then search ``tune.space`` (see :func:`lumbar_ray.tune.run.run_tune`); with
+    ``register_best``, the detectors the registered model ships are checked first."""
+    if register_best and cfg.tracking.register_model:
+        detectors_to_register(cfg)
     complete_cache(cfg)
     return run_tune(tuning_config(cfg), resume=resume, register_best=register_best)
 

@@ -4,9 +4,11 @@ A head (the driver's node) and a second node started in its own mount namespace 
 workdir: whatever the driver writes there is invisible to the second node, and whatever the second node writes
 there never reaches the driver, as on two machines. The second node carries the custom resource ``node_b`` that the
 detector trainings and the training workers ask for (``localize.resources``, ``train.resources``), so they run
-there. Shared storage is a folder outside the workdir (``$LUMBAR_RAY_STORAGE``, as a shared mount would be), MLflow
-an ``mlflow server`` on loopback: localise, train two folds at once, register and predict must pass every input
-and output through them or the object store.
+there, two at a time. Shared storage is a folder outside the workdir (``$LUMBAR_RAY_STORAGE``, as a shared mount
+would be; the cache is given as its ``file://`` URI, as an ``s3://`` one would be, so the training workers read
+their node's copy of it), MLflow an ``mlflow server`` on loopback: localise, train two folds at once, register and
+predict must pass every input and output through them or the object store. (Preprocessing and prediction actors,
+and the folds' zero-CPU driver tasks, may run on either node.)
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def _config(root: Path, shared: Path, tracking_uri: str) -> Path:
     cfg = {
         "workdir": str(root / "driver"),
         "data": {"root": str(shared / "rsna")},
-        "preprocess": {"image_size": 64, "workers": 1},
+        # A URI: the training workers read a node-local copy of it (data/cache.copy_to_node).
+        "preprocess": {"image_size": 64, "workers": 1, "cache": f"file://{shared / 'cache'}"},
         "cv": {"n_folds": 2, "seed": 0},
         "crop": {"size": 16, "region": 24, "slices": 3},
         "augment": {"jitter_measured": False},
@@ -89,7 +92,7 @@ def cluster(tmp_path):
         head_command = ray_node_command(temp_dir, "--port", gcs.split(":")[1], "--include-dashboard", "false")
         head = start_process(head_command, tmp_path / "head.log", env)
         processes.append(head)
-        node = ray_node_command(temp_dir, head=gcs, resources={"node_b": 1})
+        node = ray_node_command(temp_dir, head=gcs, resources={"node_b": 2})  # both folds (or detectors) at once
         hide = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount -t tmpfs tmpfs "$0" && exec "$@"', str(workdir)]  # fmt: skip
         processes.append(start_process(hide + node, tmp_path / "node_b.log", env))
@@ -105,8 +108,8 @@ def _wait_for_nodes(gcs: str, env: dict[str, str], tmp_path: Path) -> None:
     """Block until both nodes have joined (the second one's resource is visible), or fail with the logs."""
     script = ("import ray, time\nray.init(address='auto', log_to_driver=False)\n"
               "deadline = time.time() + 120\n"
-              "while ray.cluster_resources().get('node_b', 0) < 1 and time.time() < deadline: time.sleep(1)\n"
-              "print(ray.cluster_resources())\nassert ray.cluster_resources().get('node_b', 0) >= 1\n")  # fmt: skip
+              "while ray.cluster_resources().get('node_b', 0) < 2 and time.time() < deadline: time.sleep(1)\n"
+              "print(ray.cluster_resources())\nassert ray.cluster_resources().get('node_b', 0) >= 2\n")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", script], env=env | {"RAY_ADDRESS": gcs}, capture_output=True,
                           text=True, timeout=180)  # fmt: skip
     logs = "".join((tmp_path / f"{name}.log").read_text()[-1500:] for name in ("head", "node_b"))
@@ -124,7 +127,7 @@ def test_localise_train_register_and_predict_with_nothing_passed_as_a_driver_pat
     env, workdir, shared, tracking_uri = cluster
     config = _config(workdir.parent, shared, tracking_uri)
     write_dataset(shared / "rsna", SynthConfig(train_studies=24, test_studies=2, image_sizes=[64], seed=2))
-    _run(env, workdir, "localize", "--config", str(config))  # preprocesses first, into $LUMBAR_RAY_STORAGE/cache
+    _run(env, workdir, "localize", "--config", str(config))  # preprocesses first, into the shared cache
     _run(env, workdir, "train", "--config", str(config))
     out = workdir / "submission.csv"
     _run(env, workdir, "predict", "--config", str(config), "--out", str(out))

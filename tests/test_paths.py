@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from lumbar_ray.paths import (
     data_root_for,
     localize_key,
     ray_storage_for,
+    ship_if_local,
     tracking_uri_for,
     tune_storage_for,
 )
@@ -180,3 +182,16 @@ def test_predicted_points_are_hashed_by_their_contents_not_their_path(tmp_path: 
     assert cv_run_id(relative) == cv_run_id(with_points(tmp_path / "a" / "points.parquet"))
     with pytest.raises(FileNotFoundError, match="cv.predicted_points"):
         cv_run_id(with_points(tmp_path / "missing.parquet"))
+
+
+def test_a_shipped_file_is_written_once_on_the_receiving_node_under_its_own_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node_tmp"))
+    source = tmp_path / "driver" / "convnext_nano.safetensors"
+    source.parent.mkdir()
+    source.write_bytes(b"weights" * 100)
+    shipped = ship_if_local(str(source))
+    source.unlink()  # the receiving node never sees the driver's path
+    received = shipped.local_path()
+    assert received.name == "convnext_nano.safetensors" and received.read_bytes() == b"weights" * 100
+    assert received.is_relative_to(tmp_path / "node_tmp") and shipped.local_path() == received
+    assert ship_if_local("s3://bucket/weights.pt") is None and ship_if_local("convnext_nano") is None

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from lumbar_ray.config import ConfigError, load_config
+from lumbar_ray.errors import MissingDetectorsError
 from lumbar_ray.localize.stage import VAL_ERRORS_NAME
 from lumbar_ray.paths import cv_run_id, localize_dir_for
-from lumbar_ray.pipeline import quickstart_config, tuning_config, with_measured_jitter
+from lumbar_ray.pipeline import quickstart_config, train, tune, tuning_config, with_measured_jitter
 from lumbar_ray.train.cv import start_cv
 
 
@@ -86,3 +87,12 @@ def test_the_quickstart_registers_and_predicts_under_its_own_model_name(tmp_path
     assert cv_run_id(quick) == cv_run_id(cfg)  # the model name is no part of a CV's id
     named = load_config(None, [f"workdir={tmp_path}", "tracking.model_name=my_model"])
     assert quickstart_config(named) == named  # a name given on purpose is kept
+
+
+def test_a_cv_that_would_register_without_its_detectors_is_refused_before_it_trains(tmp_path):
+    cfg = load_config(None, [f"workdir={tmp_path / 'work'}"])
+    with pytest.raises(MissingDetectorsError, match="lumbar-ray localize"):
+        train(cfg)
+    assert not (tmp_path / "work" / "data").exists() and not (tmp_path / "work" / "cache").exists()  # nothing ran
+    with pytest.raises(MissingDetectorsError):
+        tune(cfg, register_best=True)

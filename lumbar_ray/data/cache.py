@@ -478,22 +478,36 @@ def _node_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+COPY_ATTEMPTS = 4
+"""Tries of one entry's copy before the error is raised (object storage throttles and drops requests now and then)."""
+
+
 def _copy_entry(source: SeriesCache, target: SeriesCache, study_id: int, series_id: int) -> bool:
     """Copy one entry with the cache's own commit rule (the ``.npy``, then its ``.json``, each renamed into
-    place); False when the source has no such entry or it cannot be read (its targets are then masked, as when
-    the source is read directly)."""
-    try:
-        if not source.has(study_id, series_id):
-            return False
-        target.fs.create_dir(f"{target.path}/series/{study_id}", recursive=True)
-        for suffix in ("npy", "json"):
-            with source.fs.open_input_stream(source._entry(study_id, series_id, suffix)) as stream:
-                data = stream.read()
-            target._write_bytes(target._entry(study_id, series_id, suffix), data)
-    except OSError as error:
-        logger.warning("cache entry %s/%s not copied to this node: %s", study_id, series_id, error)
-        return False
-    return True
+    place); False only when the source has no such entry (its targets are then masked, as when the source is read
+    directly).
+
+    Raises:
+        OSError: the copy failed :data:`COPY_ATTEMPTS` times (a full disk, storage that keeps failing): never
+            turned into a missing entry, which would train this node's ranks on other data than the others'.
+    """
+    for attempt in range(1, COPY_ATTEMPTS + 1):
+        try:
+            if not source.has(study_id, series_id):
+                return False
+            target.fs.create_dir(f"{target.path}/series/{study_id}", recursive=True)
+            for suffix in ("npy", "json"):
+                with source.fs.open_input_stream(source._entry(study_id, series_id, suffix)) as stream:
+                    data = stream.read()
+                target._write_bytes(target._entry(study_id, series_id, suffix), data)
+            return True
+        except OSError as error:
+            if attempt == COPY_ATTEMPTS:
+                raise OSError(f"cache entry {study_id}/{series_id} could not be copied to this node from "
+                              f"{source.path} after {COPY_ATTEMPTS} tries: {error}") from error  # fmt: skip
+            logger.warning("cache entry %s/%s: copy try %d failed (%s); retrying", study_id, series_id, attempt, error)
+            time.sleep(0.5 * 2**attempt)
+    return False
 
 
 def copy_to_node(

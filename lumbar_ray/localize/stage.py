@@ -44,12 +44,14 @@ from lumbar_ray.localize.yolo_data import export_yolo_dataset, pack_dataset, unp
 from lumbar_ray.paths import (
     DETECTOR_WEIGHTS,
     FOLDS_CSV,
+    ShippedFile,
     atomic_path,
     cache_root_for,
     data_root_for,
     detector_dir_for,
     localize_dir_for,
     localize_key,
+    ship_if_local,
     ultralytics_settings_dir,
 )
 from lumbar_ray.raytools import ensure_ray
@@ -117,7 +119,8 @@ def _task_env(tracker: Tracker | None, run_id: str | None, run_name: str) -> dic
     return mlflow_env(tracker.uri, experiment, run_id, run_name)
 
 
-def train_packed_detector(packed: bytes, description: str, cfg: LocalizeConfig, track: bool) -> dict[str, bytes]:
+def train_packed_detector(packed: bytes, description: str, cfg: LocalizeConfig, track: bool,
+                          model_file: ShippedFile | None = None) -> dict[str, bytes]:  # fmt: skip
     """The Ray task, on whichever node has the resources it asks for: unpack the export (:func:`pack_dataset`) in a
     temporary folder of that node, train there, and return the weights (and ultralytics' per-epoch
     ``results.csv``) as bytes. It reads no path of the driver's and leaves nothing the driver must find on its node.
@@ -127,10 +130,13 @@ def train_packed_detector(packed: bytes, description: str, cfg: LocalizeConfig, 
         description: the series type.
         cfg: the detector's settings.
         track: log to the MLflow run the task's environment names (:func:`_task_env`).
+        model_file: ``cfg.model`` as the driver read it, when it names a local file (weights or a yaml).
 
     Returns:
         ``{"detector.pt": bytes}``, with ``"results.csv"`` when ultralytics wrote one.
     """
+    if model_file is not None:  # the driver's file, written on this node
+        cfg = cfg.model_copy(update={"model": str(model_file.local_path())})
     with tempfile.TemporaryDirectory(prefix="lumbar_ray_detector_") as folder:
         dataset_yaml = unpack_dataset(packed, Path(folder) / "dataset")
         weights = train_detector(dataset_yaml, description, cfg, Path(folder) / "out", track=track)
@@ -211,6 +217,7 @@ def fit_detectors(
 
     track = tracker is not None and parent is not None
     task = ray.remote(train_packed_detector)
+    model_file = ship_if_local(cfg.localize.model)
     pending: dict[str, tuple[Any, str | None]] = {}
     for description in missing:  # each task starts as soon as its data is exported
         slug = series_slug(description)
@@ -220,7 +227,8 @@ def fit_detectors(
                    "runtime_env": {"env_vars": _task_env(tracker, run_id, f"detector_{slug}")}}  # fmt: skip
         if cfg.localize.resources:
             options["resources"] = dict(cfg.localize.resources)
-        pending[description] = (task.options(**options).remote(packed, description, cfg.localize, track), run_id)
+        pending[description] = (task.options(**options).remote(packed, description, cfg.localize, track, model_file),
+                                 run_id)  # fmt: skip
     folders = {description: detector_dir_for(cfg, description) for description in missing}
     return result | _collect(pending, folders, tracker if track else None)
 

@@ -24,7 +24,7 @@ from lumbar_ray.data.lineage import DataDigest, data_digest
 from lumbar_ray.data.rsna import RsnaData, load_rsna
 from lumbar_ray.data.splits import load_folds, make_folds, save_folds
 from lumbar_ray.labels import encode_labels
-from lumbar_ray.paths import FOLDS_CSV, cache_root_for, data_root_for
+from lumbar_ray.paths import FOLDS_CSV, ShippedFile, cache_root_for, data_root_for, ship_if_local
 from lumbar_ray.train.steps import FoldPayload
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class CVInputs:
     cache_settings: dict[str, Any]
     predicted_points: pd.DataFrame | None = None
     data_digest: DataDigest | None = None
+    pretrained_file: ShippedFile | None = None
+    """``model.pretrained_file`` read on the driver (its path would mean nothing on a worker's node)."""
 
     def fold_of(self) -> np.ndarray:
         """``(n,)`` fold of each study, aligned with :attr:`study_ids`."""
@@ -53,7 +55,7 @@ class CVInputs:
         """The same inputs restricted to the studies where ``keep`` is True (points and cache unchanged)."""
         return CVInputs(self.data, self.study_ids[keep], self.labels[keep], self.folds[keep], self.points,
                         self.skipped_points, self.cache_root, self.cache_settings,
-                        self.predicted_points, self.data_digest)  # fmt: skip
+                        self.predicted_points, self.data_digest, self.pretrained_file)  # fmt: skip
 
 
 def prepare_inputs(cfg: Config, run_dir: Path) -> CVInputs:
@@ -80,8 +82,9 @@ def prepare_inputs(cfg: Config, run_dir: Path) -> CVInputs:
     points = points_from_coordinates(data.coordinates, cache, data.train_series)
     predicted = None if cfg.cv.predicted_points is None else read_predicted_points(cfg.cv.predicted_points, study_ids)
     settings = cache_settings(cfg.preprocess)
+    shipped = ship_if_local(cfg.model.pretrained_file) if cfg.model.pretrained else None
     return CVInputs(data, study_ids, labels, folds, points.points, points.skipped, cache_root_for(cfg), settings,
-                    predicted, data_digest(root, settings))  # fmt: skip
+                    predicted, data_digest(root, settings), shipped)  # fmt: skip
 
 
 def read_predicted_points(path: str, study_ids: np.ndarray) -> pd.DataFrame:
@@ -125,4 +128,5 @@ def fold_payload(inputs: CVInputs, fold: int) -> FoldPayload:
         val_labels=inputs.labels[held_out],
         prior=fit_prior(inputs.labels[~held_out]),
         val_points=None if inputs.predicted_points is None else inputs.predicted_points,
+        pretrained_file=inputs.pretrained_file,
     )

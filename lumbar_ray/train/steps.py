@@ -38,6 +38,7 @@ from lumbar_ray.losses import LossOutput, SeverityLoss
 from lumbar_ray.metrics import ScoreResult, score_arrays
 from lumbar_ray.models import build_model
 from lumbar_ray.models.ema import ModelEma, unwrap
+from lumbar_ray.paths import ShippedFile
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,8 @@ class FoldPayload:
         prior: ``(25, 3)`` prior of the training labels, for targets without a crop.
         val_points: POINTS frame of predicted points (detectors that never saw this fold): the held-out studies
             are also predicted at them (None = only at the label points).
+        pretrained_file: ``model.pretrained_file`` as the driver read it, written on the worker's node
+            (:class:`~lumbar_ray.paths.ShippedFile`); None = none, or a name the worker resolves itself.
     """
 
     cache_root: str
@@ -227,6 +230,7 @@ class FoldPayload:
     val_labels: np.ndarray
     prior: np.ndarray
     val_points: pd.DataFrame | None = None
+    pretrained_file: ShippedFile | None = None
 
 
 def fold_entries(payload: FoldPayload) -> set[tuple[int, int]]:
@@ -340,6 +344,9 @@ def build_fold(
         wrap_loader: e.g. ``ray.train.torch.prepare_data_loader`` (a distributed sampler).
     """
     amp = cfg.train.amp if device.type == "cuda" else "off"
+    if payload.pretrained_file is not None:  # the driver's file, written on this node
+        model_cfg = cfg.model.model_copy(update={"pretrained_file": str(payload.pretrained_file.local_path())})
+        cfg = cfg.model_copy(update={"model": model_cfg})
     cache = fold_cache(cfg, payload)  # a remote cache is copied to this node here, once
     train_set, train_loader, val_loader = fold_loaders(cfg, payload, cache)
     train_loader = wrap_loader(train_loader)
@@ -465,12 +472,25 @@ def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
 
 
+def improves(score: float, best: float | None) -> bool:
+    """Whether an epoch's validation score takes the best epoch's place (lower is better): the one rule of
+    :func:`keep_best` and of the Ray worker's running best.
+
+    On an exact tie the later epoch wins, as Ray's ``CheckpointConfig`` keeps the later of two equal scores (the
+    earlier checkpoint is deleted), so the epoch named best is the one whose checkpoint exists. A NaN score never
+    takes a number's place; any score takes a NaN's.
+    """
+    if best is None or math.isnan(best):
+        return True
+    return not math.isnan(score) and score <= best
+
+
 def keep_best(best: dict[str, Any] | None, epoch: Epoch, model: nn.Module) -> dict[str, Any]:
-    """The best epoch so far by validation score (lower is better): its score, weights and probabilities.
+    """The best epoch so far by validation score (:func:`improves`): its score, weights and probabilities.
 
     ``model`` is the network that predicted the epoch (:attr:`Fold.evaluated`): its weights are the ones kept.
     """
-    if best is not None and epoch.metrics["val_score"] >= best["score"]:
+    if best is not None and not improves(epoch.metrics["val_score"], best["score"]):
         return best
     return {
         "score": epoch.metrics["val_score"],

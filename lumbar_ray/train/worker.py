@@ -47,6 +47,7 @@ from lumbar_ray.train.steps import (
     FoldPayload,
     build_fold,
     evaluated_weights,
+    improves,
     predict_at_predicted_points,
     run_epoch,
     training_state,
@@ -119,7 +120,7 @@ class FoldOutcome:
             best_checkpoint_path: where the best checkpoint lies.
         """
         candidates = [best_candidate(each) for each in (state, best_state) if each is not None]
-        best = min(candidates, key=lambda c: (math.inf if math.isnan(c["score"]) else c["score"], c["epoch"]))
+        best = min(candidates, key=lambda c: (math.inf if math.isnan(c["score"]) else c["score"], -c["epoch"]))
         last = state.get("last") or {}
         if "study_ids" in last and not np.array_equal(last["study_ids"], best["study_ids"]):
             raise RuntimeError(f"fold {fold}: the last and the best epoch scored different studies")
@@ -151,10 +152,11 @@ def best_candidate(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def running_best(best: dict[str, Any] | None, epoch: int, score: float) -> dict[str, Any]:
-    """The best epoch so far by validation score (lower is better; the earlier on a tie), as numbers only: its
-    weights and predictions stay in its own checkpoint, which Ray keeps by the same score. A best resumed from an
-    older checkpoint, weights included (:func:`best_candidate`), is carried on until an epoch beats it."""
-    if best is not None and score >= best["score"]:
+    """The best epoch so far by validation score (:func:`~lumbar_ray.train.steps.improves`: lower is better, the
+    later on a tie, as Ray keeps it), as numbers only: its weights and predictions stay in its own checkpoint, which
+    Ray keeps by the same score. A best resumed from an older checkpoint, weights included (:func:`best_candidate`),
+    is carried on until an epoch beats it."""
+    if best is not None and not improves(score, best["score"]):
         return best
     return {"score": float(score), "epoch": int(epoch)}
 

@@ -114,3 +114,33 @@ def _counting(copy_entry, fetched: list, delay: float = 0.0):
         return copy_entry(source, target, study_id, series_id)
 
     return counted
+
+
+def test_a_copy_that_keeps_failing_is_an_error_and_a_passing_failure_is_retried(tmp_path, monkeypatch):
+    """A read error is never taken for a missing entry (the node's ranks would train on other data than the
+    others'): retried, and raised naming the entry when it persists."""
+    _write_entries(tmp_path / "remote", [(1, 10)])
+    remote = SeriesCache(f"file://{tmp_path / 'remote'}", {"image_size": 32})
+    monkeypatch.setattr(cache_module.time, "sleep", lambda seconds: None)
+    remote.fs = _FlakyStorage(remote.fs, failures=1)
+    assert copy_to_node(remote, [(1, 10)], tmp_path / "node").has(1, 10)  # one failure: retried
+    remote.fs = _FlakyStorage(remote.fs, failures=100)
+    with pytest.raises(OSError, match="1/10 could not be copied"):
+        copy_to_node(remote, [(1, 10)], tmp_path / "other")
+    assert not SeriesCache(node_cache_folder(remote.root, tmp_path / "other"), remote.settings).has(1, 10)
+
+
+class _FlakyStorage:
+    """A filesystem whose first ``failures`` reads fail as a throttling object store's do."""
+
+    def __init__(self, fs, failures: int) -> None:
+        self.fs, self.failures = fs, failures
+
+    def open_input_stream(self, path):
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError("503 Slow Down")
+        return self.fs.open_input_stream(path)
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)

@@ -4,14 +4,23 @@ and a rerun that redoes nothing."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from lumbar_ray.config import Config
 from lumbar_ray.constants import DETECTED_SERIES_TYPES
-from lumbar_ray.localize.stage import DETECTOR_TAG, RESULTS_NAME, SUMMARY_NAME, VAL_POINTS_NAME, run_localize
+from lumbar_ray.localize.stage import (
+    DETECTOR_TAG,
+    RESULTS_NAME,
+    SUMMARY_NAME,
+    VAL_POINTS_NAME,
+    run_localize,
+    train_packed_detector,
+)
 from lumbar_ray.paths import detector_dir_for, localize_dir_for, trained_detectors
 
 TINY = {"width": 0.0625, "imgsz": 64, "epochs": 1, "batch": 16, "num_cpus": 1}
@@ -105,3 +114,32 @@ def test_a_failed_training_marks_its_child_run_and_the_stage_run_failed(
         ("sagittal_t1", "FAILED"), ("sagittal_t2_stir", "FAILED"), ("stage", "FAILED")
     ]  # fmt: skip
     assert trained_detectors(cfg) == {}
+
+
+@pytest.mark.slow
+def test_a_detector_task_trains_from_the_packed_export_and_the_shipped_model_file_alone(sagittal_cached, tmp_path,
+                                                                                       ultralytics_dir):  # fmt: skip
+    """What runs on another node, without Ray: the export and a model yaml of the driver's reach the task by value
+    (both are gone from the driver's disk before it runs), and the weights come back as bytes."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    from lumbar_ray.config import LocalizeConfig
+    from lumbar_ray.localize.detector import _ultralytics, complete_export
+    from lumbar_ray.localize.yolo_data import export_yolo_dataset, pack_dataset
+    from lumbar_ray.paths import DETECTOR_WEIGHTS, ShippedFile, ship_if_local
+
+    _ultralytics(ultralytics_dir)
+    cache, points, folds = sagittal_cached
+    export = export_yolo_dataset(points, cache, "Sagittal T2/STIR", folds, val_fold=0, out=tmp_path / "driver" / "yolo")
+    packed = pack_dataset(complete_export(points, cache, "Sagittal T2/STIR", export.dataset_yaml))
+    custom = tmp_path / "driver" / "yolov8n.yaml"  # a model file of the driver's own
+    custom.write_text(yaml.safe_dump({k: v for k, v in yaml_model_load("yolov8n.yaml").items() if k != "yaml_file"}))
+    shipped = ship_if_local(str(custom))
+    assert isinstance(shipped, ShippedFile) and ship_if_local("yolov8n.yaml") is None and ship_if_local(None) is None
+    cfg = LocalizeConfig(**(TINY | {"model": str(custom)}))
+    shutil.rmtree(tmp_path / "driver")  # what the task's node cannot see
+
+    outputs = train_packed_detector(packed, "Sagittal T2/STIR", cfg, track=False, model_file=shipped)
+
+    assert set(outputs) == {DETECTOR_WEIGHTS, RESULTS_NAME} and len(outputs[DETECTOR_WEIGHTS]) > 10_000
+    assert shipped.local_path().name == "yolov8n.yaml" and shipped.local_path().read_bytes() == shipped.data

@@ -25,11 +25,14 @@ def _state(epoch: int, score: float, best: dict, weight: float, ema: float | Non
                      "probs": np.full((2, 25, 3), score)}}  # fmt: skip
 
 
-def test_running_best_keeps_numbers_only_and_the_earlier_epoch_on_a_tie():
+def test_running_best_keeps_numbers_only_and_the_later_epoch_on_a_tie_as_ray_does():
     best = running_best(None, 0, 0.6)
     assert best == {"score": 0.6, "epoch": 0}
-    assert running_best(best, 1, 0.6) is best and running_best(best, 2, 0.7) is best
+    assert running_best(best, 1, 0.6) == {"score": 0.6, "epoch": 1}  # Ray deletes the earlier of equal scores
+    assert running_best(best, 2, 0.7) is best
     assert running_best(best, 3, 0.5) == {"score": 0.5, "epoch": 3}
+    assert running_best(best, 4, float("nan")) is best  # a NaN never takes a number's place
+    assert running_best(running_best(None, 0, float("nan")), 1, 0.9) == {"score": 0.9, "epoch": 1}
     legacy = {"score": 0.4, "epoch": 1, "model": {"w": torch.zeros(2)}, "study_ids": [], "probs": []}
     assert running_best(legacy, 4, 0.45) is legacy  # an older checkpoint's copy of the best is carried on
 
