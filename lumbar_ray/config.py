@@ -166,7 +166,9 @@ class ModelConfig(_Strict):
     encoder: str | None = Field(None, description="timm model name overriding the architecture's encoder")
     pretrained: bool = Field(False, description="timm pretrained weights (needs network or a local cache)")
     pretrained_file: str | None = Field(
-        None, description="a local copy of the encoder's timm weights (.safetensors/.pth): clusters without internet"
+        None,
+        description="a local copy of the encoder's timm weights (.safetensors/.pth) on the driver, for clusters "
+        "without internet: read there and shipped to every training worker's node",
     )
     in_chans: int = Field(1, ge=1, description="adjacent slices fed to the encoder as channels, per slice")
     pool: Literal["attention", "lstm", "mean"] | None = Field(None, description="slice pooling; None = arch's")
