@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -96,18 +97,20 @@ def start_process(command: list[str], log: Path, env: dict[str, str] | None = No
     return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_process(*processes: subprocess.Popen, timeout: float = 60.0) -> None:
-    """SIGTERM to each (``ray start --block`` then stops the processes it started), all at once since each takes
-    seconds; SIGKILL to a group still running after ``timeout``.
+def stop_process(*processes: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM to each process's whole group (a Ray node's raylet, GCS and workers at once, rather than one after
+    another through ``ray start --block``), then SIGKILL to a group still running after ``timeout``.
 
     ``ray stop`` is never used: it would end every Ray process of the machine, the test session's own included.
     """
     for process in processes:
-        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
     deadline = time.time() + timeout
     for process in processes:
         try:
-            process.wait(timeout=max(deadline - time.time(), 1.0))
+            process.wait(timeout=max(deadline - time.time(), 0.1))
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
