@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +50,8 @@ def _agent_log_tail() -> str:
 def _submit(address: str, env: dict, job: list[str]) -> subprocess.CompletedProcess:
     command = [
         RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "lumbar_ray_work"]}), "--", "python", *job,
+        "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "lumbar_ray_work"]}),
+        "--", sys.executable, *job,  # this interpreter: the head's PATH need not lead to it
     ]  # fmt: skip
     for _ in range(10):  # the dashboard answers before the node's job agent registers: retry only that
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
