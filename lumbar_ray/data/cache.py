@@ -85,6 +85,12 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(text)
 
 
+def without_credentials(uri: str) -> str:
+    """``uri`` without the ``user:secret@`` a pyarrow URI can carry: what may be shown, logged or hashed."""
+    split = urlsplit(uri)
+    return urlunsplit(split._replace(netloc=split.netloc.rsplit("@", 1)[-1]))
+
+
 def join_location(root: str | Path, *parts: str) -> Path | str:
     """``root`` with ``parts`` appended: a local path as a :class:`~pathlib.Path` (``Path(root).joinpath(*parts)``,
     as given, not resolved), a URI as a string with the parts added to its path and its query (the filesystem's
@@ -458,10 +464,8 @@ def node_cache_folder(root: str | Path, base: str | Path | None = None) -> Path:
         root: the cache root (a URI).
         base: a node-local folder; None = ``<the node's temporary directory>/lumbar_ray_cache``.
     """
-    split = urlsplit(str(root))
     # The credentials a URI may carry name no other place: left out, so a rotated key finds the same copy.
-    location = urlunsplit(split._replace(netloc=split.netloc.rsplit("@", 1)[-1]))
-    digest = hashlib.sha256(location.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(without_credentials(str(root)).encode()).hexdigest()[:16]
     return Path(base if base is not None else Path(tempfile.gettempdir()) / NODE_CACHE_DIR) / digest
 
 

@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
@@ -42,7 +41,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from lumbar_ray.config import LocalizeConfig, SynthConfig
-from lumbar_ray.data.cache import filesystem, is_uri
+from lumbar_ray.data.cache import filesystem, is_uri, without_credentials
 from lumbar_ray.data.series_type import description_map
 from lumbar_ray.data.synthetic import write_dataset
 from lumbar_ray.errors import StudyInputError
@@ -156,12 +155,6 @@ def _present(value: Any) -> bool:
     return not (isinstance(value, (str, bytes)) and len(value) == 0)
 
 
-def _without_credentials(uri: str) -> str:
-    """``uri`` as it may be shown: without the ``user:secret@`` a pyarrow URI can carry."""
-    split = urlsplit(uri)
-    return urlunsplit(split._replace(netloc=split.netloc.rpartition("@")[2]))
-
-
 def download_study(uri: str, folder: Path, limits: UploadLimits) -> Path:
     """Copy the files under a study folder's URI (``s3://bucket/rsna/test_images/<study_id>``, any layout below it)
     into ``folder/<the URI's last name>``, within the upload limits, and return that folder (so a numeric name is
@@ -171,7 +164,7 @@ def download_study(uri: str, folder: Path, limits: UploadLimits) -> Path:
         StudyInputError: a URI that cannot be listed or holds no file (404); too many files or bytes (413), counted
             before anything is downloaded; a name leaving the folder (400). The URI is named without credentials.
     """
-    shown = _without_credentials(uri)
+    shown = without_credentials(uri)
     fs, root = filesystem(uri)
     try:
         entries = [entry for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
