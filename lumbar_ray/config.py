@@ -365,8 +365,14 @@ LOCALIZE_RESOURCE_FIELDS = frozenset({"num_cpus", "num_gpus", "resources", "work
 
 
 class LocalizeConfig(_Strict):
-    """Level localisation: one ultralytics YOLO detector per sagittal series type (see :mod:`lumbar_ray.localize`)."""
+    """Level localisation: one ultralytics YOLO detector per sagittal series type, or a U-Net (``method``; see
+    :mod:`lumbar_ray.localize`)."""
 
+    method: Literal["yolo", "unet"] = Field(
+        "yolo",
+        description="the sagittal localiser: one ultralytics YOLO detector per series type, or the U-Net of "
+        "`lumbar-ray segment` (section `segment`) read through its masks or level maps",
+    )
     model: str = Field(
         "yolov8n.yaml", description="ultralytics model: a .yaml builds from scratch (no download), a .pt loads weights"
     )

@@ -196,15 +196,24 @@ class PointsComparison:
                 f"prior {self.prior.total:.5f}")  # fmt: skip
 
 
-def compare_points_on_fold(cfg: Config, cv: CVResult, fold: int) -> PointsComparison:
+def compare_points_on_fold(cfg: Config, cv: CVResult, fold: int, model_uri: str | None = None) -> PointsComparison:
     """Score fold ``fold``'s held-out training studies with that fold's model on crops at *predicted* points
-    (the whole inference path: detectors, geometry, Ray Data), against its out-of-fold predictions at the
-    *labelled* points and the prior of the other folds. The detectors must not have seen the fold: use
+    (the whole inference path: localisers, geometry, Ray Data), against its out-of-fold predictions at the
+    *labelled* points and the prior of the other folds. The localisers must not have seen the fold: use
     ``localize.val_fold``.
+
+    Args:
+        cfg: the config.
+        cv: the CV.
+        fold: the held-out fold.
+        model_uri: the registered model of ``cv`` to predict with (e.g. registered again with the localiser of
+            ``cfg.localize.method``, which names its outputs and metrics); None = the version the CV registered.
     """
     held_out = sorted(int(s) for s in cv.folds.loc[cv.folds["fold"] == fold, "study_id"])
-    out = Path(cfg.workdir) / "predict" / f"fold{fold}_predicted_points" / "submission.csv"
-    options = {"model": registered_model_uri(cfg, cv.mlflow_run_id), "split": "train", "study_ids": held_out,
+    tag = "" if cfg.localize.method == "yolo" else f"_{cfg.localize.method}"  # YOLO's names are the earlier ones
+    out = Path(cfg.workdir) / "predict" / f"fold{fold}_predicted_points{tag}" / "submission.csv"
+    model_uri = model_uri or registered_model_uri(cfg, cv.mlflow_run_id)
+    options = {"model": model_uri, "split": "train", "study_ids": held_out,
                "fold": fold, "out": str(out), "data": None}  # fmt: skip
     prediction = predict(cfg.model_copy(update={"predict": cfg.predict.model_copy(update=options)}))
     train_frame = load_rsna(data_root_for(cfg)).train
@@ -219,7 +228,7 @@ def compare_points_on_fold(cfg: Config, cv: CVResult, fold: int) -> PointsCompar
     prior_score = score_arrays(labels[in_fold], np.broadcast_to(prior, (int(in_fold.sum()), *prior.shape)))
     comparison = PointsComparison(fold, len(held_out), predicted, labelled, prior_score, prediction)
     scores = {"predicted": predicted, "labelled": labelled, "prior": prior_score}
-    Tracker.from_config(cfg).log_values(cv.mlflow_run_id, {f"points_fold{fold}_{name}": score.total
+    Tracker.from_config(cfg).log_values(cv.mlflow_run_id, {f"points_fold{fold}{tag}_{name}": score.total
                                                            for name, score in scores.items()})  # fmt: skip
     logger.info("%s", comparison.format())
     return comparison

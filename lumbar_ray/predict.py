@@ -39,7 +39,7 @@ from lumbar_ray.data.cache import SeriesCache, join_location
 from lumbar_ray.data.rsna import RsnaData, load_rsna
 from lumbar_ray.errors import UnknownStudyError
 from lumbar_ray.inference.study import StudyInput, StudyScorer, preprocess_settings
-from lumbar_ray.localize.detector import load_detectors
+from lumbar_ray.localize.locators import load_locators
 from lumbar_ray.metrics import labels_to_submission, validate_submission
 from lumbar_ray.paths import (
     RESOLVED_CONFIG,
@@ -88,7 +88,7 @@ class StudyPredictor:
         self.ensemble = load_ensemble(model_uri, tracking_uri)
         contract = self.ensemble.contract
         localize = LocalizeConfig(**contract.get("localize", {}).get("config", {}))
-        detectors = load_detectors(self.ensemble.detector_paths, localize, settings_dir=settings_dir)
+        detectors = load_locators(self.ensemble.detector_paths, localize, settings_dir=settings_dir)
         if not detectors:
             logger.warning("%s carries no level detectors: every target falls back to the prior",
                            model_uri)  # fmt: skip

@@ -65,7 +65,7 @@ from lumbar_ray.inference.uploads import (
     upload_folder,
     write_files,
 )
-from lumbar_ray.localize.detector import load_detectors
+from lumbar_ray.localize.locators import load_locators
 from lumbar_ray.provenance import library_versions
 from lumbar_ray.registry import DEFAULT_BATCH, FoldEnsemble, Packaging
 
@@ -87,10 +87,11 @@ SERVED_LIBRARIES: tuple[str, ...] = (
     "pylibjpeg-openjpeg",
     "opencv-python",
     "ultralytics",
+    "monai",
     "matplotlib",
 )
 """What the study-level model imports (the networks, the DICOM reader and its JPEG decoders, the crops, the YOLO
-detectors): pinned to the versions it was registered with (:func:`pinned_requirements`); MLflow adds itself."""
+detectors, the U-Net localiser): pinned to the versions it was registered with (:func:`pinned_requirements`); MLflow adds itself."""
 
 
 def pinned_requirements(names: Sequence[str] = SERVED_LIBRARIES) -> list[str]:
@@ -240,7 +241,7 @@ with warnings.catch_warnings():
             """The folds (:meth:`FoldEnsemble.load_context`), then the detectors shipped with them."""
             super().load_context(context)
             self.localize = LocalizeConfig(**self.contract.get("localize", {}).get("config", {}))
-            self.detectors = load_detectors(self.detector_paths, self.localize)
+            self.detectors = load_locators(self.detector_paths, self.localize)
             if not self.detectors:
                 logger.warning("this model carries no level detectors: every target falls back to the prior")
             self.scorer = StudyScorer(self, self.detectors, self.localize)

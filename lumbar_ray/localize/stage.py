@@ -37,7 +37,8 @@ from lumbar_ray.data.cache import CachedSeries, SeriesCache
 from lumbar_ray.data.crops import points_from_coordinates
 from lumbar_ray.data.rsna import encode_labels, load_rsna
 from lumbar_ray.data.splits import make_folds
-from lumbar_ray.localize.detector import complete_export, load_detectors, mlflow_env, train_detector
+from lumbar_ray.localize.detector import complete_export, mlflow_env, train_detector
+from lumbar_ray.localize.locators import load_locators
 from lumbar_ray.localize.evaluate import point_errors, summarise_errors, summary_metrics
 from lumbar_ray.localize.study import AXIAL, LOCATED_COLUMNS, axial_rows, localise_study, patient_points, study_series
 from lumbar_ray.localize.yolo_data import export_yolo_dataset, pack_dataset, unpack_dataset
@@ -52,6 +53,8 @@ from lumbar_ray.paths import (
     localize_dir_for,
     localize_key,
     ship_if_local,
+    trained_detectors,
+    unet_weights_for,
     ultralytics_settings_dir,
 )
 from lumbar_ray.raytools import ensure_ray
@@ -309,7 +312,7 @@ def _evaluate(cfg: Config, inputs: _Inputs, weights: dict[str, Path], tracker: T
     folder = localize_dir_for(cfg)
     cache, folds, series = inputs.cache, inputs.folds, inputs.series
     val_ids = sorted(int(s) for s in folds.loc[folds["fold"] == cfg.localize.val_fold, "study_id"])
-    detectors = load_detectors(weights, cfg.localize, settings_dir=ultralytics_settings_dir(cfg))
+    detectors = load_locators(weights, cfg.localize, settings_dir=ultralytics_settings_dir(cfg))
     fraction = cfg.localize.subarticular_fraction
     predicted, reports = localise_studies(val_ids, cache, series, detectors, fraction)
     truth = inputs.points[inputs.points["study_id"].isin(val_ids)]
@@ -335,6 +338,23 @@ def load_val_errors(cfg: Config) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.is_file() else None
 
 
+def _localisers(cfg: Config, inputs: _Inputs, tracker: Tracker, parent: str) -> dict[str, Path]:
+    """Series type -> the weights of its localiser: the YOLO detectors, trained here unless finished, or the U-Net
+    that ``lumbar-ray segment`` trained for this config (``localize.method: unet``).
+
+    Raises:
+        FileNotFoundError: under ``unet``, when the U-Net has not been trained.
+    """
+    if cfg.localize.method == "yolo":
+        return fit_detectors(inputs.points, inputs.cache, inputs.folds, cfg, tracker, parent)
+    weights = trained_detectors(cfg)
+    if sorted(weights) != sorted(DETECTED_SERIES_TYPES):
+        raise FileNotFoundError(f"localize.method=unet: no trained U-Net at {unet_weights_for(cfg)}; train it first "
+                                "(`lumbar-ray segment` with the same config)")  # fmt: skip
+    tracker.log_values(parent, {"unet_trained": 1.0})
+    return weights
+
+
 def run_localize(cfg: Config) -> LocalizeResult:
     """Train (or reuse) the detectors and evaluate them on the validation fold (see the module docstring).
 
@@ -349,7 +369,7 @@ def run_localize(cfg: Config) -> LocalizeResult:
     tracker = Tracker.from_config(cfg)
     parent = tracker.parent_run(localize_key(cfg), kind="localize", config=cfg)
     try:
-        weights = fit_detectors(inputs.points, inputs.cache, inputs.folds, cfg, tracker, parent)
+        weights = _localisers(cfg, inputs, tracker, parent)
         if all((folder / name).is_file() for name in (SUMMARY_NAME, VAL_POINTS_NAME, VAL_ERRORS_NAME)):
             logger.info("localisation of %s already evaluated: reusing %s", folder.name, folder / SUMMARY_NAME)
             result = LocalizeResult(folder, weights, pd.read_csv(folder / SUMMARY_NAME),

@@ -48,6 +48,21 @@ def register_cv(cfg: Config, cv: CVResult) -> RegisteredEnsemble | str | None:
     if done is not None:
         logger.info("the ensemble of this CV is already registered (version %s): not registering again", done)
         return f"{cfg.tracking.model_name} version {done} (registered earlier)"
+    registered = register_ensemble(cfg, cv)
+    mark_registered(uri, cv.mlflow_run_id, registered.version)
+    return registered
+
+
+def register_ensemble(cfg: Config, cv: CVResult) -> RegisteredEnsemble:
+    """Log and register a complete CV's fold ensemble with ``cfg``'s localisers (a new version each call).
+
+    :func:`register_cv` calls this once per CV. Called on its own it registers the same folds again, e.g. with
+    another localiser (``localize.method``) than the one the CV was registered with, under ``cfg.tracking``'s name.
+
+    Raises:
+        MissingDetectorsError: see :func:`detectors_to_register`.
+    """
+    uri = tracking_uri_for(cfg)
     states = {fold: outcome.model_state for fold, outcome in sorted(cv.outcomes.items())}
     detectors = detectors_to_register(cfg)
     calibration = None if cv.calibrated is None else cv.calibrated.fit.calibration
@@ -58,7 +73,6 @@ def register_cv(cfg: Config, cv: CVResult) -> RegisteredEnsemble | str | None:
     registered = log_and_register(states, contract, cfg.tracking, uri, cv.mlflow_run_id, cv.model_score.total,
                                   detectors, packaging=study_packaging(contract),
                                   data_digest=cv.data_digest)  # fmt: skip
-    mark_registered(uri, cv.mlflow_run_id, registered.version)
     return registered
 
 
@@ -76,7 +90,7 @@ def detectors_to_register(cfg: Config) -> dict[str, Path]:
     where = detector_dir_for(cfg, missing[0]).parent
     if not cfg.tracking.register_without_detectors:
         raise MissingDetectorsError(f"no trained level detector for {missing} under {where}: run `lumbar-ray localize` "
-                                    "with this config first (on this machine's workdir), or set "
+                                    "(after `lumbar-ray segment` under localize.method=unet) with this config first (on this machine's workdir), or set "
                                     "tracking.register_without_detectors=true for a model that only predicts from "
                                     "given points")  # fmt: skip
     logger.warning("registering without the level detectors for %s (tracking.register_without_detectors): those "
