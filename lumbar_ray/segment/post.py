@@ -15,11 +15,12 @@ ground-truth masks). Two kinds of segmentation are read:
     antero-posterior, tilted with the lordosis) to the canal footprint beside it, canal and canal lesions together
     (a disc bulge fills the front of the canal; with it the footprint is the canal's whole outline, so its middle
     does not move). The point is the middle of the line's run through the footprint, its confidence the run's
-    length over the disc's longest: widest on the mid-line slice, where the slab centre then lands;
+    length over the longest run of the volume: widest on the mid-line slice, where the slab centre then lands;
   - Sagittal T1, the foramina: the 3D components of the foramen class with the lesions that narrow it (a lesion
-    component goes with the canal when it lies inside it, touching it all round, else with the foramina); each takes the level of the
-    disc nearest to it in rows (without discs: its rank from the bottom on its side), and gives one detection per
-    slice it covers at its in-slice centroid, confidence its area there over its largest;
+    goes with the canal or a foramen by what it touches on its slice, :func:`lesion_split`); each
+    takes the level of the disc nearest to it in rows (without discs: its rank from the bottom on its side), and
+    gives one detection per slice it covers at its in-slice centroid, confidence its area there over the largest
+    area of any foramen on any slice (a speck of a predicted mask stays weak next to a foramen);
 
 - points maps (classes 1..5 = :data:`~lumbar_ray.constants.LEVELS`, the targets drawn from label coordinates;
   :func:`detections_from_points`): per level and slice the centroid of the largest blob.
@@ -48,13 +49,18 @@ SAG_T2, SAG_T1 = "Sagittal T2/STIR", "Sagittal T1"
 _CLASS = {name: index for index, name in enumerate(SEMANTIC_CLASSES)}
 DISC, CANAL, FORAMEN, LESION = (_CLASS[name] for name in ("disc", "canal", "foramen", "lesion"))
 _CONNECTED = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity: a tilted thin disc stays one piece across slices
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = True  # 8-connectivity within each slice
+CANAL_CONTACT = 0.3
+"""Share of a lesion piece's outline that must touch the canal for it to narrow the canal (:func:`lesion_split`)."""
 MIN_COMPONENT_SHARE = 0.05
 """A component with fewer voxels than this share of its class's largest is a speck, not a structure (a sacralised
 L5's remnant L5/S1 disc keeps about a third of a disc's voxels)."""
-CANAL_CONTACT = 0.5
-"""Share of a lesion's voxels that must touch the canal for it to narrow the canal (:func:`lesion_split`)."""
 MIN_SLICE_PIXELS = 6
 """A disc's section on a slice needs this many pixels for its axis to mean anything."""
+MIN_ELONGATION = 2.0
+"""A disc section whose long axis is less than this many times its short one (the edge of a disc, seen across)
+follows the whole disc's axis instead of its own."""
 STEP = 0.25
 """Sampling step (pixels) along a disc's axis."""
 BRIDGE = 1.0
@@ -135,19 +141,21 @@ def discs_bottom_up(classes: np.ndarray) -> list[np.ndarray]:
 def lesion_split(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(canal footprint, foramen footprint)``: each structure with the lesions that narrow it.
 
-    A lesion component (26-connectivity) narrows the canal when more of its voxels touch the canal than a foramen,
-    and at least :data:`CANAL_CONTACT` of them do; else a foramen. A canal lesion lies inside the canal and touches
-    what is left of it all round, while a severe foraminal one can fill all of its foramen's fat and touch nothing
-    but a little of the canal's edge beside it.
+    Slice by slice, a lesion's piece (8-connected in the slice) narrows the canal when more of it touches canal
+    pixels than foramen pixels on that slice, and at least :data:`CANAL_CONTACT` of its outline does; else a
+    foramen. The canal is a tube along the spine, so on a slice that shows it a canal lesion (a disc bulge, a
+    lateral recess) has canal behind, above and below it even where it fills the canal's whole depth; a foraminal
+    lesion can fill all of its foramen's fat and touch nothing but a sliver of the canal's side. In 3D the two can
+    touch (a foramen lies against the canal's side), hence pieces per slice.
     """
     canal, foramen, lesion = classes == CANAL, classes == FORAMEN, classes == LESION
     if not lesion.any():
         return canal, foramen
-    labelled, count = ndimage.label(lesion, _CONNECTED)
-    near_canal = np.bincount(labelled[ndimage.binary_dilation(canal, _CONNECTED) & lesion], minlength=count + 1)
-    near_foramen = np.bincount(labelled[ndimage.binary_dilation(foramen, _CONNECTED) & lesion], minlength=count + 1)
-    sizes = np.bincount(labelled.ravel(), minlength=count + 1)
-    owner = np.where((near_canal > near_foramen) & (near_canal >= CANAL_CONTACT * sizes), 1, 2)
+    labelled, count = ndimage.label(lesion, _IN_PLANE)
+    near_canal = np.bincount(labelled[ndimage.binary_dilation(canal, _IN_PLANE) & lesion], minlength=count + 1)
+    near_foramen = np.bincount(labelled[ndimage.binary_dilation(foramen, _IN_PLANE) & lesion], minlength=count + 1)
+    edge = np.bincount(labelled[lesion & ~ndimage.binary_erosion(lesion, _IN_PLANE)], minlength=count + 1)
+    owner = np.where((near_canal > near_foramen) & (near_canal >= CANAL_CONTACT * edge), 1, 2)
     owner[0] = 0
     of_voxel = owner[labelled]
     return canal | (of_voxel == 1), foramen | (of_voxel == 2)
@@ -258,33 +266,31 @@ def canal_detections(
     """
     footprint, _ = lesion_split(classes)
     targets = detector_targets(SAG_T2)
-    rows = []
+    scale = np.ones(2) if scale is None else np.asarray(scale, dtype=np.float64)
+    found = []
     for rank, disc in enumerate(discs_bottom_up(classes)[: len(LEVELS)]):
-        level = len(LEVELS) - 1 - rank
-        whole_rows, whole_cols = np.nonzero(disc.any(axis=0))
-        _, whole_axis, _ = disc_axis(whole_rows, whole_cols, np.ones(2) if scale is None else np.asarray(scale))
-        found = []
+        whole_axis = disc_axis(*np.nonzero(disc.any(axis=0)), scale)[1]
         for slice_index in np.flatnonzero(disc.any(axis=(1, 2))):
             section = disc[slice_index]
             if section.sum() < MIN_SLICE_PIXELS or not footprint[slice_index].any():
                 continue
-            _, _, elongation = disc_axis(*np.nonzero(section), np.ones(2) if scale is None else np.asarray(scale))
-            axis = None if elongation >= 2.0 else whole_axis  # a round section has no axis of its own
-            run = canal_run(footprint[slice_index], section, scale, axis)
+            round_section = disc_axis(*np.nonzero(section), scale)[2] < MIN_ELONGATION
+            run = canal_run(footprint[slice_index], section, scale, whole_axis if round_section else None)
             if run is not None:
-                found.append((int(slice_index), run))
-        if not found:
-            continue
-        longest = max(run.length_mm for _, run in found)
-        for slice_index, run in found:
-            confidence = run.length_mm / longest
-            if probabilities is not None:
-                t = np.linspace(0.0, 1.0, 16)
-                xs = np.rint(run.start[0] + t * (run.end[0] - run.start[0])).astype(int)
-                ys = np.rint(run.start[1] + t * (run.end[1] - run.start[1])).astype(int)
-                confidence *= _mean_probability(probabilities, slice_index, (CANAL, LESION), ys, xs)
-            rows.append((targets[level], slice_index, run.x, run.y, confidence))
-    return _typed(pd.DataFrame(rows, columns=list(DETECTION_COLUMNS))) if rows else _empty_detections()
+                found.append((targets[len(LEVELS) - 1 - rank], int(slice_index), run))
+    if not found:
+        return _empty_detections()
+    longest = max(run.length_mm for *_, run in found)
+    rows = []
+    for target, slice_index, run in found:
+        confidence = run.length_mm / longest
+        if probabilities is not None:
+            t = np.linspace(0.0, 1.0, 16)
+            xs = np.rint(run.start[0] + t * (run.end[0] - run.start[0])).astype(int)
+            ys = np.rint(run.start[1] + t * (run.end[1] - run.start[1])).astype(int)
+            confidence *= _mean_probability(probabilities, slice_index, (CANAL, LESION), ys, xs)
+        rows.append((target, slice_index, run.x, run.y, confidence))
+    return _typed(pd.DataFrame(rows, columns=list(DETECTION_COLUMNS)))
 
 
 # ------------------------------------------------------------------------------------------------------ foramina
@@ -307,13 +313,14 @@ def foramen_detections(
     n_slices = classes.shape[0]
     levels = _foramen_levels(found, discs_bottom_up(classes), n_slices)
     rows = []
+    largest = max(component.sum(axis=(1, 2)).max() for component in found)
     for component, level in zip(found, levels, strict=True):
         if level is None:
             continue
         areas = component.sum(axis=(1, 2))
         for slice_index in np.flatnonzero(areas):
             ys, xs = np.nonzero(component[slice_index])
-            confidence = areas[slice_index] / areas.max()
+            confidence = areas[slice_index] / largest
             confidence *= _mean_probability(probabilities, slice_index, (FORAMEN, LESION), ys, xs)
             target = provisional_target(SAG_T1, level, int(slice_index), n_slices, left_first)
             rows.append((target, int(slice_index), float(xs.mean()), float(ys.mean()), float(confidence)))
@@ -393,7 +400,7 @@ def detections_from_points(
     for level in range(len(LEVELS)):
         blobs = []
         for slice_index in np.flatnonzero((classes == level + 1).any(axis=(1, 2))):
-            labelled, count = ndimage.label(classes[slice_index] == level + 1, np.ones((3, 3), dtype=bool))
+            labelled, _ = ndimage.label(classes[slice_index] == level + 1, np.ones((3, 3), dtype=bool))
             sizes = np.bincount(labelled.ravel())[1:]
             ys, xs = np.nonzero(labelled == 1 + int(np.argmax(sizes)))
             blobs.append((int(slice_index), ys, xs))
