@@ -10,7 +10,7 @@ Per level (:data:`~lumbar_ray.constants.LEVELS`), at the study's points (located
   disc of even height its extent along its short axis, without the pixel-quantisation of an extent);
 - ``foramen_left_mm2``, ``foramen_right_mm2``: the area of a foramen's fat (the foramen class alone: what the lesion
   narrowing it leaves) on the slice where the foramen, lesion included, is largest (Sagittal T1; the foramen is
-  the component at the level's foramen point).
+  the component at the level's foramen point, or a slice beside it).
 
 A measurement the series cannot give (no point of its level, nothing segmented there) is NaN: a Sagittal T2 gives
 the canal and the discs, a Sagittal T1 the foramina (:func:`measure_study` takes each from its series).
@@ -111,7 +111,8 @@ def disc_height(disc: np.ndarray, scale: np.ndarray) -> float:
 
 def foramen_area(classes: np.ndarray, entry: CachedSeries, point: tuple[int, float, float]) -> float:
     """Area (mm²) of a foramen's fat on the slice where the foramen (lesion included) is largest; NaN when no
-    foramen lies at the point.
+    foramen lies at the point (on its slice, else on a neighbouring one: annotators sometimes mark a foramen a slice
+    off).
 
     Args:
         classes: ``(n_slices, H, W)`` :data:`SEMANTIC_CLASSES`.
@@ -121,14 +122,17 @@ def foramen_area(classes: np.ndarray, entry: CachedSeries, point: tuple[int, flo
     slice_index, x, y = point
     _, footprint = lesion_split(classes)
     labelled, _ = ndimage.label(footprint, _CONNECTED)
-    here = labelled[slice_index]
-    rows, cols = np.nonzero(here)
-    if not len(rows):
+    component = None
+    for index in (slice_index, slice_index - 1, slice_index + 1):  # a point marked a slice off its foramen
+        if not 0 <= index < len(classes):
+            continue
+        rows, cols = np.nonzero(labelled[index])
+        if len(rows) and np.hypot(cols - x, rows - y).min() <= MAX_POINT_DISTANCE_PX:
+            nearest = int(np.argmin(np.hypot(cols - x, rows - y)))
+            component = labelled == labelled[index, rows[nearest], cols[nearest]]
+            break
+    if component is None:
         return np.nan
-    distance = np.hypot(cols - x, rows - y)
-    if distance.min() > MAX_POINT_DISTANCE_PX:
-        return np.nan
-    component = labelled == here[rows[np.argmin(distance)], cols[np.argmin(distance)]]
     largest = int(np.argmax(component.sum(axis=(1, 2))))
     mm_x, mm_y = entry.mm_per_pixel(largest)
     return float((component[largest] & (classes[largest] == FORAMEN)).sum() * mm_x * mm_y)
