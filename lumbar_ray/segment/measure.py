@@ -28,8 +28,7 @@ from scipy import ndimage
 
 from lumbar_ray.constants import LEVELS, target_index
 from lumbar_ray.data.cache import CachedSeries
-from lumbar_ray.segment.labels import SEMANTIC_CLASSES, semantic
-from lumbar_ray.segment.post import CANAL, DISC, FORAMEN, STEP, canal_run, disc_axis, lesion_split
+from lumbar_ray.segment.post import CANAL, DISC, FORAMEN, STEP, as_semantic, canal_run, disc_axis, lesion_split
 
 MEASURE_COLUMNS = ("level", "canal_ap_mm", "disc_height_mm", "foramen_left_mm2", "foramen_right_mm2")
 SIDES = ("left", "right")
@@ -37,16 +36,6 @@ _IN_SLICE = np.ones((3, 3), dtype=bool)
 _CONNECTED = np.ones((3, 3, 3), dtype=bool)
 MAX_POINT_DISTANCE_PX = 3.0
 """A foramen component counts as the point's when it lies this close to the point on the point's slice."""
-
-
-def as_semantic(volume: np.ndarray) -> np.ndarray:
-    """A class volume of :data:`SEMANTIC_CLASSES` from either kind of volume: one holding only class ids passes as
-    it is, a label volume (:mod:`lumbar_ray.segment.labels` values) is mapped by
-    :func:`~lumbar_ray.segment.labels.semantic`."""
-    volume = np.asarray(volume)
-    if volume.size and volume.min() >= 0 and volume.max() < len(SEMANTIC_CLASSES):
-        return volume.astype(np.uint8, copy=False)
-    return semantic(volume)
 
 
 def _point(points: pd.DataFrame, target: int) -> tuple[int, float, float] | None:

@@ -43,7 +43,7 @@ from scipy import ndimage
 
 from lumbar_ray.constants import LEVELS
 from lumbar_ray.localize.levels import DETECTION_COLUMNS, detector_targets, provisional_target, resolve_targets
-from lumbar_ray.segment.labels import SEMANTIC_CLASSES
+from lumbar_ray.segment.labels import SEMANTIC_CLASSES, semantic
 
 SAG_T2, SAG_T1 = "Sagittal T2/STIR", "Sagittal T1"
 _CLASS = {name: index for index, name in enumerate(SEMANTIC_CLASSES)}
@@ -102,6 +102,16 @@ def _check_volume(volume: np.ndarray, probabilities: np.ndarray | None) -> np.nd
         if len(shape) != 4 or shape[0] != volume.shape[0] or shape[2:] != volume.shape[1:]:
             raise ValueError(f"probabilities must be (n_slices, n_classes, H, W) for {volume.shape}, got {shape}")
     return volume
+
+
+def as_semantic(volume: np.ndarray) -> np.ndarray:
+    """A class volume of :data:`SEMANTIC_CLASSES` from either kind of volume: one holding only class ids passes as
+    it is, a label volume (:mod:`lumbar_ray.segment.labels` values) is mapped by
+    :func:`~lumbar_ray.segment.labels.semantic`."""
+    volume = np.asarray(volume)
+    if volume.size and volume.min() >= 0 and volume.max() < len(SEMANTIC_CLASSES):
+        return volume.astype(np.uint8, copy=False)
+    return semantic(volume)
 
 
 # ---------------------------------------------------------------------------------------------------- components
@@ -357,7 +367,8 @@ def detections_from_masks(
     """A localiser's raw detections from an anatomy segmentation of a cached sagittal series.
 
     Args:
-        semantic_volume: ``(n_slices, H, W)`` classes of :data:`SEMANTIC_CLASSES`.
+        semantic_volume: ``(n_slices, H, W)`` classes of :data:`SEMANTIC_CLASSES` (or a label volume, mapped by
+            :func:`as_semantic`).
         description: ``Sagittal T2/STIR`` (canal points) or ``Sagittal T1`` (foramen points).
         left_first: whether slice 0 lies on the patient's left (T1 only).
         probabilities: optional ``(n_slices, n_classes, H, W)``; scales the confidences.
@@ -370,7 +381,7 @@ def detections_from_masks(
     Raises:
         ValueError: for another series type or a volume of the wrong shape.
     """
-    classes = _check_volume(semantic_volume, probabilities)
+    classes = as_semantic(_check_volume(semantic_volume, probabilities))
     if description == SAG_T2:
         return canal_detections(classes, probabilities, mm_per_pixel)
     if description == SAG_T1:

@@ -12,9 +12,9 @@ from lumbar_ray.data.phantom import SeriesSpec, SliceSpec, render_labels
 from lumbar_ray.localize.geometry import cache_point_to_patient
 from lumbar_ray.localize.study import SAG_T1, SAG_T2
 from lumbar_ray.segment.labels import CANAL, disc_value, footprint, foramen_value
-from lumbar_ray.segment.measure import MEASURE_COLUMNS, as_semantic, disc_height, measure_levels, measure_study
+from lumbar_ray.segment.measure import MEASURE_COLUMNS, disc_height, measure_levels, measure_study
 from lumbar_ray.segment.post import CANAL as CANAL_CLASS
-from lumbar_ray.segment.post import DISC, FORAMEN, LESION
+from lumbar_ray.segment.post import DISC, FORAMEN, LESION, as_semantic
 from tests.localize.conftest import fake_series
 from tests.segment.studies import masked_studies
 from tests.segment.test_post import _spine_slice

@@ -270,6 +270,15 @@ def test_ground_truth_masks_reproduce_every_labelled_sagittal_point_on_the_easy_
     assert canal["slice_correct"].mean() >= 0.75 and errors["slice_correct"].mean() >= 0.8
 
 
+def test_a_label_volume_reads_as_its_semantic_classes(easy):
+    (study_id, series), *_ = easy.series.items()
+    for description, entries in series.items():
+        labels = easy.labels[(study_id, int(entries[0].meta.series_id))]
+        assert labels.max() > 100  # label values, not classes
+        from_labels = detections_from_masks(labels, description, left_first=False)
+        pd.testing.assert_frame_equal(from_labels, detections_from_masks(semantic(labels), description, False))
+
+
 def test_ground_truth_points_maps_reproduce_the_labelled_points(easy):
     errors = sagittal_errors(easy, localise_with_masks(easy, kind="points"))
     assert errors["error_px"].max() <= 0.5 and errors["slice_correct"].all()
