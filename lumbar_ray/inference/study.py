@@ -41,6 +41,7 @@ from lumbar_ray.data.series_type import description_map, series_type
 from lumbar_ray.data.volume import preprocess_series
 from lumbar_ray.errors import DicomReadError, StudyInputError
 from lumbar_ray.localize.study import StudyPoints, localise_study, study_series
+from lumbar_ray.segment.measure import with_measurements
 
 logger = logging.getLogger(__name__)
 
@@ -355,6 +356,7 @@ class StudyScorer:
         cached = study.cached if study.cached is not None else study.cache.cached_keys()
         series = study_series(study.cache, study.series, int(study.study_id), cached)
         points = localise_study(int(study.study_id), series, self.detectors, self.localize.subarticular_fraction)
+        points = with_measurements(points, series, self.detectors)
         items = {name: CropDataset(study.cache, [int(study.study_id)], points.points, crop)[0]
                  for name, crop in self.model.inputs.items()}  # fmt: skip
         mask = np.logical_and.reduce([item["mask"].numpy() for item in items.values()])

@@ -58,6 +58,7 @@ from lumbar_ray.paths import (
     ultralytics_settings_dir,
 )
 from lumbar_ray.raytools import ensure_ray
+from lumbar_ray.segment.measure import measurements_table, with_measurements
 from lumbar_ray.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -274,8 +275,8 @@ def localise_studies(
     cached = cache.cached_keys()
     frames, reports = [], []
     for study_id in tqdm(study_ids, desc="localising studies", unit="study", leave=False):
-        located = localise_study(int(study_id), study_series(cache, series, int(study_id), cached), detectors,
-                                 fraction)  # fmt: skip
+        study = study_series(cache, series, int(study_id), cached)
+        located = with_measurements(localise_study(int(study_id), study, detectors, fraction), study, detectors)
         frames.append(located.points)
         reports.append(located.to_json())
     return pd.concat(frames, ignore_index=True), reports
@@ -401,6 +402,11 @@ def _log_localisation(
     tracker.log_text(parent, summary.to_csv(index=False), "localisation/summary.csv")
     tracker.log_text(parent, axial_summary.to_csv(index=False), "localisation/axial_from_labels.csv")
     tracker.log_text(parent, json.dumps(reports, indent=1), "localisation/val_studies.json")
+    measured = measurements_table(reports)
+    if not measured.empty:  # a segmentation localiser's millimetres per study and level
+        tracker.log_text(parent, measured.to_csv(index=False), "localisation/measurements.csv")
+        tracker.log_values(parent, {f"measure.{column}.median": float(measured[column].median())
+                                    for column in measured.columns[2:]})  # fmt: skip
     for study_id in sorted(predicted["study_id"].unique())[:OVERLAY_STUDIES]:
         figure = plots.localisation_overlay(
             int(study_id), predicted[predicted["study_id"] == study_id], truth[truth["study_id"] == study_id], cache

@@ -84,12 +84,15 @@ class StudyPoints:
             from a filled point), ``filled`` and ``source`` (``detector`` or ``geometry``).
         missing_series: series types the study lacks.
         unplaced: targets without a point.
+        measurements: per level the millimetres a segmentation localiser measures
+            (:func:`lumbar_ray.segment.measure.with_measurements`); None without one.
     """
 
     study_id: int
     points: pd.DataFrame
     missing_series: list[str] = field(default_factory=list)
     unplaced: list[str] = field(default_factory=list)
+    measurements: pd.DataFrame | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able report (the per-study file written next to a submission)."""
@@ -105,12 +108,16 @@ class StudyPoints:
             }
             for row in self.points.itertuples(index=False)
         }
-        return {
+        report = {
             "study_id": self.study_id,
             "missing_series": self.missing_series,
             "unplaced_targets": self.unplaced,
             "points": points,
         }
+        if self.measurements is not None:  # NaN (not measurable) -> null
+            rounded = self.measurements.set_index("level").round(2).astype(object)
+            report["measurements"] = rounded.where(rounded.notna(), None).to_dict("index")
+        return report
 
 
 def study_series(

@@ -21,6 +21,7 @@ numpy/scipy/pandas.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,20 @@ from scipy import ndimage
 
 from lumbar_ray.constants import LEVELS, target_index
 from lumbar_ray.data.cache import CachedSeries
-from lumbar_ray.segment.post import CANAL, DISC, FORAMEN, STEP, as_semantic, canal_run, disc_axis, lesion_split
+from lumbar_ray.localize.geometry import best_sagittal
+from lumbar_ray.localize.study import StudyPoints
+from lumbar_ray.segment.post import (
+    CANAL,
+    DISC,
+    FORAMEN,
+    SAG_T1,
+    SAG_T2,
+    STEP,
+    as_semantic,
+    canal_run,
+    disc_axis,
+    lesion_split,
+)
 
 MEASURE_COLUMNS = ("level", "canal_ap_mm", "disc_height_mm", "foramen_left_mm2", "foramen_right_mm2")
 SIDES = ("left", "right")
@@ -170,3 +184,33 @@ def measure_study(series: Iterable[tuple[np.ndarray, CachedSeries]], points: pd.
     for volume, entry in series:
         out = out.fillna(measure_levels(volume, entry, points))
     return out
+
+
+def with_measurements(located: StudyPoints, series: dict[str, list[CachedSeries]], detectors: dict) -> StudyPoints:
+    """A localised study with the measurements of the localisers that segment (a
+    :class:`~lumbar_ray.segment.post.MaskLocator`'s ``segmentation_of``), on the sagittal series they localised on
+    (:func:`~lumbar_ray.localize.geometry.best_sagittal`); the study unchanged when none segments.
+
+    Args:
+        located: :func:`~lumbar_ray.localize.study.localise_study`'s result.
+        series: the series it was given (loaded sagittal volumes).
+        detectors: the localisers it was given.
+    """
+    pairs = []
+    for description in (SAG_T2, SAG_T1):
+        detector, entries = detectors.get(description), series.get(description)
+        if not entries or not hasattr(detector, "segmentation_of"):
+            continue
+        entry = best_sagittal(entries)
+        pairs.append((detector.segmentation_of(entry.volume).classes, entry))
+    if not pairs:
+        return located
+    return replace(located, measurements=measure_study(pairs, located.points))
+
+
+def measurements_table(reports: Iterable[dict]) -> pd.DataFrame:
+    """One row per study and level (``study_id``, :data:`MEASURE_COLUMNS`) of per-study reports
+    (:meth:`~lumbar_ray.localize.study.StudyPoints.to_json`) that carry measurements; empty when none does."""
+    rows = [{"study_id": report["study_id"], "level": level, **values}
+            for report in reports for level, values in (report.get("measurements") or {}).items()]  # fmt: skip
+    return pd.DataFrame(rows, columns=["study_id", *MEASURE_COLUMNS]).astype({c: float for c in MEASURE_COLUMNS[1:]})

@@ -463,13 +463,24 @@ class MaskLocator:
         self.targets = detector_targets(description)
         self.segment = segment
         self.kind = kind
+        self._last: tuple[str, Segmentation] | None = None
 
-    def detect(self, volume: np.ndarray, left_first: bool = True) -> pd.DataFrame:
-        """Every detection on a cached volume (see :func:`detections_from_masks`, :func:`detections_from_points`)."""
+    def segmentation_of(self, volume: np.ndarray) -> Segmentation:
+        """The segmentation of a cached volume; the one :meth:`detect` just made when it is of the same volume
+        (measuring a study after localising it segments each series once)."""
+        digest = volume_digest(volume)
+        if self._last is not None and self._last[0] == digest:
+            return self._last[1]
         output = self.segment(volume)
         segmentation = output if isinstance(output, Segmentation) else Segmentation(np.asarray(output))
         if segmentation.classes.shape[0] != len(volume):
             raise ValueError(f"the segmentation has {segmentation.classes.shape[0]} slices, the volume {len(volume)}")
+        self._last = (digest, segmentation)
+        return segmentation
+
+    def detect(self, volume: np.ndarray, left_first: bool = True) -> pd.DataFrame:
+        """Every detection on a cached volume (see :func:`detections_from_masks`, :func:`detections_from_points`)."""
+        segmentation = self.segmentation_of(volume)
         read = detections_from_masks if self.kind == "anatomy" else detections_from_points
         return read(segmentation.classes, self.description, left_first, segmentation.probabilities)
 
