@@ -57,6 +57,11 @@ class SynthConfig(_Strict):
     empty_label_rate: float = Field(0.01, ge=0, le=1, description="label cells left empty")
     signal_strength: float = Field(1.0, ge=0, description="0 removes the planted lesions (pure prior)")
     noise: float = Field(0.06, ge=0, description="Gaussian noise as a fraction of the tissue range")
+    masks: bool = Field(
+        False,
+        description="also write a label volume per sagittal series (segmentation/<split>_images/<study>/<series>.npz, "
+        "values in lumbar_ray.segment.labels); the DICOM files are the same bytes either way",
+    )
 
 
 class DataConfig(_Strict):

@@ -57,6 +57,7 @@ _ADDED_AFTER_IDS: dict[tuple[str, str], Any] = {
     ("calibrate", "temperature"): False,
     ("augment", "jitter_measured"): False,
     ("crop", "second_view"): False,
+    ("synth", "masks"): False,
 }
 _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     "workdir": None,

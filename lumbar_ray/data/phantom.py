@@ -8,13 +8,14 @@ frame of reference do. Both presets of :mod:`lumbar_ray.data.synthetic` render t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from lumbar_ray.constants import CONDITION_TITLES, CONDITIONS, LEVEL_TITLES, LEVELS
+from lumbar_ray.segment.labels import LESION_OFFSET
 
 # Tissue classes of the phantom and their signal (0..1) on each sequence: CSF bright on T2 and dark on T1,
 # foraminal fat bright on T1, lesion tissue dark on both (like disc bulge or ligament).
@@ -32,7 +33,9 @@ class Primitive:
 
     ``replaces`` restricts painting to pixels currently of those tissues (lesions only narrow CSF or fat).
     ``axes`` rotates the region: its rows are the region's own x, y, z axes in patient space (row-major, 9 values);
-    None keeps it aligned with the patient axes.
+    None keeps it aligned with the patient axes. ``label`` is the structure it is in a label map
+    (:mod:`lumbar_ray.segment.labels`; 0 = none, e.g. soft tissue); a primitive with ``replaces`` ignores it and
+    marks the structure it narrows as a lesion instead (:func:`render_labels`).
     """
 
     center: tuple[float, float, float]
@@ -41,6 +44,7 @@ class Primitive:
     half_height: float | None = None
     replaces: tuple[int, ...] = ()
     axes: tuple[float, ...] | None = None
+    label: int = 0
 
     @property
     def bounding_radius(self) -> float:
@@ -108,34 +112,80 @@ def render_slice(primitives: list[Primitive], spec: SliceSpec, series: SeriesSpe
     convention: the first three IOP cosines run along a row). Each primitive is evaluated only on the pixel
     box its bounding sphere covers, which keeps rendering cheap.
     """
+    tissue = np.zeros((series.rows, series.cols), dtype=np.uint8)
+    for _ in _paint(primitives, spec, series, tissue):
+        pass
+    return tissue
+
+
+def render_labels(primitives: list[Primitive], spec: SliceSpec, series: SeriesSpec) -> np.ndarray:
+    """The structure labels (:mod:`lumbar_ray.segment.labels`) of one slice plane, shape (rows, cols), int16.
+
+    Painted in the same order and with the same geometry as :func:`render_slice`: each primitive paints its
+    ``label`` where it paints its tissue, so the labels agree with the tissue map pixel for pixel. A primitive
+    with ``replaces`` (a lesion) keeps the structure it narrows and adds ``LESION_OFFSET`` (a narrowed canal pixel
+    is 1100), where that pixel holds a structure. Draws no random numbers.
+    """
+    return render_tissue_and_labels(primitives, spec, series)[1]
+
+
+def render_tissue_and_labels(
+    primitives: list[Primitive], spec: SliceSpec, series: SeriesSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`render_slice` and :func:`render_labels` of one slice in a single pass: (tissue uint8, labels int16)."""
+    tissue = np.zeros((series.rows, series.cols), dtype=np.uint8)
+    labels = np.zeros((series.rows, series.cols), dtype=np.int16)
+    for part, window, inside in _paint(primitives, spec, series, tissue):
+        painted = labels[window]
+        if part.replaces:
+            below = painted[inside]
+            structure = (below > 0) & (below < LESION_OFFSET)
+            painted[inside] = np.where(structure, below + LESION_OFFSET, below)
+        else:
+            painted[inside] = part.label
+    return tissue, labels
+
+
+def _paint(
+    primitives: list[Primitive], spec: SliceSpec, series: SeriesSpec, tissue: np.ndarray
+) -> Iterator[tuple[Primitive, tuple[slice, slice], np.ndarray]]:
+    """Paint each primitive's tissue into ``tissue`` in list order; yield ``(part, window, inside)`` after each.
+
+    ``window`` is the (rows, cols) slice of the pixel box the primitive was evaluated on, ``inside`` the mask of
+    that box it painted (the ``replaces`` test already applied), so a label map can follow the tissue map exactly.
+    """
     row_dir = np.asarray(spec.orientation[:3])
     col_dir = np.asarray(spec.orientation[3:])
     normal = np.cross(row_dir, col_dir)
-    row_spacing, col_spacing = series.spacing
-    tissue = np.zeros((series.rows, series.cols), dtype=np.uint8)
     for part in primitives:
         offset = spec.position - np.asarray(part.center)
         box = pixel_box(part, offset, row_dir, col_dir, normal, series)
         if box is None:
             continue
         r0, r1, c0, c1 = box
-        if part.axes is not None:  # into the region's own frame: only the three vectors need rotating
-            offset, row_vec, col_vec = (np.asarray(part.axes).reshape(3, 3) @ v for v in (offset, row_dir, col_dir))
-        else:
-            row_vec, col_vec = row_dir, col_dir
-        rr = np.arange(r0, r1, dtype=np.float32)[:, None] * row_spacing
-        cc = np.arange(c0, c1, dtype=np.float32)[None, :] * col_spacing
-        d = [offset[i] + cc * row_vec[i] + rr * col_vec[i] for i in range(3)]
-        inside = (d[0] / part.radii[0]) ** 2 + (d[1] / part.radii[1]) ** 2
-        if part.half_height is None:
-            inside = inside + (d[2] / part.radii[2]) ** 2 <= 1.0
-        else:
-            inside = (inside <= 1.0) & (np.abs(d[2]) <= part.half_height)
-        window = tissue[r0:r1, c0:c1]
+        window = (slice(r0, r1), slice(c0, c1))
+        inside = _inside(part, offset, row_dir, col_dir, box, series.spacing)
         if part.replaces:
-            inside &= np.isin(window, part.replaces)
-        window[inside] = part.tissue
-    return tissue
+            inside &= np.isin(tissue[window], part.replaces)
+        tissue[window][inside] = part.tissue
+        yield part, window, inside
+
+
+def _inside(part: Primitive, offset, row_dir, col_dir, box, spacing) -> np.ndarray:
+    """The pixels of ``box`` (r0, r1, c0, c1) inside one primitive, bool (r1 - r0, c1 - c0)."""
+    r0, r1, c0, c1 = box
+    if part.axes is not None:  # into the region's own frame: only the three vectors need rotating
+        offset, row_vec, col_vec = (np.asarray(part.axes).reshape(3, 3) @ v for v in (offset, row_dir, col_dir))
+    else:
+        row_vec, col_vec = row_dir, col_dir
+    row_spacing, col_spacing = spacing
+    rr = np.arange(r0, r1, dtype=np.float32)[:, None] * row_spacing
+    cc = np.arange(c0, c1, dtype=np.float32)[None, :] * col_spacing
+    d = [offset[i] + cc * row_vec[i] + rr * col_vec[i] for i in range(3)]
+    inside = (d[0] / part.radii[0]) ** 2 + (d[1] / part.radii[1]) ** 2
+    if part.half_height is None:
+        return inside + (d[2] / part.radii[2]) ** 2 <= 1.0
+    return (inside <= 1.0) & (np.abs(d[2]) <= part.half_height)
 
 
 def pixel_box(part, offset, row_dir, col_dir, normal, series) -> tuple[int, int, int, int] | None:

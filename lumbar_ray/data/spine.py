@@ -43,6 +43,7 @@ from lumbar_ray.data.phantom import (
     plane_distance,
     sample_look,
 )
+from lumbar_ray.segment.labels import CANAL, SACRUM, disc_value, foramen_value, vertebra_value
 
 SAGITTAL_ORIENTATION = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 TRANSITIONAL_RATE = 0.03  # sacralised L5 (about 3-4 % of people have a lumbosacral transitional vertebra)
@@ -171,20 +172,27 @@ def _column(spine: SpineCurve) -> list[Primitive]:
         frame = spine.frame(z)
         centre = spine.canal_centre(z) + frame[1] * 11.0
         parts.append(_oriented(centre, (15.0, 12.0, 0.0), POSTERIOR, frame, half_height=0.6 * (z_all[0] - z_all[1])))
+    lowest = len(z_all) - 1  # body k and disc k from the top are the (lowest - k)-th from the bottom: L5, L5/S1
     for k, z in enumerate(body_z):  # each body fills its segment; the discs are painted over its ends
         half = 0.5 * ((z_all[k - 1] - z_all[k]) if k > 0 else (z_all[0] - z_all[1]))
-        parts.append(_oriented(spine.point(z), (21.0, 15.0, 0.0), BONE, spine.frame(z), half_height=half))
+        label = vertebra_value(lowest - k)
+        parts.append(_oriented(spine.point(z), (21.0, 15.0, 0.0), BONE, spine.frame(z), half_height=half, label=label))
     parts.append(_sacrum(spine))
-    for z, height in zip(z_all, spine.disc_height, strict=True):
-        parts.append(_oriented(spine.point(z), (21.0, 15.0, 0.0), DISC, spine.frame(z), half_height=height / 2))
+    for k, (z, height) in enumerate(zip(z_all, spine.disc_height, strict=True)):
+        half, label = height / 2, disc_value(lowest - k)
+        parts.append(_oriented(spine.point(z), (21.0, 15.0, 0.0), DISC, spine.frame(z), half_height=half, label=label))
     pitch = z_all[0] - z_all[1]
     sac = (z_all[-1] - 0.5 * pitch, z_all[-1] - pitch)  # the thecal sac goes on into the sacrum
     for z in (*body_z, *z_all, *sac):  # overlapping canal segments make one continuous canal
         half = 0.55 * pitch
-        parts.append(_oriented(spine.canal_centre(z), (*spine.canal_radii, 0.0), CSF, spine.frame(z), half_height=half))
+        frame = spine.frame(z)
+        parts.append(
+            _oriented(spine.canal_centre(z), (*spine.canal_radii, 0.0), CSF, frame, half_height=half, label=CANAL)
+        )
     for side in (1, -1):
-        for z, point in zip(spine.labelled_z, spine.foramen_point(side), strict=True):
-            parts.append(_oriented(point, (5.0, 5.5, 6.5), FAT, spine.frame(z)))
+        for k, (z, point) in enumerate(zip(spine.labelled_z, spine.foramen_point(side), strict=True)):
+            label = foramen_value(len(LEVELS) - 1 - k, side)
+            parts.append(_oriented(point, (5.0, 5.5, 6.5), FAT, spine.frame(z), label=label))
     return parts
 
 
@@ -199,7 +207,7 @@ def _sacrum(spine: SpineCurve) -> Primitive:
     tilted = rotation @ frame
     centre = spine.point(z) + frame[1] * 6.0
     top = spine.disc_z[-1] - spine.disc_height[-1] / 2
-    return _oriented(centre, (26.0, 19.0, 0.0), BONE, tilted, half_height=max(top - z, 8.0) + 6.0)
+    return _oriented(centre, (26.0, 19.0, 0.0), BONE, tilted, half_height=max(top - z, 8.0) + 6.0, label=SACRUM)
 
 
 def _lesions(spine: SpineCurve, severity: np.ndarray, strength: float) -> list[Primitive]:

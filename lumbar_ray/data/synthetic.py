@@ -22,6 +22,11 @@ degeneration factor, so targets of a study are correlated like real ones). Reali
 configurable rates: a missing series type, a second Axial T2 series, axial series made of tilted per-level
 blocks (several orientations in one series), instance numbers not in spatial order, empty label cells. The
 output is a deterministic function of the seed: same seed, same bytes.
+
+With ``synth.masks``, the structure each pixel comes from is written too: one label volume per sagittal series
+(values of :mod:`lumbar_ray.segment.labels`: vertebrae, discs per level, canal, foramina per level and side,
+lesions as structure + 1000) under ``segmentation/``, rendered without a random number, so the DICOM files are
+the same bytes with masks or without.
 """
 
 from __future__ import annotations
@@ -72,10 +77,23 @@ from lumbar_ray.data.phantom import (
     SliceSpec,
     label_coordinates,
     render_slice,
+    render_tissue_and_labels,
     sample_look,
     tissue_to_pixels,
 )
 from lumbar_ray.data.spine import SpineCurve, annotate, axial_series, plan_hard_study
+from lumbar_ray.paths import atomic_path
+from lumbar_ray.segment.labels import (
+    CANAL,
+    LABELS_JSON,
+    MASKS_DIR,
+    SACRUM,
+    disc_value,
+    foramen_value,
+    label_table_json,
+    mask_file,
+    vertebra_value,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -182,15 +200,21 @@ def build_primitives(anatomy: Anatomy, labels: np.ndarray, rng: np.random.Genera
         Primitive((a.x0, a.body_y + 15.0, 0.0), (95.0, 75.0, 0.0), SOFT, half_height=1e9),
         Primitive((a.x0, a.canal_y + 11.0, 0.0), (15.0, 12.0, 0.0), POSTERIOR, half_height=1e9),
     ]
-    body_z = np.concatenate([a.disc_z + a.pitch / 2, a.disc_z[-1:] - a.pitch / 2])
-    for z in body_z:
-        parts.append(Primitive((a.x0, a.body_y, z), (21.0, 15.0, 0.0), BONE, half_height=(a.pitch - disc_height) / 2))
-    for z in a.disc_z:
-        parts.append(Primitive((a.x0, a.body_y, z), (21.0, 15.0, 0.0), DISC, half_height=disc_height / 2))
-    parts.append(Primitive((a.x0, a.canal_y, 0.0), (*a.canal_radii, 0.0), CSF, half_height=1e9))
+    body_z = np.concatenate([a.disc_z + a.pitch / 2, a.disc_z[-1:] - a.pitch / 2])  # L1..L5, then S1
+    last = len(LEVELS) - 1
+    body_labels = [vertebra_value(last - k) for k in range(len(LEVELS))] + [SACRUM]
+    for z, label in zip(body_z, body_labels, strict=True):
+        half = (a.pitch - disc_height) / 2
+        parts.append(Primitive((a.x0, a.body_y, z), (21.0, 15.0, 0.0), BONE, half_height=half, label=label))
+    for k, z in enumerate(a.disc_z):
+        half = disc_height / 2
+        parts.append(
+            Primitive((a.x0, a.body_y, z), (21.0, 15.0, 0.0), DISC, half_height=half, label=disc_value(last - k))
+        )
+    parts.append(Primitive((a.x0, a.canal_y, 0.0), (*a.canal_radii, 0.0), CSF, half_height=1e9, label=CANAL))
     for side in (1, -1):
-        for point in a.foramen_point(side):
-            parts.append(Primitive(tuple(point), (5.0, 5.5, 6.5), FAT))
+        for k, point in enumerate(a.foramen_point(side)):
+            parts.append(Primitive(tuple(point), (5.0, 5.5, 6.5), FAT, label=foramen_value(last - k, side)))
     parts.extend(_lesions(a, labels, rng, strength))
     return parts
 
@@ -367,7 +391,10 @@ def _series_dataset(study: StudySpec, series: SeriesSpec, study_index: int) -> D
 
 
 def write_study(root: Path, split: str, study: StudySpec, rng: np.random.Generator, cfg: SynthConfig) -> int:
-    """Render and write every slice of a study under ``root/<split>_images``; returns the number of files."""
+    """Render and write every slice of a study under ``root/<split>_images``; returns the number of DICOM files.
+
+    With ``cfg.masks``, each sagittal series' label volume goes to :func:`~lumbar_ray.segment.labels.mask_file` too.
+    """
     written = 0
     for number, series in enumerate(study.series, start=1):
         folder = root / f"{split}_images" / str(study.study_id) / str(series.series_id)
@@ -375,8 +402,14 @@ def write_study(root: Path, split: str, study: StudySpec, rng: np.random.Generat
         ds = _series_dataset(study, series, number)
         gain = rng.uniform(1800.0, 3600.0) if series.look is None else None
         sequence = SERIES_SEQUENCE[series.description]
+        with_masks = cfg.masks and series.description.startswith("Sagittal")
+        labels = []
         for spec in series.slices:
-            tissue = render_slice(study.primitives, spec, series)
+            if with_masks:  # the same painting as render_slice's, and no random numbers: the pixels do not change
+                tissue, slice_labels = render_tissue_and_labels(study.primitives, spec, series)
+                labels.append(slice_labels)
+            else:
+                tissue = render_slice(study.primitives, spec, series)
             if series.look is None:
                 pixels = tissue_to_pixels(tissue, sequence, rng, cfg.noise, gain)
             else:
@@ -389,7 +422,16 @@ def write_study(root: Path, split: str, study: StudySpec, rng: np.random.Generat
             ds.PixelData = pixels.tobytes()
             dcmwrite(folder / f"{spec.instance_number}.dcm", ds, enforce_file_format=True)
             written += 1
+        if with_masks:
+            _write_masks(mask_file(root, split, study.study_id, series.series_id), series, labels)
     return written
+
+
+def _write_masks(path: Path, series: SeriesSpec, labels: list[np.ndarray]) -> None:
+    """One series' label volume and its slices' instance numbers, written atomically (an ``.npz``)."""
+    numbers = np.array([spec.instance_number for spec in series.slices], dtype=np.int64)
+    with atomic_path(path) as temporary, temporary.open("wb") as handle:  # a handle: numpy adds no suffix
+        np.savez_compressed(handle, labels=np.stack(labels).astype(np.int16), instance_number=numbers)
 
 
 def _draw_ids(rng: np.random.Generator, count: int) -> list[int]:
@@ -440,11 +482,23 @@ class SynthResult:
 def _manifest(cfg: SynthConfig) -> dict:
     """What makes a dataset: the generator, its settings and, for the hard preset, the readers' model."""
     config = cfg.model_dump(mode="json")
+    if not cfg.masks:  # added with the masks: at its default, folders written before stay reusable
+        del config["masks"]
     if cfg.preset == "easy":  # added with the hard preset: at its default, folders written before stay reusable
         del config["preset"]
         return {"generator_version": GENERATOR_VERSION, "config": config}
     return {"generator_version": GENERATOR_VERSION, "hard_version": HARD_VERSION, "config": config,
             "readers": asdict(HARD_READERS)}  # fmt: skip
+
+
+def _reusable(manifest: dict | None, cfg: SynthConfig) -> bool:
+    """Whether a folder's manifest serves ``cfg``: the same one, or ``cfg`` without masks and a folder with them
+    (the DICOM files and tables are the same bytes either way)."""
+    if manifest is None:
+        return False
+    return manifest == _manifest(cfg) or (
+        not cfg.masks and manifest == _manifest(cfg.model_copy(update={"masks": True}))
+    )
 
 
 def write_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bool = False) -> SynthResult:
@@ -464,7 +518,7 @@ def write_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bo
     cfg = cfg or SynthConfig()
     root = Path(out)
     manifest_path = root / MANIFEST_NAME
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("manifest") == _manifest(cfg):
+    if manifest_path.is_file() and _reusable(json.loads(manifest_path.read_text()).get("manifest"), cfg):
         summary = json.loads(manifest_path.read_text())
         logger.info("synthetic dataset at %s is complete for this config; reusing it", root)
         return SynthResult(
@@ -495,6 +549,8 @@ def write_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bo
         files += write_study(root, split, study, rng, cfg)
         studies[split].append(study)
     _write_tables(root, studies["train"], studies["test"])
+    if cfg.masks:
+        (root / MASKS_DIR / LABELS_JSON).write_text(json.dumps(label_table_json(), indent=2))
     floors = _floors(root, studies["train"]) if cfg.preset == "hard" else {}
     manifest_path.write_text(json.dumps({"manifest": _manifest(cfg), "files": files, **floors}, indent=2))
     logger.info(

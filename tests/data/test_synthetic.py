@@ -17,6 +17,16 @@ from lumbar_ray.data import grading, synthetic
 from lumbar_ray.data.dicom import read_series, read_slice
 from lumbar_ray.data.rsna import build_report, load_rsna
 from lumbar_ray.labels import encode_labels
+from lumbar_ray.segment.labels import (
+    CANAL,
+    LABEL_TABLE,
+    LABELS_JSON,
+    LESION_OFFSET,
+    MASKS_DIR,
+    disc_value,
+    foramen_value,
+    mask_file,
+)
 
 
 def _tree_digest(root: Path) -> str:
@@ -278,3 +288,53 @@ def test_easy_manifest_is_what_it_was_before_the_presets(tmp_path):
     root = synthetic.write_dataset(tmp_path / "easy", cfg).root
     manifest = json.loads((root / synthetic.MANIFEST_NAME).read_text())["manifest"]
     assert "preset" not in manifest["config"] and "readers" not in manifest
+
+
+def _dicom_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*.dcm")}
+
+
+@pytest.mark.parametrize("preset", ["easy", "hard"])
+def test_masks_change_no_dicom_byte_and_sit_on_each_sagittal_grid(tmp_path, preset):
+    cfg = SynthConfig(preset=preset, train_studies=2, test_studies=0, seed=2, image_sizes=[64], missing_series_rate=0)
+    plain = synthetic.write_dataset(tmp_path / "plain", cfg).root
+    masked = synthetic.write_dataset(tmp_path / "masked", cfg.model_copy(update={"masks": True})).root
+    assert _dicom_digests(plain) == _dicom_digests(masked) and len(_dicom_digests(plain)) > 0
+    for name in ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv"):
+        assert (plain / name).read_bytes() == (masked / name).read_bytes()
+    assert not (plain / MASKS_DIR).exists()
+    table = json.loads((masked / MASKS_DIR / LABELS_JSON).read_text())
+    assert {int(value) for value in table["values"]} == set(LABEL_TABLE)
+    series = load_rsna(masked).train_series
+    for row in series.itertuples():
+        path = mask_file(masked, "train", row.study_id, row.series_id)
+        if not row.series_description.startswith("Sagittal"):
+            assert not path.exists()
+            continue
+        with np.load(path) as npz:
+            labels, numbers = npz["labels"], npz["instance_number"]
+        files = sorted((masked / "train_images" / str(row.study_id) / str(row.series_id)).glob("*.dcm"))
+        first = pydicom.dcmread(files[0], stop_before_pixels=True)
+        assert labels.dtype == np.int16 and labels.shape == (len(files), first.Rows, first.Columns)
+        assert sorted(numbers.tolist()) == sorted(int(f.stem) for f in files)
+        present = set(np.unique(labels).tolist())
+        assert present <= set(LABEL_TABLE)
+        wanted = (
+            {CANAL, *(disc_value(k) for k in range(5))}
+            if row.series_description == "Sagittal T2/STIR"
+            else {foramen_value(k, side) for k in range(5) for side in ("left", "right")}
+        )
+        assert wanted <= {value % LESION_OFFSET for value in present}
+
+
+def test_a_dataset_with_masks_serves_a_config_without_them(tmp_path):
+    """Masks only add files: a folder written with them is reused without them; the other way round it is not."""
+    cfg = SynthConfig(train_studies=1, test_studies=0, image_sizes=[64])
+    manifest = synthetic._manifest(cfg)
+    assert "masks" not in manifest["config"], "folders written before the masks stay reusable"
+    with_masks = cfg.model_copy(update={"masks": True})
+    synthetic.write_dataset(tmp_path / "m", with_masks)
+    assert synthetic.write_dataset(tmp_path / "m", cfg).reused
+    synthetic.write_dataset(tmp_path / "p", cfg)
+    with pytest.raises(FileExistsError):
+        synthetic.write_dataset(tmp_path / "p", with_masks)
