@@ -1,0 +1,186 @@
+"""The segmentation U-Net's training samples, from the cache: pure numpy and cv2, no Ray.
+
+A **series target** (:class:`SeriesTarget`) is one sagittal series on the cache grid: its cached volume
+(uint8, ``n x S x S``) and a class volume of the same shape, whose classes depend on the source
+(:func:`classes_for`):
+
+- ``masks`` (and ``spider``): the :data:`~lumbar_ray.segment.labels.SEMANTIC_CLASSES` of an anatomy mask
+  (background, vertebra, disc, canal, foramen, lesion), one model for both sagittal series types;
+- ``points``: :data:`POINT_CLASSES`, maps drawn around the label points (the only targets RSNA's data has):
+  0 background, 1..5 the spinal canal at L1/L2..L5/S1 on a Sagittal T2/STIR, 6..10 the foramina of those levels on
+  a Sagittal T1 (both sides of a level share its class; :func:`offset_point_classes`), one model for both types.
+
+A **sample** is one slice of a series target resized to the U-Net's input: the slice and its neighbours as
+channels (:func:`slab`: ``in_slices`` slices centred on it, indices clamped at the volume's edges, each resized
+with area averaging when shrinking, bilinear when growing, pixel-centre aligned as the cache itself is), and the
+class map of the slice resized with nearest-neighbour (``cv2.INTER_NEAREST_EXACT``, pixel-centre aligned).
+Training keeps every slice with foreground and a seeded ``empty_fraction`` of the others
+(:func:`select_slices`); validation keeps every slice, so Dice is measured on whole series. Samples stay uint8
+(``x / 255`` is the network's input, :func:`lumbar_ray.segment.unet.slab_inputs`), so a few thousand fit in
+memory and in Ray's object store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from lumbar_ray.config import SegmentConfig
+from lumbar_ray.constants import LEVELS
+from lumbar_ray.segment.labels import SEMANTIC_CLASSES
+
+POINT_CLASSES: tuple[str, ...] = (
+    "background",
+    *(f"canal_{level}" for level in LEVELS),
+    *(f"foramen_{level}" for level in LEVELS),
+)
+"""The classes of ``source=points``: background, the canal per level (Sagittal T2/STIR), the foramina per level
+(Sagittal T1)."""
+
+POINT_CLASS_OFFSET: dict[str, int] = {"Sagittal T2/STIR": 0, "Sagittal T1": len(LEVELS)}
+"""What a series type's level maps (1..5 = :data:`LEVELS` order) are shifted by in :data:`POINT_CLASSES`."""
+
+
+def classes_for(source: str) -> tuple[str, ...]:
+    """The class names (in class-id order) a U-Net trained on ``source`` predicts.
+
+    Raises:
+        ValueError: on an unknown source.
+    """
+    if source in ("masks", "spider"):
+        return SEMANTIC_CLASSES
+    if source == "points":
+        return POINT_CLASSES
+    raise ValueError(f"unknown segmentation source {source!r}; expected masks, points or spider")
+
+
+def offset_point_classes(level_map: np.ndarray, description: str) -> np.ndarray:
+    """A series' level map (0 background, 1..5 levels) in :data:`POINT_CLASSES` (a Sagittal T1's shifted by 5).
+
+    Raises:
+        KeyError: for a series type that has no level maps (axial).
+    """
+    level_map = np.asarray(level_map, dtype=np.uint8)
+    return np.where(level_map > 0, level_map + POINT_CLASS_OFFSET[description], 0).astype(np.uint8)
+
+
+@dataclass
+class SeriesTarget:
+    """One sagittal series on the cache grid: its volume and its class volume (both ``n x S x S`` uint8)."""
+
+    study_id: int
+    series_id: int
+    description: str
+    volume: np.ndarray
+    target: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.volume.shape != self.target.shape:
+            raise ValueError(f"series {self.series_id}: volume {self.volume.shape} and target "
+                             f"{self.target.shape} differ")  # fmt: skip
+
+
+@dataclass
+class SegmentSamples:
+    """2.5D samples of some series targets at the U-Net's input size.
+
+    Attributes:
+        inputs: ``(N, in_slices, size, size)`` uint8: each sample's slab (:func:`slab`).
+        targets: ``(N, size, size)`` uint8: its class map.
+        series: ``(N,)`` int: the index of its series in ``keys``.
+        slices: ``(N,)`` int: its slice in that series' volume.
+        keys: ``(study_id, series_id)`` of each series, in the order of the targets given.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    series: np.ndarray
+    slices: np.ndarray
+    keys: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def class_counts(self, n_classes: int) -> np.ndarray:
+        """Pixels per class over every sample."""
+        return np.bincount(self.targets.ravel(), minlength=n_classes)
+
+
+def resize_slice(image: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 slice resized to ``size x size``: area averaging when shrinking, bilinear when growing (cv2 maps
+    pixel centres, ``x' = (x + 0.5) * scale - 0.5``, like the cache)."""
+    if image.shape == (size, size):
+        return np.ascontiguousarray(image)
+    shrinking = size < max(image.shape)
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """A class map resized to ``size x size`` by nearest neighbour, pixel-centre aligned."""
+    if labels.shape == (size, size):
+        return np.ascontiguousarray(labels)
+    return cv2.resize(labels, (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def slab_indices(n_slices: int, index: int, in_slices: int) -> np.ndarray:
+    """The ``in_slices`` slice indices centred on ``index``, clamped to ``0..n_slices-1`` (an edge slice repeats)."""
+    half = in_slices // 2
+    return np.clip(np.arange(index - half, index + half + 1), 0, n_slices - 1)
+
+
+def slab(volume: np.ndarray, index: int, in_slices: int, size: int) -> np.ndarray:
+    """``(in_slices, size, size)`` uint8: slice ``index`` of ``volume`` and its neighbours, each resized."""
+    return np.stack([resize_slice(np.asarray(volume[i]), size) for i in slab_indices(len(volume), index, in_slices)])
+
+
+def select_slices(target: np.ndarray, empty_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """The slices of a class volume a training set keeps: every slice with foreground, and ``empty_fraction`` of
+    the others (rounded; drawn with ``rng``), in slice order."""
+    has_foreground = target.reshape(len(target), -1).any(axis=1)
+    empty = np.flatnonzero(~has_foreground)
+    kept_empty = rng.choice(empty, size=int(round(empty_fraction * len(empty))), replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(has_foreground), kept_empty])).astype(np.int64)
+
+
+def series_rng(seed: int, study_id: int, series_id: int) -> np.random.Generator:
+    """A generator of one series' own (the same whatever other series are sampled with it, in whatever order)."""
+    return np.random.default_rng([int(seed), int(study_id), int(series_id)])
+
+
+def build_samples(targets: Sequence[SeriesTarget], cfg: SegmentConfig, every_slice: bool = False) -> SegmentSamples:
+    """The 2.5D samples of ``targets`` at ``cfg.image_size``.
+
+    Args:
+        targets: series targets on the cache grid.
+        cfg: ``image_size``, ``in_slices``, ``empty_fraction`` and ``seed``.
+        every_slice: keep every slice (validation) instead of :func:`select_slices` (training).
+    """
+    size, inputs, maps, series, slices = cfg.image_size, [], [], [], []
+    for position, item in enumerate(targets):
+        if every_slice:
+            chosen = np.arange(len(item.target))
+        else:
+            chosen = select_slices(item.target, cfg.empty_fraction, series_rng(cfg.seed, item.study_id,
+                                                                               item.series_id))  # fmt: skip
+        for index in chosen:
+            inputs.append(slab(item.volume, int(index), cfg.in_slices, size))
+            maps.append(resize_labels(item.target[index], size))
+        series += [position] * len(chosen)
+        slices += [int(i) for i in chosen]
+    return SegmentSamples(
+        inputs=np.stack(inputs) if inputs else np.zeros((0, cfg.in_slices, size, size), np.uint8),
+        targets=np.stack(maps) if maps else np.zeros((0, size, size), np.uint8),
+        series=np.asarray(series, dtype=np.int64),
+        slices=np.asarray(slices, dtype=np.int64),
+        keys=[(int(t.study_id), int(t.series_id)) for t in targets],
+    )
+
+
+def split_studies(study_ids: Iterable[int], folds: dict[int, int], val_fold: int) -> tuple[list[int], list[int]]:
+    """``(train, validation)`` study ids: the validation ones are those of fold ``val_fold``; both sorted."""
+    ids = sorted(int(s) for s in study_ids)
+    val = [s for s in ids if folds.get(s) == val_fold]
+    return [s for s in ids if folds.get(s) != val_fold], val
