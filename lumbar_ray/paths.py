@@ -18,8 +18,8 @@ every node must see (the preprocessing cache, Ray Train checkpoints)::
     <workdir>/predict/submission.csv          predict.out = null
     <workdir>/mlflow.db                       tracking.tracking_uri = null and no $MLFLOW_TRACKING_URI
 
-Ids derived from settings (the CV run id, the localisation and segmentation keys) hash only what changes the result, never the
-resources a run is given, so the same model trained on more workers finds its earlier folds.
+Ids derived from settings (the CV run id, the localisation and segmentation keys) hash only what changes the
+result, never the resources a run is given, so the same model trained on more workers finds its earlier folds.
 """
 
 from __future__ import annotations

@@ -24,13 +24,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 
 from lumbar_ray.config import SegmentConfig
-from lumbar_ray.constants import LEVELS
-from lumbar_ray.segment.labels import SEMANTIC_CLASSES
+from lumbar_ray.constants import CONDITION_SERIES, CONDITIONS, LEVELS, TARGETS
+from lumbar_ray.data.cache import SeriesCache
+from lumbar_ray.segment.labels import SEMANTIC_CLASSES, semantic
+from lumbar_ray.segment.masks import dataset_masks, point_maps, resize_labels
 
 POINT_CLASSES: tuple[str, ...] = (
     "background",
@@ -118,13 +122,6 @@ def resize_slice(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
-    """A class map resized to ``size x size`` by nearest neighbour, pixel-centre aligned."""
-    if labels.shape == (size, size):
-        return np.ascontiguousarray(labels)
-    return cv2.resize(labels, (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
-
-
 def slab_indices(n_slices: int, index: int, in_slices: int) -> np.ndarray:
     """The ``in_slices`` slice indices centred on ``index``, clamped to ``0..n_slices-1`` (an edge slice repeats)."""
     half = in_slices // 2
@@ -141,7 +138,7 @@ def select_slices(target: np.ndarray, empty_fraction: float, rng: np.random.Gene
     the others (rounded; drawn with ``rng``), in slice order."""
     has_foreground = target.reshape(len(target), -1).any(axis=1)
     empty = np.flatnonzero(~has_foreground)
-    kept_empty = rng.choice(empty, size=int(round(empty_fraction * len(empty))), replace=False)
+    kept_empty = rng.choice(empty, size=round(empty_fraction * len(empty)), replace=False)
     return np.sort(np.concatenate([np.flatnonzero(has_foreground), kept_empty])).astype(np.int64)
 
 
@@ -179,8 +176,63 @@ def build_samples(targets: Sequence[SeriesTarget], cfg: SegmentConfig, every_sli
     )
 
 
-def split_studies(study_ids: Iterable[int], folds: dict[int, int], val_fold: int) -> tuple[list[int], list[int]]:
-    """``(train, validation)`` study ids: the validation ones are those of fold ``val_fold``; both sorted."""
-    ids = sorted(int(s) for s in study_ids)
-    val = [s for s in ids if folds.get(s) == val_fold]
-    return [s for s in ids if folds.get(s) != val_fold], val
+SAGITTAL_TYPES: tuple[str, ...] = ("Sagittal T2/STIR", "Sagittal T1")
+"""The series types a U-Net segments (one model for both)."""
+
+
+def sagittal_series(series: pd.DataFrame, study_ids: Iterable[int], cached: set[tuple[int, int]]) -> pd.DataFrame:
+    """The cached sagittal series of ``study_ids`` (``study_id``, ``series_id``, ``series_description``), sorted."""
+    wanted = {int(s) for s in study_ids}
+    frame = series[series["series_description"].isin(SAGITTAL_TYPES)
+                   & series["study_id"].astype(int).isin(wanted)]  # fmt: skip
+    keep = [(int(a), int(b)) in cached for a, b in zip(frame["study_id"], frame["series_id"], strict=True)]
+    frame = frame[keep].astype({"study_id": "int64", "series_id": "int64"})
+    return frame.sort_values(["study_id", "series_id"]).reset_index(drop=True)[
+        ["study_id", "series_id", "series_description"]
+    ]
+
+
+def point_target(points: pd.DataFrame, description: str, n_slices: int, size: int, radius_px: float) -> np.ndarray:
+    """A series' :data:`POINT_CLASSES` volume from its POINTS rows (cache pixels): a disc of ``radius_px`` around
+    each point of a condition read on ``description`` (the canal on a Sagittal T2/STIR, both foramina on a
+    Sagittal T1), its class the level's, shifted for the series type (:func:`offset_point_classes`)."""
+    conditions = [c for c in CONDITIONS if CONDITION_SERIES[c] == description]
+    targets = [TARGETS.index(f"{condition}_{level}") for condition in conditions for level in LEVELS]
+    rows = points[points["target"].isin(targets)]
+    levels = rows["target"].to_numpy() % len(LEVELS)
+    table = np.column_stack([rows["slice"].to_numpy(), rows["x"].to_numpy(), rows["y"].to_numpy(), levels])
+    return offset_point_classes(point_maps(table, n_slices, size, radius_px), description)
+
+
+def series_targets(cache: SeriesCache, series: pd.DataFrame, cfg: SegmentConfig, data_root: str | Path | None = None,
+                   points: pd.DataFrame | None = None) -> list[SeriesTarget]:  # fmt: skip
+    """The series targets of ``series`` (rows of :func:`sagittal_series`) on the cache grid.
+
+    Args:
+        cache: the cache the volumes are read from.
+        series: the series to read.
+        cfg: ``source`` and ``radius_px``.
+        data_root: the RSNA-format folder holding the masks (``source=masks``).
+        points: the label points in cache pixels, a POINTS frame (``source=points``); a series without a point of
+            its type is left out (an empty map would teach the U-Net that its structures are background).
+
+    Raises:
+        FileNotFoundError: ``source=masks`` and a series has no mask file.
+        ValueError: ``source`` is neither masks nor points (SPIDER has its own reader).
+    """
+    if cfg.source not in ("masks", "points"):
+        raise ValueError(f"series targets are read from the cache for source masks or points, not {cfg.source!r}")
+    out = []
+    for row in series.itertuples(index=False):
+        entry = cache.read(int(row.study_id), int(row.series_id))
+        if cfg.source == "masks":
+            target = semantic(dataset_masks(data_root, entry))
+        else:
+            own = points[(points["study_id"] == row.study_id) & (points["series_id"] == row.series_id)]
+            n_slices, size = entry.volume.shape[:2]
+            target = point_target(own, row.series_description, n_slices, size, cfg.radius_px)
+            if not target.any():
+                continue
+        out.append(SeriesTarget(int(row.study_id), int(row.series_id), str(row.series_description),
+                                np.asarray(entry.volume), target))  # fmt: skip
+    return out

@@ -74,7 +74,7 @@ def predict_volume(model: torch.nn.Module, volume: np.ndarray, cfg: SegmentConfi
         ``(n_slices, C, S, S)`` float32 probabilities.
     """
     import torch
-    import torch.nn.functional as F
+    from torch.nn import functional
 
     volume = np.asarray(volume)
     n_slices, height, width = volume.shape
@@ -87,7 +87,7 @@ def predict_volume(model: torch.nn.Module, volume: np.ndarray, cfg: SegmentConfi
                               for i in range(start, min(start + batch, n_slices))])  # fmt: skip
             probs = torch.softmax(model(to_inputs(stack).to(device)), dim=1)
             if probs.shape[-2:] != (height, width):
-                probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+                probs = functional.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
             outputs.append(probs.float().cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, 0, height, width), np.float32)
 
@@ -170,15 +170,6 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu") -> LoadedUne
     return LoadedUnet(model, cfg, classes, str(content["source"]), dict(content.get("trained", {})))
 
 
-def one_hot_volume(labels: np.ndarray | torch.Tensor, n_classes: int) -> torch.Tensor:
-    """``(C, *shape)`` float one-hot of a class map or volume."""
-    import torch
-    import torch.nn.functional as F
-
-    labels = torch.as_tensor(np.asarray(labels) if isinstance(labels, np.ndarray) else labels).long()
-    return F.one_hot(labels, n_classes).movedim(-1, 0).float()
-
-
 def series_dice(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray], n_classes: int) -> np.ndarray:
     """Dice per foreground class with MONAI's ``DiceMetric``, each series one sample (its slices a volume).
 
@@ -193,11 +184,13 @@ def series_dice(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray], n_
     Returns:
         ``(n_classes - 1,)`` float64: classes 1, 2, ...
     """
+    import torch
     from monai.metrics import DiceMetric
 
-    metric = DiceMetric(include_background=False, reduction="mean_batch", get_not_nans=True)
+    # Class maps with num_classes: MONAI compares each class's one-hot mask itself, without float one-hot volumes.
+    metric = DiceMetric(include_background=False, reduction="mean_batch", get_not_nans=True, num_classes=n_classes)
     for pred, true in zip(predicted, truth, strict=True):
-        metric(y_pred=one_hot_volume(pred, n_classes)[None], y=one_hot_volume(true, n_classes)[None])
+        metric(y_pred=torch.as_tensor(np.asarray(pred))[None, None], y=torch.as_tensor(np.asarray(true))[None, None])
     if not len(predicted):
         return np.full(n_classes - 1, np.nan)
     dice, counted = (value.double().cpu().numpy() for value in metric.aggregate())

@@ -228,7 +228,8 @@ def train_fold_loop(config: dict[str, Any]) -> None:
                 if job.run_logger is not None:
                     job.run_logger.log_epoch(epoch_index, {k: v for k, v in metrics.items()
                                                            if k not in ("epoch", "epoch_started_at")})  # fmt: skip
-            report_epoch(rank, metrics, _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks), staging)
+            saved = _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks)
+            report_epoch(rank, metrics, saved, staging)
 
 
 def epoch_predictions(epoch_index: int, epoch: Epoch) -> dict[str, Any]:

@@ -108,12 +108,12 @@ def test_a_worker_checkpoint_of_a_real_epoch_holds_the_evaluated_weights_once(sm
 
 
 def test_rank_0_hands_its_checkpoint_folder_to_an_asynchronous_upload_and_never_removes_it(tmp_path, monkeypatch):
-    """``report_epoch`` with ``ray.train.report`` stood in for (no Ray started): rank 0 reports a whole checkpoint folder
-    under the run's staging folder with ``CheckpointUploadMode.ASYNC`` and leaves it to Ray, which deletes it once
-    uploaded; the other ranks report no checkpoint. A restarted rank 0 clears what a stopped group left there."""
+    """``report_epoch`` with ``ray.train.report`` stood in for (no Ray started): rank 0 reports a whole checkpoint
+    folder under the run's staging folder with ``CheckpointUploadMode.ASYNC`` and leaves it to Ray, which deletes it
+    once uploaded; the other ranks report no checkpoint. A restarted rank 0 clears what a stopped group left there."""
     import ray.train
 
-    from lumbar_ray.train.worker import CHECKPOINT_FILE, report_epoch, checkpoint_staging, clear_staging
+    from lumbar_ray.train.worker import CHECKPOINT_FILE, checkpoint_staging, clear_staging, report_epoch
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     staging = checkpoint_staging("cv-x-fold0")
