@@ -98,7 +98,8 @@ class SegmentResult:
         lines = [
             f"segmentation U-Net {self.key} ({self.source}, {len(self.classes)} classes), {done}: {self.weights}",
             f"  held-out fold {t.get('val_fold')}: {len(t.get('val_studies', []))} studies, {t.get('val_series')} "
-            f"series; best epoch {t.get('best_epoch')} of {t.get('epochs')} (starts {t.get('starts')})",
+            f"series; best epoch {t.get('best_epoch', -1) + 1} of {t.get('epochs')} (epochs each start began at, "
+            f"from 0: {t.get('starts')})",
             "  Dice per structure (cache grid): " + ", ".join(f"{k} {v:.3f}" for k, v in self.dice.items())
             + f"; mean {self.mean_dice:.3f}",
         ]  # fmt: skip

@@ -103,7 +103,8 @@ def test_targets_of_a_real_cache_from_masks_and_from_label_points(masked_cache):
     root, cache, data, points = masked_cache
     series = sagittal_series(data.train_series, data.train["study_id"], cache.cached_keys())
     assert len(series) == 6 and set(series["series_description"]) == {"Sagittal T1", "Sagittal T2/STIR"}
-    assert sagittal_series(data.train_series, [int(series["study_id"][0])], cache.cached_keys())["study_id"].nunique() == 1
+    one_study = sagittal_series(data.train_series, [int(series["study_id"][0])], cache.cached_keys())
+    assert one_study["study_id"].nunique() == 1 and len(one_study) == 2
     from_masks = series_targets(cache, series, SegmentConfig(), root)
     for item in from_masks:
         assert item.target.shape == item.volume.shape == cache.read(item.study_id, item.series_id).volume.shape
