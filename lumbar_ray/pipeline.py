@@ -47,7 +47,7 @@ from lumbar_ray.metrics import ScoreResult, score_arrays, score_submission, subm
 from lumbar_ray.paths import RESOLVED_CONFIG, cache_root_for, data_root_for, tracking_uri_for
 from lumbar_ray.predict import PredictResult, plan_prediction, run_predict
 from lumbar_ray.registry import RegisteredEnsemble
-from lumbar_ray.segment.stage import SegmentResult, run_segment
+from lumbar_ray.segment.stage import SegmentResult, check_source, run_segment
 from lumbar_ray.tracking import Tracker
 from lumbar_ray.train.cv import CVResult, run_cv
 from lumbar_ray.train.ensemble import EnsembleResult, run_ensemble
@@ -159,7 +159,9 @@ def localize(cfg: Config) -> LocalizeResult:
 
 
 def segment(cfg: Config) -> SegmentResult:
-    """Complete the cache, then train (or reuse) the segmentation U-Net and measure it on the held-out fold."""
+    """Complete the cache, then train (or reuse) the segmentation U-Net and measure it on the held-out fold (a
+    source the config cannot train from is refused first)."""
+    check_source(cfg)
     complete_cache(cfg)
     return run_segment(cfg)
 

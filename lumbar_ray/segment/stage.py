@@ -51,6 +51,7 @@ from lumbar_ray.segment.data import (
     sagittal_series,
     series_targets,
 )
+from lumbar_ray.segment.labels import MASKS_DIR
 from lumbar_ray.segment.unet import (
     build_unet,
     dice_by_name,
@@ -126,29 +127,43 @@ class SegmentInputs:
         return sorted(ids[~held_out].tolist()), sorted(ids[held_out].tolist())
 
 
-def segment_inputs(cfg: Config) -> SegmentInputs:
-    """The cache, the CV's seeded folds (the localisation's) and the series; clear errors when something is missing.
+def check_source(cfg: Config) -> None:
+    """Refuse, before any data is written or cached, a source the config cannot train from.
 
     Raises:
-        FileNotFoundError: no ``train.csv``, no coordinates for ``source=points``, or an empty cache.
-        ConfigError: ``localize.val_fold`` is not a fold; ``source=masks`` on data that is not a local folder;
-            ``source=spider`` (not available in this version).
+        ConfigError: ``source=spider`` (not available in this version); ``source=masks`` on data that is not a local
+            folder, or on the built-in synthetic data written without masks (``synth.masks=false``); a
+            ``localize.val_fold`` that is not a fold.
     """
     source = cfg.segment.source
     if source == "spider":
         raise ConfigError("segment.source=spider: the SPIDER reader (lumbar_ray.segment.spider) is not part of this "
                           "version yet; use masks (synthetic data with synth.masks=true) or points")  # fmt: skip
-    root = data_root_for(cfg)
-    if source == "masks" and is_uri(str(cfg.data.root or "")):
+    if source == "masks" and cfg.data.root is not None and is_uri(cfg.data.root):
         raise ConfigError(f"segment.source=masks reads the masks from a local folder, not {cfg.data.root}")
+    masks_written = cfg.synth.masks or (data_root_for(cfg) / MASKS_DIR).is_dir()
+    if source == "masks" and cfg.data.root is None and not masks_written:
+        raise ConfigError("segment.source=masks on the built-in synthetic data needs its masks: set "
+                          "synth.masks=true (or segment.source=points)")  # fmt: skip
+    if cfg.localize.val_fold >= cfg.cv.n_folds:
+        raise ConfigError(f"localize.val_fold {cfg.localize.val_fold} is not a fold of cv.n_folds={cfg.cv.n_folds}")
+
+
+def segment_inputs(cfg: Config) -> SegmentInputs:
+    """The cache, the CV's seeded folds (the localisation's) and the series; clear errors when something is missing.
+
+    Raises:
+        FileNotFoundError: no ``train.csv``, no coordinates for ``source=points``, or an empty cache.
+        ConfigError: see :func:`check_source`.
+    """
+    check_source(cfg)
+    source, root = cfg.segment.source, data_root_for(cfg)
     data = load_rsna(root)
     if data.train is None or data.train_series is None:
         raise FileNotFoundError(f"{root} has no train.csv or train_series_descriptions.csv")
     if source == "points" and data.coordinates is None:
         raise FileNotFoundError(f"{root} has no train_label_coordinates.csv: segment.source=points draws its maps "
                                 "from it")  # fmt: skip
-    if cfg.localize.val_fold >= cfg.cv.n_folds:
-        raise ConfigError(f"localize.val_fold {cfg.localize.val_fold} is not a fold of cv.n_folds={cfg.cv.n_folds}")
     cache = SeriesCache(cache_root_for(cfg), cache_settings(cfg.preprocess))
     if cache.read_manifest().empty:
         raise FileNotFoundError(f"cache {cache.path} is empty: complete it (`lumbar-ray preprocess`) first")
