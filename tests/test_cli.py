@@ -83,6 +83,18 @@ def test_synth_hard_preset_prints_its_bayes_floor(tmp_path):
     assert "a perfect model on these training labels: " in result.stdout
 
 
+def test_synth_writes_masks_and_the_spider_layout(tmp_path):
+    out, layout = tmp_path / "rsna", tmp_path / "spider"
+    args = ("synth", "--out", str(out), "--studies", "1", "--test-studies", "0", "synth.image_sizes=[64]")
+    result = run_cli(*args, "--spider", str(layout), "synth.missing_series_rate=0")
+    assert result.returncode == 0, result.stderr
+    assert "2 SPIDER-layout cases" in result.stdout
+    assert len(list((out / "segmentation" / "train_images").rglob("*.npz"))) == 2
+    assert sorted(p.name for p in (layout / "masks").iterdir()) == sorted(p.name for p in (layout / "images").iterdir())
+    refused = run_cli(*args, "--spider", str(layout), "--no-masks")
+    assert refused.returncode == 2 and "--spider writes the masks" in refused.stderr
+
+
 def test_synth_then_report_and_score(tmp_path):
     out = tmp_path / "rsna"
     result = run_cli("synth", "--out", str(out), "--studies", "3", "--test-studies", "1", "synth.image_sizes=[96]")

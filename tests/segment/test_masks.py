@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lumbar_ray.config import PreprocessConfig, SynthConfig
+from lumbar_ray.config import PreprocessConfig
 from lumbar_ray.constants import LEVELS
-from lumbar_ray.data import synthetic
 from lumbar_ray.data.cache import CachedSeries, SeriesMeta, SliceTable, StackMeta
 from lumbar_ray.data.dicom import read_series
 from lumbar_ray.data.rsna import load_rsna
@@ -84,13 +83,6 @@ def test_point_maps_draw_a_disc_of_the_levels_class():
         masks.point_maps(np.array([[3, 1.0, 1.0, 0]]), 3, 12, 2.0)
     with pytest.raises(ValueError, match="level 5"):
         masks.point_maps(np.array([[0, 1.0, 1.0, 5]]), 3, 12, 2.0)
-
-
-@pytest.fixture(scope="module")
-def masked_dir(tmp_path_factory):
-    cfg = SynthConfig(train_studies=2, test_studies=0, seed=4, image_sizes=[96], missing_series_rate=0,
-                      shuffled_instances_rate=1.0, masks=True)  # fmt: skip
-    return synthetic.write_dataset(tmp_path_factory.mktemp("masked") / "rsna", cfg).root
 
 
 def test_every_labelled_point_lies_in_its_structure_on_the_cache_grid(masked_dir):
