@@ -162,7 +162,8 @@ def segment(cfg: Config) -> SegmentResult:
     """Complete the cache, then train (or reuse) the segmentation U-Net and measure it on the held-out fold (a
     source the config cannot train from is refused first)."""
     check_source(cfg)
-    complete_cache(cfg)
+    if cfg.segment.source != "spider":  # SPIDER's scans are read from their folder, not from the cache
+        complete_cache(cfg)
     return run_segment(cfg)
 
 

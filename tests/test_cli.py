@@ -139,10 +139,8 @@ def test_version_and_missing_data_folder_are_one_line(tmp_path):
 
 
 def test_segment_refuses_a_source_it_cannot_train_from_before_writing_anything(tmp_path):
-    spider = run_cli("segment", f"workdir={tmp_path}", "segment.source=spider")
-    assert error_lines(spider) == ["error: segment.source=spider: the SPIDER reader (lumbar_ray.segment.spider) is not "
-                                   "part of this version yet; use masks (synthetic data with synth.masks=true) or "
-                                   "points"]  # fmt: skip
+    spider = run_cli("segment", f"workdir={tmp_path}", "segment.source=spider", f"segment.spider_dir={tmp_path}")
+    assert error_lines(spider) == [f"error: {tmp_path} is not a SPIDER folder: it needs images/ and masks/"]
     no_masks = run_cli("segment", f"workdir={tmp_path}")
     assert error_lines(no_masks) == ["error: segment.source=masks on the built-in synthetic data needs its masks: set "
                                      "synth.masks=true (or segment.source=points)"]  # fmt: skip

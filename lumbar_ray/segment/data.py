@@ -26,15 +26,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from lumbar_ray.config import SegmentConfig
 from lumbar_ray.constants import CONDITION_SERIES, CONDITIONS, LEVELS, TARGETS
 from lumbar_ray.data.cache import SeriesCache
+from lumbar_ray.data.volume import intensity_window, resize_slice, to_uint8
 from lumbar_ray.segment.labels import SEMANTIC_CLASSES, semantic
 from lumbar_ray.segment.masks import dataset_masks, point_maps, resize_labels
+from lumbar_ray.segment.spider import SpiderCase, read_spider
 
 POINT_CLASSES: tuple[str, ...] = (
     "background",
@@ -111,15 +112,6 @@ class SegmentSamples:
     def class_counts(self, n_classes: int) -> np.ndarray:
         """Pixels per class over every sample."""
         return np.bincount(self.targets.ravel(), minlength=n_classes)
-
-
-def resize_slice(image: np.ndarray, size: int) -> np.ndarray:
-    """A uint8 slice resized to ``size x size``: area averaging when shrinking, bilinear when growing (cv2 maps
-    pixel centres, ``x' = (x + 0.5) * scale - 0.5``, like the cache)."""
-    if image.shape == (size, size):
-        return np.ascontiguousarray(image)
-    shrinking = size < max(image.shape)
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
 def slab_indices(n_slices: int, index: int, in_slices: int) -> np.ndarray:
@@ -236,3 +228,71 @@ def series_targets(cache: SeriesCache, series: pd.DataFrame, cfg: SegmentConfig,
         out.append(SeriesTarget(int(row.study_id), int(row.series_id), str(row.series_description),
                                 np.asarray(entry.volume), target))  # fmt: skip
     return out
+
+
+SPIDER_TYPES: dict[str, str] = {"t1": "Sagittal T1", "t2": "Sagittal T2/STIR"}
+"""A SPIDER sequence (the name's suffix; ``t2_SPACE`` is a T2) -> the series type it stands for."""
+
+
+@dataclass(frozen=True)
+class SpiderFile:
+    """One SPIDER image with its mask: ``images/<patient>_<sequence>.mha`` and ``masks/<same name>``."""
+
+    name: str
+    patient: str
+    description: str
+    image: Path
+    mask: Path
+
+
+def spider_files(folder: str | Path) -> list[SpiderFile]:
+    """The images of a SPIDER folder that have a mask, of a sagittal T1 or T2 sequence, sorted by name.
+
+    Raises:
+        FileNotFoundError: if the folder lacks ``images/`` or ``masks/``.
+    """
+    folder = Path(folder)
+    if not (folder / "images").is_dir() or not (folder / "masks").is_dir():
+        raise FileNotFoundError(f"{folder} is not a SPIDER folder: it needs images/ and masks/")
+    found = []
+    for image in sorted((folder / "images").glob("*.mha")):
+        name = image.name.removesuffix(".mha")
+        patient, _, sequence = name.partition("_")
+        description = SPIDER_TYPES.get(sequence.lower()[:2])
+        mask = folder / "masks" / image.name
+        if description is not None and mask.is_file():
+            found.append(SpiderFile(name, patient, description, image, mask))
+    return found
+
+
+def spider_held_out(patients: Iterable[str], n_folds: int, seed: int, val_fold: int) -> set[str]:
+    """The patients of fold ``val_fold`` when SPIDER's patients are dealt into ``n_folds`` seeded folds (SPIDER has
+    no labels to stratify on): every scan of a patient on the same side."""
+    ordered = sorted(set(patients))
+    dealt = np.random.default_rng(seed).permutation(len(ordered)) % n_folds
+    return {patient for patient, fold in zip(ordered, dealt, strict=True) if fold == val_fold}
+
+
+def spider_target(case: SpiderCase, number: int, description: str, size: int,
+                  clip_percentiles: tuple[float, float]) -> SeriesTarget:  # fmt: skip
+    """A SPIDER case as a series target on a cache-like grid: each slice resized to ``size x size`` and windowed to
+    uint8 as the cache does (the case's ``clip_percentiles``), its mask's :func:`semantic` classes resized nearest.
+
+    Args:
+        case: read by :func:`~lumbar_ray.segment.spider.read_spider` (the sagittal layout), with its mask.
+        number: the target's id (``study_id`` and ``series_id``): SPIDER has none of the RSNA kind.
+        description: its series type.
+        size: the cache's in-plane size.
+        clip_percentiles: the cache's intensity window.
+    """
+    low, high = intensity_window(case.image, clip_percentiles)
+    volume = to_uint8(np.stack([resize_slice(image, size) for image in case.image]), low, high)
+    target = np.stack([resize_labels(classes, size) for classes in semantic(case.labels)])
+    return SeriesTarget(number, number, description, volume, target)
+
+
+def spider_targets(files: Sequence[SpiderFile], size: int, clip_percentiles: tuple[float, float],
+                   numbers: Sequence[int]) -> list[SeriesTarget]:  # fmt: skip
+    """The series targets of SPIDER files (:func:`spider_target`), each numbered by ``numbers``."""
+    return [spider_target(read_spider(f.image, f.mask), int(n), f.description, size, clip_percentiles)
+            for f, n in zip(files, numbers, strict=True)]  # fmt: skip

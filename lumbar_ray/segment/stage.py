@@ -5,10 +5,11 @@ through the classifier's own trainer builder, measured on the localisation's hel
 
 1. reads the cache (complete it first: :func:`lumbar_ray.pipeline.segment` does) and fixes the CV's seeded folds;
    the studies of ``localize.val_fold`` validate, the others train, so the U-Net and the YOLO detectors are judged
-   on the same held-out studies;
+   on the same held-out studies (``source=spider``: SPIDER's scans, read from ``segment.spider_dir`` onto a
+   cache-like grid, their patients dealt into seeded folds the same way);
 2. builds each sagittal series' targets on the cache grid (:mod:`lumbar_ray.segment.data`: the anatomy masks of
-   ``segment.source=masks``, or level maps around the label points of ``points``) and their 2.5D samples, and
-   hands them to the workers through Ray's object store;
+   ``segment.source=masks`` or ``spider``, or level maps around the label points of ``points``) and their 2.5D
+   samples, and hands them to the workers through Ray's object store;
 3. trains with :func:`lumbar_ray.train.cv.build_trainer` and :func:`lumbar_ray.segment.worker.train_segment_loop`
    (DDP on ``train.num_workers``, checkpoints kept by the validation score, restarts from the latest checkpoint;
    the Ray Train run is named by :func:`lumbar_ray.paths.segment_key`, so an interrupted stage resumes);
@@ -50,6 +51,9 @@ from lumbar_ray.segment.data import (
     classes_for,
     sagittal_series,
     series_targets,
+    spider_files,
+    spider_held_out,
+    spider_targets,
 )
 from lumbar_ray.segment.labels import MASKS_DIR
 from lumbar_ray.segment.unet import (
@@ -131,14 +135,16 @@ def check_source(cfg: Config) -> None:
     """Refuse, before any data is written or cached, a source the config cannot train from.
 
     Raises:
-        ConfigError: ``source=spider`` (not available in this version); ``source=masks`` on data that is not a local
+        ConfigError: ``source=spider`` without ``segment.spider_dir``; ``source=masks`` on data that is not a local
             folder, or on the built-in synthetic data written without masks (``synth.masks=false``); a
             ``localize.val_fold`` that is not a fold.
+        FileNotFoundError: ``segment.spider_dir`` is not a SPIDER folder.
     """
     source = cfg.segment.source
+    if source == "spider" and cfg.segment.spider_dir is None:
+        raise ConfigError("segment.source=spider needs segment.spider_dir: the SPIDER folder (images/, masks/)")
     if source == "spider":
-        raise ConfigError("segment.source=spider: the SPIDER reader (lumbar_ray.segment.spider) is not part of this "
-                          "version yet; use masks (synthetic data with synth.masks=true) or points")  # fmt: skip
+        spider_files(cfg.segment.spider_dir)  # a clear error now, not after the cache is completed
     if source == "masks" and cfg.data.root is not None and is_uri(cfg.data.root):
         raise ConfigError(f"segment.source=masks reads the masks from a local folder, not {cfg.data.root}")
     masks_written = cfg.synth.masks or (data_root_for(cfg) / MASKS_DIR).is_dir()
@@ -189,6 +195,55 @@ def load_targets(cfg: Config, inputs: SegmentInputs, study_ids: list[int]) -> li
         if cfg.data.root is None:
             hint = "write the synthetic dataset with synth.masks=true (a new workdir, or remove its data folder)"
         raise FileNotFoundError(f"segment.source=masks: {error}; {hint}") from None
+
+
+@dataclass
+class TrainingData:
+    """The series targets of both parts and who is held out."""
+
+    train: list[SeriesTarget]
+    val: list[SeriesTarget]
+    train_studies: list[int | str]
+    val_studies: list[int | str]
+    data_root: str
+    cache_key: str | None = None
+
+
+def training_data(cfg: Config) -> TrainingData:
+    """The training and held-out series targets of ``cfg.segment.source``.
+
+    The RSNA-format data (masks, points) is split by the CV's folds, fold ``localize.val_fold`` held out (the
+    detectors' held-out studies); SPIDER's patients are dealt into ``cv.n_folds`` seeded folds the same way
+    (:func:`~lumbar_ray.segment.data.spider_held_out`), every scan of a patient on one side.
+
+    Raises:
+        FileNotFoundError: when the data, the cache, the masks or the coordinates the source needs are missing, or
+            a part has no series.
+    """
+    if cfg.segment.source == "spider":
+        data = _spider_data(cfg)
+    else:
+        inputs = segment_inputs(cfg)
+        train_ids, val_ids = inputs.studies(cfg.localize.val_fold)
+        data = TrainingData(load_targets(cfg, inputs, train_ids), load_targets(cfg, inputs, val_ids), train_ids,
+                            val_ids, str(inputs.data_root), inputs.cache.key)  # fmt: skip
+    if not data.train or not data.val:
+        raise FileNotFoundError(f"segmentation needs series with targets in both parts: {len(data.train)} training "
+                                f"and {len(data.val)} held-out series found")  # fmt: skip
+    return data
+
+
+def _spider_data(cfg: Config) -> TrainingData:
+    check_source(cfg)
+    files = spider_files(cfg.segment.spider_dir)
+    held_out = spider_held_out([f.patient for f in files], cfg.cv.n_folds, cfg.cv.seed, cfg.localize.val_fold)
+    parts = {True: [f for f in files if f.patient in held_out], False: [f for f in files if f.patient not in held_out]}
+    size, window = cfg.preprocess.image_size, cfg.preprocess.clip_percentiles
+    numbered = {f.name: number for number, f in enumerate(files)}
+    train, val = (spider_targets(parts[side], size, window, [numbered[f.name] for f in parts[side]])
+                  for side in (False, True))  # fmt: skip
+    patients = ({f.patient for f in parts[side]} for side in (False, True))
+    return TrainingData(train, val, *(sorted(p) for p in patients), str(cfg.segment.spider_dir))
 
 
 def held_out_dice(model: Any, targets: list[SeriesTarget], cfg: Config, n_classes: int) -> np.ndarray:
@@ -255,15 +310,10 @@ def run_segment(cfg: Config) -> SegmentResult:
         logger.warning("%s was written by other settings or another version: trained again", weights)
     started = time.perf_counter()
     seg, classes = cfg.segment, classes_for(cfg.segment.source)
-    inputs = segment_inputs(cfg)
-    train_ids, val_ids = inputs.studies(cfg.localize.val_fold)
-    train_targets, val_targets = load_targets(cfg, inputs, train_ids), load_targets(cfg, inputs, val_ids)
-    if not train_targets or not val_targets:
-        raise FileNotFoundError(f"segmentation needs sagittal series with targets in both parts: {len(train_targets)} "
-                                f"training and {len(val_targets)} held-out series found")  # fmt: skip
-    train_samples, val_samples = build_samples(train_targets, seg), build_samples(val_targets, seg, every_slice=True)
-    counts = {"train_studies": len(train_ids), "val_studies": len(val_ids), "train_series": len(train_targets),
-              "val_series": len(val_targets), "train_samples": len(train_samples),
+    data = training_data(cfg)
+    train_samples, val_samples = build_samples(data.train, seg), build_samples(data.val, seg, every_slice=True)
+    counts = {"train_studies": len(data.train_studies), "val_studies": len(data.val_studies),
+              "train_series": len(data.train), "val_series": len(data.val), "train_samples": len(train_samples),
               "val_samples": len(val_samples)}  # fmt: skip
     logger.info("segmentation %s: %s", key, counts)
     ensure_ray()
@@ -281,10 +331,10 @@ def run_segment(cfg: Config) -> SegmentResult:
         best, latest = best_state(result)
         model = build_unet(seg, len(classes))
         model.load_state_dict(best["model"])
-        dice = dice_by_name(held_out_dice(model, val_targets, cfg, len(classes)), classes)
+        dice = dice_by_name(held_out_dice(model, data.val, cfg, len(classes)), classes)
         trained = counts | {
-            "key": key, "data_root": str(inputs.data_root), "cache": inputs.cache.key,
-            "val_fold": cfg.localize.val_fold, "val_studies": val_ids, "best_epoch": int(best["epoch"]),
+            "key": key, "data_root": data.data_root, "cache": data.cache_key,
+            "val_fold": cfg.localize.val_fold, "val_studies": data.val_studies, "best_epoch": int(best["epoch"]),
             "epochs": seg.epochs, "starts": list(latest["starts"]), "heldout_dice": dice,
             "val_dice": dice_by_name(np.asarray(best["last"]["dice"]), classes), "world_size": cfg.train.num_workers,
             "history": [{k: float(v) for k, v in entry.items()} for entry in latest["history"]],

@@ -2,8 +2,9 @@
 cache (Ray Data) -> the U-Net trained through the classifier's trainer builder -> held-out Dice per structure ->
 ``unet.pt`` and the MLflow record; then 2 DDP workers, one killed after its first checkpoint, resume and match.
 
-Two TorchTrainer fits in all (each 1-2 minutes on 2 cores): the 1-worker stage run is shared by the tests below
-through a module-scoped fixture; its rerun is a no-op.
+Two TorchTrainer fits in all (each 1-2 minutes on 2 cores, the tests marked ``ray`` and ``slow``): the 1-worker stage
+run is shared by the tests below through a module-scoped fixture; its rerun is a no-op. The SPIDER source's data
+and the refused sources are checked without Ray.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from lumbar_ray.pipeline import segment
 from lumbar_ray.segment.stage import UNET_TAG
 from lumbar_ray.segment.unet import load_unet
 from tests.train.test_fault import kill_a_worker_after_first_checkpoint
-
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def segment_config(workdir: Path, **sections: dict) -> Config:
@@ -55,6 +54,8 @@ def one_worker(ray_local, tmp_path_factory):
     return cfg, first, second, mtime
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_one_worker_reaches_a_held_out_dice_above_one_half_on_discs_and_canal(one_worker, record_property):
     cfg, first, _, _ = one_worker
     record_property("dice", first.dice)
@@ -71,6 +72,8 @@ def test_one_worker_reaches_a_held_out_dice_above_one_half_on_discs_and_canal(on
     assert "disc" in first.format() and f"{first.dice['canal']:.3f}" in first.format()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_mlflow_holds_the_unet_run_its_dice_and_unet_pt(one_worker, tmp_path):
     from mlflow import MlflowClient
 
@@ -88,6 +91,8 @@ def test_mlflow_holds_the_unet_run_its_dice_and_unet_pt(one_worker, tmp_path):
     assert Path(local).read_bytes() == unet_weights_for(cfg).read_bytes()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_rerun_of_the_finished_stage_is_a_no_op(one_worker):
     from mlflow import MlflowClient
 
@@ -99,6 +104,8 @@ def test_a_rerun_of_the_finished_stage_is_a_no_op(one_worker):
     assert len(runs) == 2  # the parent and the U-Net's run: the rerun created none
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_two_ddp_workers_resume_after_a_killed_worker_and_match_one_worker(one_worker, ray_local, tmp_path):
     """The same data, cache and folds (named explicitly, so the key differs and the U-Net trains again) on 2 DDP
     workers; one is SIGKILLed once a checkpoint is registered, the group restarts from it."""
@@ -126,3 +133,47 @@ def test_two_ddp_workers_resume_after_a_killed_worker_and_match_one_worker(one_w
     assert result.trained["val_studies"] == first.trained["val_studies"]
     assert max(differences.values()) < 0.02, differences
     assert np.isclose(result.mean_dice, first.mean_dice, atol=0.02)
+
+
+def test_spider_scans_train_by_patient_folds_with_the_semantic_classes_of_their_masks(tmp_path):
+    from lumbar_ray.segment.spider import write_spider
+    from lumbar_ray.segment.stage import training_data
+
+    from .conftest import write_masked
+
+    root = write_masked(tmp_path / "rsna", size=64)
+    write_spider(root, tmp_path / "spider")
+    (tmp_path / "spider" / "images" / "notes_t3.mha").write_bytes(b"")  # not a T1 or T2 scan: left out
+    cfg = Config.model_validate({"workdir": str(tmp_path / "work"), "preprocess": {"image_size": 48},
+                                 "cv": {"n_folds": 2, "seed": 0},
+                                 "segment": {"source": "spider", "spider_dir": str(tmp_path / "spider")}})  # fmt: skip
+    data = training_data(cfg)
+    assert len(data.train) == len(data.val) == 2  # two patients (studies), a T1 and a T2 each
+    assert len(data.train_studies) == len(data.val_studies) == 1 and data.train_studies != data.val_studies
+    assert {t.description for t in data.val} == {"Sagittal T1", "Sagittal T2/STIR"}
+    for item in data.train + data.val:
+        assert item.volume.dtype == np.uint8 and item.volume.shape[1:] == (48, 48) == item.target.shape[1:]
+        assert set(np.unique(item.target)) <= {0, 1, 2, 3}  # SPIDER's: vertebra, disc, canal; no foramen, no lesion
+        assert {1, 2} <= set(np.unique(item.target)) and item.volume.max() == 255
+    other = cfg.model_copy(update={"localize": cfg.localize.model_copy(update={"val_fold": 1})})
+    assert training_data(other).val_studies == data.train_studies  # the other fold holds the other patient
+    assert Path(data.data_root) == tmp_path / "spider" and data.cache_key is None
+
+
+def test_sources_the_config_cannot_train_from_are_refused_first(tmp_path):
+    from lumbar_ray.config import ConfigError
+    from lumbar_ray.segment.stage import check_source
+
+    base = {"workdir": str(tmp_path)}
+    with pytest.raises(ConfigError, match="needs segment.spider_dir"):
+        check_source(Config.model_validate(base | {"segment": {"source": "spider"}}))
+    with pytest.raises(FileNotFoundError, match="is not a SPIDER folder"):
+        check_source(Config.model_validate(base | {"segment": {"source": "spider", "spider_dir": str(tmp_path)}}))
+    with pytest.raises(ConfigError, match="needs its masks: set synth.masks=true"):
+        check_source(Config.model_validate(base))
+    check_source(Config.model_validate(base | {"synth": {"masks": True}}))
+    check_source(Config.model_validate(base | {"segment": {"source": "points"}}))
+    with pytest.raises(ConfigError, match="from a local folder"):
+        check_source(Config.model_validate(base | {"data": {"root": "s3://bucket/rsna"}}))
+    with pytest.raises(ConfigError, match="localize.val_fold 3 is not a fold"):
+        check_source(Config.model_validate(base | {"synth": {"masks": True}, "localize": {"val_fold": 3}}))
