@@ -6,7 +6,8 @@ MLflow runs.
 export. The quickstart's model is built from a yaml (no weights download) at a reduced width so that it trains in
 about a minute on two CPUs; a real config names pretrained weights (a ``.pt``), which the detector is fine-tuned
 from. :class:`SagittalDetector` runs one through ultralytics' own predictor on every slice of a
-cached volume and turns its boxes into one point per target through :func:`~lumbar_ray.localize.levels.resolve_levels`.
+cached volume and turns its boxes into one point per target through the rules every sagittal localiser shares
+(:func:`~lumbar_ray.localize.levels.resolve_targets`).
 
 Ultralytics is configured only through its documented means, in every process that imports it through this
 module:
@@ -45,8 +46,13 @@ import yaml
 from lumbar_ray.config import LocalizeConfig
 from lumbar_ray.constants import LEVELS
 from lumbar_ray.data.cache import SeriesCache
-from lumbar_ray.localize.levels import resolve_levels
-from lumbar_ray.localize.yolo_data import detector_targets
+from lumbar_ray.localize.levels import (
+    DETECTION_COLUMNS,
+    detector_targets,
+    provisional_target,
+    resolve_targets,
+    side_groups,
+)
 from lumbar_ray.paths import DETECTOR_WEIGHTS, atomic_path
 
 logger = logging.getLogger(__name__)
@@ -55,8 +61,6 @@ BACKGROUND_OFFSET: dict[str, int] = {"Sagittal T2/STIR": 4, "Sagittal T1": 2}
 """Slices between a labelled slice and its background slice (:func:`add_background`): the canal shows on about
 five mid-line slices of a Sagittal T2, a foramen on one or two slices of a Sagittal T1."""
 
-DETECTION_COLUMNS = ("target", "slice", "x", "y", "confidence")
-LOCATE_COLUMNS = ("target", "slice", "x", "y", "confidence", "filled")
 NMS_IOU = 0.7
 """IoU above which the predictor's NMS keeps only the more confident box (ultralytics' validation default)."""
 MAX_DETECTIONS = 300
@@ -358,18 +362,12 @@ def complete_export(points: pd.DataFrame, cache: SeriesCache, description: str, 
     slices (:func:`add_background`, :data:`BACKGROUND_OFFSET` away) and, on Sagittal T1, one class per level
     (:func:`merge_sides`). Returns ``dataset_yaml``."""
     add_background(points, cache, description, dataset_yaml, BACKGROUND_OFFSET[description])
-    if len(_side_groups(description)) > 1:
+    if len(side_groups(description)) > 1:
         merge_sides(dataset_yaml)
     return Path(dataset_yaml)
 
 
 # ------------------------------------------------------------------------------------------------------ inference
-
-
-def _side_groups(description: str) -> list[list[int]]:
-    """The detector's targets split into runs of five levels (one per side on T1, one on T2)."""
-    targets = detector_targets(description)
-    return [targets[start : start + len(LEVELS)] for start in range(0, len(targets), len(LEVELS))]
 
 
 class SagittalDetector:
@@ -397,7 +395,7 @@ class SagittalDetector:
         self.description = description
         self.cfg = cfg
         self.targets = detector_targets(description)
-        self.groups = _side_groups(description)
+        self.groups = side_groups(description)
         self.device = str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         self.model = ultralytics.YOLO(str(weights), task="detect")
         n_classes = len(self.model.names)
@@ -447,25 +445,17 @@ class SagittalDetector:
                              "confidence": "float64"})  # fmt: skip
 
     def _target(self, cls: int, slice_index: int, n_slices: int, left_first: bool) -> int:
-        """The target of a detection of class ``cls`` on slice ``slice_index``.
-
-        On Sagittal T1 the side is provisional (the half of the slab, the centre slice going with the first half):
-        :func:`lumbar_ray.localize.study.localise_study` sides every T1 detection again from its patient-space x
-        against the canal, which an off-centre field of view or a scoliosis does not fool.
-        """
-        level = cls % len(LEVELS)
-        if len(self.groups) == 1:
-            return self.groups[0][level]
-        first, second = self.groups if left_first else self.groups[::-1]
-        return (first if slice_index <= (n_slices - 1) / 2 else second)[level]
+        """The target of a detection of class ``cls`` on slice ``slice_index``: on Sagittal T1 with a provisional
+        side (:func:`~lumbar_ray.localize.levels.provisional_target`)."""
+        return provisional_target(self.description, cls, slice_index, n_slices, left_first)
 
     def locate(self, volume: np.ndarray, left_first: bool = True) -> pd.DataFrame:
         """Exactly one point per target of this series type, in TARGETS order.
 
         Each side's detections are resolved to one point per level: per target the centre of the slab of
-        slices it is detected on (:func:`slab_centre`), then :func:`resolve_levels` (cranio-caudal order, gaps
-        filled). A side without any detection gets NaN points, confidence 0 and ``filled`` True, for the caller
-        to fall back on.
+        slices it is detected on (:func:`~lumbar_ray.localize.levels.slab_centre`), then
+        :func:`~lumbar_ray.localize.levels.resolve_levels` (cranio-caudal order, gaps filled). A side without any
+        detection gets NaN points, confidence 0 and ``filled`` True, for the caller to fall back on.
 
         On Sagittal T1 the side is provisional: the half of the volume a detection lies in (see :meth:`_target`).
 
@@ -481,68 +471,14 @@ class SagittalDetector:
         return self.resolve(self.detect(volume, left_first), len(volume))
 
     def resolve(self, detections: pd.DataFrame, n_slices: int) -> pd.DataFrame:
-        """:meth:`locate` from given detections (e.g. :meth:`detect`'s with levels re-assigned by the caller).
+        """:meth:`locate` from given detections (e.g. :meth:`detect`'s with levels re-assigned by the caller):
+        :func:`~lumbar_ray.localize.levels.resolve_targets`.
 
         Args:
             detections: columns of :meth:`detect`.
             n_slices: slices of the volume they come from.
         """
-        rows = []
-        for group in self.groups:
-            rows.extend(self._resolve_side(detections, group, n_slices))
-        frame = pd.DataFrame(rows, columns=list(LOCATE_COLUMNS))
-        if frame["slice"].notna().all():
-            frame["slice"] = frame["slice"].astype("int64")
-        return frame.astype({"target": "int64", "filled": "bool"})
-
-    def _resolve_side(self, detections: pd.DataFrame, group: list[int], n_slices: int) -> list[tuple]:
-        """One row per target of ``group`` (five levels of one side) from that side's detections."""
-        here = detections[detections["target"].isin(group)]
-        if here.empty:
-            return [(target, np.nan, np.nan, np.nan, 0.0, True) for target in group]
-        slabs = pd.DataFrame([slab_centre(frame) for _, frame in here.groupby("target")])
-        level = slabs["target"].map({target: index for index, target in enumerate(group)}).to_numpy()
-        points = resolve_levels(level, slabs["x"].to_numpy(), slabs["y"].to_numpy(), slabs["slice"].to_numpy(),
-                                slabs["confidence"].to_numpy())  # fmt: skip
-        slices = np.clip(np.rint(points.slice), 0, n_slices - 1).astype(int)  # filled levels interpolate slices
-        return [
-            (target, int(slices[i]), float(points.xy[i, 0]), float(points.xy[i, 1]), float(points.confidence[i]),
-             bool(points.filled[i]))
-            for i, target in enumerate(group)
-        ]  # fmt: skip
-
-
-def slab_centre(detections: pd.DataFrame, keep: float = 0.5) -> dict[str, float]:
-    """One detection of one target from its detections on all slices: the centre of the slab it shows on.
-
-    A structure is usually seen on several neighbouring slices with about the same confidence (the canal on
-    the five mid-line slices of a Sagittal T2), so the single most confident slice is a coin toss among them,
-    while the labelled slice is the middle one. So: take each slice's best detection, grow a run of adjacent
-    slices from the most confident one while the confidence stays at least ``keep`` of that peak, and return
-    the confidence-weighted mean slice and position of the run, with the peak confidence.
-
-    Args:
-        detections: rows of one target (``slice``, ``x``, ``y``, ``confidence``).
-        keep: fraction of the peak confidence a slice needs to belong to the slab.
-    """
-    best = detections.sort_values("confidence").groupby("slice").tail(1).set_index("slice").sort_index()
-    peak = best["confidence"].idxmax()
-    threshold = keep * best.at[peak, "confidence"]
-    run = [peak]
-    for step in (-1, 1):
-        index = peak + step
-        while index in best.index and best.at[index, "confidence"] >= threshold:
-            run.append(index)
-            index += step
-    slab = best.loc[sorted(run)]
-    weights = slab["confidence"].to_numpy()
-    return {
-        "target": int(detections["target"].iloc[0]),
-        "slice": float(np.average(slab.index.to_numpy(), weights=weights)),
-        "x": float(np.average(slab["x"], weights=weights)),
-        "y": float(np.average(slab["y"], weights=weights)),
-        "confidence": float(best.at[peak, "confidence"]),
-    }
+        return resolve_targets(detections, self.description, n_slices)
 
 
 def load_detectors(

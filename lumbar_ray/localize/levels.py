@@ -18,6 +18,13 @@ dropping a study with an imperfect detection (the seed approach lost ~8 % of stu
    with confidence 0 so that callers can see and count what was filled.
 
 Pure numpy; coordinates are whatever the caller uses (cache pixels on one sagittal series: rows grow caudally).
+
+Every sagittal localiser (the YOLO detector of :mod:`lumbar_ray.localize.detector`, the segmentation localiser of
+:mod:`lumbar_ray.segment.post`) reports raw per-slice detections (:data:`DETECTION_COLUMNS`) and shares the rules
+that turn them into one point per target (:func:`resolve_targets`): the targets a series type carries
+(:func:`detector_targets`, split by side with :func:`side_groups`), the provisional Sagittal T1 side of a slice
+(:func:`provisional_target`), one detection per target from the slab of slices it shows on (:func:`slab_centre`),
+then :func:`resolve_levels` per side.
 """
 
 from __future__ import annotations
@@ -25,8 +32,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
-from lumbar_ray.constants import LEVELS
+from lumbar_ray.constants import CONDITION_SERIES, CONDITIONS, LEVELS
+
+DETECTION_COLUMNS = ("target", "slice", "x", "y", "confidence")
+"""A localiser's raw detections: ``target`` (index into TARGETS), ``slice``, ``x``, ``y`` (cache pixels, pixel
+centres), ``confidence``; any number per target and slice."""
+LOCATE_COLUMNS = ("target", "slice", "x", "y", "confidence", "filled")
+"""Exactly one row per target of a series type (:func:`resolve_targets`)."""
 
 
 @dataclass(frozen=True)
@@ -174,3 +188,119 @@ def _interp_extrap(at: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray
     result[low] = ys[0] + (at[low] - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0])
     result[high] = ys[-1] + (at[high] - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
     return result
+
+
+# ------------------------------------------------------------------------------ the targets of a sagittal series
+
+
+def detector_targets(description: str) -> list[int]:
+    """Target indices (into :data:`TARGETS`) whose points a localiser on ``description`` series finds.
+
+    Raises:
+        ValueError: for a series type no condition is read on.
+    """
+    targets = [ci * len(LEVELS) + li for ci, condition in enumerate(CONDITIONS)
+               if CONDITION_SERIES[condition] == description for li in range(len(LEVELS))]  # fmt: skip
+    if not targets:
+        raise ValueError(f"no condition is read on {description!r} series")
+    return targets
+
+
+def side_groups(description: str) -> list[list[int]]:
+    """A series type's targets split into runs of five levels (one per side on T1, one on T2)."""
+    targets = detector_targets(description)
+    return [targets[start : start + len(LEVELS)] for start in range(0, len(targets), len(LEVELS))]
+
+
+def provisional_target(description: str, level: int, slice_index: int, n_slices: int, left_first: bool) -> int:
+    """The target of a detection of level ``level`` (0..4; a larger class index is taken modulo five) on slice
+    ``slice_index`` of a ``description`` volume.
+
+    On Sagittal T1 a left and a right foramen look alike on their own slices, so the side here is provisional: the
+    half of the slab (the centre slice going with the first half, slice 0 on the patient's left when
+    ``left_first``); :func:`lumbar_ray.localize.study.localise_study` sides every T1 detection again from its
+    patient-space x against the canal, which an off-centre field of view or a scoliosis does not fool.
+    """
+    groups = side_groups(description)
+    level = level % len(LEVELS)
+    if len(groups) == 1:
+        return groups[0][level]
+    first, second = groups if left_first else groups[::-1]
+    return (first if slice_index <= (n_slices - 1) / 2 else second)[level]
+
+
+# --------------------------------------------------------------------------- from detections to one point per target
+
+
+def slab_centre(detections: pd.DataFrame, keep: float = 0.5) -> dict[str, float]:
+    """One detection of one target from its detections on all slices: the centre of the slab it shows on.
+
+    A structure is usually seen on several neighbouring slices with about the same confidence (the canal on
+    the five mid-line slices of a Sagittal T2), so the single most confident slice is a coin toss among them,
+    while the labelled slice is the middle one. So: take each slice's best detection, grow a run of adjacent
+    slices from the most confident one while the confidence stays at least ``keep`` of that peak, and return
+    the confidence-weighted mean slice and position of the run, with the peak confidence.
+
+    Args:
+        detections: rows of one target (``slice``, ``x``, ``y``, ``confidence``).
+        keep: fraction of the peak confidence a slice needs to belong to the slab.
+    """
+    best = detections.sort_values("confidence").groupby("slice").tail(1).set_index("slice").sort_index()
+    peak = best["confidence"].idxmax()
+    threshold = keep * best.at[peak, "confidence"]
+    run = [peak]
+    for step in (-1, 1):
+        index = peak + step
+        while index in best.index and best.at[index, "confidence"] >= threshold:
+            run.append(index)
+            index += step
+    slab = best.loc[sorted(run)]
+    weights = slab["confidence"].to_numpy()
+    return {
+        "target": int(detections["target"].iloc[0]),
+        "slice": float(np.average(slab.index.to_numpy(), weights=weights)),
+        "x": float(np.average(slab["x"], weights=weights)),
+        "y": float(np.average(slab["y"], weights=weights)),
+        "confidence": float(best.at[peak, "confidence"]),
+    }
+
+
+def resolve_side(detections: pd.DataFrame, group: list[int], n_slices: int) -> list[tuple]:
+    """One :data:`LOCATE_COLUMNS` row per target of ``group`` (five levels of one side) from that side's
+    detections: per target the centre of its slab (:func:`slab_centre`), then :func:`resolve_levels`. A side
+    without any detection gets NaN points, confidence 0 and ``filled`` True."""
+    here = detections[detections["target"].isin(group)]
+    if here.empty:
+        return [(target, np.nan, np.nan, np.nan, 0.0, True) for target in group]
+    slabs = pd.DataFrame([slab_centre(frame) for _, frame in here.groupby("target")])
+    level = slabs["target"].map({target: index for index, target in enumerate(group)}).to_numpy()
+    points = resolve_levels(level, slabs["x"].to_numpy(), slabs["y"].to_numpy(), slabs["slice"].to_numpy(),
+                            slabs["confidence"].to_numpy())  # fmt: skip
+    slices = np.clip(np.rint(points.slice), 0, n_slices - 1).astype(int)  # filled levels interpolate slices
+    return [
+        (target, int(slices[i]), float(points.xy[i, 0]), float(points.xy[i, 1]), float(points.confidence[i]),
+         bool(points.filled[i]))
+        for i, target in enumerate(group)
+    ]  # fmt: skip
+
+
+def resolve_targets(detections: pd.DataFrame, description: str, n_slices: int) -> pd.DataFrame:
+    """Exactly one point per target of ``description`` (TARGETS order) from a localiser's raw detections.
+
+    Each side's detections are resolved on their own (:func:`resolve_side`).
+
+    Args:
+        detections: :data:`DETECTION_COLUMNS` rows (targets of other series types are ignored).
+        description: the series type.
+        n_slices: slices of the volume they come from.
+
+    Returns:
+        :data:`LOCATE_COLUMNS`: ``slice`` int (float NaN only for a side without detections), ``filled`` bool.
+    """
+    rows = []
+    for group in side_groups(description):
+        rows.extend(resolve_side(detections, group, n_slices))
+    frame = pd.DataFrame(rows, columns=list(LOCATE_COLUMNS))
+    if frame["slice"].notna().all():
+        frame["slice"] = frame["slice"].astype("int64")
+    return frame.astype({"target": "int64", "filled": "bool"})

@@ -21,23 +21,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from lumbar_ray.constants import CONDITION_SERIES, CONDITIONS, LEVELS, TARGETS
+from lumbar_ray.constants import TARGETS
 from lumbar_ray.data.cache import CachedSeries, SeriesCache
+from lumbar_ray.localize.levels import detector_targets
 
 logger = logging.getLogger(__name__)
-
-
-def detector_targets(description: str) -> list[int]:
-    """Target indices (into :data:`TARGETS`) whose points a detector on ``description`` series finds.
-
-    Raises:
-        ValueError: for a series type no condition is read on.
-    """
-    targets = [ci * len(LEVELS) + li for ci, condition in enumerate(CONDITIONS)
-               if CONDITION_SERIES[condition] == description for li in range(len(LEVELS))]  # fmt: skip
-    if not targets:
-        raise ValueError(f"no condition is read on {description!r} series")
-    return targets
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import yaml
 
 from lumbar_ray.config import LocalizeConfig
 from lumbar_ray.localize import detector as det
-from lumbar_ray.localize.detector import SagittalDetector, slab_centre, train_detector
+from lumbar_ray.localize.detector import SagittalDetector, train_detector
+from lumbar_ray.localize.levels import side_groups
 from lumbar_ray.localize.study import LevelDetector
 from lumbar_ray.localize.yolo_data import detector_targets, export_yolo_dataset
 
@@ -149,28 +150,11 @@ def test_the_trainer_starts_from_the_weights_a_pt_names(tmp_path, ultralytics_di
     assert same <= 1
 
 
-def test_slab_centre_is_the_middle_of_the_run_around_the_peak():
-    # The canal seen on slices 5..9 at about the same confidence, a weak stray on 12 (not adjacent to the run).
-    detections = pd.DataFrame(
-        {
-            "target": 0,
-            "slice": [5, 6, 7, 7, 8, 9, 12],
-            "x": [50.0, 50.0, 50.0, 10.0, 50.0, 50.0, 80.0],
-            "y": [40.0] * 7,
-            "confidence": [0.8, 0.82, 0.8, 0.2, 0.81, 0.8, 0.3],
-        }
-    )
-    centre = slab_centre(detections)
-    assert centre["slice"] == pytest.approx(7.0, abs=0.02)
-    assert centre["x"] == pytest.approx(50.0) and centre["confidence"] == pytest.approx(0.82)
-    assert slab_centre(detections.assign(confidence=[0.1, 0.1, 0.9, 0.2, 0.2, 0.1, 0.3]))["slice"] == 7.0
-
-
 def _stub(description: str, detections: pd.DataFrame) -> SagittalDetector:
     """A detector whose raw detections are given (no model): locate's resolution alone."""
     stub = SagittalDetector.__new__(SagittalDetector)
     stub.description, stub.targets = description, detector_targets(description)
-    stub.groups = det._side_groups(description)
+    stub.groups = side_groups(description)
     stub.detect = lambda volume, left_first=True: detections
     return stub
 

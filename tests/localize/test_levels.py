@@ -1,11 +1,23 @@
-"""Raw level detections to one ordered point per level: duplicates, order breaks and gaps resolved, none dropped."""
+"""Raw level detections to one ordered point per level: duplicates, order breaks and gaps resolved, none dropped;
+the rules every sagittal localiser shares (targets per series type, provisional T1 side, slab centre)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from lumbar_ray.localize.levels import resolve_levels
+from lumbar_ray.localize.levels import (
+    LOCATE_COLUMNS,
+    detector_targets,
+    provisional_target,
+    resolve_levels,
+    resolve_targets,
+    side_groups,
+    slab_centre,
+)
+
+T2, T1 = "Sagittal T2/STIR", "Sagittal T1"
 
 TRUE_Y = np.array([100.0, 130.0, 160.0, 190.0, 220.0])
 TRUE_X = np.array([50.0, 52.0, 54.0, 56.0, 58.0])
@@ -102,3 +114,46 @@ def test_a_weak_end_detection_off_the_chains_spacing_is_refilled_and_a_confident
     np.testing.assert_allclose(out.xy[:, 1], TRUE_Y)
     three = resolve_levels(np.arange(3), TRUE_X[:3], ys[:3], np.full(3, 7), conf[:3])  # too few to judge
     assert not three.filled[:3].any()
+
+
+def test_slab_centre_is_the_middle_of_the_run_around_the_peak():
+    # The canal seen on slices 5..9 at about the same confidence, a weak stray on 12 (not adjacent to the run).
+    detections = pd.DataFrame(
+        {
+            "target": 0,
+            "slice": [5, 6, 7, 7, 8, 9, 12],
+            "x": [50.0, 50.0, 50.0, 10.0, 50.0, 50.0, 80.0],
+            "y": [40.0] * 7,
+            "confidence": [0.8, 0.82, 0.8, 0.2, 0.81, 0.8, 0.3],
+        }
+    )
+    centre = slab_centre(detections)
+    assert centre["slice"] == pytest.approx(7.0, abs=0.02)
+    assert centre["x"] == pytest.approx(50.0) and centre["confidence"] == pytest.approx(0.82)
+    assert slab_centre(detections.assign(confidence=[0.1, 0.1, 0.9, 0.2, 0.2, 0.1, 0.3]))["slice"] == 7.0
+
+
+def test_provisional_t1_side_is_the_volume_half_and_t2_has_one_side():
+    left, right = side_groups(T1)
+    assert left + right == detector_targets(T1) and side_groups(T2) == [detector_targets(T2)]
+    assert provisional_target(T1, 2, 1, 11, left_first=True) == left[2]
+    assert provisional_target(T1, 7, 1, 11, left_first=True) == left[2]  # a 10-class index taken per level
+    assert provisional_target(T1, 2, 9, 11, left_first=True) == right[2]
+    assert provisional_target(T1, 2, 9, 11, left_first=False) == left[2]
+    assert provisional_target(T1, 2, 5, 11, left_first=True) == left[2]  # the centre slice goes with the first half
+    assert provisional_target(T2, 3, 10, 11, left_first=False) == detector_targets(T2)[3]
+
+
+def test_resolve_targets_gives_one_row_per_target_from_each_targets_slab():
+    canal = detector_targets(T2)
+    # Levels 0, 1, 3, 4 seen on slices 6-8 (confidence peaking on 7), level 2 not at all; a stray T1 target ignored.
+    rows = [(canal[level], s, 40.0 + s, 20.0 + 15.0 * level, 1.0 - 0.2 * abs(s - 7))
+            for level in (0, 1, 3, 4) for s in (6, 7, 8)]  # fmt: skip
+    rows.append((detector_targets(T1)[0], 7, 5.0, 5.0, 0.99))
+    located = resolve_targets(pd.DataFrame(rows, columns=["target", "slice", "x", "y", "confidence"]), T2, 15)
+    assert list(located.columns) == list(LOCATE_COLUMNS) and located["target"].tolist() == canal
+    assert located["slice"].dtype == np.int64 and (located["slice"] == 7).all()
+    np.testing.assert_allclose(located["y"], 20.0 + 15.0 * np.arange(5))
+    np.testing.assert_allclose(located["x"], 47.0)
+    assert located["filled"].tolist() == [False, False, True, False, False]
+    assert located.loc[2, "confidence"] == 0.0 and located.loc[0, "confidence"] == pytest.approx(1.0)
