@@ -72,6 +72,16 @@ def offset_point_classes(level_map: np.ndarray, description: str) -> np.ndarray:
     return np.where(level_map > 0, level_map + POINT_CLASS_OFFSET[description], 0).astype(np.uint8)
 
 
+def level_classes(point_classes: np.ndarray, description: str) -> np.ndarray:
+    """The inverse of :func:`offset_point_classes` for one series type: a :data:`POINT_CLASSES` map (a U-Net's
+    argmax) as that type's level map (0 background, 1..5 levels), the other type's classes made background; what
+    :func:`lumbar_ray.segment.post.detections_from_points` reads."""
+    offset = POINT_CLASS_OFFSET[description]
+    point_classes = np.asarray(point_classes)
+    own = (point_classes > offset) & (point_classes <= offset + len(LEVELS))
+    return np.where(own, point_classes - offset, 0).astype(np.uint8)
+
+
 @dataclass
 class SeriesTarget:
     """One sagittal series on the cache grid: its volume and its class volume (both ``n x S x S`` uint8)."""

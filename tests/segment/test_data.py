@@ -12,6 +12,7 @@ from lumbar_ray.segment.data import (
     POINT_CLASSES,
     SeriesTarget,
     build_samples,
+    level_classes,
     offset_point_classes,
     point_target,
     sagittal_series,
@@ -70,6 +71,9 @@ def test_point_maps_draw_the_canal_on_t2_and_both_foramina_on_t1_by_level():
     assert (t1[0] == 6).sum() == 13  # a disc of radius 2 pixels
     assert POINT_CLASSES[6] == "foramen_l1_l2" and POINT_CLASSES[5] == "canal_l5_s1"
     np.testing.assert_array_equal(offset_point_classes(np.array([0, 1, 5]), "Sagittal T1"), [0, 6, 10])
+    np.testing.assert_array_equal(level_classes(t1, "Sagittal T1")[0, 5, 5], 1)  # back to the level map
+    np.testing.assert_array_equal(level_classes(np.array([0, 1, 5, 6, 10]), "Sagittal T1"), [0, 0, 0, 1, 5])
+    np.testing.assert_array_equal(level_classes(np.array([0, 1, 5, 6, 10]), "Sagittal T2/STIR"), [0, 1, 5, 0, 0])
     with pytest.raises(KeyError):
         offset_point_classes(np.array([1]), "Axial T2")
 
