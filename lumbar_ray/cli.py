@@ -270,6 +270,16 @@ def localize(config: ConfigFile = None, overrides: Overrides = None) -> None:
 
 
 @app.command()
+def segment(config: ConfigFile = None, overrides: Overrides = None) -> None:
+    """Train the 2.5D segmentation U-Net (MONAI, Ray Train) on masks or label-point maps and measure its Dice per
+    structure on the localisation's held-out fold (resumable; the cache is completed first)."""
+    cfg = load(config, {}, overrides)
+    from lumbar_ray.pipeline import segment as run_segment
+
+    typer.echo(run_segment(cfg).format())
+
+
+@app.command()
 def predict(
     model: Annotated[str | None, typer.Option(help="MLflow model URI: models:/<name>@<alias> (predict.model)")] = None,
     data: Annotated[str | None, typer.Option(help="RSNA-format folder or URI, e.g. s3://b/rsna (predict.data)")] = None,

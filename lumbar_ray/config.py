@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -427,6 +428,67 @@ class LocalizeConfig(_Strict):
         return self
 
 
+class SegmentConfig(_Strict):
+    """The 2.5D segmentation U-Net (``lumbar-ray segment``, :mod:`lumbar_ray.segment`): MONAI's ``UNet`` over a
+    cached sagittal slice and its neighbours, trained on Ray Train like the classifier (``train.num_workers``,
+    ``train.use_gpu``, ``train.cpus_per_worker``, ``train.resources``, ``train.max_failures``) and validated on the
+    studies of ``localize.val_fold``, the fold the YOLO detectors are measured on."""
+
+    source: Literal["masks", "points", "spider"] = Field(
+        "masks",
+        description="targets: masks = the anatomy masks beside the data (the synthetic generator's, synth.masks); "
+        "points = level maps drawn around the points of train_label_coordinates.csv (the only option on RSNA data); "
+        "spider = the SPIDER dataset in spider_dir",
+    )
+    spider_dir: str | None = Field(None, description="the SPIDER folder (images/, masks/) of source=spider")
+
+    @field_validator("spider_dir")
+    @classmethod
+    def _absolute_spider_dir(cls, value: str | None) -> str | None:
+        return absolute_location(value)
+
+    image_size: int = Field(64, ge=16, description="the U-Net's input side: each cached slice is resized to it")
+    in_slices: int = Field(3, ge=1, description="2.5D: the slice and its neighbours as channels (odd; edges clamped)")
+    channels: tuple[int, ...] = Field((8, 16, 32), min_length=2, description="features per U-Net level")
+    strides: tuple[int, ...] | None = Field(
+        None, description="downsampling between levels (one fewer than channels); None = 2 each"
+    )
+    num_res_units: int = Field(1, ge=0, description="residual units per U-Net block")
+    epochs: int = Field(10, ge=1)
+    batch: int = Field(16, ge=1, description="slices per optimiser step over all workers (each takes batch/workers)")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate (cosine decay over the epochs)")
+    weight_decay: float = Field(1e-4, ge=0)
+    radius_px: float = Field(
+        8.0, gt=0, description="source=points: radius of the disc drawn around each label point, in cache pixels"
+    )
+    empty_fraction: float = Field(
+        0.1, ge=0, le=1, description="share of the training slices without any foreground kept (seeded)"
+    )
+    seed: int = 0
+
+    @field_validator("in_slices")
+    @classmethod
+    def _odd_slices(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("segment.in_slices must be odd so that the segmented slice is the centre")
+        return value
+
+    @model_validator(mode="after")
+    def _strides_fit(self) -> SegmentConfig:
+        if self.strides is not None and len(self.strides) != len(self.channels) - 1:
+            raise ValueError(f"segment.strides needs {len(self.channels) - 1} values (one fewer than channels "
+                             f"{list(self.channels)}), got {list(self.strides)}")  # fmt: skip
+        if self.image_size % math.prod(self.unet_strides):
+            raise ValueError(f"segment.image_size {self.image_size} is not divisible by the U-Net's total "
+                             f"downsampling {math.prod(self.unet_strides)}")  # fmt: skip
+        return self
+
+    @property
+    def unet_strides(self) -> tuple[int, ...]:
+        """``strides``, or 2 between every pair of levels."""
+        return self.strides if self.strides is not None else (2,) * (len(self.channels) - 1)
+
+
 class PredictConfig(_Strict):
     """Inference with a registered ensemble (``lumbar-ray predict``): Ray Data batch inference over studies."""
 
@@ -500,6 +562,7 @@ class Config(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
     localize: LocalizeConfig = LocalizeConfig()
+    segment: SegmentConfig = SegmentConfig()
     predict: PredictConfig = PredictConfig()
     serve: ServeConfig = ServeConfig()
 

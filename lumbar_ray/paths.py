@@ -12,13 +12,14 @@ every node must see (the preprocessing cache, Ray Train checkpoints)::
                                               (an ensemble's members are found here by their run ids)
     <workdir>/localize/<localize key>/<series slug>/detector.pt    the level detectors of a config
     <workdir>/localize/ultralytics/           ultralytics' private settings of the driver (YOLO_CONFIG_DIR)
+    <workdir>/segment/<segment key>/unet.pt   the segmentation U-Net of a config (lumbar-ray segment)
     <workdir>/ray_tune/  or  $LUMBAR_RAY_STORAGE/ray_tune/         tune.storage = null
     <workdir>/tune/<tune.name>/               a tuning run's trials.csv and best.yaml
     <workdir>/predict/submission.csv          predict.out = null
     <workdir>/mlflow.db                       tracking.tracking_uri = null and no $MLFLOW_TRACKING_URI
 
-Ids derived from settings (the CV run id, the localisation key) hash only what changes the result, never the
-resources a run is given, so the same model trained on more workers finds its earlier folds.
+Ids derived from settings (the CV run id, the localisation and segmentation keys) hash only what changes the
+result, never the resources a run is given, so the same model trained on more workers finds its earlier folds.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lumbar_ray.constants import DETECTED_SERIES_TYPES, series_slug
 
 STORAGE_ENV = "LUMBAR_RAY_STORAGE"
 DETECTOR_WEIGHTS = "detector.pt"
+UNET_WEIGHTS = "unet.pt"
 
 # Settings that change how fast or where a CV runs, not what it learns: left out of the run id.
 # Settings added after run ids were first published: at their defaults they change no id (existing runs are found).
@@ -80,6 +82,9 @@ _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     "localize": set(LOCALIZE_RESOURCE_FIELDS),
     "predict": None,
     "serve": None,
+    # The segmentation U-Net is its own stage (segment_key); the classifier does not use it. When localize.method=unet
+    # ships it with the registered model, its key enters the CV's id through the localisation (see localize_key).
+    "segment": None,
 }
 
 
@@ -200,7 +205,14 @@ def localize_key(cfg: Config) -> str:
         "cache": cache_settings(cfg.preprocess),
         "cv": cfg.cv.model_dump(mode="json", exclude={"predicted_points"}),
     }
-    return settings_hash(payload | _data_identity(cfg), "loc-")
+    return settings_hash(payload | _localizer_identity(cfg) | _data_identity(cfg), "loc-")
+
+
+def _localizer_identity(cfg: Config) -> dict[str, str]:
+    """What the localisation depends on beyond its own settings: nothing for the YOLO detectors, so their keys stay
+    those existing workdirs hold. The hook of ``localize.method: unet`` (to come): then, and only then, return
+    ``{"segment": segment_key(cfg)}``, so that the localisation (and the CV that ships it) follows its U-Net."""
+    return {}
 
 
 def localize_dir_for(cfg: Config) -> Path:
@@ -217,6 +229,28 @@ def trained_detectors(cfg: Config) -> dict[str, Path]:
     """Series type -> weights of this config's level detectors that exist (empty before localisation ran)."""
     found = {kind: detector_dir_for(cfg, kind) / DETECTOR_WEIGHTS for kind in DETECTED_SERIES_TYPES}
     return {description: path for description, path in found.items() if path.is_file()}
+
+
+def segment_key(cfg: Config) -> str:
+    """Hash of what changes the segmentation U-Net: its settings, the cache version, the folds (its validation
+    studies are ``localize.val_fold``'s) and the data; not the resources it trains on (``train.*``)."""
+    payload = {
+        "segment": cfg.segment.model_dump(mode="json"),
+        "cache": cache_settings(cfg.preprocess),
+        "cv": cfg.cv.model_dump(mode="json", include={"n_folds", "seed"}),
+        "val_fold": cfg.localize.val_fold,
+    }
+    return settings_hash(payload | _data_identity(cfg), "seg-")
+
+
+def segment_dir_for(cfg: Config) -> Path:
+    """``<workdir>/segment/<key>``: the U-Net of this config."""
+    return Path(cfg.workdir) / "segment" / segment_key(cfg)
+
+
+def unet_weights_for(cfg: Config) -> Path:
+    """``<workdir>/segment/<key>/unet.pt``: this config's trained U-Net (its presence marks the stage done)."""
+    return segment_dir_for(cfg) / UNET_WEIGHTS
 
 
 def ultralytics_settings_dir(cfg: Config) -> Path:

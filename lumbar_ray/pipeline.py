@@ -6,6 +6,7 @@ Stages never import each other; this module is where one stage's output becomes 
   :func:`complete_cache` caches every series the cache lacks: every command that needs the cache calls it first;
 - :func:`train` = cache, CV (:func:`lumbar_ray.train.cv.run_cv`), registration
   (:func:`lumbar_ray.train.register.register_cv`);
+- :func:`segment` = cache, the segmentation U-Net (:func:`lumbar_ray.segment.stage.run_segment`);
 - :func:`with_measured_jitter`: the localisation's held-out errors become the training jitter
   (``augment.jitter_measured``) before a CV or a search trains;
 - :func:`predict` = the model's contract, the studies cached with the model's own preprocessing, inference;
@@ -46,6 +47,7 @@ from lumbar_ray.metrics import ScoreResult, score_arrays, score_submission, subm
 from lumbar_ray.paths import RESOLVED_CONFIG, cache_root_for, data_root_for, tracking_uri_for
 from lumbar_ray.predict import PredictResult, plan_prediction, run_predict
 from lumbar_ray.registry import RegisteredEnsemble
+from lumbar_ray.segment.stage import SegmentResult, check_source, run_segment
 from lumbar_ray.tracking import Tracker
 from lumbar_ray.train.cv import CVResult, run_cv
 from lumbar_ray.train.ensemble import EnsembleResult, run_ensemble
@@ -154,6 +156,15 @@ def localize(cfg: Config) -> LocalizeResult:
     """Complete the cache, then train (or reuse) and evaluate the level detectors."""
     complete_cache(cfg)
     return run_localize(cfg)
+
+
+def segment(cfg: Config) -> SegmentResult:
+    """Complete the cache, then train (or reuse) the segmentation U-Net and measure it on the held-out fold (a
+    source the config cannot train from is refused first)."""
+    check_source(cfg)
+    if cfg.segment.source != "spider":  # SPIDER's scans are read from their folder, not from the cache
+        complete_cache(cfg)
+    return run_segment(cfg)
 
 
 def tune(cfg: Config, resume: bool = False, register_best: bool = False) -> TuneResult:

@@ -36,8 +36,8 @@ TINY_TRAINING = (
 def test_help_lists_every_command_with_help_text():
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("synth", "report", "baseline", "score", "preprocess", "train", "localize", "predict", "ensemble",
-                    "quickstart"):  # fmt: skip
+    for command in ("synth", "report", "baseline", "score", "preprocess", "train", "localize", "segment", "predict",
+                    "ensemble", "quickstart"):  # fmt: skip
         assert command in result.stdout
     assert "Write a synthetic RSNA-format dataset" in result.stdout
 
@@ -136,6 +136,15 @@ def test_version_and_missing_data_folder_are_one_line(tmp_path):
     for command in commands:
         missing = run_cli(command[0], "--data", str(tmp_path / "nowhere"), *command[1:])
         assert error_lines(missing) == [f"error: data folder not found: {tmp_path / 'nowhere'}"], command
+
+
+def test_segment_refuses_a_source_it_cannot_train_from_before_writing_anything(tmp_path):
+    spider = run_cli("segment", f"workdir={tmp_path}", "segment.source=spider", f"segment.spider_dir={tmp_path}")
+    assert error_lines(spider) == [f"error: {tmp_path} is not a SPIDER folder: it needs images/ and masks/"]
+    no_masks = run_cli("segment", f"workdir={tmp_path}")
+    assert error_lines(no_masks) == ["error: segment.source=masks on the built-in synthetic data needs its masks: set "
+                                     "synth.masks=true (or segment.source=points)"]  # fmt: skip
+    assert list(tmp_path.iterdir()) == []  # refused before the dataset was written or cached
 
 
 def test_options_sit_between_the_config_file_and_key_value_overrides(tmp_path):

@@ -95,3 +95,17 @@ def test_a_width_with_pretrained_detector_weights_is_an_error():
     cfg = load_config(None, ["localize.model=yolov8s.pt", "localize.width=null"])
     assert cfg.localize.from_weights and cfg.localize.width is None
     assert not load_config().localize.from_weights  # the quickstart's yaml, rescaled by its width
+
+
+def test_segment_settings_are_checked_where_they_are_set():
+    from lumbar_ray.config import SegmentConfig
+
+    assert SegmentConfig().unet_strides == (2, 2) and SegmentConfig(channels=(4, 8, 16, 32)).unet_strides == (2, 2, 2)
+    with pytest.raises(ConfigError, match="segment.in_slices must be odd"):
+        load_config(overrides=["segment.in_slices=4"])
+    with pytest.raises(ConfigError, match="needs 2 values"):
+        load_config(overrides=["segment.strides=[2]"])
+    with pytest.raises(ConfigError, match="not divisible by the U-Net's total downsampling 8"):
+        load_config(overrides=["segment.channels=[4,8,16,32]", "segment.image_size=60"])
+    with pytest.raises(ConfigError, match="segment.source"):
+        load_config(overrides=["segment.source=nnunet"])

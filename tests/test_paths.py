@@ -15,9 +15,11 @@ from lumbar_ray.paths import (
     data_root_for,
     localize_key,
     ray_storage_for,
+    segment_key,
     ship_if_local,
     tracking_uri_for,
     tune_storage_for,
+    unet_weights_for,
 )
 
 
@@ -195,3 +197,26 @@ def test_a_shipped_file_is_written_once_on_the_receiving_node_under_its_own_name
     assert received.name == "convnext_nano.safetensors" and received.read_bytes() == b"weights" * 100
     assert received.is_relative_to(tmp_path / "node_tmp") and shipped.local_path() == received
     assert ship_if_local("s3://bucket/weights.pt") is None and ship_if_local("convnext_nano") is None
+
+
+def test_the_segmentation_key_hashes_the_unet_and_its_data_and_moves_no_other_id(tmp_path: Path) -> None:
+    """The ``segment`` section came after the golden ids: no setting of it moves the CV's id or the localisation's
+    (a YOLO localisation does not depend on the U-Net); its own key follows its settings, the cache, the folds and the
+    held-out fold, not the resources it trains on."""
+    base = Config(workdir=str(tmp_path))
+    segment = {"epochs": 3, "source": "points", "channels": [4, 8], "radius_px": 2.0}
+    changed = Config.model_validate({"workdir": str(tmp_path), "segment": segment})
+    assert cv_run_id(issue_8(tmp_path, segment={"epochs": 3, "in_slices": 5})) == "cv-a45d0f059f"
+    assert cv_run_id(changed) == cv_run_id(base) == "cv-6e7ef393c5"
+    assert localize_key(changed) == localize_key(base) == "loc-169c20482517"
+    assert segment_key(changed) != segment_key(base) and segment_key(base).startswith("seg-")
+    same = [Config.model_validate({"workdir": str(tmp_path / "elsewhere"),
+                                   "train": {"num_workers": 4, "cpus_per_worker": 2.0, "lr": 0.1}}),
+            Config.model_validate({"workdir": str(tmp_path), "localize": {"epochs": 1, "num_cpus": 8.0}})]  # fmt: skip
+    assert {segment_key(cfg) for cfg in same} == {segment_key(base)}
+    changes = (("segment", {"seed": 1}), ("preprocess", {"image_size": 128}), ("cv", {"seed": 1}),
+               ("cv", {"n_folds": 5}), ("localize", {"val_fold": 1}), ("data", {"root": str(tmp_path / "rsna")}),
+               ("synth", {"preset": "hard"}))  # fmt: skip
+    other = [Config.model_validate({"workdir": str(tmp_path), section: values}) for section, values in changes]
+    assert len({segment_key(base), *(segment_key(cfg) for cfg in other)}) == 1 + len(other)
+    assert unet_weights_for(base) == tmp_path / "segment" / segment_key(base) / "unet.pt"

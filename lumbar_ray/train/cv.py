@@ -32,10 +32,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -208,15 +208,29 @@ def record_data_digest(run_dir: Path, digest: DataDigest) -> None:
                                "old data. Restore it, or train a new CV (another train.run_id)")  # fmt: skip
 
 
-def build_trainer(cfg: Config, job: FoldJob, name: str) -> TorchTrainer:
-    """The one ``TorchTrainer`` builder that training and tuning share."""
+def build_trainer(cfg: Config, job: Any, name: str, loop: Callable[[dict[str, Any]], None] = train_fold_loop,
+                  loop_config: dict[str, Any] | None = None) -> TorchTrainer:  # fmt: skip
+    """The one ``TorchTrainer`` builder that training, tuning and the segmentation stage share.
+
+    Every run gets the same workers (``train.num_workers``, ``train.use_gpu``, ``train.cpus_per_worker``,
+    ``train.resources``), storage (:func:`~lumbar_ray.paths.ray_storage_for`), checkpoints (the best by
+    :data:`~lumbar_ray.train.worker.SCORE_ATTRIBUTE`, lower is better, and the latest) and restarts
+    (``train.max_failures``).
+
+    Args:
+        cfg: the resolved config.
+        job: what the loop trains (a :class:`~lumbar_ray.train.worker.FoldJob` for the classifier's loop).
+        name: the Ray Train run's name under the storage: a stable id, so that a rerun resumes it.
+        loop: the ``train_loop_per_worker``; it receives ``{"cfg": cfg as a dict, "job": job} | loop_config``.
+        loop_config: further entries of the loop's config.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {}) | cfg.train.resources
     return TorchTrainer(
-        train_fold_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": job},
+        loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": job} | dict(loop_config or {}),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),

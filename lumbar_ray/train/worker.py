@@ -228,7 +228,8 @@ def train_fold_loop(config: dict[str, Any]) -> None:
                 if job.run_logger is not None:
                     job.run_logger.log_epoch(epoch_index, {k: v for k, v in metrics.items()
                                                            if k not in ("epoch", "epoch_started_at")})  # fmt: skip
-            _report(rank, metrics, _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks), staging)
+            saved = _checkpoint_state(fold, epoch_index, best, last, history, starts, ranks)
+            report_epoch(rank, metrics, saved, staging)
 
 
 def epoch_predictions(epoch_index: int, epoch: Epoch) -> dict[str, Any]:
@@ -299,8 +300,11 @@ def clear_staging(staging: Path) -> None:
         logger.info("removed %d checkpoint folder(s) a stopped worker group left in %s", len(left), staging)
 
 
-def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any], staging: Path) -> None:
+def report_epoch(rank: int, metrics: dict[str, Any], state: dict[str, Any], staging: Path) -> None:
     """Every rank reports (a barrier); rank 0 attaches the checkpoint, uploaded while the next epoch trains.
+
+    Shared by every Ray Train loop of the project (the classifier's folds, the segmentation U-Net): ``state`` is
+    saved as :data:`CHECKPOINT_FILE`, which :func:`load_checkpoint_state` reads back.
 
     ``CheckpointUploadMode.ASYNC`` copies the folder to storage in a background thread after ``report`` returns,
     and deletes it once copied (``delete_local_checkpoint_after_upload``, the default of that mode): so the folder

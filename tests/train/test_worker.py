@@ -108,20 +108,20 @@ def test_a_worker_checkpoint_of_a_real_epoch_holds_the_evaluated_weights_once(sm
 
 
 def test_rank_0_hands_its_checkpoint_folder_to_an_asynchronous_upload_and_never_removes_it(tmp_path, monkeypatch):
-    """``_report`` with ``ray.train.report`` stood in for (no Ray started): rank 0 reports a whole checkpoint folder
-    under the run's staging folder with ``CheckpointUploadMode.ASYNC`` and leaves it to Ray, which deletes it once
-    uploaded; the other ranks report no checkpoint. A restarted rank 0 clears what a stopped group left there."""
+    """``report_epoch`` with ``ray.train.report`` stood in for (no Ray started): rank 0 reports a whole checkpoint
+    folder under the run's staging folder with ``CheckpointUploadMode.ASYNC`` and leaves it to Ray, which deletes it
+    once uploaded; the other ranks report no checkpoint. A restarted rank 0 clears what a stopped group left there."""
     import ray.train
 
-    from lumbar_ray.train.worker import CHECKPOINT_FILE, _report, checkpoint_staging, clear_staging
+    from lumbar_ray.train.worker import CHECKPOINT_FILE, checkpoint_staging, clear_staging, report_epoch
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     staging = checkpoint_staging("cv-x-fold0")
     assert staging == tmp_path / "lumbar_ray_checkpoints" / "cv-x-fold0"
     calls = []
     monkeypatch.setattr(ray.train, "report", lambda metrics, **kwargs: calls.append((metrics, kwargs)))
-    _report(1, {"val_score": 0.5}, {"epoch": 0}, staging)
-    _report(0, {"val_score": 0.5}, {"epoch": 0}, staging)
+    report_epoch(1, {"val_score": 0.5}, {"epoch": 0}, staging)
+    report_epoch(0, {"val_score": 0.5}, {"epoch": 0}, staging)
     (_, other), (_, first) = calls
     assert other["checkpoint"] is None and other["checkpoint_upload_mode"] == ray.train.CheckpointUploadMode.ASYNC
     assert first["checkpoint_upload_mode"] == ray.train.CheckpointUploadMode.ASYNC
@@ -134,7 +134,7 @@ def test_rank_0_hands_its_checkpoint_folder_to_an_asynchronous_upload_and_never_
 
     monkeypatch.setattr(ray.train, "report", failing)
     with pytest.raises(RuntimeError, match="barrier"):
-        _report(0, {"val_score": 0.4}, {"epoch": 1}, staging)
+        report_epoch(0, {"val_score": 0.4}, {"epoch": 1}, staging)
     assert [path.name for path in staging.iterdir()] == [folder.name]  # not handed to Ray: removed at once
     clear_staging(staging)
     assert staging.is_dir() and not list(staging.iterdir())
