@@ -83,7 +83,7 @@ _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     "predict": None,
     "serve": None,
     # The segmentation U-Net is its own stage (segment_key); the classifier does not use it. When localize.method=unet
-    # ships it with the registered model, its key enters the CV's id through the localisation (see localize_key).
+    # ships it with the registered model, its settings enter the CV's id (cv_run_id), as the detectors' do.
     "segment": None,
 }
 
@@ -144,6 +144,8 @@ def cv_run_id(cfg: Config) -> str:
         else:
             for key in keys:
                 tree[section].pop(key, None)
+    if cfg.localize.method == "unet":  # the U-Net ships with the registered ensemble, as the detectors do
+        tree["segment"] = cfg.segment.model_dump(mode="json")
     if tree["cv"].get("predicted_points") is not None:  # what the folds are scored at, not where the file lies
         tree["cv"]["predicted_points"] = _content_digest(tree["cv"]["predicted_points"])
     return settings_hash(tree, "cv-", length=10)
@@ -210,9 +212,9 @@ def localize_key(cfg: Config) -> str:
 
 def _localizer_identity(cfg: Config) -> dict[str, str]:
     """What the localisation depends on beyond its own settings: nothing for the YOLO detectors, so their keys stay
-    those existing workdirs hold. The hook of ``localize.method: unet`` (to come): then, and only then, return
-    ``{"segment": segment_key(cfg)}``, so that the localisation (and the CV that ships it) follows its U-Net."""
-    return {}
+    those existing workdirs hold; under ``localize.method: unet`` the U-Net's :func:`segment_key`, so that the
+    localisation follows its U-Net."""
+    return {"segment": segment_key(cfg)} if cfg.localize.method == "unet" else {}
 
 
 def localize_dir_for(cfg: Config) -> Path:
@@ -226,8 +228,12 @@ def detector_dir_for(cfg: Config, description: str) -> Path:
 
 
 def trained_detectors(cfg: Config) -> dict[str, Path]:
-    """Series type -> weights of this config's level detectors that exist (empty before localisation ran)."""
-    found = {kind: detector_dir_for(cfg, kind) / DETECTOR_WEIGHTS for kind in DETECTED_SERIES_TYPES}
+    """Series type -> weights of this config's sagittal localisers that exist (empty before they were trained): the
+    YOLO detectors, or under ``localize.method: unet`` the one U-Net that localises on both series types."""
+    if cfg.localize.method == "unet":
+        found = dict.fromkeys(DETECTED_SERIES_TYPES, unet_weights_for(cfg))
+    else:
+        found = {kind: detector_dir_for(cfg, kind) / DETECTOR_WEIGHTS for kind in DETECTED_SERIES_TYPES}
     return {description: path for description, path in found.items() if path.is_file()}
 
 

@@ -153,8 +153,12 @@ def ensemble(cfg: Config, run_ids: list[str]) -> EnsembleResult:
 
 
 def localize(cfg: Config) -> LocalizeResult:
-    """Complete the cache, then train (or reuse) and evaluate the level detectors."""
-    complete_cache(cfg)
+    """Complete the cache, then train (or reuse) and evaluate the sagittal localisers: the YOLO detectors, or under
+    ``localize.method=unet`` the segmentation U-Net (:func:`segment`, reused when trained)."""
+    if cfg.localize.method == "unet":
+        segment(cfg)
+    else:
+        complete_cache(cfg)
     return run_localize(cfg)
 
 
@@ -289,6 +293,8 @@ def run_quickstart(config: Config, tune: bool = True) -> QuickstartResult:
     (workdir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
     baseline = run_baseline(root, n_folds=config.cv.n_folds, seed=config.cv.seed, out_csv=workdir / "baseline_oof.csv")
     preprocessed = complete_cache(config)
+    if config.localize.method == "unet":
+        run_segment(config)  # resumable: a trained U-Net is reused
     localized = run_localize(config)  # resumable: trained detectors and a written evaluation are reused
     trained = with_measured_jitter(config)
     cv = run_cv(trained)  # resumable: a rerun skips the folds already trained

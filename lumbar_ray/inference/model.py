@@ -91,7 +91,8 @@ SERVED_LIBRARIES: tuple[str, ...] = (
     "matplotlib",
 )
 """What the study-level model imports (the networks, the DICOM reader and its JPEG decoders, the crops, the YOLO
-detectors, the U-Net localiser): pinned to the versions it was registered with (:func:`pinned_requirements`); MLflow adds itself."""
+detectors or the U-Net localiser): pinned to the versions it was registered with (:func:`pinned_requirements`);
+MLflow adds itself."""
 
 
 def pinned_requirements(names: Sequence[str] = SERVED_LIBRARIES) -> list[str]:

@@ -25,7 +25,7 @@ import numpy as np
 from lumbar_ray.config import LocalizeConfig
 from lumbar_ray.constants import LEVELS
 from lumbar_ray.localize.detector import load_detectors
-from lumbar_ray.segment.data import POINT_CLASS_OFFSET
+from lumbar_ray.segment.data import POINT_CLASS_OFFSET, level_classes
 from lumbar_ray.segment.post import MaskLocator, Segmentation
 from lumbar_ray.segment.unet import LoadedUnet, load_unet
 
@@ -39,10 +39,12 @@ def unet_segmenter(unet: LoadedUnet, description: str) -> Callable[[np.ndarray],
 
     def segment(volume: np.ndarray) -> Segmentation:
         probabilities = unet.predict_volume(np.asarray(volume))
-        if unet.source == "points":
-            offset = POINT_CLASS_OFFSET[description]
-            probabilities = probabilities[:, [0, *range(offset + 1, offset + 1 + len(LEVELS))]]
-        return Segmentation(probabilities.argmax(axis=1).astype(np.uint8), probabilities)
+        classes = probabilities.argmax(axis=1).astype(np.uint8)
+        if unet.source != "points":
+            return Segmentation(classes, probabilities)
+        offset = POINT_CLASS_OFFSET[description]
+        own = probabilities[:, [0, *range(offset + 1, offset + 1 + len(LEVELS))]]  # the confidences of its levels
+        return Segmentation(level_classes(classes, description), own)
 
     return segment
 

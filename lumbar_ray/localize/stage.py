@@ -38,8 +38,8 @@ from lumbar_ray.data.crops import points_from_coordinates
 from lumbar_ray.data.rsna import encode_labels, load_rsna
 from lumbar_ray.data.splits import make_folds
 from lumbar_ray.localize.detector import complete_export, mlflow_env, train_detector
-from lumbar_ray.localize.locators import load_locators
 from lumbar_ray.localize.evaluate import point_errors, summarise_errors, summary_metrics
+from lumbar_ray.localize.locators import load_locators
 from lumbar_ray.localize.study import AXIAL, LOCATED_COLUMNS, axial_rows, localise_study, patient_points, study_series
 from lumbar_ray.localize.yolo_data import export_yolo_dataset, pack_dataset, unpack_dataset
 from lumbar_ray.paths import (
@@ -54,8 +54,8 @@ from lumbar_ray.paths import (
     localize_key,
     ship_if_local,
     trained_detectors,
-    unet_weights_for,
     ultralytics_settings_dir,
+    unet_weights_for,
 )
 from lumbar_ray.raytools import ensure_ray
 from lumbar_ray.segment.measure import measurements_table, with_measurements

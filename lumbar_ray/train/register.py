@@ -90,7 +90,8 @@ def detectors_to_register(cfg: Config) -> dict[str, Path]:
     where = detector_dir_for(cfg, missing[0]).parent
     if not cfg.tracking.register_without_detectors:
         raise MissingDetectorsError(f"no trained level detector for {missing} under {where}: run `lumbar-ray localize` "
-                                    "(after `lumbar-ray segment` under localize.method=unet) with this config first (on this machine's workdir), or set "
+                                    "with this config first (on this machine's workdir; under localize.method=unet "
+                                    "it trains the U-Net first), or set "
                                     "tracking.register_without_detectors=true for a model that only predicts from "
                                     "given points")  # fmt: skip
     logger.warning("registering without the level detectors for %s (tracking.register_without_detectors): those "
