@@ -10,7 +10,7 @@ import torch
 from lumbar_ray.config import Config, LocalizeConfig, SegmentConfig
 from lumbar_ray.constants import DETECTED_SERIES_TYPES, LEVELS, TARGETS
 from lumbar_ray.localize.levels import DETECTION_COLUMNS, LOCATE_COLUMNS, detector_targets
-from lumbar_ray.localize.locators import load_locators, unet_locator, unet_segmenter
+from lumbar_ray.localize.locators import load_locators, unet_segmenter
 from lumbar_ray.localize.study import LevelDetector, StudyPoints
 from lumbar_ray.paths import cv_run_id, localize_key, trained_detectors, unet_weights_for
 from lumbar_ray.segment.data import classes_for
