@@ -108,6 +108,18 @@ def trained_pipeline(ray_local, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def segmented_pipeline(trained_pipeline):
+    """The pipeline's data localised by a U-Net: ``lumbar-ray segment`` on its masks (one TorchTrainer fit), then
+    ``lumbar-ray localize`` with ``localize.method=unet`` on the same held-out fold as the YOLO detectors; the
+    config, the segmentation result and the localisation result."""
+    from lumbar_ray.pipeline import localize, segment
+    from tests.pipeline import unet_config
+
+    cfg = unet_config(trained_pipeline[0])
+    return cfg, segment(cfg), localize(cfg)
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A local S3-compatible server (moto's server mode, in a thread of the test process) on a free loopback port:
     a :class:`tests.net.S3Server` whose ``upload`` puts a folder in a bucket and returns its ``s3://`` URI."""

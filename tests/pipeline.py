@@ -13,8 +13,8 @@ from typing import Any
 
 
 def pipeline_config(workdir: Path, seed_offset: int = 0):
-    """The whole pipeline small enough for CI: 60 studies with a strong planted signal, 96 px cache, 2 folds, the
-    tiny classifier on 1 worker, tiny YOLO detectors, no tuning.
+    """The whole pipeline small enough for CI: 60 studies with a strong planted signal (and their anatomy masks),
+    96 px cache, 2 folds, the tiny classifier on 1 worker, tiny YOLO detectors, no tuning.
 
     Args:
         workdir: where everything goes.
@@ -26,7 +26,7 @@ def pipeline_config(workdir: Path, seed_offset: int = 0):
     return Config.model_validate({
         "workdir": str(workdir),
         "synth": {"train_studies": 60, "test_studies": 3, "image_sizes": [96, 112], "seed": 11,
-                  "signal_strength": 2.0, "noise": 0.03, "missing_series_rate": 0.08},
+                  "signal_strength": 2.0, "noise": 0.03, "missing_series_rate": 0.08, "masks": True},
         "preprocess": {"image_size": 96, "workers": 1},
         "cv": {"n_folds": 2, "seed": 0},
         "crop": {"size": 16, "region": 24, "slices": 3},
@@ -40,6 +40,12 @@ def pipeline_config(workdir: Path, seed_offset: int = 0):
                      "box_fraction": 0.15},
         "tracking": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db", "model_name": "pipeline_ensemble"},
     })  # fmt: skip
+
+
+def unet_config(cfg):
+    """The pipeline's config with the segmentation localiser: ``localize.method=unet``, the U-Net of ``lumbar-ray
+    segment`` trained on the masks written with the data (``synth.masks``)."""
+    return cfg.model_copy(update={"localize": cfg.localize.model_copy(update={"method": "unet"})})
 
 
 def pipeline_figures(result: Any) -> dict[str, float]:
