@@ -85,6 +85,8 @@ _CV_RESOURCE_KEYS: dict[str, set[str] | None] = {
     # The segmentation U-Net is its own stage (segment_key); the classifier does not use it. When localize.method=unet
     # ships it with the registered model, its settings enter the CV's id (cv_run_id), as the detectors' do.
     "segment": None,
+    # The masks are written beside the same DICOM bytes: the data the classifier learns is the same with or without.
+    "synth": {"masks"},
 }
 
 

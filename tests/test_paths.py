@@ -220,3 +220,9 @@ def test_the_segmentation_key_hashes_the_unet_and_its_data_and_moves_no_other_id
     other = [Config.model_validate({"workdir": str(tmp_path), section: values}) for section, values in changes]
     assert len({segment_key(base), *(segment_key(cfg) for cfg in other)}) == 1 + len(other)
     assert unet_weights_for(base) == tmp_path / "segment" / segment_key(base) / "unet.pt"
+
+
+def test_masks_written_beside_the_same_dicom_bytes_keep_the_cv_id(tmp_path):
+    plain = Config.model_validate({"workdir": str(tmp_path)})
+    masked = Config.model_validate({"workdir": str(tmp_path), "synth": {"masks": True}})
+    assert cv_run_id(plain) == cv_run_id(masked)
