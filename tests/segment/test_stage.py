@@ -3,7 +3,8 @@ cache (Ray Data) -> the U-Net trained through the classifier's trainer builder -
 ``unet.pt`` and the MLflow record; then 2 DDP workers, one killed after its first checkpoint, resume and match.
 
 Two TorchTrainer fits in all (each 1-2 minutes on 2 cores, the tests marked ``ray`` and ``slow``): the 1-worker stage
-run is shared by the tests below through a module-scoped fixture; its rerun is a no-op. The SPIDER source's data
+run is the session's ``segmented_pipeline`` (on the CI pipeline's data, shared with the U-Net localiser's tests);
+its rerun is a no-op. The SPIDER source's data
 and the refused sources are checked without Ray.
 """
 
@@ -24,31 +25,12 @@ from lumbar_ray.segment.unet import load_unet
 from tests.train.test_fault import kill_a_worker_after_first_checkpoint
 
 
-def segment_config(workdir: Path, **sections: dict) -> Config:
-    """30 synthetic studies with masks at 96 px, 3 folds (fold 0 held out: 10 studies), the default U-Net on one
-    worker with both CPUs; ``sections`` update the config's sections."""
-    tree = {
-        "workdir": str(workdir),
-        "synth": {"train_studies": 30, "test_studies": 0, "image_sizes": [96], "seed": 11, "masks": True},
-        "preprocess": {"image_size": 96, "workers": 1},
-        "cv": {"n_folds": 3, "seed": 0},
-        "train": {"num_workers": 1, "cpus_per_worker": 2.0},
-        "tracking": {"tracking_uri": f"sqlite:///{workdir}/mlflow.db"},
-    }
-    for name, values in sections.items():
-        tree[name] = tree.get(name, {}) | values
-    return Config.model_validate(tree)
-
-
 @pytest.fixture(scope="module")
-def one_worker(ray_local, tmp_path_factory):
-    """``pipeline.segment`` on one worker, timed, then run again (a no-op)."""
-    cfg = segment_config(tmp_path_factory.mktemp("segment"))
-    started = time.perf_counter()
-    first = segment(cfg)
-    wall = time.perf_counter() - started
-    print(f"\nsegment (1 worker): {wall:.0f} s wall with synth and preprocessing, {first.seconds:.0f} s the stage; "
-          f"{first.format()}")  # fmt: skip
+def one_worker(segmented_pipeline):
+    """The session's U-Net (``segmented_pipeline``: ``pipeline.segment`` on one worker on the CI pipeline's data,
+    60 studies with masks at 96 px, 2 folds, fold 0 held out), then the stage run again (a no-op)."""
+    cfg, first, _ = segmented_pipeline
+    print(f"\nsegment (1 worker): {first.seconds:.0f} s the stage; {first.format()}")
     mtime = unet_weights_for(cfg).stat().st_mtime_ns
     second = segment(cfg)
     return cfg, first, second, mtime
@@ -63,7 +45,8 @@ def test_one_worker_reaches_a_held_out_dice_above_one_half_on_discs_and_canal(on
     assert first.trained_now and first.trained["starts"] == [0] and first.trained["world_size"] == 1
     assert first.dice["disc"] > 0.5 and first.dice["canal"] > 0.5, first.dice
     assert set(first.dice) <= {"vertebra", "disc", "canal", "foramen", "lesion"}
-    assert first.trained["val_fold"] == cfg.localize.val_fold and len(first.trained["val_studies"]) == 10
+    held_out = cfg.synth.train_studies // cfg.cv.n_folds
+    assert first.trained["val_fold"] == cfg.localize.val_fold and len(first.trained["val_studies"]) == held_out
     history = first.trained["history"]
     assert [entry["epoch"] for entry in history] == list(range(cfg.segment.epochs))
     assert min(entry["val_score"] for entry in history) == history[first.trained["best_epoch"]]["val_score"]
@@ -100,8 +83,9 @@ def test_a_rerun_of_the_finished_stage_is_a_no_op(one_worker):
     assert not second.trained_now and second.dice == first.dice and second.unet_run_id == first.unet_run_id
     assert unet_weights_for(cfg).stat().st_mtime_ns == mtime
     client = MlflowClient(cfg.tracking.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
-    assert len(runs) == 2  # the parent and the U-Net's run: the rerun created none
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    unet_runs = client.search_runs([experiment], f"tags.`{UNET_TAG}` = 'masks'")
+    assert [run.info.run_id for run in unet_runs] == [first.unet_run_id]  # the reruns trained nothing new
 
 
 @pytest.mark.ray
@@ -110,9 +94,13 @@ def test_two_ddp_workers_resume_after_a_killed_worker_and_match_one_worker(one_w
     """The same data, cache and folds (named explicitly, so the key differs and the U-Net trains again) on 2 DDP
     workers; one is SIGKILLed once a checkpoint is registered, the group restarts from it."""
     cfg, first, _, _ = one_worker
-    ddp = segment_config(tmp_path, data={"root": str(data_root_for(cfg))},
-                         preprocess={"cache": cache_root_for(cfg)},
-                         train={"num_workers": 2, "cpus_per_worker": 1.0, "max_failures": 2})  # fmt: skip
+    ddp = cfg.model_copy(update={
+        "workdir": str(tmp_path),
+        "data": cfg.data.model_copy(update={"root": str(data_root_for(cfg))}),
+        "preprocess": cfg.preprocess.model_copy(update={"cache": cache_root_for(cfg)}),
+        "train": cfg.train.model_copy(update={"num_workers": 2, "cpus_per_worker": 1.0, "max_failures": 2}),
+        "tracking": cfg.tracking.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}),
+    })  # fmt: skip
     run_dir = Path(ray_storage_for(ddp)) / segment_key(ddp)
     context = ray_local.get_runtime_context()
     killed: list[int] = []
