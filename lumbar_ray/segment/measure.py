@@ -187,8 +187,8 @@ def measure_study(series: Iterable[tuple[np.ndarray, CachedSeries]], points: pd.
 
 
 def with_measurements(located: StudyPoints, series: dict[str, list[CachedSeries]], detectors: dict) -> StudyPoints:
-    """A localised study with the measurements of the localisers that segment (a
-    :class:`~lumbar_ray.segment.post.MaskLocator`'s ``segmentation_of``), on the sagittal series they localised on
+    """A localised study with the measurements of the localisers that segment the anatomy (a
+    :class:`~lumbar_ray.segment.post.MaskLocator` of kind ``anatomy``), on the sagittal series they localised on
     (:func:`~lumbar_ray.localize.geometry.best_sagittal`); the study unchanged when none segments.
 
     Args:
@@ -199,8 +199,8 @@ def with_measurements(located: StudyPoints, series: dict[str, list[CachedSeries]
     pairs = []
     for description in (SAG_T2, SAG_T1):
         detector, entries = detectors.get(description), series.get(description)
-        if not entries or not hasattr(detector, "segmentation_of"):
-            continue
+        if not entries or not hasattr(detector, "segmentation_of") or getattr(detector, "kind", "") != "anatomy":
+            continue  # a points U-Net's blobs mark levels, not anatomy: nothing to measure
         entry = best_sagittal(entries)
         pairs.append((detector.segmentation_of(entry.volume).classes, entry))
     if not pairs:

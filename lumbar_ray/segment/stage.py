@@ -35,14 +35,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 
 from lumbar_ray.config import Config, ConfigError, cache_settings
-from lumbar_ray.data.cache import SeriesCache, is_uri
+from lumbar_ray.data.cache import SeriesCache, filesystem, is_uri
 from lumbar_ray.data.crops import points_from_coordinates
 from lumbar_ray.data.rsna import load_rsna
 from lumbar_ray.data.splits import make_folds
 from lumbar_ray.labels import encode_labels
-from lumbar_ray.paths import cache_root_for, data_root_for, segment_key, unet_weights_for
+from lumbar_ray.paths import cache_root_for, data_root_for, ray_storage_for, segment_key, unet_weights_for
 from lumbar_ray.provenance import package_version
 from lumbar_ray.raytools import ensure_ray
 from lumbar_ray.segment.data import (
@@ -294,6 +295,16 @@ def _train_params(cfg: Config, counts: dict[str, int]) -> dict[str, str]:
     }
 
 
+def forget_ray_run(cfg: Config, key: str) -> None:
+    """Delete the Ray Train run ``key`` from the storage: Ray resumes a run of the same name, and one that finished
+    for another version's ``unet.pt`` would hand back its weights without training."""
+    fs, root = filesystem(ray_storage_for(cfg))
+    folder = f"{root.rstrip('/')}/{key}"
+    if fs.get_file_info(folder).type == pafs.FileType.Directory:
+        logger.info("removing the earlier Ray Train run %s", folder)
+        fs.delete_dir(folder)
+
+
 def run_segment(cfg: Config) -> SegmentResult:
     """Train (or reuse) the U-Net of ``cfg`` and measure it on the held-out fold (see the module docstring).
 
@@ -308,6 +319,7 @@ def run_segment(cfg: Config) -> SegmentResult:
         if _matches(meta, cfg):
             return _reuse(cfg, weights, meta)
         logger.warning("%s was written by other settings or another version: trained again", weights)
+        forget_ray_run(cfg, key)
     started = time.perf_counter()
     seg, classes = cfg.segment, classes_for(cfg.segment.source)
     data = training_data(cfg)

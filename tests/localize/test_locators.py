@@ -111,3 +111,36 @@ def test_measurements_reach_the_study_report_as_millimetres_or_null():
     table = measurements_table([report, StudyPoints(8, points).to_json()])
     assert list(table.columns) == ["study_id", *MEASURE_COLUMNS] and len(table) == len(LEVELS)
     assert table["study_id"].eq(7).all() and np.isnan(table.loc[1, "canal_ap_mm"])
+
+
+def test_only_an_anatomy_segmentation_is_measured(sagittal_cached, synthetic_dir):
+    """A points U-Net's blobs are levels, not discs or canal: its studies carry no measurements."""
+    from lumbar_ray.data.rsna import load_rsna
+    from lumbar_ray.localize.study import localise_study, study_series
+    from lumbar_ray.segment.measure import with_measurements
+    from lumbar_ray.segment.post import MaskLocator
+
+    cache, points, _ = sagittal_cached
+    study_id = int(points["study_id"].iloc[0])
+    series = load_rsna(synthetic_dir).train_series
+    study = study_series(cache, series, study_id, cache.cached_keys())
+    blank = {kind: {d: MaskLocator(d, lambda v: np.zeros(v.shape, np.uint8), kind) for d in DETECTED_SERIES_TYPES}
+             for kind in ("anatomy", "points")}  # fmt: skip
+    for kind, locators in blank.items():
+        located = with_measurements(localise_study(study_id, study, locators), study, locators)
+        if kind == "points":
+            assert located.measurements is None
+        else:  # nothing segmented: every level measured as unmeasurable, not left out
+            assert list(located.measurements["level"]) == list(LEVELS)
+            assert located.measurements[list(MEASURE_COLUMNS[1:])].isna().all().all()
+
+
+def test_a_stale_ray_run_of_the_unets_key_is_forgotten(tmp_path):
+    from lumbar_ray.segment.stage import forget_ray_run
+
+    cfg = Config.model_validate({"workdir": str(tmp_path), "train": {"storage": str(tmp_path / "ray")}})
+    forget_ray_run(cfg, "seg-abc")  # nothing there: nothing to do
+    (tmp_path / "ray" / "seg-abc" / "checkpoint_000009").mkdir(parents=True)
+    (tmp_path / "ray" / "seg-other").mkdir()
+    forget_ray_run(cfg, "seg-abc")
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["seg-other"]

@@ -85,7 +85,7 @@ def test_a_model_registered_with_the_unet_predicts_a_study_by_alias_offline(unet
     folder = sorted(p for p in (result.data_root / "test_images").iterdir() if p.is_dir())[0]
     rows = model.predict(pd.DataFrame({"study_dir": [str(folder)]}))
     assert len(rows) == 25 and set(rows["row_id"]) == {f"{folder.name}_{t}" for t in TARGETS}
-    np.testing.assert_allclose(rows[list(SUBMISSION_COLUMNS[1:])].sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(rows[list(SUBMISSION_COLUMNS)].sum(axis=1), 1.0, atol=1e-5)
     sagittal = rows[~rows["row_id"].str.contains("subarticular")]
     assert (~sagittal["filled"]).mean() >= 0.8, rows[["row_id", "filled", "prior"]]  # the U-Net placed them
 
@@ -133,6 +133,6 @@ def test_the_serve_app_serves_the_unet_model(unet_registered, tmp_path):
     assert body["model"]["name"] == UNET_MODEL
     rows = pd.DataFrame(body["rows"])
     assert rows["row_id"].tolist() == [f"{folder.name}_{t}" for t in TARGETS]
-    np.testing.assert_allclose(rows[list(SUBMISSION_COLUMNS[1:])].sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(rows[list(SUBMISSION_COLUMNS)].sum(axis=1), 1.0, atol=1e-5)
     sagittal = rows[~rows["row_id"].str.contains("subarticular")]
     assert (~sagittal["filled"].astype(bool)).mean() >= 0.8, json.dumps(body["rows"])[:2000]
