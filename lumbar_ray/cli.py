@@ -117,29 +117,35 @@ def synth(
     spider: Annotated[
         Path | None, typer.Option(help="also write the training split in SPIDER's layout here (needs the masks)")
     ] = None,
+    nnunet: Annotated[
+        Path | None, typer.Option(help="also export the training split for nnU-Net here (needs the masks)")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace whatever is in OUT")] = False,
     config: ConfigFile = None,
     overrides: Overrides = None,
 ) -> None:
     """Write a synthetic RSNA-format dataset of DICOM spine phantoms with planted severities."""
     from lumbar_ray.data.synthetic import write_dataset
-    from lumbar_ray.segment.spider import write_spider
+    from lumbar_ray.segment.nnunet import export_nnunet
+    from lumbar_ray.segment.spider import dataset_cases, write_spider
 
     options = {
         "synth.train_studies": studies,
         "synth.test_studies": test_studies,
         "synth.seed": seed,
         "synth.preset": preset,
-        "synth.masks": True if spider is not None and masks is None else masks,
+        "synth.masks": True if (spider or nnunet) is not None and masks is None else masks,
     }
     cfg = load(config, options, overrides)
-    if spider is not None and not cfg.synth.masks:
-        raise typer.BadParameter("--spider writes the masks: drop --no-masks (or synth.masks=false)")
+    if (spider or nnunet) is not None and not cfg.synth.masks:
+        raise typer.BadParameter("--spider and --nnunet write the masks: drop --no-masks (or synth.masks=false)")
     result = write_dataset(out, cfg.synth, overwrite=overwrite)
     state = "reused" if result.reused else "written"
     typer.echo(f"{result.files} DICOM files of {result.train_studies}+{result.test_studies} studies {state}: {out}")
     if spider is not None:
         typer.echo(f"{write_spider(out, spider)} SPIDER-layout cases (images/, masks/): {spider}")
+    if nnunet is not None:
+        typer.echo(f"nnU-Net dataset (dataset.json, imagesTr/, labelsTr/): {export_nnunet(dataset_cases(out), nnunet)}")
     if result.bayes_floor is not None:
         terms = ", ".join(f"{k} {v:.4f}" for k, v in result.bayes_floor.items() if k != "total")
         typer.echo(

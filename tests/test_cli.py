@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -83,16 +84,19 @@ def test_synth_hard_preset_prints_its_bayes_floor(tmp_path):
     assert "a perfect model on these training labels: " in result.stdout
 
 
-def test_synth_writes_masks_and_the_spider_layout(tmp_path):
-    out, layout = tmp_path / "rsna", tmp_path / "spider"
+def test_synth_writes_masks_the_spider_layout_and_an_nnunet_dataset(tmp_path):
+    out, layout, nnunet = tmp_path / "rsna", tmp_path / "spider", tmp_path / "nnunet"
     args = ("synth", "--out", str(out), "--studies", "1", "--test-studies", "0", "synth.image_sizes=[64]")
-    result = run_cli(*args, "--spider", str(layout), "synth.missing_series_rate=0")
+    result = run_cli(*args, "--spider", str(layout), "--nnunet", str(nnunet), "synth.missing_series_rate=0")
     assert result.returncode == 0, result.stderr
     assert "2 SPIDER-layout cases" in result.stdout
     assert len(list((out / "segmentation" / "train_images").rglob("*.npz"))) == 2
     assert sorted(p.name for p in (layout / "masks").iterdir()) == sorted(p.name for p in (layout / "images").iterdir())
-    refused = run_cli(*args, "--spider", str(layout), "--no-masks")
-    assert refused.returncode == 2 and "--spider writes the masks" in refused.stderr
+    (dataset,) = nnunet.iterdir()
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 2
+    assert len(list((dataset / "imagesTr").iterdir())) == len(list((dataset / "labelsTr").iterdir())) == 2
+    refused = run_cli(*args, "--nnunet", str(nnunet), "--no-masks")
+    assert refused.returncode == 2 and "--nnunet write the masks" in refused.stderr
 
 
 def test_synth_then_report_and_score(tmp_path):

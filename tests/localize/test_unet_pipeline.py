@@ -102,7 +102,7 @@ def test_batch_prediction_at_unet_points_scores_the_held_out_fold_near_its_label
     submission = pd.read_csv(comparison.prediction.submission_path)
     validate_submission(submission, study_ids=held_out)
     assert comparison.predicted_points.total < comparison.prior.total
-    assert comparison.predicted_points.total - comparison.labelled_points.total < 0.1
+    assert abs(comparison.predicted_points.total - comparison.labelled_points.total) < 0.03  # measured: -0.0014
 
 
 def _zip(folder, base) -> bytes:
