@@ -267,8 +267,8 @@ def ensemble(
 
 @app.command()
 def localize(config: ConfigFile = None, overrides: Overrides = None) -> None:
-    """Train the sagittal YOLO level detectors (Ray tasks) and measure localisation on a held-out fold (resumable;
-    the cache is completed first)."""
+    """Train the sagittal localisers (YOLO detectors as Ray tasks, or with localize.method=unet the U-Net of
+    `segment`) and measure localisation on a held-out fold (resumable; the cache is completed first)."""
     cfg = load(config, {}, overrides)
     from lumbar_ray.pipeline import localize as run_localize
 
