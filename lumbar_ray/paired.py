@@ -38,7 +38,9 @@ def fold_scores(labels: np.ndarray, probs: np.ndarray, fold_of: np.ndarray) -> p
     return pd.DataFrame.from_dict(rows, orient="index")[list(TERMS)].rename_axis("fold")
 
 
-def _bootstrap_se(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, samples: int, seed: int) -> dict:
+def bootstrap_se(
+    labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> dict[str, float]:
     """Standard error of each term's delta (b - a) under a paired resampling of studies."""
     rng = np.random.default_rng(seed)
     n = len(labels)
@@ -107,7 +109,7 @@ def compare_paired(
     whole_a, whole_b = _score(labels, probs_a), _score(labels, probs_b)
     per_fold = fold_scores(labels, probs_b, fold_of) - fold_scores(labels, probs_a, fold_of)
     k = len(per_fold)
-    se_studies = _bootstrap_se(labels, probs_a, probs_b, samples, seed)
+    se_studies = bootstrap_se(labels, probs_a, probs_b, samples, seed)
     t_folds = float(student_t.ppf(0.975, k - 1))
     rows = {}
     for term in TERMS:

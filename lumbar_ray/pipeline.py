@@ -44,6 +44,7 @@ from lumbar_ray.labels import encode_labels
 from lumbar_ray.localize.evaluate import jitter_values
 from lumbar_ray.localize.stage import LocalizeResult, load_val_errors, run_localize
 from lumbar_ray.metrics import ScoreResult, score_arrays, score_submission, submission_to_probs
+from lumbar_ray.paired import bootstrap_se
 from lumbar_ray.paths import RESOLVED_CONFIG, cache_root_for, data_root_for, tracking_uri_for
 from lumbar_ray.predict import PredictResult, plan_prediction, run_predict
 from lumbar_ray.registry import RegisteredEnsemble
@@ -204,6 +205,16 @@ class PointsComparison:
     labelled_points: ScoreResult
     prior: ScoreResult
     prediction: PredictResult
+    labels: np.ndarray | None = None
+    """``(n, 25)`` the held-out studies' class ids, aligned with the two probability arrays below."""
+    predicted_probs: np.ndarray | None = None
+    """``(n, 25, 3)`` at predicted points (what the submission holds)."""
+    labelled_probs: np.ndarray | None = None
+    """``(n, 25, 3)`` at labelled points (the out-of-fold predictions, with the model's temperatures)."""
+
+    def gap_se(self, samples: int = 500, seed: int = 0) -> float:
+        """Standard error of predicted - labelled (the official total) under a paired bootstrap of the studies."""
+        return bootstrap_se(self.labels, self.labelled_probs, self.predicted_probs, samples, seed)["total"]
 
     def format(self) -> str:
         return (f"fold {self.fold} ({self.studies} held-out studies), official score: predicted points "
@@ -235,13 +246,15 @@ def compare_points_on_fold(cfg: Config, cv: CVResult, fold: int, model_uri: str 
     study_ids, labels = encode_labels(train_frame)
     in_fold = np.isin(study_ids, held_out)
     predicted = score_submission(train_frame[train_frame["study_id"].isin(held_out)], pd.read_csv(out))
+    predicted_probs = submission_to_probs(pd.read_csv(out), study_ids[in_fold])
     labelled_probs = submission_to_probs(cv.oof, study_ids[in_fold])
     if cv.calibrated is not None:  # the registered model applies its temperatures: compare like with like
         labelled_probs = cv.calibrated.fit.calibration.apply([labelled_probs])
     labelled = score_arrays(labels[in_fold], labelled_probs)
     prior = fit_prior(labels[~in_fold])
     prior_score = score_arrays(labels[in_fold], np.broadcast_to(prior, (int(in_fold.sum()), *prior.shape)))
-    comparison = PointsComparison(fold, len(held_out), predicted, labelled, prior_score, prediction)
+    comparison = PointsComparison(fold, len(held_out), predicted, labelled, prior_score, prediction,
+                                  labels[in_fold], predicted_probs, labelled_probs)  # fmt: skip
     scores = {"predicted": predicted, "labelled": labelled, "prior": prior_score}
     Tracker.from_config(cfg).log_values(cv.mlflow_run_id, {f"points_fold{fold}{tag}_{name}": score.total
                                                            for name, score in scores.items()})  # fmt: skip
