@@ -526,6 +526,16 @@ def _create_version(client: MlflowClient, name: str, source: str, run_id: str, t
     return client.create_model_version(name, source, run_id=run_id, tags=tags)
 
 
+def free_artifact_path(client: MlflowClient, run_id: str, base: str) -> str:
+    """``base``, or ``base_2``, ``base_3``... when the run holds it already: a model logged into a run that holds
+    one (the same CV registered again, e.g. with another localiser) must never overwrite the files of a version
+    registered from it."""
+    taken = {Path(item.path).name for item in client.list_artifacts(run_id)}
+    if base not in taken:
+        return base
+    return next(f"{base}_{k}" for k in range(2, len(taken) + 3) if f"{base}_{k}" not in taken)
+
+
 def log_and_register(
     states: States | Sequence[States],
     contract: dict[str, Any],
@@ -569,11 +579,12 @@ def log_and_register(
     run = client.get_run(parent_run_id)
     tags = {SCORE_TAG: repr(float(cv_score)), RUN_TAG: parent_run_id, CV_RUN_TAG: run.data.tags.get(CV_RUN_TAG, "")}
     tags |= {DATA_DIGEST_TAG: data_digest} if data_digest else {}
+    in_run = free_artifact_path(client, parent_run_id, MODEL_NAME_IN_RUN)
     with tempfile.TemporaryDirectory() as folder:
         packaging = packaging if packaging is not None else crop_packaging(contract)
         model_dir = _save_model(Path(folder), states, contract, detectors, packaging)
-        client.log_artifacts(parent_run_id, str(model_dir), MODEL_NAME_IN_RUN)
-    source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_NAME_IN_RUN}"
+        client.log_artifacts(parent_run_id, str(model_dir), in_run)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{in_run}"
     version = _create_version(client, name, source, parent_run_id, tags)
     holder = _alias_holder(client, name, alias)
     decision = _should_move(holder, float(cv_score), data_digest)

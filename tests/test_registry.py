@@ -87,6 +87,25 @@ def test_alias_moves_only_to_a_better_score(registered) -> None:
     assert "beats holder v1's 0.50000" in better.reason and first.reason == "no version held it"
 
 
+def test_a_second_model_logged_into_the_same_run_leaves_the_first_versions_files_alone(registered) -> None:
+    """Registering a CV's folds again (e.g. with another localiser) logs a second model into the CV's run: under a
+    path of its own, so the version registered first still loads its own weights."""
+    cfg, uri, parent = registered["cfg"], registered["uri"], registered["parents"][0]
+    other = cfg.tracking.model_copy(update={"model_name": "registry-tests-again"})
+    again = log_and_register(_states(cfg, seed=7), registered["contract"], other, uri, parent, 0.5,
+                             data_digest=DIGEST)  # fmt: skip
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    first = client.get_model_version(cfg.tracking.model_name, "1")
+    second = client.get_model_version(other.model_name, str(again.version))
+    assert first.source.endswith("/ensemble") and second.source.endswith("/ensemble_2")
+    crops = np.random.default_rng(1).random((2, 25, 3, 32, 32), dtype=np.float32)
+    first_loaded = load_ensemble(f"models:/{cfg.tracking.model_name}/1", uri)
+    second_loaded = load_ensemble(f"models:/{other.model_name}/{again.version}", uri)
+    expected = _direct(cfg, registered["states"][0][0], crops)
+    np.testing.assert_allclose(first_loaded.predict_crops(crops, fold=0), expected, atol=1e-5)
+    assert np.abs(second_loaded.predict_crops(crops, fold=0) - expected).max() > 1e-3
+
+
 def test_the_alias_never_moves_to_a_version_of_other_data(registered) -> None:
     """A holder of another data digest, or of none (registered before digests), keeps the alias whatever the
     scores: they were measured on different data. The result and the log say why."""
